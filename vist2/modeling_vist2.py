@@ -198,7 +198,69 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.aligner = VIST2ModalAligner(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        # Whole decoder / encoder layers stay on one device under device_map="auto".
+        self._no_split_modules = sorted(
+            set(self.vision_tower._no_split_modules or []) | set(self.language_model._no_split_modules or [])
+        )
         self.post_init()
+
+    @classmethod
+    def from_backbones(cls, text_model, vision_model, tokenizer=None, **config_kwargs):
+        """A VIST2 model from a pretrained causal LM and a pretrained SigLIP / SigLIP2 vision encoder.
+
+        `text_model` / `vision_model` are Hub ids, local folders or loaded models (a full SigLIP checkpoint
+        contributes its vision half). `tokenizer` (default: the text model's) gets `<|sketch|>` (and a pad token if
+        it lacks one) in place; the embeddings are resized to it and the aligner is fresh. The extended tokenizer is
+        kept as `model.tokenizer` for `VIST2Processor.from_config(model.config, model.tokenizer)`.
+        `config_kwargs` are `VIST2Config` settings (chunk_size, compression_ratio, image geometry, render settings).
+        """
+        from transformers import AddedToken, AutoTokenizer
+
+        language_model = text_model
+        if not isinstance(language_model, PreTrainedModel):
+            language_model = AutoModelForCausalLM.from_pretrained(text_model)
+        vision_tower = vision_model
+        if not isinstance(vision_tower, PreTrainedModel):
+            vision_tower = AutoModel.from_pretrained(vision_model)
+        if hasattr(vision_tower.config, "text_config") and hasattr(vision_tower, "vision_model"):
+            # A dual text-image checkpoint (SiglipModel): keep its image tower.
+            tower = vision_tower.vision_model
+            if not isinstance(tower, PreTrainedModel):  # releases where the tower is a bare transformer
+                wrapper = AutoModel.from_config(vision_tower.config.vision_config)
+                wrapper.vision_model = tower
+                tower = wrapper
+            vision_tower = tower
+        if getattr(vision_tower.config, "vision_use_head", False):
+            # VIST2 reads patch tokens; the pooling head would be dead weight (and unused parameters break DDP).
+            headless_config = vision_tower.config.__class__(**{**vision_tower.config.to_dict(), "vision_use_head": False})
+            headless = AutoModel.from_config(headless_config).to(dtype=vision_tower.dtype)
+            weights = {k: v for k, v in vision_tower.state_dict().items() if not (k.startswith("head.") or ".head." in k)}
+            headless.load_state_dict(weights)
+            vision_tower = headless
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(text_model if isinstance(text_model, str) else text_model.name_or_path)
+        from .processing_vist2 import SKETCH_TOKEN
+
+        if SKETCH_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken(SKETCH_TOKEN, special=True, normalized=False)], special_tokens=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
+            language_model.resize_token_embeddings(len(tokenizer))
+        config_kwargs.setdefault("num_channels", getattr(vision_tower.config, "num_channels", 3))
+        config = VIST2Config(
+            text_config=language_model.config,
+            vision_config=vision_tower.config,
+            sketch_token_id=tokenizer.convert_tokens_to_ids(SKETCH_TOKEN),
+            **config_kwargs,
+        )
+        with torch.device("meta"):
+            model = cls(config)
+        model.vision_tower, model.language_model = vision_tower, language_model
+        model.aligner = VIST2ModalAligner(config).to(device=language_model.device, dtype=language_model.dtype)
+        model.aligner.apply(model._init_weights)
+        model.tokenizer = tokenizer
+        return model
 
     # -- transformers plumbing ----------------------------------------------------------------------------------------
 
@@ -310,11 +372,13 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             loss = self.text_stream_loss(hidden, labels, kinds, kwargs.get("num_items_in_batch"))
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
 
-    def run_language_model(self, embeds, positions, layout, past_key_values, use_cache):
+    def build_attention_mask(self, embeds, layout, past_key_values=None):
+        """The attention rule in the form the configured attention implementation takes (eager: additive float,
+        sdpa: boolean, flex: a BlockMask that skips fully masked blocks)."""
         mask_function = vist2_mask_function(*layout)
         # The VIST2 rule replaces causality: OR-ing it admits the bidirectional sketch blocks and read-back, AND-ing it
         # removes what causality alone would allow (the text of earlier chunks).
-        mask = create_causal_mask(
+        return create_causal_mask(
             config=self.config.text_config,
             inputs_embeds=embeds,
             attention_mask=None,
@@ -322,9 +386,11 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             or_mask_function=mask_function,
             and_mask_function=mask_function,
         )
+
+    def run_language_model(self, embeds, positions, layout, past_key_values, use_cache):
         outputs = self.get_decoder()(
             inputs_embeds=embeds,
-            attention_mask=mask,
+            attention_mask=self.build_attention_mask(embeds, layout, past_key_values),
             position_ids=positions,
             past_key_values=past_key_values,
             use_cache=bool(use_cache),

@@ -66,7 +66,9 @@ class GlyphAtlas:
     """Each character drawn once at `font_size` and box-filtered into a `cell_height x cell_width` grey cell."""
 
     def __init__(self, font_path, font_size, cell_width, cell_height, foreground, background):
-        self.font = ImageFont.truetype(font_path, font_size) if font_path else ImageFont.load_default(size=font_size)
+        # One glyph at a time needs no shaping; the basic layout also avoids raqm, which fails on some token strings.
+        self.font = (ImageFont.truetype(font_path, font_size, layout_engine=ImageFont.Layout.BASIC) if font_path
+                     else ImageFont.load_default(size=font_size))
         self.cell = (cell_height, cell_width)
         self.foreground, self.background = foreground, background
         ascent, descent = self.font.getmetrics()
@@ -266,7 +268,8 @@ class VIST2Processor(ProcessorMixin):
     def encode_sample(self, prefix_ids, stream_ids, keep_closed_text=False, trainable=None):
         """One sample's layout as lists: input_ids, chunk_ids, labels, sketches (uint8) and the render report.
 
-        `trainable` (one bool per stream token) marks the tokens that carry a label; by default all text does.
+        `trainable` (one bool per stream token) marks the tokens that carry a label; by default all chunk text does.
+        The prefix is given context, never a target.
         """
         prefix_ids, stream_ids = list(prefix_ids), list(stream_ids)
         visual_tokens_per_chunk = self.visual_tokens_per_chunk
@@ -276,7 +279,7 @@ class VIST2Processor(ProcessorMixin):
                                  "bos_token to start from).")
             prefix_ids = [self.tokenizer.bos_token_id]
         trainable = [True] * len(stream_ids) if trainable is None else list(trainable)
-        input_ids, chunk_ids, labels = list(prefix_ids), [0] * len(prefix_ids), list(prefix_ids)
+        input_ids, chunk_ids, labels = list(prefix_ids), [0] * len(prefix_ids), [IGNORE_INDEX] * len(prefix_ids)
         chunks = split_into_chunks(stream_ids, self.chunk_size)
         label_chunks = split_into_chunks(trainable, self.chunk_size)
         images, reports = self.sketch_chunks(chunks[:-1])
@@ -337,8 +340,12 @@ class VIST2Processor(ProcessorMixin):
         self.last_report = [s["report"] for s in samples]
         return self.collate(samples, return_labels=return_labels)
 
-    def encode(self, text) -> list[int]:
-        return [] if not text else self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def encode(self, text, allow_special_tokens=False) -> list[int]:
+        """Token ids of `text`. User text never produces special tokens: a literal "<|sketch|>" in a document must not
+        become a visual placeholder, so special-token strings are split like any other text."""
+        if not text:
+            return []
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not allow_special_tokens)["input_ids"]
 
     # -- chat ---------------------------------------------------------------------------------------------------------
 
@@ -347,15 +354,15 @@ class VIST2Processor(ProcessorMixin):
         later turn is compressed as it scrolls out of the open chunk. Only assistant replies carry labels."""
         prefix, stream, trainable = [], [], []
         for position, message in enumerate(messages):
-            header = self.encode(f"<|im_start|>{message['role']}\n")
-            body = self.encode(f"{message['content']}<|im_end|>\n")
+            header = self.encode(f"<|im_start|>{message['role']}\n", allow_special_tokens=True)
+            body = self.encode(message["content"]) + self.encode("<|im_end|>\n", allow_special_tokens=True)
             if message["role"] == "system" and not stream and all(m["role"] == "system" for m in messages[:position]):
                 prefix += header + body
                 continue
             stream += header + body
             trainable += [False] * len(header) + [message["role"] == "assistant"] * len(body)
         if add_generation_prompt:
-            prompt = self.encode("<|im_start|>assistant\n")
+            prompt = self.encode("<|im_start|>assistant\n", allow_special_tokens=True)
             stream += prompt
             trainable += [False] * len(prompt)
         return self.encode_sample(prefix, stream, keep_closed_text, trainable)

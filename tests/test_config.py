@@ -1,0 +1,63 @@
+"""VIST2Config: derived sizes, validation that names the field and the fix, persistence."""
+
+import pytest
+from transformers import AutoConfig
+
+from vist2 import VIST2Config
+
+
+def test_visual_tokens_per_chunk_is_chunk_size_over_compression_ratio():
+    config = VIST2Config.tiny(chunk_size=16, compression_ratio=4)
+    assert config.visual_tokens_per_chunk == 4
+
+
+def test_default_config_is_qwen3_with_siglip_vision():
+    config = VIST2Config()
+    assert config.text_config.model_type == "qwen3"
+    assert config.vision_config.model_type == "siglip_vision_model"
+    assert config.visual_tokens_per_chunk == (config.image_height // 16) * (config.image_width // 16)
+
+
+@pytest.mark.parametrize(
+    "overrides, field, fix",
+    [
+        ({"chunk_size": 18}, "chunk_size", "multiple of compression_ratio"),
+        ({"image_height": 72, "image_width": 64}, "image_height", "multiple of patch_size*merge_size"),
+        ({"image_width": 40}, "image_width", "multiple of patch_size*merge_size"),
+        ({"image_height": 128}, "image_height", "gives 8 visual tokens"),
+        ({"chunk_size": 0}, "chunk_size", "positive integer"),
+        ({"char_width": -1}, "char_width", "positive integer"),
+        ({"margin": 40}, "margin", "no room"),
+        ({"min_font_size": 20}, "min_font_size", "exceeds font_size"),
+        ({"overflow_policy": "truncate"}, "overflow_policy", "unknown policy"),
+        ({"num_channels": 1}, "num_channels", "vision_config.num_channels"),
+        ({"foreground": 300}, "foreground", "grey level"),
+    ],
+)
+def test_invalid_setting_raises_value_error_naming_field_and_fix(overrides, field, fix):
+    with pytest.raises(ValueError) as error:
+        VIST2Config.tiny(**overrides)
+    message = str(error.value)
+    assert message.startswith(f"VIST2Config.{field}:")
+    assert fix in message and "Fix:" in message
+
+
+def test_sliding_window_backbone_is_rejected():
+    with pytest.raises(ValueError, match="VIST2Config.text_config: sliding-window"):
+        VIST2Config.tiny(text_config={"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 8})
+
+
+def test_config_round_trips_through_save_and_load(tmp_path):
+    config = VIST2Config.tiny(margin=4, overflow_policy="shrink_font", foreground=20)
+    config.save_pretrained(tmp_path)
+    loaded = VIST2Config.from_pretrained(tmp_path)
+    assert loaded.sketch_settings == config.sketch_settings
+    assert loaded.text_config.to_dict() == config.text_config.to_dict()
+    assert loaded.vision_config.to_dict() == config.vision_config.to_dict()
+    assert loaded.merge_size == config.merge_size and loaded.sketch_token_id == config.sketch_token_id
+
+
+def test_saved_config_names_remote_code_in_auto_map(tmp_path):
+    VIST2Config.tiny().save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "vist2"
+    assert '"AutoConfig": "configuration_vist2.VIST2Config"' in (tmp_path / "config.json").read_text()

@@ -1,0 +1,212 @@
+"""Compressed-context generation equals the training forward, step by step, and keeps the cache bounded."""
+
+import threading
+
+import pytest
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer, TextStreamer
+
+from conftest import SAMPLE_TEXT
+from vist2 import VIST2Cache
+from vist2.modeling_vist2 import TEXT, token_kinds
+
+TOLERANCE = 1e-5  # float32; observed differences are ~1e-7
+
+
+@pytest.fixture(scope="module")
+def ascii_only(tokenizer, config):
+    """Random weights write arbitrary bytes; restricting them to printable ASCII makes every chunk renderable."""
+    return [i for i in range(len(tokenizer))
+            if i == config.sketch_token_id or not tokenizer.decode([i]) or
+            not all(32 <= ord(c) < 127 for c in tokenizer.decode([i]))]
+
+
+def generate(model, processor, text, prefix="", **kwargs):
+    inputs = processor(text=text, prefix=prefix)
+    kwargs.setdefault("do_sample", False)
+    out = model.generate(**inputs, processor=processor, return_dict_in_generate=True, output_logits=True, **kwargs)
+    return inputs, out
+
+
+def training_forward_logits(model, processor, prefix, stream_ids):
+    """Logits at every text token of the stream, from one forward over the interleaved training sequence."""
+    prefix_ids = processor.encode(prefix)
+    if not prefix_ids and not stream_ids:
+        prefix_ids = [processor.tokenizer.bos_token_id]
+    batch = processor.collate([processor.encode_sample(prefix_ids, stream_ids, keep_closed_text=True)])
+    with torch.no_grad():
+        logits = model(**batch).logits[0]
+    kinds = token_kinds(batch["input_ids"], batch["attention_mask"], model.config.sketch_token_id)[0]
+    return logits[kinds == TEXT], len(prefix_ids), batch
+
+
+@pytest.mark.parametrize(
+    "text, prefix, new_tokens",
+    [
+        (SAMPLE_TEXT[:30], "", 50),  # no closed chunk in the prompt
+        (SAMPLE_TEXT[:90], "System prompt.", 50),  # one closed chunk
+        (SAMPLE_TEXT[:400], "", 60),  # several closed chunks
+        ("", "Only a prefix.", 40),
+    ],
+)
+def test_every_generation_step_equals_the_training_forward(model, processor, ascii_only, text, prefix, new_tokens):
+    inputs, out = generate(model, processor, text, prefix, max_new_tokens=new_tokens, suppress_tokens=ascii_only)
+    generated = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    stream = processor.encode(text)
+    logits, prefix_len, batch = training_forward_logits(model, processor, prefix, stream + generated)
+    closed_during_decode = (len(stream) + len(generated) - 1) // 16 - max(len(stream) - 1, 0) // 16
+    assert closed_during_decode >= 2, "the generation must cross several chunk boundaries"
+    assert int(batch["chunks_kept_as_text"][0]) == 0
+    first = prefix_len + len(stream) - 1
+    for step, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(step_logits[0], logits[first + step], atol=TOLERANCE, rtol=0)
+
+
+def test_equivalence_holds_when_a_chunk_is_kept_as_text(model, processor):
+    # Unrestricted random weights write undrawable bytes, so some chunks are kept as text mid-generation.
+    with pytest.warns(UserWarning, match="kept as text"):
+        inputs, out = generate(model, processor, SAMPLE_TEXT[:100], max_new_tokens=60)
+    generated = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    stream = processor.encode(SAMPLE_TEXT[:100])
+    logits, prefix_len, batch = training_forward_logits(model, processor, "", stream + generated)
+    assert int(batch["chunks_kept_as_text"][0]) >= 1
+    for step, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(step_logits[0], logits[prefix_len + len(stream) - 1 + step], atol=TOLERANCE, rtol=0)
+
+
+def test_sampled_generation_also_equals_the_training_forward(model, processor, ascii_only):
+    torch.manual_seed(3)
+    inputs, out = generate(model, processor, SAMPLE_TEXT[:120], max_new_tokens=40, do_sample=True, temperature=0.8,
+                           top_k=50, top_p=0.9, suppress_tokens=ascii_only)
+    generated = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    stream = processor.encode(SAMPLE_TEXT[:120])
+    logits, prefix_len, _ = training_forward_logits(model, processor, "", stream + generated)
+    for step, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(step_logits[0], logits[prefix_len + len(stream) - 1 + step], atol=TOLERANCE, rtol=0)
+
+
+def test_a_batch_gives_the_same_tokens_and_logits_as_each_row_alone(model, processor, ascii_only):
+    texts = [SAMPLE_TEXT[:400], SAMPLE_TEXT[50:90], SAMPLE_TEXT[100:260]]  # rows several chunks apart
+    batch_inputs = processor(text=texts, prefix=["", "Sys.", ""])
+    batch_out = model.generate(**batch_inputs, processor=processor, max_new_tokens=45, do_sample=False,
+                               return_dict_in_generate=True, output_logits=True, suppress_tokens=ascii_only)
+    width = batch_inputs["input_ids"].shape[1]
+    for row, (text, prefix) in enumerate(zip(texts, ["", "Sys.", ""])):
+        inputs, alone = generate(model, processor, text, prefix, max_new_tokens=45, suppress_tokens=ascii_only)
+        assert batch_out.sequences[row, width:].tolist() == alone.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        for step in range(45):
+            torch.testing.assert_close(batch_out.logits[step][row], alone.logits[step][0], atol=TOLERANCE, rtol=0)
+
+
+class CacheProbe(LogitsProcessor):
+    """Records the cache's live entries and tensor length each time a token is chosen."""
+
+    def __init__(self, cache):
+        self.cache, self.seen = cache, []
+
+    def __call__(self, input_ids, scores):
+        layer = self.cache.layers[0]
+        self.seen.append((self.cache.entries_per_row().clone(), layer.keys.shape[2], self.cache.open_chunk.clone()))
+        return scores
+
+
+def test_cache_never_holds_more_than_prefix_plus_sketches_plus_one_chunk(model, processor, config, ascii_only):
+    prefixes = ["Sys.", ""]
+    inputs = processor(text=[SAMPLE_TEXT[:300], SAMPLE_TEXT[:20]], prefix=prefixes)
+    cache = VIST2Cache(config=config.text_config)
+    probe = CacheProbe(cache)
+    model.generate(**inputs, processor=processor, past_key_values=cache, max_new_tokens=70, do_sample=False,
+                   logits_processor=LogitsProcessorList([probe]), suppress_tokens=ascii_only)
+    m, L = config.visual_tokens_per_chunk, config.chunk_size
+    prefix_lengths = torch.tensor([len(processor.encode(p)) for p in prefixes])
+    assert len(probe.seen) == 70
+    for entries, tensor_length, open_chunk in probe.seen:
+        bound = prefix_lengths + m * (open_chunk - 1) + L
+        assert (entries <= bound).all()
+        assert tensor_length == int(entries.max())
+    assert (probe.seen[-1][2] >= 5).all(), "both rows closed several chunks while decoding"
+
+
+def test_returned_cache_is_the_compressed_cache(model, processor, ascii_only):
+    inputs, out = generate(model, processor, SAMPLE_TEXT[:200], max_new_tokens=30, suppress_tokens=ascii_only)
+    cache = out.past_key_values
+    assert isinstance(cache, VIST2Cache)
+    total_text = len(processor.encode(SAMPLE_TEXT[:200])) + 30
+    assert cache.get_seq_length() < total_text / 2
+
+
+def test_generation_stops_at_eos_in_the_middle_of_a_chunk(model, processor, ascii_only):
+    inputs, free = generate(model, processor, SAMPLE_TEXT[:60], max_new_tokens=30, suppress_tokens=ascii_only)
+    generated = free.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = generated[21]  # chunk boundaries fall every 16 tokens: 21 is inside a chunk
+    first = generated.index(eos)
+    _, stopped = generate(model, processor, SAMPLE_TEXT[:60], max_new_tokens=30, eos_token_id=eos,
+                          suppress_tokens=ascii_only)
+    assert stopped.sequences[0, inputs["input_ids"].shape[1]:].tolist() == generated[: first + 1]
+
+
+def test_generation_stops_at_a_stop_string(model, processor, tokenizer, ascii_only):
+    inputs, free = generate(model, processor, SAMPLE_TEXT[:60], max_new_tokens=30, suppress_tokens=ascii_only)
+    new = free.sequences[0, inputs["input_ids"].shape[1]:]
+    text = tokenizer.decode(new)
+    stop = tokenizer.decode(new[18:20])
+    _, stopped = generate(model, processor, SAMPLE_TEXT[:60], max_new_tokens=30, stop_strings=[stop],
+                          suppress_tokens=ascii_only)
+    out_text = tokenizer.decode(stopped.sequences[0, inputs["input_ids"].shape[1]:])
+    assert out_text.endswith(stop) or stop in out_text
+    assert len(out_text) < len(text) and text.startswith(out_text)
+
+
+class Collect(TextStreamer):
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer, skip_prompt=True)
+        self.text = ""
+
+    def on_finalized_text(self, text, stream_end=False):
+        self.text += text
+
+
+def test_a_streamer_receives_exactly_the_returned_text(model, processor, tokenizer, ascii_only):
+    streamer = Collect(tokenizer)
+    inputs, out = generate(model, processor, SAMPLE_TEXT[:100], max_new_tokens=40, streamer=streamer,
+                           suppress_tokens=ascii_only)
+    assert streamer.text == tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1]:])
+
+
+def test_an_iterator_streamer_yields_the_returned_text(model, processor, tokenizer, ascii_only):
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    inputs = processor(text=SAMPLE_TEXT[:100])
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=model.generate(
+        **inputs, processor=processor, max_new_tokens=30, do_sample=False, streamer=streamer,
+        suppress_tokens=ascii_only)))
+    worker.start()
+    streamed = "".join(streamer)
+    worker.join()
+    assert streamed == tokenizer.decode(result["out"][0, inputs["input_ids"].shape[1]:])
+
+
+def test_generation_config_and_repetition_penalty_are_honoured(model, processor, ascii_only):
+    config = GenerationConfig(max_new_tokens=25, do_sample=False, repetition_penalty=1.5, suppress_tokens=ascii_only)
+    inputs = processor(text=SAMPLE_TEXT[:100])
+    penalised = model.generate(**inputs, processor=processor, generation_config=config)
+    plain = model.generate(**inputs, processor=processor, max_new_tokens=25, do_sample=False,
+                           suppress_tokens=ascii_only)
+    assert penalised.shape == plain.shape == (1, inputs["input_ids"].shape[1] + 25)
+    new = penalised[0, inputs["input_ids"].shape[1]:].tolist()
+    assert len(set(new)) >= len(set(plain[0, inputs["input_ids"].shape[1]:].tolist()))
+
+
+def test_generate_without_processor_says_what_to_pass_when_a_chunk_closes(model, processor):
+    inputs = processor(text=SAMPLE_TEXT[:60])
+    with pytest.raises(ValueError, match=r"processor=processor"):
+        model.generate(**inputs, max_new_tokens=40, do_sample=False)
+
+
+def test_generate_rejects_a_processor_with_other_render_settings(model, tokenizer):
+    from conftest import tiny_config
+    from vist2 import VIST2Processor
+
+    other = VIST2Processor.from_config(tiny_config(tokenizer, font_size=10), tokenizer)
+    with pytest.raises(ValueError, match="font_size"):
+        model.generate(**other(text="hello"), processor=other, max_new_tokens=2)

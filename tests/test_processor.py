@@ -1,0 +1,126 @@
+"""VIST2Processor: chunking, layout, batching, reports, chat, persistence."""
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import SAMPLE_TEXT, tiny_config
+from vist2 import VIST2Processor, split_into_chunks
+from vist2.processing_vist2 import IGNORE_INDEX
+
+
+def test_token_stream_is_cut_into_chunks_with_a_shorter_open_tail():
+    assert split_into_chunks(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert split_into_chunks([], 4) == []
+
+
+def test_closed_chunks_become_sketch_placeholders_and_the_open_chunk_stays_text(processor, config):
+    stream = processor.encode(SAMPLE_TEXT[:300])
+    closed = (len(stream) - 1) // config.chunk_size
+    batch = processor(text=SAMPLE_TEXT[:300])
+    ids, chunks = batch["input_ids"][0], batch["chunk_ids"][0]
+    assert batch["pixel_values"].shape == (closed, 3, config.image_height, config.image_width)
+    assert int((ids == config.sketch_token_id).sum()) == closed * config.visual_tokens_per_chunk
+    open_tokens = ids[chunks == closed + 1].tolist()
+    assert open_tokens == stream[closed * config.chunk_size :]
+
+
+def test_training_layout_keeps_each_closed_chunk_text_before_its_sketch(processor, config):
+    batch = processor(text=SAMPLE_TEXT[:200], prefix="Note.", keep_closed_text=True, return_labels=True)
+    ids, chunks = batch["input_ids"][0].tolist(), batch["chunk_ids"][0].tolist()
+    text = [t for t in ids if t != config.sketch_token_id]
+    assert text == processor.encode("Note.") + processor.encode(SAMPLE_TEXT[:200])
+    first_sketch = ids.index(config.sketch_token_id)
+    assert chunks[first_sketch - 1] == chunks[first_sketch] == 1
+    labels = batch["labels"][0]
+    assert (labels[batch["input_ids"][0] == config.sketch_token_id] == IGNORE_INDEX).all()
+
+
+def test_prefix_is_never_compressed(processor):
+    prefix = "A system prompt that is long enough to fill more than one chunk of tokens, surely."
+    batch = processor(text="short", prefix=prefix)
+    assert batch["pixel_values"].shape[0] == 0
+    assert batch["input_ids"][0].tolist() == processor.encode(prefix) + processor.encode("short")
+    assert set(batch["chunk_ids"][0].tolist()) == {0, 1}
+
+
+def test_batches_are_left_padded(processor, tokenizer):
+    batch = processor(text=[SAMPLE_TEXT[:400], "tiny"])
+    short = batch["attention_mask"][1]
+    assert short[-1] == 1 and short[0] == 0
+    assert (batch["input_ids"][1][short == 0] == tokenizer.pad_token_id).all()
+    assert batch["pixel_values"].shape[0] == int((batch["input_ids"] == processor.sketch_token_id).sum()) // 4
+
+
+def test_literal_special_token_text_never_becomes_a_placeholder(processor):
+    batch = processor(text="see <|sketch|> here")
+    assert processor.sketch_token_id not in batch["input_ids"][0].tolist()
+    assert processor.decode(batch["input_ids"][0]) == "see <|sketch|> here"
+
+
+def test_chunk_that_cannot_be_drawn_is_kept_as_text_counted_and_warned(processor, config):
+    text = "plain words first " * 3 + "中文" * 20 + " and plain words after" * 3
+    with pytest.warns(UserWarning, match="kept as text"):
+        batch = processor(text=text)
+    kept = int(batch["chunks_kept_as_text"][0])
+    assert kept >= 1
+    assert sum(not r.ok for r in processor.last_report[0]) == kept
+    ids = batch["input_ids"][0]
+    assert processor.decode(ids[ids != config.sketch_token_id]).count("中") > 0
+
+
+def test_empty_prompt_starts_from_the_bos_token(processor, tokenizer):
+    batch = processor(text="")
+    assert batch["input_ids"][0].tolist() == [tokenizer.bos_token_id]
+
+
+def test_empty_prompt_without_bos_token_raises(config, tokenizer):
+    processor = VIST2Processor.from_config(config, tokenizer)
+    original = tokenizer.bos_token
+    tokenizer.bos_token = None
+    try:
+        with pytest.raises(ValueError, match="empty prompt"):
+            processor(text="")
+    finally:
+        tokenizer.bos_token = original
+
+
+def test_render_returns_one_chunk_sketch_as_image(processor, config):
+    image = processor.render("Hello")
+    assert image.size == (config.image_width, config.image_height) and image.mode == "L"
+
+
+def test_conversation_prefix_is_system_and_labels_cover_assistant_replies_only(processor):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": SAMPLE_TEXT[:150]},
+        {"role": "assistant", "content": "It compresses old text."},
+    ]
+    sample = processor.encode_conversation(messages)
+    batch = processor.collate([sample], return_labels=True)
+    ids, labels, chunks = batch["input_ids"][0], batch["labels"][0], batch["chunk_ids"][0]
+    assert processor.decode(ids[chunks == 0]) == "<|im_start|>system\nBe brief.<|im_end|>\n"
+    supervised = processor.decode(ids[labels != IGNORE_INDEX])
+    assert supervised == "It compresses old text.<|im_end|>\n"
+
+
+def test_processor_round_trips_through_save_and_load(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    loaded = VIST2Processor.from_pretrained(tmp_path)
+    assert loaded.sketch_settings == processor.sketch_settings
+    assert loaded.sketch_token_id == processor.sketch_token_id
+    first = processor(text=SAMPLE_TEXT[:200])
+    second = loaded(text=SAMPLE_TEXT[:200])
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_processor_settings_that_disagree_with_the_model_config_are_detected(processor, tokenizer):
+    other = tiny_config(tokenizer, font_size=11)
+    assert processor.settings_mismatch(other) == {"font_size": (12, 11)}
+    assert processor.settings_mismatch(tiny_config(tokenizer)) == {}
+
+
+def test_batch_decode_drops_special_tokens_when_asked(processor, tokenizer):
+    ids = processor.encode("hello") + [tokenizer.eos_token_id]
+    assert processor.batch_decode([ids], skip_special_tokens=True) == ["hello"]
