@@ -1,0 +1,204 @@
+"""VIST2ForCausalLM: loss, transformers plumbing, pretrained backbones, remote-code save/load."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM, SiglipConfig, SiglipModel,
+                          SiglipVisionConfig, SiglipVisionModel)
+
+from conftest import SAMPLE_TEXT, build_tokenizer, tiny_config
+from vist2 import VIST2ForCausalLM, VIST2Processor
+from vist2.modeling_vist2 import TEXT, token_kinds
+from vist2.processing_vist2 import IGNORE_INDEX
+
+
+@pytest.fixture
+def training_batch(processor):
+    return processor(text=[SAMPLE_TEXT[:300], SAMPLE_TEXT[:120]], prefix=["Sys.", ""], keep_closed_text=True,
+                     return_labels=True)
+
+
+def test_loss_is_next_token_prediction_along_the_text_stream(model, training_batch, config):
+    out = model(**training_batch)
+    kinds = token_kinds(training_batch["input_ids"], training_batch["attention_mask"], config.sketch_token_id)
+    logits, targets = [], []
+    for row in range(kinds.shape[0]):
+        text = (kinds[row] == TEXT).nonzero()[:, 0]
+        logits.append(out.logits[row, text[:-1]])
+        targets.append(training_batch["labels"][row, text[1:]])
+    expected = F.cross_entropy(torch.cat(logits), torch.cat(targets), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_sketch_positions_carry_no_label(model, training_batch, config):
+    labels = training_batch["labels"].clone()
+    sketch = training_batch["input_ids"] == config.sketch_token_id
+    labels[sketch] = 7  # a label placed on a visual position must be ignored
+    torch.testing.assert_close(model(**dict(training_batch, labels=labels)).loss, model(**training_batch).loss)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, training_batch):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = VIST2ForCausalLM(tiny_config(tokenizer)).train()
+        if checkpointing:  # renamed activation_checkpointing_enable in later 5.x releases
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+            assert model.language_model.model.gradient_checkpointing and model.vision_tower.encoder.gradient_checkpointing
+        model(**training_batch).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_input_embeddings_are_the_language_models_and_can_be_resized(tokenizer, training_batch):
+    model = VIST2ForCausalLM(tiny_config(tokenizer))
+    assert model.get_input_embeddings() is model.language_model.get_input_embeddings()
+    model.resize_token_embeddings(len(tokenizer) + 8)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer) + 8
+    assert model(**training_batch).logits.shape[-1] == len(tokenizer) + 8
+
+
+def test_bfloat16_runs_on_cpu(model, training_batch):
+    reference = model(**training_batch).logits
+    low = VIST2ForCausalLM(model.config).eval()
+    low.load_state_dict(model.state_dict())
+    out = low.to(torch.bfloat16)(**training_batch).logits
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, atol=0.05, rtol=0.05)
+
+
+def test_no_split_modules_name_the_decoder_and_encoder_layers(model):
+    assert {"Qwen3DecoderLayer", "SiglipEncoderLayer"} <= set(model._no_split_modules)
+
+
+def test_attention_flags_are_honest(model):
+    assert model._supports_sdpa and model._supports_flex_attn and not model._supports_flash_attn
+
+
+def test_invalid_pixel_values_name_the_fix(model, processor):
+    batch = processor(text=SAMPLE_TEXT[:300])
+    with pytest.raises(ValueError, match="pixel_values must be a float tensor of shape"):
+        model(**dict(batch, pixel_values=batch["pixel_values"][:, :1]))
+    with pytest.raises(ValueError, match="from the same processor call"):
+        model(**dict(batch, pixel_values=batch["pixel_values"][:1]))
+    with pytest.raises(ValueError, match="must have one shape"):
+        model(**dict(batch, chunk_ids=batch["chunk_ids"][:, 1:]))
+
+
+@pytest.mark.parametrize("text_model_type", ["llama", "qwen3"])
+def test_other_causal_lm_families_work_as_backbone(tokenizer, text_model_type):
+    config = tiny_config(tokenizer, text_model_type=text_model_type)
+    model = VIST2ForCausalLM(config).eval()
+    processor = VIST2Processor.from_config(config, tokenizer)
+    out = model.generate(**processor(text=SAMPLE_TEXT[:120]), processor=processor, max_new_tokens=20,
+                         do_sample=False)
+    assert out.shape[1] > 20
+
+
+def test_siglip2_vision_tower_works(tokenizer, processor):
+    vision = {"model_type": "siglip2_vision_model", "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "patch_size": 16, "num_patches": 16,
+              "num_channels": 3, "vision_use_head": False}
+    config = tiny_config(tokenizer, vision_config=vision)
+    model = VIST2ForCausalLM(config).eval()
+    batch = processor(text=SAMPLE_TEXT[:200], keep_closed_text=True, return_labels=True)
+    assert torch.isfinite(model(**batch).loss)
+
+
+@pytest.fixture(scope="module")
+def backbone_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("backbones")
+    tokenizer = build_tokenizer()
+    text = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer) - 1, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=8))
+    text.save_pretrained(root / "text")
+    tokenizer.save_pretrained(root / "text")
+    vision_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         patch_size=16, image_size=224)
+    SiglipVisionModel(SiglipVisionConfig(**vision_config)).save_pretrained(root / "vision")
+    SiglipModel(SiglipConfig(vision_config=vision_config, text_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
+        bos_token_id=1, eos_token_id=2, pad_token_id=1))).save_pretrained(root / "siglip")
+    return root
+
+
+GEOMETRY = dict(chunk_size=16, compression_ratio=4, merge_size=2, image_height=64, image_width=64, font_size=12,
+                min_font_size=6)
+
+
+@pytest.mark.parametrize("vision", ["vision", "siglip"])
+def test_from_backbones_keeps_pretrained_weights_and_adds_the_sketch_token(backbone_folders, vision):
+    model = VIST2ForCausalLM.from_backbones(str(backbone_folders / "text"), str(backbone_folders / vision), **GEOMETRY)
+    text = Qwen3ForCausalLM.from_pretrained(backbone_folders / "text")
+    assert torch.equal(model.language_model.model.layers[1].mlp.up_proj.weight, text.model.layers[1].mlp.up_proj.weight)
+    reference_vision = (SiglipVisionModel.from_pretrained(backbone_folders / "vision") if vision == "vision"
+                        else SiglipModel.from_pretrained(backbone_folders / "siglip").vision_model)
+    assert torch.equal(model.vision_tower.embeddings.patch_embedding.weight,
+                       reference_vision.embeddings.patch_embedding.weight)
+    assert not hasattr(model.vision_tower, "head") or model.vision_tower.head is None
+    assert model.tokenizer.convert_tokens_to_ids("<|sketch|>") == model.config.sketch_token_id
+    assert model.get_input_embeddings().num_embeddings == len(model.tokenizer)
+    assert not any(p.is_meta for p in model.parameters())
+    processor = VIST2Processor.from_config(model.config, model.tokenizer)
+    out = model.generate(**processor(text=SAMPLE_TEXT[:150]), processor=processor, max_new_tokens=5, do_sample=False)
+    assert out.shape[0] == 1
+
+
+def save_model_and_processor(model, processor, folder):
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def test_save_pretrained_writes_safetensors_remote_code_and_auto_map(model, processor, tmp_path):
+    save_model_and_processor(model, processor, tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"model.safetensors", "config.json", "configuration_vist2.py", "modeling_vist2.py",
+            "processing_vist2.py", "processor_config.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "configuration_vist2.VIST2Config",
+                        "AutoModelForCausalLM": "modeling_vist2.VIST2ForCausalLM"}
+
+
+def test_device_map_auto_loads(model, processor, tmp_path, training_batch):
+    save_model_and_processor(model, processor, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, device_map="auto")
+    torch.testing.assert_close(loaded(**training_batch).logits, model(**training_batch).logits)
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.modules["vist2"] = None  # the installed package must not be importable here
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
+    folder, text = sys.argv[1], sys.argv[2]
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    batch = processor(text=text, keep_closed_text=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    torch.save({"logits": logits, "input_ids": batch["input_ids"], "config": config.to_dict()}, folder + "/out.pt")
+""")
+
+
+def test_remote_code_loads_in_a_process_without_the_package_and_gives_identical_logits(model, processor, tmp_path):
+    save_model_and_processor(model, processor, tmp_path)
+    script = tmp_path / "load.py"
+    script.write_text(REMOTE_CODE_SCRIPT)
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), SAMPLE_TEXT[:250]], capture_output=True,
+                            text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "out.pt")
+    batch = processor(text=SAMPLE_TEXT[:250], keep_closed_text=True)
+    assert torch.equal(remote["input_ids"], batch["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(remote["logits"], model(**batch).logits)
