@@ -210,3 +210,24 @@ def test_generate_rejects_a_processor_with_other_render_settings(model, tokenize
     other = VIST2Processor.from_config(tiny_config(tokenizer, font_size=10), tokenizer)
     with pytest.raises(ValueError, match="font_size"):
         model.generate(**other(text="hello"), processor=other, max_new_tokens=2)
+
+
+def test_streamed_chunks_equal_the_whole_text_token_stream(processor):
+    text = SAMPLE_TEXT * 2
+    chunks = list(processor.iter_chunks(text, piece_chars=97))
+    assert [t for ids, _, _ in chunks for t in ids] == processor.encode(text)
+    assert all(len(ids) == 16 for ids, _, _ in chunks[:-1]) and 1 <= len(chunks[-1][0]) <= 16
+    assert chunks[-1][1:] == (None, None)
+
+
+@pytest.mark.parametrize("prefix", ["", "System prompt."])
+def test_reading_a_text_in_a_stream_equals_processing_it_at_once(model, processor, ascii_only, prefix):
+    text = SAMPLE_TEXT[:700] + " naïve café " + SAMPLE_TEXT[:300]  # two chunks are kept as text
+    inputs, whole = generate(model, processor, text, prefix, max_new_tokens=40, suppress_tokens=ascii_only)
+    streamed = model.generate(**model.read(processor, text, prefix=prefix, sketches_per_step=5), processor=processor,
+                              max_new_tokens=40, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                              suppress_tokens=ascii_only)
+    assert streamed.sequences[0, 1:].tolist() == whole.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    assert streamed.past_key_values.get_seq_length() == whole.past_key_values.get_seq_length()
+    for a, b in zip(streamed.logits, whole.logits):
+        torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=0)

@@ -464,15 +464,80 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             positions = torch.cat([slot_positions.clamp(min=0), positions], 1)
             memory = torch.cat([slot_kinds == SKETCH, memory], 1)
 
-        cache.append_layout(kinds, chunks, memory)
-        no_read_back = torch.zeros(batch, dtype=torch.bool, device=device)
-        hidden = self.run_language_model(embeds, positions, (cache.kinds, cache.chunk_ids, cache.memory, no_read_back),
-                                         cache, use_cache=True)
+        hidden = self.extend_cache(cache, embeds, kinds, chunks, memory, positions)
         for b in range(batch):
             cache.open_tokens[b].append(int(input_ids[b, -1]))
         if visual is not None:
             cache.compact()
         return CausalLMOutputWithPast(logits=self.lm_head_for(hidden, logits_to_keep or 1), past_key_values=cache)
+
+    def extend_cache(self, cache: VIST2Cache, embeds, kinds, chunk_ids, memory, positions):
+        """Append entries of the given layout to the cache, running the language model over them."""
+        cache.append_layout(kinds, chunk_ids, memory)
+        no_read_back = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+        layout = (cache.kinds, cache.chunk_ids, cache.memory, no_read_back)
+        return self.run_language_model(embeds, positions, layout, cache, use_cache=True)
+
+    @torch.no_grad()
+    def read(self, processor, text: str, prefix: str = "", sketches_per_step: int = 32) -> dict:
+        """Compress a long `text` into a `VIST2Cache` while streaming it, and return inputs for `generate`.
+
+        The text is tokenized, rendered and encoded `sketches_per_step` chunks at a time (`processor.iter_chunks`),
+        so memory holds the compressed cache and one group of sketches, never the whole text as pixels or KV::
+
+            inputs = model.read(processor, book)
+            out = model.generate(**inputs, processor=processor, max_new_tokens=200)   # out[:, 1:] is the new text
+        """
+        device, m = self.device, self.config.visual_tokens_per_chunk
+        prefix_ids = processor.encode(prefix)
+        if not text:
+            return dict(processor(text=text, prefix=prefix).to(device))
+        cache = VIST2Cache(config=self.config.text_config, processor=processor)
+        cache.kinds = torch.zeros(1, 0, dtype=torch.long, device=device)
+        cache.chunk_ids, cache.memory = cache.kinds.clone(), cache.kinds.bool()
+        cache.open_chunk = torch.ones(1, dtype=torch.long, device=device)
+        cache.memory_length = torch.zeros(1, dtype=torch.long, device=device)
+
+        def append(blocks):  # blocks: [(token_ids, sketch or None)] of closed chunks, in order
+            kinds, chunks, tokens, images = [], [], [], []
+            for token_ids, sketch in blocks:
+                size = m if sketch is not None else len(token_ids)
+                kinds += [SKETCH if sketch is not None else TEXT] * size
+                tokens += [self.config.sketch_token_id] * m if sketch is not None else list(token_ids)
+                chunks += [int(cache.open_chunk)] * size
+                images += [sketch] if sketch is not None else []
+                cache.open_chunk += 1
+            as_tensor = lambda values: torch.tensor([values], device=device)  # noqa: E731
+            kinds, chunks = as_tensor(kinds), as_tensor(chunks)
+            pixels = processor.pixel_values(images).to(device) if images else None
+            embeds = self.embed(as_tensor(tokens), kinds, pixels)
+            positions = cache.memory_length + torch.arange(kinds.shape[1], device=device)[None]
+            self.extend_cache(cache, embeds, kinds, chunks, kinds != PAD, positions)
+            cache.memory_length += kinds.shape[1]
+
+        if prefix_ids:
+            cache.open_chunk -= 1  # the prefix is chunk 0
+            append([(prefix_ids, None)])
+        group, open_ids = [], []
+        for token_ids, sketch, report in processor.iter_chunks(text):
+            if report is None:
+                open_ids = token_ids
+                break
+            group.append((token_ids, sketch))
+            if len(group) == sketches_per_step:
+                append(group)
+                group = []
+        if group:
+            append(group)
+        # Feed the open chunk but its last token, which generate feeds as its first input.
+        if len(open_ids) > 1:
+            head = torch.tensor([open_ids[:-1]], device=device)
+            kinds = torch.full_like(head, TEXT)
+            positions = cache.memory_length + torch.arange(head.shape[1], device=device)[None]
+            self.extend_cache(cache, self.get_input_embeddings()(head), kinds, cache.open_chunk[:, None].expand_as(head),
+                              torch.zeros_like(head, dtype=torch.bool), positions)
+        cache.open_tokens = [list(open_ids[:-1])]
+        return {"input_ids": torch.tensor([[open_ids[-1]]], device=device), "past_key_values": cache}
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, chunk_ids=None,
                                       pixel_values=None, **kwargs):

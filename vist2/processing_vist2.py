@@ -340,6 +340,26 @@ class VIST2Processor(ProcessorMixin):
         self.last_report = [s["report"] for s in samples]
         return self.collate(samples, return_labels=return_labels)
 
+    def iter_chunks(self, text: str, piece_chars: int = 1 << 16):
+        """Stream `text` chunk by chunk: yields `(token_ids, sketch, report)` for each closed chunk (`sketch` is None
+        when the chunk is kept as text), then the open chunk as `(token_ids, None, None)`.
+
+        Only one piece of text (cut at whitespace, where byte-level tokenizers split anyway) and one chunk are held
+        at a time, so a book-length text costs what one chunk costs."""
+        pending, start = [], 0
+        while start < len(text):
+            end = min(len(text), start + piece_chars)
+            if end < len(text):
+                cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+                end = cut if cut > start else end
+            pending += self.encode(text[start:end])
+            start = end
+            while len(pending) > self.chunk_size:  # the last chunk must stay open
+                chunk, pending = pending[: self.chunk_size], pending[self.chunk_size :]
+                images, reports = self.sketch_chunks([chunk])
+                yield chunk, images[0], reports[0]
+        yield pending, None, None
+
     def encode(self, text, allow_special_tokens=False) -> list[int]:
         """Token ids of `text`. User text never produces special tokens: a literal "<|sketch|>" in a document must not
         become a visual placeholder, so special-token strings are split like any other text."""
