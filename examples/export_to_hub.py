@@ -1,0 +1,153 @@
+"""Assemble a Hub-ready VIST2 model repo: weights, config with auto_map, the three remote-code files, tokenizer,
+processor config and a model card; optionally push it.
+
+    python examples/export_to_hub.py --model demo/vist2-demo --out dist/vist2-demo
+    python examples/export_to_hub.py --model demo/vist2-demo --out dist/vist2-demo --push --repo-id you/vist2-demo
+
+Numbers in the card come only from measurement files (`--fidelity`, `--efficiency`); a missing file is said so.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+USAGE = '''```python
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+repo = "{repo_id}"
+model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+inputs = processor(text=long_text, return_tensors="pt")      # closed chunks become pixel_values
+out = model.generate(**inputs, processor=processor, max_new_tokens=512)
+print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
+```'''
+
+CARD = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A VIST2 model ("Global Context Compression with Interleaved Vision-Text Transformation", arXiv 2601.10378): text is
+cut into chunks of {{ chunk_size }} tokens; every closed chunk is rendered into a {{ image_size }} sketch, read by the
+vision encoder and kept as {{ visual_tokens }} visual tokens (compression ratio {{ ratio }}), while reading the prompt
+and while generating. The KV cache holds at most `|prefix| + {{ visual_tokens }} x closed chunks + {{ chunk_size }}`
+entries.
+
+## Usage
+
+{{ usage }}
+
+For book-length inputs, `inputs = model.read(processor, text)` streams the text chunk group by chunk group.
+
+## Architecture
+
+- Language model: {{ text_model }} ({{ text_params }} parameters)
+- Vision encoder: {{ vision_model }} ({{ vision_params }} parameters)
+- Modal aligner: `tanh(v W + b)` after a {{ merge }}x{{ merge }} patch merge
+- Sketches: {{ image_size }}, glyph cells of {{ cell }} px, font `{{ font }}`
+
+## Fidelity
+
+{{ fidelity }}
+
+## Efficiency
+
+{{ efficiency }}
+
+## Limitations
+
+- The default font draws ASCII only; a chunk holding characters the font cannot draw, or text that overflows its
+  sketch, is kept as plain text (reported by the processor), so such text is not compressed.
+- Reading quality depends on training; see the fidelity section and its control (another text's sketches).
+- The sketch layout is a fixed character grid: no shaping, bidirectional text or ligatures.
+"""
+
+
+def markdown_table(metrics: dict) -> str:
+    rows = "\n".join(f"| {name} | {value} |" for name, value in metrics.items())
+    return "| metric | value |\n| --- | --- |\n" + rows
+
+
+def fidelity_section(path: Path | None) -> str:
+    if path is None or not path.exists():
+        return "Not measured for this checkpoint."
+    report = json.loads(path.read_text())
+    command = report.pop("command", None)
+    text = markdown_table(report)
+    return text + (f"\n\nReproduce with `{command}`." if command else "")
+
+
+def efficiency_section(path: Path | None) -> str:
+    if path is None or not path.exists():
+        return "Not measured for this checkpoint."
+    return path.read_text().strip()
+
+
+def count(module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f}M"
+
+
+def build_card(model, repo_id: str, fidelity: Path | None, efficiency: Path | None) -> ModelCard:
+    config = model.config
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", license="apache-2.0",
+                         tags=["vist2", "context-compression", "custom_code"], model_name=repo_id.split("/")[-1])
+    return ModelCard.from_template(
+        data,
+        template_str=CARD,
+        usage=USAGE.format(repo_id=repo_id),
+        chunk_size=config.chunk_size,
+        visual_tokens=config.visual_tokens_per_chunk,
+        ratio=config.compression_ratio,
+        image_size=f"{config.image_height}x{config.image_width}",
+        merge=config.merge_size,
+        cell=f"{config.char_width}x{config.line_height}",
+        font=config.font_path or "Pillow built-in",
+        text_model=config.text_config.model_type,
+        vision_model=config.vision_config.model_type,
+        text_params=count(model.language_model),
+        vision_params=count(model.vision_tower),
+        fidelity=fidelity_section(fidelity),
+        efficiency=efficiency_section(efficiency),
+    )
+
+
+def export(model_dir, out_dir, repo_id, fidelity=None, efficiency=None):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    build_card(model, repo_id, fidelity, efficiency).save(out / "README.md")
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo/vist2-demo")
+    parser.add_argument("--out", default="dist/vist2-demo")
+    parser.add_argument("--repo-id", default="vist2/vist2-demo")
+    parser.add_argument("--fidelity", type=Path, default=None, help="JSON of fidelity metrics (default: MODEL/fidelity.json)")
+    parser.add_argument("--efficiency", type=Path, default=Path("benchmarks/results/summary.md"),
+                        help="markdown with efficiency numbers")
+    parser.add_argument("--push", action="store_true", help="upload to --repo-id (needs a Hugging Face token)")
+    parser.add_argument("--private", action="store_true")
+    args = parser.parse_args(argv)
+
+    fidelity = args.fidelity or Path(args.model) / "fidelity.json"
+    out = export(args.model, args.out, args.repo_id, fidelity, args.efficiency)
+    print(f"Hub-ready folder: {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    if args.push:
+        if get_token() is None:
+            raise SystemExit("No Hugging Face token: run `hf auth login` or set HF_TOKEN, then push again.")
+        api = HfApi()
+        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        api.upload_folder(folder_path=str(out), repo_id=args.repo_id, commit_message="Upload VIST2 model")
+        print(f"Pushed to https://huggingface.co/{args.repo_id}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The example scripts users run: generate from a long text, export to the Hub."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SAMPLE_TEXT
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import export_to_hub  # noqa: E402
+import generate as generate_example  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, model, processor):
+    folder = tmp_path_factory.mktemp("model")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_generate_example_compresses_a_file_and_reports_the_cache(saved_model, tmp_path, capsys):
+    text = tmp_path / "long.txt"
+    text.write_text(SAMPLE_TEXT * 4)
+    generate_example.main(["--model", str(saved_model), "--file", str(text), "--max-new-tokens", "8"])
+    report = capsys.readouterr().out
+    share = float(re.search(r"\(([\d.]+)% of it\)", report).group(1))
+    assert "VIST2 cache:" in report and share < 30  # r = 4: a quarter plus one open chunk
+
+
+def test_text_only_cache_size_counts_keys_and_values_of_every_layer(model):
+    text = model.config.text_config
+    expected = 10 * 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4
+    assert generate_example.text_only_cache_bytes(model, 10) == expected
+
+
+def test_export_writes_a_hub_ready_folder_with_a_model_card(saved_model, tmp_path):
+    fidelity = tmp_path / "fidelity.json"
+    fidelity.write_text('{"read-back character accuracy": "0.5", "command": "python examples/evaluate_demo.py"}')
+    out = export_to_hub.export(saved_model, tmp_path / "hub", "someone/vist2-tiny", fidelity, None)
+    names = {p.name for p in out.iterdir()}
+    assert {"README.md", "config.json", "model.safetensors", "configuration_vist2.py", "modeling_vist2.py",
+            "processing_vist2.py", "processor_config.json", "tokenizer.json"} <= names
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and "| read-back character accuracy | 0.5 |" in card
+    assert "Efficiency\n\nNot measured" in card
+
+
+USAGE_RUNNER = """
+import re, sys
+sys.modules["vist2"] = None  # only the exported folder's remote code may be used
+folder = sys.argv[1]
+card = open(folder + "/README.md").read()
+snippet = re.search(r"```python\\n(.*?)```", card, re.S).group(1).replace('repo = "someone/vist2-tiny"', f"repo = {folder!r}")
+snippet = snippet.replace("max_new_tokens=512", "max_new_tokens=24")  # the snippet as written, on a smaller budget
+long_text = open(sys.argv[2]).read()
+exec(compile(snippet, "model-card-usage", "exec"), {"long_text": long_text})
+"""
+
+
+def test_exported_folder_runs_the_model_card_usage_snippet_in_a_clean_process(saved_model, tmp_path):
+    out = export_to_hub.export(saved_model, tmp_path / "hub", "someone/vist2-tiny", None, None)
+    (tmp_path / "text.txt").write_text(SAMPLE_TEXT * 3)
+    (tmp_path / "run.py").write_text(USAGE_RUNNER)
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(out), str(tmp_path / "text.txt")],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
