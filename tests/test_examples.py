@@ -72,3 +72,17 @@ def test_exported_folder_runs_the_model_card_usage_snippet_in_a_clean_process(sa
     result = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(out), str(tmp_path / "text.txt")],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_quickstart_compresses_saves_sketches_reads_back_and_writes(saved_model, tmp_path, capsys):
+    import quickstart
+
+    sheet = tmp_path / "sketches.png"
+    quickstart.main(["--model", str(saved_model), "--text", str(EXAMPLES / "data" / "long_text.txt"),
+                     "--out", str(sheet), "--max-new-tokens", "8"])
+    report = capsys.readouterr().out
+    from PIL import Image
+
+    assert Image.open(sheet).size[0] > 64
+    assert "read back from its sketch" in report and "--- continuation ---" in report
+    assert float(re.search(r"-> ([\d.]+)%", report).group(1)) < 30

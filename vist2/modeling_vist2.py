@@ -539,6 +539,26 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         cache.open_tokens = [list(open_ids[:-1])]
         return {"input_ids": torch.tensor([[open_ids[-1]]], device=device), "past_key_values": cache}
 
+    @torch.no_grad()
+    def read_back_chunk(self, processor, chunk_token_ids, pixel_values=None, max_new_tokens=None) -> list[int]:
+        """Transcribe a chunk from its sketch (the OCR warm-up's read-back visibility), greedily, given its first token.
+
+        `pixel_values` substitutes another sketch (the control that shows the model reads); by default the chunk's own.
+        The first token is given because no position before a chunk may see that chunk's sketch."""
+        if pixel_values is None:
+            images, reports = processor.sketch_chunks([chunk_token_ids])
+            if images[0] is None:
+                raise ValueError(f"this chunk cannot be rendered ({reports[0]}); pick a chunk the font can draw")
+            pixel_values = processor.pixel_values(images)
+        pixel_values = pixel_values.to(self.device)
+        m, tokens = self.config.visual_tokens_per_chunk, [int(chunk_token_ids[0])]
+        for _ in range((max_new_tokens or len(chunk_token_ids)) - 1):
+            input_ids = torch.tensor([tokens + [self.config.sketch_token_id] * m], device=self.device)
+            logits = self(input_ids=input_ids, chunk_ids=torch.ones_like(input_ids), pixel_values=pixel_values,
+                          read_back=torch.ones(1, dtype=torch.bool, device=self.device)).logits
+            tokens.append(int(logits[0, len(tokens) - 1].argmax()))
+        return tokens
+
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, chunk_ids=None,
                                       pixel_values=None, **kwargs):
         # Public override point of GenerationMixin: after prefill only the newest token goes in; the cache keeps the
