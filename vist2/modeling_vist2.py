@@ -11,6 +11,12 @@ and positions follow the layout generation keeps in its cache, `P V_1 ... V_{i-1
 rendered is *kept as text*: it then plays the part of its V_i (later chunks see its text). Because the rule hides
 every closed chunk's text, `generate` can drop that text from the KV cache the moment the chunk closes: the cache
 holds `|P| + m * closed_chunks + L` entries at most, while reading the prompt and while writing.
+
+Only public, documented transformers hooks are used, so the remote code survives transformers releases:
+`GenerationMixin.generate` (called through, with a caller-supplied cache) and `prepare_inputs_for_generation`
+(overridden), a `DynamicCache` subclass (`Cache.layers[i].keys/values`), `masking_utils.create_causal_mask` with
+`or_mask_function` / `and_mask_function`, and the decoder's `inputs_embeds`, `position_ids` and prepared 4D
+`attention_mask` inputs.
 """
 
 import torch
@@ -417,35 +423,42 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
 
     # -- generation ---------------------------------------------------------------------------------------------------
 
-    def decode_step(self, input_ids, cache: VIST2Cache, logits_to_keep=0):
-        """Feed one new token per row; a row whose open chunk is full closes it first (render, encode, cut, append)."""
-        device, m, L = input_ids.device, self.config.visual_tokens_per_chunk, self.config.chunk_size
-        batch = input_ids.shape[0]
-        closing = [len(tokens) == L for tokens in cache.open_tokens]
+    def close_full_chunks(self, cache: VIST2Cache):
+        """Rows whose open chunk holds L tokens close it: render, encode, cut its text from the cache. Returns the
+        visual tokens of the rendered chunks and which rows they belong to; a chunk the policy keeps as text stays in
+        the cache as memory instead."""
+        device, m, L = cache.kinds.device, self.config.visual_tokens_per_chunk, self.config.chunk_size
+        batch = len(cache.open_tokens)
+        closing = torch.tensor([len(tokens) == L for tokens in cache.open_tokens], device=device)
         sketched = torch.zeros(batch, dtype=torch.bool, device=device)
+        if not closing.any():
+            return None, sketched
+        if cache.processor is None:
+            raise ValueError("A chunk closed during generation and must be rendered: call "
+                             "model.generate(..., processor=processor) with the model's VIST2Processor.")
+        rows = closing.nonzero()[:, 0].tolist()
+        images, _ = cache.processor.sketch_chunks([cache.open_tokens[b] for b in rows])
+        rendered = [b for b, image in zip(rows, images) if image is not None]
         visual = None
-        if any(closing):
-            if cache.processor is None:
-                raise ValueError("A chunk closed during generation and must be rendered: call "
-                                 "model.generate(..., processor=processor) with the model's VIST2Processor.")
-            rows = [b for b in range(batch) if closing[b]]
-            images, _ = cache.processor.sketch_chunks([cache.open_tokens[b] for b in rows])
-            rendered = [b for b, image in zip(rows, images) if image is not None]
-            if rendered:
-                pixels = cache.processor.pixel_values([image for image in images if image is not None]).to(device)
-                visual = self.encode_sketches(pixels)
-                sketched[rendered] = True
-            open_entries = (cache.chunk_ids == cache.open_chunk[:, None]) & (cache.kinds == TEXT)
-            closed = torch.tensor(closing, device=device)
-            # A rendered chunk's text leaves the cache; a chunk the policy keeps as text becomes memory.
-            cache.memory |= open_entries & (closed & ~sketched)[:, None]
-            cache.kinds = cache.kinds.masked_fill(open_entries & sketched[:, None], PAD)
-            cache.compact()
-            cache.memory_length = cache.memory_length + torch.where(sketched, m, 0) + torch.where(
-                closed & ~sketched, torch.tensor([len(t) for t in cache.open_tokens], device=device), 0)
-            cache.open_chunk = cache.open_chunk + closed.long()
-            cache.open_tokens = [[] if closing[b] else cache.open_tokens[b] for b in range(batch)]
+        if rendered:
+            visual = self.encode_sketches(cache.processor.pixel_values([i for i in images if i is not None]).to(device))
+            sketched[rendered] = True
+        open_entries = (cache.chunk_ids == cache.open_chunk[:, None]) & (cache.kinds == TEXT)
+        kept = closing & ~sketched
+        cache.memory |= open_entries & kept[:, None]
+        cache.kinds = cache.kinds.masked_fill(open_entries & sketched[:, None], PAD)
+        cache.compact()
+        open_length = torch.tensor([len(t) for t in cache.open_tokens], device=device)
+        cache.memory_length = cache.memory_length + torch.where(sketched, m, 0) + torch.where(kept, open_length, 0)
+        cache.open_chunk = cache.open_chunk + closing.long()
+        cache.open_tokens = [[] if closing[b] else cache.open_tokens[b] for b in range(batch)]
+        return visual, sketched
 
+    def decode_step(self, input_ids, cache: VIST2Cache, logits_to_keep=0):
+        """Feed one new token per row, after closing full chunks; sketches of just-closed chunks go in the same pass."""
+        device, m = input_ids.device, self.config.visual_tokens_per_chunk
+        batch = input_ids.shape[0]
+        visual, sketched = self.close_full_chunks(cache)
         token_embeds = self.get_input_embeddings()(input_ids)
         open_length = torch.tensor([len(t) for t in cache.open_tokens], device=device)
         kinds = torch.full((batch, 1), TEXT, device=device)
