@@ -72,12 +72,23 @@ def markdown_table(metrics: dict) -> str:
     return "| metric | value |\n| --- | --- |\n" + rows
 
 
+def flatten(report: dict, prefix="") -> dict:
+    """Nested metric groups become `group / metric` rows; examples and other lists stay out of the table."""
+    rows = {}
+    for name, value in report.items():
+        if isinstance(value, dict):
+            rows.update(flatten(value, f"{prefix}{name} / "))
+        elif not isinstance(value, list):
+            rows[f"{prefix}{name}"] = f"{value:.4g}" if isinstance(value, float) else value
+    return rows
+
+
 def fidelity_section(path: Path | None) -> str:
     if path is None or not path.exists():
         return "Not measured for this checkpoint."
     report = json.loads(path.read_text())
     command = report.pop("command", None)
-    text = markdown_table(report)
+    text = markdown_table(flatten(report))
     return text + (f"\n\nReproduce with `{command}`." if command else "")
 
 
@@ -130,15 +141,15 @@ def main(argv=None):
     parser.add_argument("--model", default="demo/vist2-demo")
     parser.add_argument("--out", default="dist/vist2-demo")
     parser.add_argument("--repo-id", default="vist2/vist2-demo")
-    parser.add_argument("--fidelity", type=Path, default=None, help="JSON of fidelity metrics (default: MODEL/fidelity.json)")
+    parser.add_argument("--fidelity", type=Path, default=Path("demo/eval_results.json"),
+                        help="JSON of fidelity metrics, as examples/evaluate_demo.py writes it")
     parser.add_argument("--efficiency", type=Path, default=Path("benchmarks/results/summary.md"),
                         help="markdown with efficiency numbers")
     parser.add_argument("--push", action="store_true", help="upload to --repo-id (needs a Hugging Face token)")
     parser.add_argument("--private", action="store_true")
     args = parser.parse_args(argv)
 
-    fidelity = args.fidelity or Path(args.model) / "fidelity.json"
-    out = export(args.model, args.out, args.repo_id, fidelity, args.efficiency)
+    out = export(args.model, args.out, args.repo_id, args.fidelity, args.efficiency)
     print(f"Hub-ready folder: {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     if args.push:
         if get_token() is None:

@@ -5,13 +5,13 @@
 """
 
 import argparse
-import difflib
 from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
+from evaluate_demo import char_accuracy
 from generate import cache_bytes, text_only_cache_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,8 +58,13 @@ def main(argv=None):
     chunk = next(c for c, r in zip(closed, processor.last_report[0]) if r.ok)
     original = processor.chunk_text(chunk)
     read = processor.chunk_text(model.read_back_chunk(processor, chunk))
-    accuracy = difflib.SequenceMatcher(None, original, read).ratio()
-    print(f"\n--- a chunk ---\n{original}\n--- read back from its sketch (character accuracy {accuracy:.0%}) ---\n{read}")
+    accuracy = char_accuracy(read, original)
+    # The control: the same read-back from another chunk's sketch. A model that reads does far worse here.
+    other = processor.pixel_values([processor.sketch_chunks([closed[-1]])[0][0]])
+    control = processor.chunk_text(model.read_back_chunk(processor, chunk, pixel_values=other))
+    control_accuracy = char_accuracy(control, original)
+    print(f"\n--- a chunk ---\n{original}\n--- read back from its sketch (character accuracy {accuracy:.0%}; "
+          f"from another chunk's sketch: {control_accuracy:.0%}) ---\n{read}")
 
     # 4. Keep writing: each chunk that fills up is compressed on the fly.
     out = model.generate(**inputs, processor=processor, max_new_tokens=args.max_new_tokens, do_sample=False,

@@ -1,0 +1,200 @@
+"""VIST2 configuration: backbones, chunking, compression and the sketch renderer's settings.
+
+A VIST2 model cuts text into chunks of `chunk_size` (L) tokens. Every closed chunk is rendered into an
+`image_height x image_width` sketch, read by the vision tower and merged `merge_size x merge_size` by the modal
+aligner into `visual_tokens_per_chunk` (m = L / r) tokens. Everything that decides the pixels of a sketch lives
+here, so that a model and its processor provably agree (`VIST2Config.sketch_settings`).
+"""
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto import CONFIG_MAPPING
+
+OVERFLOW_POLICIES = ("keep_text", "shrink_font")
+
+# Settings that decide which tokens form a chunk and which pixels its sketch has.
+SKETCH_SETTING_KEYS = (
+    "chunk_size",
+    "compression_ratio",
+    "font_path",
+    "font_size",
+    "min_font_size",
+    "char_width",
+    "line_height",
+    "margin",
+    "foreground",
+    "background",
+    "image_height",
+    "image_width",
+    "num_channels",
+    "image_mean",
+    "image_std",
+    "overflow_policy",
+)
+
+
+def _sub_config(value, default_model_type, defaults):
+    if isinstance(value, PretrainedConfig):
+        return value
+    value = dict(defaults if value is None else value)
+    model_type = value.pop("model_type", default_model_type)
+    return CONFIG_MAPPING[model_type](**value)
+
+
+class VIST2Config(PretrainedConfig):
+    r"""
+    Args:
+        text_config (`dict` or `PretrainedConfig`, *optional*): the causal LM backbone (Qwen3 by default; any
+            decoder-only config whose model takes `inputs_embeds`, `position_ids` and a 4D `attention_mask`).
+        vision_config (`dict` or `PretrainedConfig`, *optional*): the vision tower (SigLIP vision by default;
+            `siglip2_vision_model` is supported too).
+        chunk_size (`int`): L, text tokens per chunk.
+        compression_ratio (`int`): r; a closed chunk becomes L / r visual tokens.
+        merge_size (`int`): s; the aligner concatenates s x s neighbouring patches before projecting (paper: 1).
+        sketch_token_id (`int`): placeholder id that marks visual positions in `input_ids`.
+        font_path (`str`, *optional*): a TrueType font; `None` uses Pillow's built-in scalable font.
+        font_size (`int`): pixel size glyphs are drawn at before being fitted into their cell.
+        min_font_size (`int`): floor for the `"shrink_font"` overflow policy.
+        char_width, line_height (`int`): the glyph cell in pixels; every character occupies exactly one cell.
+        margin (`int`): blank pixels around the text block.
+        foreground, background (`int`): grey levels of ink and paper (0-255).
+        image_height, image_width (`int`): sketch size; must give exactly L / r tokens after patching and merging.
+        num_channels (`int`): 1 or 3 (grey replicated), as the vision tower expects.
+        image_mean, image_std (`float`): pixel normalisation, `(x / 255 - mean) / std`.
+        overflow_policy (`str`): what to do with a chunk that does not fit its sketch or holds characters the font
+            cannot draw: `"keep_text"` keeps that chunk as plain text tokens; `"shrink_font"` first retries overflow
+            with smaller cells down to `min_font_size` (undrawable characters are always kept as text).
+    """
+
+    model_type = "vist2"
+    sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
+
+    def __init__(
+        self,
+        text_config=None,
+        vision_config=None,
+        chunk_size=256,
+        compression_ratio=4,
+        merge_size=1,
+        sketch_token_id=None,
+        font_path=None,
+        font_size=16,
+        min_font_size=8,
+        char_width=4,
+        line_height=8,
+        margin=0,
+        foreground=0,
+        background=255,
+        image_height=128,
+        image_width=128,
+        num_channels=3,
+        image_mean=0.5,
+        image_std=0.5,
+        overflow_policy="keep_text",
+        **kwargs,
+    ):
+        self.text_config = _sub_config(text_config, "qwen3", {})
+        self.vision_config = _sub_config(
+            vision_config, "siglip_vision_model", {"patch_size": 16, "image_size": image_height, "vision_use_head": False}
+        )
+        self.chunk_size = chunk_size
+        self.compression_ratio = compression_ratio
+        self.merge_size = merge_size
+        self.sketch_token_id = sketch_token_id
+        self.font_path = font_path
+        self.font_size = font_size
+        self.min_font_size = min_font_size
+        self.char_width = char_width
+        self.line_height = line_height
+        self.margin = margin
+        self.foreground = foreground
+        self.background = background
+        self.image_height = image_height
+        self.image_width = image_width
+        self.num_channels = num_channels
+        self.image_mean = image_mean
+        self.image_std = image_std
+        self.overflow_policy = overflow_policy
+        kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
+        super().__init__(**kwargs)
+        self.validate_vist2()
+
+    @property
+    def visual_tokens_per_chunk(self) -> int:
+        """m = L / r: how many visual tokens replace one closed chunk."""
+        return self.chunk_size // self.compression_ratio
+
+    @property
+    def patch_size(self) -> int:
+        return self.vision_config.patch_size
+
+    @property
+    def sketch_settings(self) -> dict:
+        """Everything that decides a chunk's tokens and pixels; a processor must carry the same values."""
+        return {key: getattr(self, key) for key in SKETCH_SETTING_KEYS}
+
+    def validate_vist2(self):
+        def fail(field, problem, fix):
+            raise ValueError(f"VIST2Config.{field}: {problem}. Fix: {fix}.")
+
+        for field in ("chunk_size", "compression_ratio", "merge_size", "font_size", "min_font_size",
+                      "char_width", "line_height", "image_height", "image_width"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                fail(field, f"must be a positive integer, got {value!r}", f"pass {field}=<positive int>")
+        L, r, s, p = self.chunk_size, self.compression_ratio, self.merge_size, self.patch_size
+        if L % r:
+            fail("chunk_size", f"L={L} is not a multiple of compression_ratio r={r}",
+                 f"use chunk_size={L - L % r or r} or a ratio that divides {L}")
+        for field in ("image_height", "image_width"):
+            size = getattr(self, field)
+            if size % (p * s):
+                fail(field, f"{size} is not a multiple of patch_size*merge_size = {p}*{s}",
+                     f"use {field}={max(p * s, size - size % (p * s))}")
+        tokens = (self.image_height // (p * s)) * (self.image_width // (p * s))
+        if tokens != self.visual_tokens_per_chunk:
+            fail("image_height", f"a {self.image_height}x{self.image_width} sketch gives {tokens} visual tokens "
+                 f"(patch {p}, merge {s}) but chunk_size/compression_ratio = {L}/{r} = {self.visual_tokens_per_chunk}",
+                 "choose image_height/(patch*merge) * image_width/(patch*merge) == chunk_size/compression_ratio")
+        if self.num_channels not in (1, 3) or self.num_channels != getattr(self.vision_config, "num_channels", 3):
+            fail("num_channels", f"{self.num_channels} must be 1 or 3 and equal vision_config.num_channels "
+                 f"({getattr(self.vision_config, 'num_channels', 3)})", "set both to the same value")
+        inner_h, inner_w = self.image_height - 2 * self.margin, self.image_width - 2 * self.margin
+        if self.margin < 0 or inner_h < self.line_height or inner_w < self.char_width:
+            fail("margin", f"margin={self.margin} leaves no room for one {self.char_width}x{self.line_height} cell "
+                 f"in a {self.image_height}x{self.image_width} sketch", "use a smaller margin or cell")
+        if self.min_font_size > self.font_size:
+            fail("min_font_size", f"{self.min_font_size} exceeds font_size={self.font_size}",
+                 f"use min_font_size <= {self.font_size}")
+        if self.overflow_policy not in OVERFLOW_POLICIES:
+            fail("overflow_policy", f"unknown policy {self.overflow_policy!r}", f"use one of {OVERFLOW_POLICIES}")
+        for field in ("foreground", "background"):
+            if not 0 <= getattr(self, field) <= 255:
+                fail(field, "grey level out of range", "use a value in 0..255")
+        if getattr(self.text_config, "use_sliding_window", False):
+            fail("text_config", "sliding-window attention would hide sketches of early chunks",
+                 "set text_config.use_sliding_window=False")
+
+    @classmethod
+    def tiny(cls, vocab_size=512, sketch_token_id=None, text_model_type="qwen3", **overrides):
+        """A few-thousand-parameter model for tests: L=16, r=4, 2x2 merge of 16 px patches on 64x64 sketches."""
+        text = {
+            "model_type": text_model_type, "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+            "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        }
+        vision = {
+            "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "patch_size": 16, "image_size": 64, "num_channels": 3, "vision_use_head": False,
+        }
+        settings = dict(
+            text_config=text, vision_config=vision, chunk_size=16, compression_ratio=4, merge_size=2,
+            sketch_token_id=vocab_size - 1 if sketch_token_id is None else sketch_token_id,
+            font_size=12, min_font_size=6, char_width=4, line_height=8, image_height=64, image_width=64,
+        )
+        settings.update(overrides)
+        return cls(**settings)
+
+
+__all__ = ["VIST2Config"]
+
+VIST2Config.register_for_auto_class()

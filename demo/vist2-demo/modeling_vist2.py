@@ -1,0 +1,607 @@
+"""VIST2: a decoder-only LM that never keeps old text in its context.
+
+The sequence is `P c_1 V_1 c_2 V_2 ... c_K`: a prefix kept as text, text chunks `c_i`, and the visual tokens `V_i`
+of each closed chunk's sketch. The attention rule (DESIGN §2):
+
+    a query in P        sees P causally
+    a query in c_i      sees P, every V_j (j < i) and c_i up to itself -- never the text of an earlier chunk
+    a query in V_i      sees P, every V_j (j < i) and V_i bidirectionally -- never any text chunk
+
+and positions follow the layout generation keeps in its cache, `P V_1 ... V_{i-1} c_i`. A chunk that could not be
+rendered is *kept as text*: it then plays the part of its V_i (later chunks see its text). Because the rule hides
+every closed chunk's text, `generate` can drop that text from the KV cache the moment the chunk closes: the cache
+holds `|P| + m * closed_chunks + L` entries at most, while reading the prompt and while writing.
+
+Only public, documented transformers hooks are used, so the remote code survives transformers releases:
+`GenerationMixin.generate` (called through, with a caller-supplied cache) and `prepare_inputs_for_generation`
+(overridden), a `DynamicCache` subclass (`Cache.layers[i].keys/values`), `masking_utils.create_causal_mask` with
+`or_mask_function` / `and_mask_function`, and the decoder's `inputs_embeds`, `position_ids` and prepared 4D
+`attention_mask` inputs.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_vist2 import VIST2Config
+
+PAD, TEXT, SKETCH = 0, 1, 2  # token kinds
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layout: token kinds, memory, positions and the attention rule -- pure functions of the layout tensors
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def token_kinds(input_ids, attention_mask, sketch_token_id):
+    kinds = torch.where(input_ids == sketch_token_id, SKETCH, TEXT)
+    return kinds.masked_fill(attention_mask == 0, PAD) if attention_mask is not None else kinds
+
+
+def per_chunk_count(chunk_ids, flags):
+    """How many flagged tokens each chunk has: `(batch, max_chunk + 1)`."""
+    counts = torch.zeros(chunk_ids.shape[0], int(chunk_ids.max()) + 1, dtype=torch.long, device=chunk_ids.device)
+    return counts.scatter_add_(1, chunk_ids, flags.long())
+
+
+def memory_flags(kinds, chunk_ids):
+    """Tokens later chunks may see: the prefix, sketches, and the text of chunks kept as text (no sketch)."""
+    has_sketch = per_chunk_count(chunk_ids, kinds == SKETCH).gather(1, chunk_ids) > 0
+    return (kinds == SKETCH) | ((kinds == TEXT) & ~has_sketch)
+
+
+def layout_position_ids(kinds, chunk_ids, memory, read_back=None):
+    """Positions in the generation layout `P V_1 ... V_{i-1} c_i` (with read-back: `P V_1 ... V_i c_i`).
+
+    A block (the run of one chunk's text, or of its sketch) starts after all memory of earlier chunks; each
+    block must be contiguous in the flat sequence.
+    """
+    memory_per_chunk = per_chunk_count(chunk_ids, memory)
+    chunk_start = memory_per_chunk.cumsum(1) - memory_per_chunk
+    block = chunk_ids * 4 + kinds
+    index = torch.arange(kinds.shape[1], device=kinds.device).expand_as(kinds)
+    new_block = torch.ones_like(kinds, dtype=torch.bool)
+    new_block[:, 1:] = block[:, 1:] != block[:, :-1]
+    block_start = torch.where(new_block, index, 0).cummax(1).values
+    positions = chunk_start.gather(1, chunk_ids) + index - block_start
+    if read_back is not None:
+        sketch_len = per_chunk_count(chunk_ids, kinds == SKETCH).gather(1, chunk_ids)
+        positions = positions + sketch_len * ((kinds == TEXT) & read_back[:, None])
+    return positions.masked_fill(kinds == PAD, 0)
+
+
+def vist2_mask_function(kinds, chunk_ids, memory, read_back):
+    """The attention rule as a transformers mask function over flat indices of `(batch, kv_length)` layout tensors."""
+
+    def allowed(batch_idx, head_idx, q_idx, kv_idx):
+        q_kind, kv_kind = kinds[batch_idx, q_idx], kinds[batch_idx, kv_idx]
+        q_chunk, kv_chunk = chunk_ids[batch_idx, q_idx], chunk_ids[batch_idx, kv_idx]
+        earlier_memory = (kv_chunk < q_chunk) & memory[batch_idx, kv_idx]
+        same_chunk = kv_chunk == q_chunk
+        own_text = same_chunk & (q_kind == TEXT) & (kv_kind == TEXT) & (kv_idx <= q_idx)
+        own_sketch = same_chunk & (q_kind == SKETCH) & (kv_kind == SKETCH)
+        reads_own_sketch = same_chunk & (q_kind == TEXT) & (kv_kind == SKETCH) & read_back[batch_idx]
+        visible = (earlier_memory | own_text | own_sketch | reads_own_sketch) & (q_kind != PAD) & (kv_kind != PAD)
+        # A padding query attends to itself only, so no softmax row is empty.
+        return visible | ((q_kind == PAD) & (kv_idx == q_idx))
+
+    return allowed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The compressing KV cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class VIST2Cache(DynamicCache):
+    """A `DynamicCache` that also records the layout of its entries, so closed chunks can be cut out of it.
+
+    Per row it tracks the open chunk's token ids (to render them when the chunk closes), its chunk index, and how
+    many memory entries precede it (its first position). Rows are left-padded with `PAD` entries.
+    """
+
+    def __init__(self, config=None, processor=None):
+        super().__init__(config=config)
+        self.processor = processor
+        self.kinds = self.chunk_ids = self.memory = None
+        self.open_tokens: list[list[int]] = []
+        self.open_chunk = self.memory_length = None
+
+    @property
+    def is_prefilled(self) -> bool:
+        return self.kinds is not None
+
+    def entries_per_row(self) -> torch.Tensor:
+        """Live (non-padding) entries each row holds."""
+        return (self.kinds != PAD).sum(1)
+
+    def record_prefill(self, kinds, chunk_ids, memory, input_ids):
+        if ((kinds == TEXT) & ~memory & (per_chunk_count(chunk_ids, kinds == SKETCH).gather(1, chunk_ids) > 0)).any():
+            raise ValueError("generate() takes the generation layout, in which closed chunks are sketches only: "
+                             "call the processor without keep_closed_text=True.")
+        # The last chunk is open if it is text without a sketch (the prefix, chunk 0, never is).
+        last_chunk = chunk_ids.masked_fill(kinds == PAD, 0).max(1).values
+        last_has_sketch = per_chunk_count(chunk_ids, kinds == SKETCH).gather(1, last_chunk[:, None])[:, 0] > 0
+        self.open_chunk = torch.where((last_chunk > 0) & ~last_has_sketch, last_chunk, last_chunk + 1)
+        open_mask = (chunk_ids == self.open_chunk[:, None]) & (kinds == TEXT)
+        self.kinds, self.chunk_ids, self.memory = kinds, chunk_ids, memory & ~open_mask
+        self.open_tokens = [row[mask].tolist() for row, mask in zip(input_ids, open_mask)]
+        self.memory_length = self.memory.sum(1)
+
+    def append_layout(self, kinds, chunk_ids, memory):
+        self.kinds = torch.cat([self.kinds, kinds], 1)
+        self.chunk_ids = torch.cat([self.chunk_ids, chunk_ids], 1)
+        self.memory = torch.cat([self.memory, memory], 1)
+
+    def compact(self):
+        """Physically drop `PAD` entries (cut chunks, unused slots) and left-align every row."""
+        keep = self.kinds != PAD
+        length = int(keep.sum(1).max())
+        # Stable sort puts each row's kept entries last, in order; the first `length` columns from the end survive.
+        order = torch.sort(keep.int(), dim=1, stable=True).indices[:, -length:]
+        kept = keep.gather(1, order)
+        self.kinds = self.kinds.gather(1, order).masked_fill(~kept, PAD)
+        self.chunk_ids = self.chunk_ids.gather(1, order).masked_fill(~kept, 0)
+        self.memory = self.memory.gather(1, order) & kept
+        for layer in self.layers:
+            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                continue
+            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        self.kinds, self.chunk_ids, self.memory = self.kinds[indices], self.chunk_ids[indices], self.memory[indices]
+        self.open_tokens = [self.open_tokens[i] for i in indices.tolist()]
+        self.open_chunk, self.memory_length = self.open_chunk[indices], self.memory_length[indices]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class VIST2ModalAligner(nn.Module):
+    """`tanh(v W + b)` over the vision tower's patches, after concatenating each `s x s` group of patches."""
+
+    def __init__(self, config: VIST2Config):
+        super().__init__()
+        self.merge_size = config.merge_size
+        self.grid = (config.image_height // config.patch_size, config.image_width // config.patch_size)
+        vision_width = config.vision_config.hidden_size * config.merge_size**2
+        self.proj = nn.Linear(vision_width, config.text_config.hidden_size)
+
+    def forward(self, patches):
+        n, _, width = patches.shape
+        (h, w), s = self.grid, self.merge_size
+        merged = patches.reshape(n, h // s, s, w // s, s, width).permute(0, 1, 3, 2, 4, 5)
+        return torch.tanh(self.proj(merged.reshape(n, (h // s) * (w // s), s * s * width)))
+
+
+class VIST2PreTrainedModel(PreTrainedModel):
+    config_class = VIST2Config
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = []  # collected from the vision tower and language model
+    _skip_keys_device_placement = ["past_key_values"]
+    # The layout mask is a full 4D mask or a flex BlockMask; flash-attention kernels take neither.
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = False
+    _supports_attention_backend = False
+
+
+class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
+    def __init__(self, config: VIST2Config):
+        super().__init__(config)
+        if config.sketch_token_id is None:
+            raise ValueError("VIST2Config.sketch_token_id is None: set it to the tokenizer's '<|sketch|>' id "
+                             "(tokenization/add_special_tokens.py adds it).")
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.aligner = VIST2ModalAligner(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        # Whole decoder / encoder layers stay on one device under device_map="auto".
+        self._no_split_modules = sorted(
+            set(self.vision_tower._no_split_modules or []) | set(self.language_model._no_split_modules or [])
+        )
+        self.post_init()
+
+    @classmethod
+    def from_backbones(cls, text_model, vision_model, tokenizer=None, **config_kwargs):
+        """A VIST2 model from a pretrained causal LM and a pretrained SigLIP / SigLIP2 vision encoder.
+
+        `text_model` / `vision_model` are Hub ids, local folders or loaded models (a full SigLIP checkpoint
+        contributes its vision half). `tokenizer` (default: the text model's) gets `<|sketch|>` (and a pad token if
+        it lacks one) in place; the embeddings are resized to it and the aligner is fresh. The extended tokenizer is
+        kept as `model.tokenizer` for `VIST2Processor.from_config(model.config, model.tokenizer)`.
+        `config_kwargs` are `VIST2Config` settings (chunk_size, compression_ratio, image geometry, render settings).
+        """
+        from transformers import AddedToken, AutoTokenizer
+
+        language_model = text_model
+        if not isinstance(language_model, PreTrainedModel):
+            language_model = AutoModelForCausalLM.from_pretrained(text_model)
+        vision_tower = vision_model
+        if not isinstance(vision_tower, PreTrainedModel):
+            vision_tower = AutoModel.from_pretrained(vision_model)
+        if hasattr(vision_tower.config, "text_config") and hasattr(vision_tower, "vision_model"):
+            # A dual text-image checkpoint (SiglipModel): keep its image tower.
+            tower = vision_tower.vision_model
+            if not isinstance(tower, PreTrainedModel):  # releases where the tower is a bare transformer
+                wrapper = AutoModel.from_config(vision_tower.config.vision_config)
+                wrapper.vision_model = tower
+                tower = wrapper
+            vision_tower = tower
+        if getattr(vision_tower.config, "vision_use_head", False):
+            # VIST2 reads patch tokens; the pooling head would be dead weight (and unused parameters break DDP).
+            headless_config = vision_tower.config.__class__(**{**vision_tower.config.to_dict(), "vision_use_head": False})
+            headless = AutoModel.from_config(headless_config).to(dtype=vision_tower.dtype)
+            weights = {k: v for k, v in vision_tower.state_dict().items() if not (k.startswith("head.") or ".head." in k)}
+            headless.load_state_dict(weights)
+            vision_tower = headless
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(text_model if isinstance(text_model, str) else text_model.name_or_path)
+        from .processing_vist2 import SKETCH_TOKEN
+
+        if SKETCH_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken(SKETCH_TOKEN, special=True, normalized=False)], special_tokens=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
+            language_model.resize_token_embeddings(len(tokenizer))
+        config_kwargs.setdefault("num_channels", getattr(vision_tower.config, "num_channels", 3))
+        config = VIST2Config(
+            text_config=language_model.config,
+            vision_config=vision_tower.config,
+            sketch_token_id=tokenizer.convert_tokens_to_ids(SKETCH_TOKEN),
+            **config_kwargs,
+        )
+        with torch.device("meta"):
+            model = cls(config)
+        model.vision_tower, model.language_model = vision_tower, language_model
+        model.aligner = VIST2ModalAligner(config).to(device=language_model.device, dtype=language_model.dtype)
+        model.aligner.apply(model._init_weights)
+        model.tokenizer = tokenizer
+        return model
+
+    # -- transformers plumbing ----------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    # -- sketches -----------------------------------------------------------------------------------------------------
+
+    def encode_sketches(self, pixel_values):
+        """`(n, C, H, W)` sketches -> `(n, m, hidden)` visual tokens."""
+        cfg = self.config
+        expected = (cfg.num_channels, cfg.image_height, cfg.image_width)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected or not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be a float tensor of shape (num_sketches, {', '.join(map(str, expected))}),"
+                             f" got {tuple(pixel_values.shape)} {pixel_values.dtype}: pass what VIST2Processor returns")
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        h, w = cfg.image_height // cfg.patch_size, cfg.image_width // cfg.patch_size
+        if cfg.vision_config.model_type == "siglip2_vision_model":
+            p, n = cfg.patch_size, pixel_values.shape[0]
+            patches = pixel_values.reshape(n, cfg.num_channels, h, p, w, p).permute(0, 2, 4, 3, 5, 1)
+            outputs = self.vision_tower(
+                pixel_values=patches.reshape(n, h * w, p * p * cfg.num_channels),
+                pixel_attention_mask=torch.ones(n, h * w, dtype=torch.long, device=pixel_values.device),
+                spatial_shapes=torch.tensor([[h, w]] * n, device=pixel_values.device),
+            )
+        else:
+            native = getattr(cfg.vision_config, "image_size", None)
+            resized = native not in (None, cfg.image_height) or cfg.image_height != cfg.image_width
+            outputs = self.vision_tower(pixel_values=pixel_values, interpolate_pos_encoding=resized)
+        patches = outputs.last_hidden_state
+        if patches.shape[1] != h * w:
+            raise ValueError(f"the vision tower gave {patches.shape[1]} tokens per sketch, expected {h}x{w}: use a "
+                             "patch encoder without class token (SigLIP / SigLIP2 vision)")
+        return self.aligner(patches)
+
+    def embed(self, input_ids, kinds, pixel_values):
+        embeds = self.get_input_embeddings()(input_ids)
+        num_slots = int((kinds == SKETCH).sum())
+        num_sketches = 0 if pixel_values is None else pixel_values.shape[0]
+        if num_slots != num_sketches * self.config.visual_tokens_per_chunk:
+            raise ValueError(f"input_ids hold {num_slots} '<|sketch|>' positions but pixel_values has {num_sketches} "
+                             f"sketches of {self.config.visual_tokens_per_chunk} tokens: pass input_ids and pixel_values "
+                             "from the same processor call")
+        if num_sketches:
+            visual = self.encode_sketches(pixel_values).to(embeds.dtype)
+            embeds = embeds.masked_scatter((kinds == SKETCH)[..., None], visual)
+        return embeds
+
+    # -- forward ------------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        chunk_ids=None,
+        pixel_values=None,
+        labels=None,
+        past_key_values=None,
+        use_cache=None,
+        read_back=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        r"""
+        input_ids (`(batch, seq)`): flat layout from `VIST2Processor`: text, and `<|sketch|>` placeholders where
+            visual tokens go. During decoding (a prefilled `VIST2Cache`), only the new tokens.
+        chunk_ids (`(batch, seq)`): 0 for the prefix, i for the text and sketch of chunk i.
+        pixel_values (`(num_sketches, C, H, W)`): one sketch per run of placeholders, in order.
+        labels (`(batch, seq)`): next-token targets; the loss runs over the text stream `P c_1 c_2 ...` in order
+            (the token after the last of `c_i` is the first of `c_{i+1}`), sketches and -100 carry no label.
+        read_back (`(batch,)` bool): OCR warm-up; a chunk's text also sees its own sketch.
+        """
+        kwargs.pop("chunks_kept_as_text", None)
+        if isinstance(past_key_values, VIST2Cache) and past_key_values.is_prefilled:
+            return self.decode_step(input_ids, past_key_values, logits_to_keep)
+        if chunk_ids is None:
+            raise ValueError("chunk_ids is required: pass the batch VIST2Processor returns")
+        if chunk_ids.shape != input_ids.shape or (attention_mask is not None and attention_mask.shape != input_ids.shape):
+            raise ValueError(f"input_ids {tuple(input_ids.shape)}, chunk_ids {tuple(chunk_ids.shape)} and attention_mask "
+                             f"{None if attention_mask is None else tuple(attention_mask.shape)} must have one shape")
+        batch = input_ids.shape[0]
+        read_back = torch.zeros(batch, dtype=torch.bool, device=input_ids.device) if read_back is None else read_back.bool()
+        kinds = token_kinds(input_ids, attention_mask, self.config.sketch_token_id)
+        chunk_ids = chunk_ids.masked_fill(kinds == PAD, 0).long()
+        memory = memory_flags(kinds, chunk_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = VIST2Cache(config=self.config.text_config)
+        if isinstance(past_key_values, VIST2Cache):
+            past_key_values.record_prefill(kinds, chunk_ids, memory, input_ids)
+
+        embeds = self.embed(input_ids, kinds, pixel_values)
+        positions = layout_position_ids(kinds, chunk_ids, memory, read_back)
+        hidden = self.run_language_model(embeds, positions, (kinds, chunk_ids, memory, read_back), past_key_values, use_cache)
+        logits = self.lm_head_for(hidden, logits_to_keep)
+        loss = None
+        if labels is not None:
+            loss = self.text_stream_loss(hidden, labels, kinds, kwargs.get("num_items_in_batch"))
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+
+    def build_attention_mask(self, embeds, layout, past_key_values=None):
+        """The attention rule in the form the configured attention implementation takes (eager: additive float,
+        sdpa: boolean, flex: a BlockMask that skips fully masked blocks)."""
+        mask_function = vist2_mask_function(*layout)
+        # The VIST2 rule replaces causality: OR-ing it admits the bidirectional sketch blocks and read-back, AND-ing it
+        # removes what causality alone would allow (the text of earlier chunks).
+        return create_causal_mask(
+            config=self.config.text_config,
+            inputs_embeds=embeds,
+            attention_mask=None,
+            past_key_values=past_key_values,
+            or_mask_function=mask_function,
+            and_mask_function=mask_function,
+        )
+
+    def run_language_model(self, embeds, positions, layout, past_key_values, use_cache):
+        outputs = self.get_decoder()(
+            inputs_embeds=embeds,
+            attention_mask=self.build_attention_mask(embeds, layout, past_key_values),
+            position_ids=positions,
+            past_key_values=past_key_values,
+            use_cache=bool(use_cache),
+        )
+        return outputs.last_hidden_state
+
+    def lm_head_for(self, hidden, logits_to_keep=0):
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return self.get_output_embeddings()(hidden[:, kept])
+
+    def text_stream_loss(self, hidden, labels, kinds, num_items_in_batch=None):
+        """Next-token loss along the text stream: sketches are skipped, not predicted."""
+        is_text = kinds == TEXT
+        order = torch.sort((~is_text).int(), dim=1, stable=True).indices  # text positions first, in flat order
+        stream_labels = labels.gather(1, order).masked_fill(~is_text.gather(1, order), -100)
+        targets = torch.full_like(stream_labels, -100)
+        targets[:, :-1] = stream_labels[:, 1:]
+        picked = targets != -100
+        rows, cols = picked.nonzero(as_tuple=True)
+        logits = self.get_output_embeddings()(hidden[rows, order[rows, cols]]).float()
+        loss = F.cross_entropy(logits, targets[rows, cols], reduction="sum")
+        denominator = num_items_in_batch if num_items_in_batch is not None else max(int(picked.sum()), 1)
+        return loss / denominator
+
+    # -- generation ---------------------------------------------------------------------------------------------------
+
+    def close_full_chunks(self, cache: VIST2Cache):
+        """Rows whose open chunk holds L tokens close it: render, encode, cut its text from the cache. Returns the
+        visual tokens of the rendered chunks and which rows they belong to; a chunk the policy keeps as text stays in
+        the cache as memory instead."""
+        device, m, L = cache.kinds.device, self.config.visual_tokens_per_chunk, self.config.chunk_size
+        batch = len(cache.open_tokens)
+        closing = torch.tensor([len(tokens) == L for tokens in cache.open_tokens], device=device)
+        sketched = torch.zeros(batch, dtype=torch.bool, device=device)
+        if not closing.any():
+            return None, sketched
+        if cache.processor is None:
+            raise ValueError("A chunk closed during generation and must be rendered: call "
+                             "model.generate(..., processor=processor) with the model's VIST2Processor.")
+        rows = closing.nonzero()[:, 0].tolist()
+        images, _ = cache.processor.sketch_chunks([cache.open_tokens[b] for b in rows])
+        rendered = [b for b, image in zip(rows, images) if image is not None]
+        visual = None
+        if rendered:
+            visual = self.encode_sketches(cache.processor.pixel_values([i for i in images if i is not None]).to(device))
+            sketched[rendered] = True
+        open_entries = (cache.chunk_ids == cache.open_chunk[:, None]) & (cache.kinds == TEXT)
+        kept = closing & ~sketched
+        cache.memory |= open_entries & kept[:, None]
+        cache.kinds = cache.kinds.masked_fill(open_entries & sketched[:, None], PAD)
+        cache.compact()
+        open_length = torch.tensor([len(t) for t in cache.open_tokens], device=device)
+        cache.memory_length = cache.memory_length + torch.where(sketched, m, 0) + torch.where(kept, open_length, 0)
+        cache.open_chunk = cache.open_chunk + closing.long()
+        cache.open_tokens = [[] if closing[b] else cache.open_tokens[b] for b in range(batch)]
+        return visual, sketched
+
+    def decode_step(self, input_ids, cache: VIST2Cache, logits_to_keep=0):
+        """Feed one new token per row, after closing full chunks; sketches of just-closed chunks go in the same pass."""
+        device, m = input_ids.device, self.config.visual_tokens_per_chunk
+        batch = input_ids.shape[0]
+        visual, sketched = self.close_full_chunks(cache)
+        token_embeds = self.get_input_embeddings()(input_ids)
+        open_length = torch.tensor([len(t) for t in cache.open_tokens], device=device)
+        kinds = torch.full((batch, 1), TEXT, device=device)
+        chunks = cache.open_chunk[:, None]
+        positions = (cache.memory_length + open_length)[:, None]
+        memory = torch.zeros(batch, 1, dtype=torch.bool, device=device)
+        embeds = token_embeds
+        if visual is not None:
+            slots = torch.zeros(batch, m, token_embeds.shape[-1], dtype=token_embeds.dtype, device=device)
+            slots[sketched] = visual.to(slots.dtype)
+            slot_kinds = torch.where(sketched[:, None], SKETCH, PAD).expand(-1, m)
+            slot_positions = (cache.memory_length - m)[:, None] + torch.arange(m, device=device)
+            embeds = torch.cat([slots, token_embeds], 1)
+            kinds = torch.cat([slot_kinds, kinds], 1)
+            chunks = torch.cat([(cache.open_chunk - 1)[:, None].expand(-1, m), chunks], 1)
+            positions = torch.cat([slot_positions.clamp(min=0), positions], 1)
+            memory = torch.cat([slot_kinds == SKETCH, memory], 1)
+
+        hidden = self.extend_cache(cache, embeds, kinds, chunks, memory, positions)
+        for b in range(batch):
+            cache.open_tokens[b].append(int(input_ids[b, -1]))
+        if visual is not None:
+            cache.compact()
+        return CausalLMOutputWithPast(logits=self.lm_head_for(hidden, logits_to_keep or 1), past_key_values=cache)
+
+    def extend_cache(self, cache: VIST2Cache, embeds, kinds, chunk_ids, memory, positions):
+        """Append entries of the given layout to the cache, running the language model over them."""
+        cache.append_layout(kinds, chunk_ids, memory)
+        no_read_back = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+        layout = (cache.kinds, cache.chunk_ids, cache.memory, no_read_back)
+        return self.run_language_model(embeds, positions, layout, cache, use_cache=True)
+
+    @torch.no_grad()
+    def read(self, processor, text: str, prefix: str = "", sketches_per_step: int = 32) -> dict:
+        """Compress a long `text` into a `VIST2Cache` while streaming it, and return inputs for `generate`.
+
+        The text is tokenized, rendered and encoded `sketches_per_step` chunks at a time (`processor.iter_chunks`),
+        so memory holds the compressed cache and one group of sketches, never the whole text as pixels or KV::
+
+            inputs = model.read(processor, book)
+            out = model.generate(**inputs, processor=processor, max_new_tokens=200)   # out[:, 1:] is the new text
+        """
+        device, m = self.device, self.config.visual_tokens_per_chunk
+        prefix_ids = processor.encode(prefix)
+        if not text:
+            return dict(processor(text=text, prefix=prefix).to(device))
+        cache = VIST2Cache(config=self.config.text_config, processor=processor)
+        cache.kinds = torch.zeros(1, 0, dtype=torch.long, device=device)
+        cache.chunk_ids, cache.memory = cache.kinds.clone(), cache.kinds.bool()
+        cache.open_chunk = torch.ones(1, dtype=torch.long, device=device)
+        cache.memory_length = torch.zeros(1, dtype=torch.long, device=device)
+
+        def append(blocks):  # blocks: [(token_ids, sketch or None)] of closed chunks, in order
+            kinds, chunks, tokens, images = [], [], [], []
+            for token_ids, sketch in blocks:
+                size = m if sketch is not None else len(token_ids)
+                kinds += [SKETCH if sketch is not None else TEXT] * size
+                tokens += [self.config.sketch_token_id] * m if sketch is not None else list(token_ids)
+                chunks += [int(cache.open_chunk)] * size
+                images += [sketch] if sketch is not None else []
+                cache.open_chunk += 1
+            as_tensor = lambda values: torch.tensor([values], device=device)  # noqa: E731
+            kinds, chunks = as_tensor(kinds), as_tensor(chunks)
+            pixels = processor.pixel_values(images).to(device) if images else None
+            embeds = self.embed(as_tensor(tokens), kinds, pixels)
+            positions = cache.memory_length + torch.arange(kinds.shape[1], device=device)[None]
+            self.extend_cache(cache, embeds, kinds, chunks, kinds != PAD, positions)
+            cache.memory_length += kinds.shape[1]
+
+        if prefix_ids:
+            cache.open_chunk -= 1  # the prefix is chunk 0
+            append([(prefix_ids, None)])
+        group, open_ids = [], []
+        for token_ids, sketch, report in processor.iter_chunks(text):
+            if report is None:
+                open_ids = token_ids
+                break
+            group.append((token_ids, sketch))
+            if len(group) == sketches_per_step:
+                append(group)
+                group = []
+        if group:
+            append(group)
+        # Feed the open chunk but its last token, which generate feeds as its first input.
+        if len(open_ids) > 1:
+            head = torch.tensor([open_ids[:-1]], device=device)
+            kinds = torch.full_like(head, TEXT)
+            positions = cache.memory_length + torch.arange(head.shape[1], device=device)[None]
+            self.extend_cache(cache, self.get_input_embeddings()(head), kinds, cache.open_chunk[:, None].expand_as(head),
+                              torch.zeros_like(head, dtype=torch.bool), positions)
+        cache.open_tokens = [list(open_ids[:-1])]
+        return {"input_ids": torch.tensor([[open_ids[-1]]], device=device), "past_key_values": cache}
+
+    @torch.no_grad()
+    def read_back_chunk(self, processor, chunk_token_ids, pixel_values=None, max_new_tokens=None) -> list[int]:
+        """Transcribe a chunk from its sketch (the OCR warm-up's read-back visibility), greedily, given its first token.
+
+        `pixel_values` substitutes another sketch (the control that shows the model reads); by default the chunk's own.
+        The first token is given because no position before a chunk may see that chunk's sketch."""
+        if pixel_values is None:
+            images, reports = processor.sketch_chunks([chunk_token_ids])
+            if images[0] is None:
+                raise ValueError(f"this chunk cannot be rendered ({reports[0]}); pick a chunk the font can draw")
+            pixel_values = processor.pixel_values(images)
+        pixel_values = pixel_values.to(self.device)
+        m, tokens = self.config.visual_tokens_per_chunk, [int(chunk_token_ids[0])]
+        for _ in range((max_new_tokens or len(chunk_token_ids)) - 1):
+            input_ids = torch.tensor([tokens + [self.config.sketch_token_id] * m], device=self.device)
+            logits = self(input_ids=input_ids, chunk_ids=torch.ones_like(input_ids), pixel_values=pixel_values,
+                          read_back=torch.ones(1, dtype=torch.bool, device=self.device)).logits
+            tokens.append(int(logits[0, len(tokens) - 1].argmax()))
+        return tokens
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, chunk_ids=None,
+                                      pixel_values=None, **kwargs):
+        # Public override point of GenerationMixin: after prefill only the newest token goes in; the cache keeps the
+        # layout, so generate's own attention_mask / cache_position bookkeeping is not used.
+        if isinstance(past_key_values, VIST2Cache) and past_key_values.is_prefilled:
+            return {"input_ids": input_ids[:, -1:], "past_key_values": past_key_values, "use_cache": True}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "chunk_ids": chunk_ids,
+                "pixel_values": pixel_values, "past_key_values": past_key_values, "use_cache": True,
+                "logits_to_keep": kwargs.get("logits_to_keep") or 0}
+
+    def generate(self, inputs=None, processor=None, **kwargs):
+        """`GenerationMixin.generate` with a compressing cache: pass `processor=` so closed chunks can be rendered."""
+        if processor is not None:
+            mismatch = processor.settings_mismatch(self.config)
+            if mismatch:
+                raise ValueError(f"processor and model disagree on {mismatch} (processor, model): build the processor "
+                                 "with VIST2Processor.from_config(model.config, tokenizer)")
+            if kwargs.get("stop_strings") is not None:
+                kwargs.setdefault("tokenizer", processor.tokenizer)
+        if kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = VIST2Cache(config=self.config.text_config, processor=processor)
+        elif processor is not None:
+            kwargs["past_key_values"].processor = processor
+        kwargs.setdefault("chunk_ids", None)
+        if kwargs["chunk_ids"] is None and kwargs.get("input_ids", inputs) is not None:
+            kwargs["chunk_ids"] = torch.zeros_like(kwargs.get("input_ids", inputs))
+        kwargs.pop("chunks_kept_as_text", None)
+        return super().generate(inputs, **kwargs)
+
+
+__all__ = ["VIST2PreTrainedModel", "VIST2ForCausalLM", "VIST2Cache", "VIST2ModalAligner"]
+
+VIST2ForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -1,0 +1,403 @@
+"""VIST2 processing: chunking, the sketch renderer, and `VIST2Processor`.
+
+A text becomes `P c_1 c_2 ... c_K`: an optional prefix kept as text, then chunks of `chunk_size` (L) tokens. Every
+chunk but the last is *closed*: it is rendered into a sketch and, in the model's input, replaced by
+`visual_tokens_per_chunk` placeholder tokens whose embeddings the vision tower provides. The last chunk stays open,
+as text, because the model keeps writing into it.
+
+The renderer is a glyph atlas: every character is drawn once with Pillow and fitted into a fixed cell, and a chunk is
+composed by indexing the atlas with a grid of character ids. It is a pure function of (text, settings), puts every
+character at a fixed place on the patch grid, and runs inside the decode loop at thousands of chunks per second.
+"""
+
+import functools
+import logging
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+logger = logging.getLogger(__name__)
+
+SKETCH_TOKEN = "<|sketch|>"
+TAB_WIDTH = 4
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chunking
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def split_into_chunks(token_ids: list[int], chunk_size: int) -> list[list[int]]:
+    """Cut a token stream into chunks of `chunk_size`; the last one (the open chunk) may be shorter."""
+    return [list(token_ids[i : i + chunk_size]) for i in range(0, len(token_ids), chunk_size)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sketch renderer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SketchReport:
+    """What rendering one chunk could not do; an empty report means every character is in the sketch."""
+
+    overflow: bool = False
+    undrawable: set = field(default_factory=set)
+    font_size: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.overflow and not self.undrawable
+
+
+def _is_invisible_by_category(char: str) -> bool:
+    # Control, format, surrogate, private-use and unassigned code points have no glyph to show.
+    return unicodedata.category(char)[0] == "C" and char not in "\n\t\r"
+
+
+class GlyphAtlas:
+    """Each character drawn once at `font_size` and box-filtered into a `cell_height x cell_width` grey cell."""
+
+    def __init__(self, font_path, font_size, cell_width, cell_height, foreground, background):
+        # One glyph at a time needs no shaping; the basic layout also avoids raqm, which fails on some token strings.
+        self.font = (ImageFont.truetype(font_path, font_size, layout_engine=ImageFont.Layout.BASIC) if font_path
+                     else ImageFont.load_default(size=font_size))
+        self.cell = (cell_height, cell_width)
+        self.foreground, self.background = foreground, background
+        ascent, descent = self.font.getmetrics()
+        self.canvas = (max(1, int(np.ceil(self.font.getlength("M")))), ascent + descent)
+        self.notdef = self._coverage("\U0010fffd")  # what the font draws for a character it lacks
+        self.index = {" ": 0}
+        self.glyphs = [np.full(self.cell, background, dtype=np.uint8)]
+        self._stacked = None
+
+    def _coverage(self, char: str) -> np.ndarray:
+        image = Image.new("L", self.canvas, 0)
+        ImageDraw.Draw(image).text((0, 0), char, fill=255, font=self.font)
+        return np.asarray(image)
+
+    def lookup(self, char: str) -> int | None:
+        """Atlas index of `char`, drawing it on first use; `None` if the font cannot draw it."""
+        found = self.index.get(char)
+        if found is not None or char in self.index:
+            return found
+        drawable = not _is_invisible_by_category(char)
+        if drawable and not char.isspace():
+            try:
+                coverage = self._coverage(char)
+                drawable = coverage.any() and not np.array_equal(coverage, self.notdef)
+            except (UnicodeError, ValueError, OSError):
+                drawable = False
+        if not drawable:
+            self.index[char] = None
+            return None
+        if char.isspace():
+            self.index[char] = 0
+            return 0
+        cell = Image.fromarray(coverage).resize(self.cell[::-1], Image.Resampling.BOX)
+        ink = np.asarray(cell, dtype=np.float32) / 255.0
+        grey = self.background + (self.foreground - self.background) * ink
+        self.glyphs.append(np.round(grey).astype(np.uint8))
+        self._stacked = None
+        self.index[char] = len(self.glyphs) - 1
+        return self.index[char]
+
+    def stacked(self) -> np.ndarray:
+        if self._stacked is None:
+            self._stacked = np.stack(self.glyphs)
+        return self._stacked
+
+
+@functools.lru_cache(maxsize=32)
+def glyph_atlas(font_path, font_size, cell_width, cell_height, foreground, background) -> GlyphAtlas:
+    return GlyphAtlas(font_path, font_size, cell_width, cell_height, foreground, background)
+
+
+def wrap_into_lines(text: str, columns: int) -> list[str]:
+    """Hard-wrap at `columns` characters; newlines end a line, tabs advance to the next tab stop."""
+    lines = []
+    for paragraph in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        paragraph = paragraph.expandtabs(TAB_WIDTH)
+        lines += [paragraph[i : i + columns] for i in range(0, len(paragraph), columns)] or [""]
+    return lines
+
+
+def render_chunk(text: str, settings: dict, font_size: int | None = None) -> tuple[np.ndarray, SketchReport]:
+    """One chunk's sketch as a `(image_height, image_width)` uint8 grey array, and what could not be drawn.
+
+    `settings` is `VIST2Config.sketch_settings`. The cell shrinks with `font_size` so that the shrink policy fits more
+    characters into the same image.
+    """
+    font_size = font_size or settings["font_size"]
+    scale = font_size / settings["font_size"]
+    cell_w = max(1, round(settings["char_width"] * scale))
+    cell_h = max(1, round(settings["line_height"] * scale))
+    height, width, margin = settings["image_height"], settings["image_width"], settings["margin"]
+    columns, rows = (width - 2 * margin) // cell_w, (height - 2 * margin) // cell_h
+    atlas = glyph_atlas(settings["font_path"], font_size, cell_w, cell_h, settings["foreground"], settings["background"])
+
+    report = SketchReport(font_size=font_size)
+    lines = wrap_into_lines(text, columns)
+    if lines == [""]:
+        lines = []
+    if len(lines) > rows:
+        report.overflow = True
+        lines = lines[:rows]
+    index = {char: atlas.lookup(char) for char in set(text)}
+    report.undrawable = {char for char, found in index.items() if found is None}
+    index = {char: found or 0 for char, found in index.items()}
+    index[" "] = 0
+    grid = np.zeros((rows, columns), dtype=np.int64)
+    for row, line in enumerate(lines):
+        grid[row, : len(line)] = np.fromiter(map(index.__getitem__, line), dtype=np.int64, count=len(line))
+
+    block = atlas.stacked()[grid]  # rows, columns, cell_h, cell_w
+    block = block.transpose(0, 2, 1, 3).reshape(rows * cell_h, columns * cell_w)
+    image = np.full((height, width), settings["background"], dtype=np.uint8)
+    image[margin : margin + block.shape[0], margin : margin + block.shape[1]] = block
+    return image, report
+
+
+def render_with_policy(text: str, settings: dict) -> tuple[np.ndarray | None, SketchReport]:
+    """Apply the overflow policy: `None` pixels mean "keep this chunk as text"."""
+    image, report = render_chunk(text, settings)
+    if report.overflow and settings["overflow_policy"] == "shrink_font":
+        for font_size in range(settings["font_size"] - 1, settings["min_font_size"] - 1, -1):
+            image, report = render_chunk(text, settings, font_size)
+            if not report.overflow:
+                break
+    return (image if report.ok else None), report
+
+
+def normalize_sketches(images: np.ndarray, settings: dict) -> torch.Tensor:
+    """uint8 `(n, H, W)` sketches -> float `(n, C, H, W)` pixel values for the vision tower."""
+    pixels = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    pixels = (pixels - settings["image_mean"]) / settings["image_std"]
+    return pixels.unsqueeze(1).expand(-1, settings["num_channels"], -1, -1).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Processor
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class VIST2Processor(ProcessorMixin):
+    r"""Tokenizer + sketch renderer + pixel normalisation -> VIST2 model inputs.
+
+    `processor(text=..., prefix=...)` returns, left-padded over the batch:
+        - `input_ids`: `prefix`, then for each closed chunk `visual_tokens_per_chunk` sketch placeholders, then the
+          open chunk's tokens. With `keep_closed_text=True` (training) each closed chunk's text precedes its
+          placeholders: `P c_1 V_1 c_2 V_2 ... c_K`.
+        - `attention_mask`, and `chunk_ids`: 0 for the prefix, i for the text and placeholders of chunk i.
+        - `pixel_values`: `(num_closed_chunks_in_batch, C, H, W)`, in the order the placeholders appear.
+        - `chunks_kept_as_text`: per sample, closed chunks that could not be rendered and stay as text
+          (each is also logged as a warning and listed in `processor.last_report`).
+    """
+
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(self, tokenizer=None, sketch_settings=None, sketch_token_id=None, chat_template=None, **kwargs):
+        if sketch_settings is None:
+            raise ValueError("VIST2Processor needs sketch_settings: build it with VIST2Processor.from_config(config, tokenizer)")
+        self.sketch_settings = dict(sketch_settings)
+        self.sketch_token_id = sketch_token_id
+        self.last_report = []
+        super().__init__(tokenizer, chat_template=chat_template, **kwargs)
+        if self.sketch_token_id is None:
+            self.sketch_token_id = self.tokenizer.convert_tokens_to_ids(SKETCH_TOKEN)
+
+    @classmethod
+    def from_config(cls, config, tokenizer, **kwargs):
+        """The processor that matches a model config (same chunking and render settings)."""
+        return cls(tokenizer, sketch_settings=config.sketch_settings, sketch_token_id=config.sketch_token_id, **kwargs)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.sketch_settings["chunk_size"]
+
+    @property
+    def visual_tokens_per_chunk(self) -> int:
+        return self.chunk_size // self.sketch_settings["compression_ratio"]
+
+    def settings_mismatch(self, config) -> dict:
+        """{setting: (processor value, config value)} for every sketch setting the two disagree on."""
+        mismatch = {k: (self.sketch_settings.get(k), v) for k, v in config.sketch_settings.items()
+                    if self.sketch_settings.get(k) != v}
+        if self.sketch_token_id != config.sketch_token_id:
+            mismatch["sketch_token_id"] = (self.sketch_token_id, config.sketch_token_id)
+        return mismatch
+
+    # -- rendering ----------------------------------------------------------------------------------------------------
+
+    def render(self, text: str) -> Image.Image:
+        """One chunk's sketch at the configured size (overflowing text is cut; see `render_with_policy`)."""
+        image, _ = render_chunk(text, self.sketch_settings)
+        return Image.fromarray(image, mode="L")
+
+    def chunk_text(self, token_ids) -> str:
+        """The exact text a chunk's sketch shows; training and generation both render this string."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def sketch_chunks(self, chunks: list[list[int]]) -> tuple[list[np.ndarray | None], list[SketchReport]]:
+        """Render closed chunks; `None` marks a chunk the policy keeps as text."""
+        images, reports = [], []
+        for token_ids in chunks:
+            image, report = render_with_policy(self.chunk_text(token_ids), self.sketch_settings)
+            if image is None:
+                what = "overflows its sketch" if report.overflow else f"has undrawable characters {sorted(report.undrawable)!r}"
+                warnings.warn(f"VIST2: a chunk {what}; it is kept as text (overflow_policy="
+                              f"{self.sketch_settings['overflow_policy']!r}).", stacklevel=2)
+            images.append(image)
+            reports.append(report)
+        return images, reports
+
+    def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
+        h, w = self.sketch_settings["image_height"], self.sketch_settings["image_width"]
+        stacked = np.stack(images) if images else np.zeros((0, h, w), dtype=np.uint8)
+        return normalize_sketches(stacked, self.sketch_settings)
+
+    # -- layout -------------------------------------------------------------------------------------------------------
+
+    def encode_sample(self, prefix_ids, stream_ids, keep_closed_text=False, trainable=None):
+        """One sample's layout as lists: input_ids, chunk_ids, labels, sketches (uint8) and the render report.
+
+        `trainable` (one bool per stream token) marks the tokens that carry a label; by default all chunk text does.
+        The prefix is given context, never a target.
+        """
+        prefix_ids, stream_ids = list(prefix_ids), list(stream_ids)
+        visual_tokens_per_chunk = self.visual_tokens_per_chunk
+        if not prefix_ids and not stream_ids:
+            if self.tokenizer.bos_token_id is None:
+                raise ValueError("VIST2Processor: empty prompt. Pass some text or a prefix (the tokenizer has no "
+                                 "bos_token to start from).")
+            prefix_ids = [self.tokenizer.bos_token_id]
+        trainable = [True] * len(stream_ids) if trainable is None else list(trainable)
+        input_ids, chunk_ids, labels = list(prefix_ids), [0] * len(prefix_ids), [IGNORE_INDEX] * len(prefix_ids)
+        chunks = split_into_chunks(stream_ids, self.chunk_size)
+        label_chunks = split_into_chunks(trainable, self.chunk_size)
+        images, reports = self.sketch_chunks(chunks[:-1])
+        for index, (chunk, keep) in enumerate(zip(chunks, label_chunks), start=1):
+            chunk_labels = [t if k else IGNORE_INDEX for t, k in zip(chunk, keep)]
+            is_open = index == len(chunks)
+            sketch = None if is_open else images[index - 1]
+            if is_open or sketch is None or keep_closed_text:
+                input_ids += chunk
+                chunk_ids += [index] * len(chunk)
+                labels += chunk_labels
+            if sketch is not None:
+                input_ids += [self.sketch_token_id] * visual_tokens_per_chunk
+                chunk_ids += [index] * visual_tokens_per_chunk
+                labels += [IGNORE_INDEX] * visual_tokens_per_chunk
+        return {
+            "input_ids": input_ids,
+            "chunk_ids": chunk_ids,
+            "labels": labels,
+            "sketches": [image for image in images if image is not None],
+            "chunks_kept_as_text": sum(image is None for image in images),
+            "report": reports,
+        }
+
+    def collate(self, samples: list[dict], return_labels=False) -> BatchFeature:
+        """Left-pad encoded samples into a batch (the model derives positions from the layout, not from padding)."""
+        length = max(len(s["input_ids"]) for s in samples)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+        def left_pad(values, fill):
+            return [[fill] * (length - len(v)) + list(v) for v in values]
+
+        data = {
+            "input_ids": torch.tensor(left_pad([s["input_ids"] for s in samples], pad_id)),
+            "attention_mask": torch.tensor(left_pad([[1] * len(s["input_ids"]) for s in samples], 0)),
+            "chunk_ids": torch.tensor(left_pad([s["chunk_ids"] for s in samples], 0)),
+            "pixel_values": self.pixel_values([image for s in samples for image in s["sketches"]]),
+            "chunks_kept_as_text": torch.tensor([s["chunks_kept_as_text"] for s in samples]),
+        }
+        if return_labels:
+            data["labels"] = torch.tensor(left_pad([s["labels"] for s in samples], IGNORE_INDEX))
+        return BatchFeature(data)
+
+    def __call__(self, text=None, prefix=None, keep_closed_text=False, return_labels=False, return_tensors="pt",
+                 **kwargs):
+        """Encode `text` (compressed chunk by chunk) after an optional `prefix` (kept as text).
+
+        `text` and `prefix` are strings or lists of strings of equal length.
+        """
+        texts = [text] if isinstance(text, str) or text is None else list(text)
+        prefixes = [prefix] * len(texts) if isinstance(prefix, str) or prefix is None else list(prefix)
+        if len(prefixes) != len(texts):
+            raise ValueError(f"VIST2Processor: got {len(texts)} texts but {len(prefixes)} prefixes; pass one per text")
+        samples = [
+            self.encode_sample(self.encode(p), self.encode(t), keep_closed_text=keep_closed_text)
+            for t, p in zip(texts, prefixes)
+        ]
+        self.last_report = [s["report"] for s in samples]
+        return self.collate(samples, return_labels=return_labels)
+
+    def iter_chunks(self, text: str, piece_chars: int = 1 << 16):
+        """Stream `text` chunk by chunk: yields `(token_ids, sketch, report)` for each closed chunk (`sketch` is None
+        when the chunk is kept as text), then the open chunk as `(token_ids, None, None)`.
+
+        Only one piece of text (cut at whitespace, where byte-level tokenizers split anyway) and one chunk are held
+        at a time, so a book-length text costs what one chunk costs."""
+        pending, start = [], 0
+        while start < len(text):
+            end = min(len(text), start + piece_chars)
+            if end < len(text):
+                cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+                end = cut if cut > start else end
+            pending += self.encode(text[start:end])
+            start = end
+            while len(pending) > self.chunk_size:  # the last chunk must stay open
+                chunk, pending = pending[: self.chunk_size], pending[self.chunk_size :]
+                images, reports = self.sketch_chunks([chunk])
+                yield chunk, images[0], reports[0]
+        yield pending, None, None
+
+    def encode(self, text, allow_special_tokens=False) -> list[int]:
+        """Token ids of `text`. User text never produces special tokens: a literal "<|sketch|>" in a document must not
+        become a visual placeholder, so special-token strings are split like any other text."""
+        if not text:
+            return []
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not allow_special_tokens)["input_ids"]
+
+    # -- chat ---------------------------------------------------------------------------------------------------------
+
+    def encode_conversation(self, messages, keep_closed_text=True, add_generation_prompt=False):
+        """ChatML conversation -> one sample. Leading system messages form the prefix (never compressed); every
+        later turn is compressed as it scrolls out of the open chunk. Only assistant replies carry labels."""
+        prefix, stream, trainable = [], [], []
+        for position, message in enumerate(messages):
+            header = self.encode(f"<|im_start|>{message['role']}\n", allow_special_tokens=True)
+            body = self.encode(message["content"]) + self.encode("<|im_end|>\n", allow_special_tokens=True)
+            if message["role"] == "system" and not stream and all(m["role"] == "system" for m in messages[:position]):
+                prefix += header + body
+                continue
+            stream += header + body
+            trainable += [False] * len(header) + [message["role"] == "assistant"] * len(body)
+        if add_generation_prompt:
+            prompt = self.encode("<|im_start|>assistant\n", allow_special_tokens=True)
+            stream += prompt
+            trainable += [False] * len(prompt)
+        return self.encode_sample(prefix, stream, keep_closed_text, trainable)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "chunk_ids", "pixel_values"]
+
+
+__all__ = ["VIST2Processor", "render_chunk", "split_into_chunks", "SKETCH_TOKEN"]
+
+VIST2Processor.register_for_auto_class()

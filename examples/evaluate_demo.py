@@ -1,0 +1,202 @@
+"""Fidelity of the demo VIST2 on held-out text, with the wrong-image control (issue 6, item 2).
+
+    python examples/evaluate_demo.py --model demo/vist2-demo --text-only demo/text-only-baseline \\
+        --json demo/eval_results.json
+
+Measures, on held-out windows `c_1 c_2` of the stdlib-docstring corpus (documents never trained on):
+(a) read-back: greedy reconstruction of c_1 from its own sketch V_1 (layout `c_1 V_1`, read-back visibility; the
+    first token of c_1 is given because, under the layout contract, it is predicted before anything sees V_1);
+    character accuracy = 1 - Levenshtein(decoded, truth) / len(truth) on the text after the first token; also the
+    teacher-forced token accuracy.
+(b) optical LM: perplexity of c_2[1:] given only V_1 (read-back off), vs the same VIST2 with no preceding context
+    (c_2 alone), vs the same-size text-only Qwen3 given c_1 as text (and with no context).
+(c) control: (a) and (b) again with V_1 replaced by the sketch of another held-out chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO))
+
+IGNORE = -100
+
+
+def levenshtein(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def char_accuracy(predicted: str, reference: str) -> float:
+    """1 - edit distance / reference length, floored at 0 (1.0 = identical)."""
+    if not reference:
+        return 1.0 if not predicted else 0.0
+    return max(0.0, 1.0 - levenshtein(predicted, reference) / len(reference))
+
+
+def heldout_samples(processor, config, tokenizer, n):
+    import train_demo as td
+
+    windows = td.corpus_windows(tokenizer, "heldout")
+    samples = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for window in windows:
+            sample = td.make_sample(processor, window, config)
+            if sample is not None:
+                sample["window"] = [int(t) for t in window]
+                samples.append(sample)
+            if len(samples) == n:
+                break
+    return samples
+
+
+def sketches(processor, samples):
+    return processor.pixel_values([s["sketches"][0] for s in samples])
+
+
+@torch.no_grad()
+def read_back(model, processor, samples, pixels, L):
+    """Greedy reconstruction of c_1 from V_1; returns (mean char accuracy, teacher-forced token accuracy, examples)."""
+    m, sketch_id = processor.visual_tokens_per_chunk, processor.sketch_token_id
+    truth = torch.tensor([s["window"][:L] for s in samples])
+    n = truth.shape[0]
+    ones = torch.ones(n, dtype=torch.bool)
+
+    def forward(text):
+        ids = torch.cat([text, torch.full((n, m), sketch_id)], 1)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), chunk_ids=torch.ones_like(ids),
+                    pixel_values=pixels, read_back=ones)
+        logits = out.logits[:, : text.shape[1]].float()
+        logits[..., sketch_id] = -float("inf")
+        return logits
+
+    forced = forward(truth).argmax(-1)[:, :-1]
+    token_acc = (forced == truth[:, 1:]).float().mean().item()
+    decoded = truth[:, :1]
+    for _ in range(L - 1):
+        decoded = torch.cat([decoded, forward(decoded)[:, -1].argmax(-1, keepdim=True)], 1)
+    accs, examples = [], []
+    for row, ref in zip(decoded.tolist(), truth.tolist()):
+        pred_text, ref_text = processor.chunk_text(row[1:]), processor.chunk_text(ref[1:])
+        accs.append(char_accuracy(pred_text, ref_text))
+        if len(examples) < 3:
+            examples.append({"truth": processor.chunk_text(ref), "decoded": processor.chunk_text(row)})
+    return float(np.mean(accs)), token_acc, examples
+
+
+@torch.no_grad()
+def vist2_ppl(model, processor, samples, pixels, L, context=True):
+    """Perplexity of c_2[1:] given V_1 only (read-back off), or given nothing (c_2 alone)."""
+    m, sketch_id = processor.visual_tokens_per_chunk, processor.sketch_token_id
+    c1 = torch.tensor([s["window"][:L] for s in samples])
+    c2 = torch.tensor([s["window"][L : 2 * L] for s in samples])
+    n = c1.shape[0]
+    if context:
+        ids = torch.cat([c1, torch.full((n, m), sketch_id), c2], 1)
+        chunks = torch.cat([torch.ones(n, L + m, dtype=torch.long), torch.full((n, L), 2)], 1)
+        labels = torch.cat([torch.full((n, L + m + 1), IGNORE), c2[:, 1:]], 1)
+    else:
+        ids, chunks, pixels = c2, torch.ones_like(c2), None
+        labels = torch.cat([torch.full((n, 1), IGNORE), c2[:, 1:]], 1)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), chunk_ids=chunks, pixel_values=pixels,
+                labels=labels, read_back=torch.zeros(n, dtype=torch.bool))
+    return out.loss.item()
+
+
+@torch.no_grad()
+def text_only_nll(model, samples, L, context=True):
+    c1 = torch.tensor([s["window"][:L] for s in samples])
+    c2 = torch.tensor([s["window"][L : 2 * L] for s in samples])
+    n = c1.shape[0]
+    if context:
+        ids = torch.cat([c1, c2], 1)
+        labels = torch.cat([torch.full((n, L + 1), IGNORE), c2[:, 1:]], 1)
+    else:
+        ids = c2
+        labels = torch.cat([torch.full((n, 1), IGNORE), c2[:, 1:]], 1)
+    return model(input_ids=ids, labels=labels).loss.item()
+
+
+def batched_mean(fn, samples, batch):
+    values = [fn(samples[i : i + batch]) * len(samples[i : i + batch]) for i in range(0, len(samples), batch)]
+    return sum(values) / len(samples)
+
+
+def evaluate(model_dir, text_only_dir=None, n_ppl=256, n_readback=64, batch=32, seed=0):
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    config, L = model.config, model.config.chunk_size
+    samples = heldout_samples(processor, config, processor.tokenizer, max(n_ppl, n_readback))
+    rng = np.random.default_rng(seed)
+    # The control: every sample gets the sketch of another held-out chunk (a derangement: a rotation).
+    shift = int(rng.integers(1, len(samples)))
+    wrong = [dict(s, sketches=samples[(i + shift) % len(samples)]["sketches"]) for i, s in enumerate(samples)]
+    results = {"model": str(model_dir), "heldout_windows": len(samples), "chunk_size": L,
+               "compression_ratio": config.compression_ratio}
+    start = time.time()
+    rb = samples[:n_readback]
+    acc, tok, examples = read_back(model, processor, rb, sketches(processor, rb), L)
+    acc_w, tok_w, _ = read_back(model, processor, wrong[:n_readback], sketches(processor, wrong[:n_readback]), L)
+    results["read_back"] = {"char_accuracy": acc, "token_accuracy_teacher_forced": tok,
+                            "wrong_image_char_accuracy": acc_w, "wrong_image_token_accuracy_teacher_forced": tok_w,
+                            "n": len(rb), "examples": examples}
+    pp = samples[:n_ppl]
+    nll = {
+        "vist2_visual_context": batched_mean(lambda s: vist2_ppl(model, processor, s, sketches(processor, s), L), pp, batch),
+        "vist2_wrong_image": batched_mean(
+            lambda s: vist2_ppl(model, processor, s, sketches(processor, s), L),
+            wrong[:n_ppl], batch),
+        "vist2_no_context": batched_mean(lambda s: vist2_ppl(model, processor, s, None, L, context=False), pp, batch),
+    }
+    if text_only_dir:
+        baseline = AutoModelForCausalLM.from_pretrained(text_only_dir).eval()
+        nll["text_only_text_context"] = batched_mean(lambda s: text_only_nll(baseline, s, L), pp, batch)
+        nll["text_only_no_context"] = batched_mean(lambda s: text_only_nll(baseline, s, L, context=False), pp, batch)
+    results["perplexity_c2"] = {k: math.exp(v) for k, v in nll.items()}
+    if text_only_dir:
+        results["perplexity_c2"]["ratio_vist2_to_text_only"] = math.exp(
+            nll["vist2_visual_context"] - nll["text_only_text_context"])
+    results["n_ppl"] = len(pp)
+    results["eval_seconds"] = round(time.time() - start, 1)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="demo/vist2-demo")
+    parser.add_argument("--text-only", default="demo/text-only-baseline")
+    parser.add_argument("--n-ppl", type=int, default=256)
+    parser.add_argument("--n-readback", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = evaluate(args.model, args.text_only or None, args.n_ppl, args.n_readback)
+    results["command"] = "python examples/evaluate_demo.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

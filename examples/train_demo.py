@@ -1,0 +1,328 @@
+"""Train the small demo VIST2 (and its same-size text-only control) from scratch on CPU, reproducibly.
+
+    python examples/train_demo.py --out demo/vist2-demo                        # the committed checkpoint
+    python examples/train_demo.py --text-only --steps 300 --aux-only-steps 0 --out demo/text-only-baseline
+    python examples/evaluate_demo.py --json demo/eval_results.json              # fidelity + wrong-image control
+
+Defaults are the committed run: 450 steps of batch 8, the first 150 training only the vision tower + aligner on the
+glyph-cell loss, then 300 joint steps (the text-only control gets the same 300 LM steps). Seeded; on this 2-core
+shared CPU it takes ~35 min (demo/NOTES.md has the numbers and the negative results).
+
+Recipe (what demo/NOTES.md measured and why):
+- Corpus: CPython standard-library docstrings (`tokenization/build_corpus.py`, PSF-2.0), built offline; the
+  held-out documents (`split_documents`, 2 %) are never trained on. Tokenizer: `tokenization/demo_tokenizer`.
+- Geometry: L = 32 tokens, r = 4 -> m = 8 visual tokens. Sketch 128 x 256 px of 8 x 16 px glyph cells
+  (8 rows x 32 columns = 256 cells for ~117 characters), 16 px patches (each patch = exactly 2 cells, aligned),
+  4 x 4 merge -> 2 x 4 = 8 visual tokens. Tiny SigLIP (hidden 128, 3 layers) + Qwen3 (hidden 256, 4 layers).
+- Sample: a window of two chunks laid out `c_1 V_1 c_2` with read-back on: c_1 learns to *read* its own sketch
+  (reconstruction), c_2 sees V_1 only (optical language modelling; the open chunk has no sketch of its own, so
+  read-back does not change what c_2 sees).
+- Auxiliary loss (training only, not saved): the renderer knows which character sits in each glyph cell, so
+  (1) a linear head on every vision patch classifies its 2 cells, and (2) a linear head on every aligned visual
+  token (the input the LM gets) classifies its 32 cells. Loss = LM loss + aux_weight * (patch CE + token CE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config  # noqa: E402
+
+from vist2 import VIST2Config, VIST2ForCausalLM, VIST2Processor  # noqa: E402
+from vist2.processing_vist2 import wrap_into_lines  # noqa: E402
+
+CHUNK = 32
+NUM_CLASSES = 96  # 0 = blank / whitespace, 1..94 = printable ASCII 33..126, 95 = any other drawable character
+
+
+def load_build_corpus():
+    spec = importlib.util.spec_from_file_location("build_corpus", REPO / "tokenization" / "build_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def demo_config(tokenizer) -> VIST2Config:
+    text = dict(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+                  num_attention_heads=4, patch_size=16, image_size=128, num_channels=1, vision_use_head=False)
+    return VIST2Config(text_config=text, vision_config=vision, chunk_size=CHUNK, compression_ratio=4, merge_size=4,
+                       image_height=128, image_width=256, char_width=8, line_height=16, font_size=16,
+                       min_font_size=8, num_channels=1, sketch_token_id=tokenizer.convert_tokens_to_ids("<|sketch|>"),
+                       tie_word_embeddings=True)
+
+
+def text_only_model(config: VIST2Config):
+    return AutoModelForCausalLM.from_config(Qwen3Config(**config.text_config.to_dict()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def token_stream(docs, tokenizer) -> list[int]:
+    ids = []
+    for doc in docs:
+        ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids
+
+
+def corpus_windows(tokenizer, split: str, window_chunks: int = 2, cache_dir: Path | None = None) -> np.ndarray:
+    """Non-overlapping windows of `window_chunks * CHUNK` tokens from the train or held-out documents."""
+    cache_dir = cache_dir or Path(os.environ.get("VIST2_DEMO_CACHE", Path.home() / ".cache" / "vist2_demo"))
+    cache = cache_dir / f"{split}_tokens.npy"
+    if cache.exists():
+        ids = np.load(cache)
+    else:
+        bc = load_build_corpus()
+        train, heldout = bc.split_documents(bc.build_corpus())
+        ids = np.array(token_stream(train if split == "train" else heldout, tokenizer), dtype=np.int32)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, ids)
+    size = window_chunks * CHUNK
+    return ids[: len(ids) // size * size].reshape(-1, size)
+
+
+def char_class(char: str) -> int:
+    if char.isspace():
+        return 0
+    code = ord(char)
+    return code - 32 if 33 <= code <= 126 else NUM_CLASSES - 1
+
+
+def cell_targets(text: str, settings: dict) -> np.ndarray:
+    """Which character the renderer puts in each glyph cell: `(rows, columns)` class ids (0 = blank)."""
+    margin = settings["margin"]
+    columns = (settings["image_width"] - 2 * margin) // settings["char_width"]
+    rows = (settings["image_height"] - 2 * margin) // settings["line_height"]
+    grid = np.zeros((rows, columns), dtype=np.int64)
+    lines = wrap_into_lines(text, columns)
+    for r, line in enumerate(lines[:rows]):
+        grid[r, : len(line)] = [char_class(c) for c in line]
+    return grid
+
+
+def grid_to_units(grid: np.ndarray, config: VIST2Config, unit_px: int) -> np.ndarray:
+    """Regroup a cell grid into square units of `unit_px` pixels (a patch, or an s x s merged token), row-major."""
+    cell_rows, cell_cols = unit_px // config.line_height, unit_px // config.char_width
+    rows, cols = grid.shape
+    g = grid.reshape(rows // cell_rows, cell_rows, cols // cell_cols, cell_cols).transpose(0, 2, 1, 3)
+    return g.reshape(-1, cell_rows * cell_cols)
+
+
+def make_sample(processor, window, config, read_back_chunks=1):
+    """`c_1 V_1 c_2` layout of one window plus per-cell targets of V_1; None if c_1 cannot be sketched."""
+    sample = processor.encode_sample([], list(map(int, window)), keep_closed_text=True)
+    if len(sample["sketches"]) != len(window) // CHUNK - 1:
+        return None
+    texts = [processor.chunk_text(list(map(int, window[i : i + CHUNK]))) for i in range(0, len(window) - CHUNK, CHUNK)]
+    grids = [cell_targets(t, processor.sketch_settings) for t in texts]
+    sample["patch_targets"] = [grid_to_units(g, config, config.patch_size) for g in grids]
+    sample["token_targets"] = [grid_to_units(g, config, config.patch_size * config.merge_size) for g in grids]
+    return sample
+
+
+def make_batch(processor, samples):
+    batch = processor.collate(samples, return_labels=True)
+    batch = {k: v for k, v in batch.items() if k != "chunks_kept_as_text"}
+    patch = torch.from_numpy(np.stack([t for s in samples for t in s["patch_targets"]]))
+    token = torch.from_numpy(np.stack([t for s in samples for t in s["token_targets"]]))
+    return batch, patch, token
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Auxiliary glyph-cell heads (training only)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class GlyphHeads(nn.Module):
+    """Linear per-cell character classifiers on vision patches and on aligned visual tokens."""
+
+    def __init__(self, config: VIST2Config):
+        super().__init__()
+        p, s = config.patch_size, config.merge_size
+        self.cells_per_patch = (p // config.line_height) * (p // config.char_width)
+        self.cells_per_token = self.cells_per_patch * s * s
+        self.patch = nn.Linear(config.vision_config.hidden_size, self.cells_per_patch * NUM_CLASSES)
+        self.token = nn.Linear(config.text_config.hidden_size, self.cells_per_token * NUM_CLASSES)
+
+    def losses(self, patches, tokens, patch_targets, token_targets):
+        out = {}
+        for name, feats, head, targets in (("patch", patches, self.patch, patch_targets),
+                                           ("token", tokens, self.token, token_targets)):
+            logits = head(feats).reshape(*targets.shape, NUM_CLASSES)
+            out[f"{name}_loss"] = F.cross_entropy(logits.reshape(-1, NUM_CLASSES), targets.reshape(-1))
+            pred = logits.argmax(-1)
+            ink = targets != 0
+            out[f"{name}_acc"] = (pred == targets).float().mean().item()
+            out[f"{name}_ink_acc"] = ((pred == targets) & ink).sum().item() / max(int(ink.sum()), 1)
+        return out
+
+
+class Capture:
+    """Forward hooks that keep the vision tower's patches and the aligner's output of the last forward."""
+
+    def __init__(self, model):
+        self.patches = self.tokens = None
+        model.vision_tower.register_forward_hook(self._vision)
+        model.aligner.register_forward_hook(self._aligner)
+
+    def _vision(self, module, args, output):
+        self.patches = output.last_hidden_state
+
+    def _aligner(self, module, args, output):
+        self.tokens = output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def lr_at(step, total, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo/vist2-demo")
+    parser.add_argument("--text-only", action="store_true", help="train the same-size text-only control instead")
+    parser.add_argument("--steps", type=int, default=450)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--aux-weight", type=float, default=1.0, help="0 disables the glyph-cell heads")
+    parser.add_argument("--lm-weight", type=float, default=1.0)
+    parser.add_argument("--aux-only-steps", type=int, default=150,
+                        help="first steps train only the vision tower + aligner on the glyph-cell loss")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--log", default=None, help="JSON-lines log (default: <out>/../training_log.<name>.jsonl)")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--probe", action="store_true", help="print geometry / overflow / step time and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer")
+    config = demo_config(tokenizer)
+    processor = VIST2Processor.from_config(config, tokenizer)
+    windows = corpus_windows(tokenizer, "train")
+    out = Path(args.out)
+    log_path = Path(args.log) if args.log else out.parent / f"training_log.{out.name}.jsonl"
+
+    if args.probe:
+        import warnings
+
+        warnings.simplefilter("ignore")
+        picks = [windows[i] for i in rng.sample(range(len(windows)), 400)]
+        kept = sum(make_sample(processor, w, config) is not None for w in picks)
+        chars = [len(processor.chunk_text(list(map(int, w[:CHUNK])))) for w in picks]
+        print(f"train windows {len(windows)}; sketchable c_1: {kept / len(picks):.3f}; chars/chunk mean "
+              f"{np.mean(chars):.1f} p95 {np.percentile(chars, 95):.0f}")
+        processor.render(processor.chunk_text(list(map(int, picks[0][:CHUNK])))).save("/tmp/vist2_demo_probe.png")
+
+    if args.text_only:
+        model = text_only_model(config)
+        heads = None
+    else:
+        model = VIST2ForCausalLM(config)
+        heads = GlyphHeads(config) if args.aux_weight > 0 else None
+        capture = Capture(model)
+    model.train()
+    params = list(model.parameters()) + (list(heads.parameters()) if heads is not None else [])
+    n_model = sum(p.numel() for p in model.parameters())
+    print(f"model parameters: {n_model / 1e6:.2f}M", flush=True)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    if not args.probe:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "w")
+        log.write(json.dumps({"args": vars(args), "parameters": n_model}) + "\n")
+    start = time.time()
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        samples = []
+        while len(samples) < args.batch_size:
+            window = windows[rng.randrange(len(windows))]
+            if args.text_only:
+                samples.append(window)
+                continue
+            sample = make_sample(processor, window, config)
+            if sample is not None:
+                samples.append(sample)
+        stats = {}
+        if args.text_only:
+            ids = torch.tensor(np.stack(samples), dtype=torch.long)
+            loss = model(input_ids=ids, labels=ids).loss
+            stats["lm_loss"] = loss.item()
+        else:
+            batch, patch_t, token_t = make_batch(processor, samples)
+            aux_only = step < args.aux_only_steps
+            if aux_only:
+                model.encode_sketches(batch["pixel_values"])
+                loss = torch.zeros(())
+            else:
+                outputs = model(**batch, read_back=torch.ones(len(samples), dtype=torch.bool))
+                loss = args.lm_weight * outputs.loss
+                stats["lm_loss"] = outputs.loss.item()
+            if heads is not None:
+                aux = heads.losses(capture.patches, capture.tokens, patch_t, token_t)
+                loss = loss + args.aux_weight * (aux.pop("patch_loss") + aux.pop("token_loss"))
+                stats.update(aux)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if args.probe and step == 4:
+            print(f"step time {(time.time() - start) / 5:.3f}s", stats)
+            return
+        if args.probe:
+            continue
+        if step % args.log_every == 0 or step == args.steps - 1:
+            record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - start, 1),
+                      **{k: round(v, 4) for k, v in stats.items()}}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(record, flush=True)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if not args.text_only:
+        processor.save_pretrained(out)
+    else:
+        tokenizer.save_pretrained(out)
+    print(f"saved to {out} after {time.time() - start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
