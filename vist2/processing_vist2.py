@@ -295,6 +295,7 @@ class VIST2Processor(ProcessorMixin):
                 input_ids += [self.sketch_token_id] * visual_tokens_per_chunk
                 chunk_ids += [index] * visual_tokens_per_chunk
                 labels += [IGNORE_INDEX] * visual_tokens_per_chunk
+        labels[0] = IGNORE_INDEX  # nothing predicts the first token: keeps Trainer's num_items_in_batch exact
         return {
             "input_ids": input_ids,
             "chunk_ids": chunk_ids,

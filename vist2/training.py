@@ -444,13 +444,28 @@ class PackedTextDataset(Dataset):
         return render_window(processor, window.tolist(), context_length)
 
 
-class StreamingTextDataset(IterableDataset):
-    """Iterable: documents are read, tokenised, packed and rendered on the fly (for corpora too large to tokenise
-    up front, e.g. `load_documents(..., streaming=True)`).
+@dataclass
+class PendingWindow:
+    """A packed window whose sketches are not rendered yet; `VIST2DataCollator` renders it (in the same worker)."""
 
-    Each (process, worker) pair reads its own share of the documents. With several processes pass
-    `accelerator_config={"dispatch_batches": False}` to `TrainingArguments`: accelerate's default for iterable
-    datasets slices one process's batches along dim 0, which does not fit `pixel_values` (one row per sketch).
+    tokens: list[int]
+    geometry: _PhaseGeometry
+
+    def render(self) -> list[dict]:
+        processor, context_length = self.geometry.current()
+        return render_window(processor, self.tokens, context_length)
+
+
+class StreamingTextDataset(IterableDataset):
+    """Iterable: documents are read, tokenised and packed on the fly (for corpora too large to tokenise up front,
+    e.g. `load_documents(..., streaming=True)`); DataLoader workers split the documents between them.
+
+    It yields `PendingWindow`s that the collator renders, still inside the worker. Rendering after the DataLoader
+    has formed the batch matters with several processes: accelerate splits an iterable dataset across processes by
+    letting every process read the whole stream and keep its share (`IterableDatasetShard`), so rendering in
+    `__iter__` would render every window on every process. Pass `accelerator_config={"dispatch_batches": False}`
+    to `TrainingArguments`: accelerate's default for iterable datasets reads batches on one process and slices them
+    along dim 0, which does not fit `pixel_values` (one row per sketch).
     """
 
     def __init__(self, documents, processor: VIST2Processor, window_tokens: int,
@@ -460,22 +475,13 @@ class StreamingTextDataset(IterableDataset):
         self.documents, self.processor, self.window_tokens = documents, processor, window_tokens
         self.geometry = _PhaseGeometry(processor, window_tokens, curriculum)
 
-    def _shard(self):
+    def __iter__(self):
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        else:
-            rank, world = 0, 1
-        return rank * workers + worker_id, world * workers
-
-    def __iter__(self):
-        shard, shards = self._shard()
-        texts = itertools.islice(iter_texts(self.documents), shard, None, shards)
+        texts = itertools.islice(iter_texts(self.documents), worker_id, None, workers)
         tokens = tokenize_documents(texts, self.processor.tokenizer, show_progress=False)
         while len(window := list(itertools.islice(tokens, self.window_tokens))) == self.window_tokens:
-            processor, context_length = self.geometry.current()
-            yield render_window(processor, window, context_length)
+            yield PendingWindow(window, self.geometry)
 
 
 class ConversationDataset(Dataset):
@@ -504,7 +510,7 @@ class ConversationDataset(Dataset):
 
 @dataclass
 class VIST2DataCollator:
-    """Samples (or lists of samples, one per packed window) -> the batch `VIST2ForCausalLM.forward` takes.
+    """Samples (or lists of samples, one per packed window, or `PendingWindow`s) -> the batch the model takes.
 
     Left-pads, normalises the uint8 sketches into `pixel_values`, puts -100 on sketches and padding, and adds a
     `read_back` flag per sample (`VIST2Trainer` replaces it with the curriculum's draw while training).
@@ -514,8 +520,14 @@ class VIST2DataCollator:
     read_back: bool = False
 
     def __call__(self, features):
+        features = [f.render() if isinstance(f, PendingWindow) else f for f in features]
         samples = [sample for feature in features for sample in (feature if isinstance(feature, list) else [feature])]
         batch = self.processor.collate(samples, return_labels=True)
+        # Nothing precedes a row's first token, so its label is never a target. Dropping it makes Trainer's count of
+        # labels (`num_items_in_batch`, which normalises the loss under gradient accumulation) equal the number of
+        # targets the model's text-stream loss has; with left padding it would otherwise count one extra per row.
+        first = batch["attention_mask"].argmax(1)
+        batch["labels"][torch.arange(len(samples)), first] = -100
         batch["read_back"] = torch.full((len(samples),), self.read_back, dtype=torch.bool)
         return batch
 
@@ -580,6 +592,10 @@ def load_or_build_model(model_path=None, text_model=None, vision_model=None, con
     if config.sketch_token_id != sketch_token_id or config.text_config.vocab_size < len(tokenizer):
         raise ValueError(f"config (sketch_token_id={config.sketch_token_id}, vocab {config.text_config.vocab_size}) "
                          f"does not fit the tokenizer ('<|sketch|>'={sketch_token_id}, {len(tokenizer)} tokens)")
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # generation and Trainer read them here
+        for holder in (config, config.text_config):
+            if getattr(holder, name, None) is None:
+                setattr(holder, name, getattr(tokenizer, name))
     model = VIST2ForCausalLM(config)
     return model, VIST2Processor.from_config(config, tokenizer)
 
@@ -587,6 +603,6 @@ def load_or_build_model(model_path=None, text_model=None, vision_model=None, con
 __all__ = [
     "FREEZABLE_MODULES", "LANGUAGE_MODEL_LORA_TARGETS", "load_dataset_source", "load_documents", "tokenize_documents", "render_window",
     "CurriculumPhase", "CurriculumSchedule", "CurriculumCallback", "VIST2Trainer", "processor_for_phase",
-    "apply_final_geometry", "set_frozen", "PackedTextDataset", "StreamingTextDataset", "ConversationDataset",
+    "apply_final_geometry", "set_frozen", "PackedTextDataset", "StreamingTextDataset", "PendingWindow", "ConversationDataset",
     "VIST2DataCollator", "language_model_lora_config", "bf16_supported", "load_or_build_model",
 ]
