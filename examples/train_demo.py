@@ -225,11 +225,22 @@ def parse_args(argv=None):
     parser.add_argument("--log", default=None, help="JSON-lines log (default: <out>/../training_log.<name>.jsonl)")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--probe", action="store_true", help="print geometry / overflow / step time and exit")
+    # Read-back-only warm-up from a trained checkpoint (demo/NOTES.md, "Second attempt"). Off by default.
+    parser.add_argument("--init", default=None, help="start from this checkpoint (e.g. demo/vist2-demo)")
+    parser.add_argument("--readback-only", action="store_true", help="train on `c_1 V_1` read-back samples only")
+    parser.add_argument("--data", choices=["corpus", "random", "chars", "mix"], default="corpus",
+                        help="read-back text: corpus chunks, random printable-ASCII tokens, random single-character tokens "
+                             "(one line of 32 cells), or half corpus / half random tokens")
+    parser.add_argument("--freeze", choices=["none", "vision", "vision+aligner"], default="none")
+    parser.add_argument("--merge-size", type=int, default=None, help="override merge (new aligner if it changes)")
+    parser.add_argument("--eval-every", type=int, default=25, help="teacher-forced probe, right vs wrong sketch")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.readback_only:
+        return train_readback(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -321,6 +332,161 @@ def main(argv=None):
         processor.save_pretrained(out)
     else:
         tokenizer.save_pretrained(out)
+    print(f"saved to {out} after {time.time() - start:.0f}s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Read-back-only training (second attempt): `c_1 V_1` with read-back, optionally on unguessable random tokens
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def printable_token_ids(tokenizer) -> list[int]:
+    """Ids of ordinary tokens that decode to non-empty printable ASCII without newlines or tabs."""
+    special = set(tokenizer.all_special_ids)
+    keep = []
+    for i in range(len(tokenizer)):
+        if i in special:
+            continue
+        text = tokenizer.decode([i], clean_up_tokenization_spaces=False)
+        if text and all(32 <= ord(c) <= 126 for c in text):
+            keep.append(i)
+    return keep
+
+
+def readback_item(processor, config, ids):
+    """One `c_1 V_1` read-back sample as (ids, uint8 sketch, token-level cell targets, patch targets) or None."""
+    from vist2.processing_vist2 import render_chunk
+
+    text = processor.chunk_text(ids)
+    image, report = render_chunk(text, processor.sketch_settings)
+    if not report.ok:
+        return None
+    grid = cell_targets(text, processor.sketch_settings)
+    return (list(map(int, ids)), image, grid_to_units(grid, config, config.patch_size * config.merge_size),
+            grid_to_units(grid, config, config.patch_size))
+
+
+def readback_batch(processor, items, wrong=False):
+    m, sketch_id = processor.visual_tokens_per_chunk, processor.sketch_token_id
+    text = torch.tensor([it[0] for it in items])
+    n = text.shape[0]
+    ids = torch.cat([text, torch.full((n, m), sketch_id)], 1)
+    images = [it[1] for it in items]
+    if wrong:
+        images = images[1:] + images[:1]
+    labels = torch.cat([text, torch.full((n, m), -100)], 1)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), chunk_ids=torch.ones_like(ids),
+                 pixel_values=processor.pixel_values(images), labels=labels, read_back=torch.ones(n, dtype=torch.bool))
+    token_t = torch.from_numpy(np.stack([it[2] for it in items]))
+    patch_t = torch.from_numpy(np.stack([it[3] for it in items]))
+    return batch, token_t, patch_t
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, processor, items, wrong=False):
+    batch, _, _ = readback_batch(processor, items, wrong)
+    out = model(**batch)
+    L = len(items[0][0])
+    logits = out.logits[:, : L - 1].float()
+    logits[..., processor.sketch_token_id] = -float("inf")
+    pred = logits.argmax(-1)
+    return (pred == batch["input_ids"][:, 1:L]).float().mean().item(), out.loss.item()
+
+
+def train_readback(args):
+    import warnings
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer")
+    config = demo_config(tokenizer)
+    if args.merge_size:
+        config.merge_size = args.merge_size
+        config.compression_ratio = CHUNK * args.merge_size**2 // ((config.image_height // config.patch_size) *
+                                                                  (config.image_width // config.patch_size))
+    model = VIST2ForCausalLM(config)
+    if args.init:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(args.init) / "model.safetensors"))
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        missing, _ = model.load_state_dict(state, strict=False)
+        print(f"loaded {len(state)} tensors from {args.init}; new: {sorted(set(missing))[:8]}", flush=True)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    processor = VIST2Processor.from_config(model.config, tokenizer)
+    print(f"m = {processor.visual_tokens_per_chunk} visual tokens per chunk", flush=True)
+    frozen = {"none": [], "vision": [model.vision_tower], "vision+aligner": [model.vision_tower, model.aligner]}[args.freeze]
+    for module in frozen:
+        module.requires_grad_(False)
+    heads = GlyphHeads(model.config) if args.aux_weight > 0 else None
+    capture = Capture(model)
+    params = [p for p in model.parameters() if p.requires_grad] + (list(heads.parameters()) if heads else [])
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    pool = printable_token_ids(tokenizer)
+    if args.data == "chars":
+        pool = [i for i in pool if len(tokenizer.decode([i], clean_up_tokenization_spaces=False)) == 1]
+    windows = corpus_windows(tokenizer, "train")
+    heldout = corpus_windows(tokenizer, "heldout")
+    print(f"random-token pool: {len(pool)} ids; trainable parameters "
+          f"{sum(p.numel() for p in params) / 1e6:.2f}M", flush=True)
+
+    def draw(kind, r):
+        while True:
+            if kind in ("random", "chars"):
+                ids = [pool[r.randrange(len(pool))] for _ in range(CHUNK)]
+            else:
+                ids = (windows if kind == "corpus" else heldout)[r.randrange(len(windows if kind == "corpus" else heldout))][:CHUNK]
+            item = readback_item(processor, model.config, ids)
+            if item is not None:
+                return item
+
+    probe_rng = random.Random(12345)
+    probes = {"random": [draw("chars" if args.data == "chars" else "random", probe_rng) for _ in range(32)],
+              "heldout": [draw("heldout", probe_rng) for _ in range(32)]}
+    out = Path(args.out)
+    log_path = Path(args.log) if args.log else out.parent / f"training_log.{out.name}.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w")
+    log.write(json.dumps({"args": vars(args)}) + "\n")
+    start = time.time()
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        model.train()
+        kinds = [args.data if args.data != "mix" else ("random" if i % 2 else "corpus") for i in range(args.batch_size)]
+        items = [draw(k, rng) for k in kinds]
+        batch, token_t, patch_t = readback_batch(processor, items)
+        outputs = model(**batch)
+        loss = args.lm_weight * outputs.loss
+        stats = {"lm_loss": outputs.loss.item()}
+        if heads is not None:
+            aux = heads.losses(capture.patches, capture.tokens, patch_t, token_t)
+            loss = loss + args.aux_weight * (aux.pop("patch_loss") + aux.pop("token_loss"))
+            stats.update(aux)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % args.eval_every == 0 or step == args.steps - 1:
+            model.eval()
+            for name, its in probes.items():
+                stats[f"{name}_tf_acc"], stats[f"{name}_loss"] = teacher_forced_accuracy(model, processor, its)
+                stats[f"{name}_tf_acc_wrong"], stats[f"{name}_loss_wrong"] = teacher_forced_accuracy(
+                    model, processor, its, wrong=True)
+        if step % args.log_every == 0 or step % args.eval_every == 0 or step == args.steps - 1:
+            record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - start, 1),
+                      **{k: round(v, 4) for k, v in stats.items()}}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(record, flush=True)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
     print(f"saved to {out} after {time.time() - start:.0f}s", flush=True)
 
 
