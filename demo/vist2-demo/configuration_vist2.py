@@ -170,6 +170,14 @@ class VIST2Config(PretrainedConfig):
         for field in ("foreground", "background"):
             if not 0 <= getattr(self, field) <= 255:
                 fail(field, "grey level out of range", "use a value in 0..255")
+        vocab_size = getattr(self.text_config, "vocab_size", None)
+        if self.sketch_token_id is not None and vocab_size and not 0 <= self.sketch_token_id < vocab_size:
+            fail("sketch_token_id", f"{self.sketch_token_id} is outside the text vocabulary (0..{vocab_size - 1})",
+                 "use the tokenizer's <|sketch|> id and resize the embeddings to the tokenizer")
+        if isinstance(self.image_mean, bool) or not isinstance(self.image_mean, (int, float)):
+            fail("image_mean", f"must be a number, got {self.image_mean!r}", "use e.g. image_mean=0.5")
+        if isinstance(self.image_std, bool) or not isinstance(self.image_std, (int, float)) or self.image_std <= 0:
+            fail("image_std", f"must be a positive number, got {self.image_std!r}", "use e.g. image_std=0.5")
         if getattr(self.text_config, "use_sliding_window", False):
             fail("text_config", "sliding-window attention would hide sketches of early chunks",
                  "set text_config.use_sliding_window=False")

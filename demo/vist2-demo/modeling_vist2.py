@@ -73,6 +73,30 @@ def layout_position_ids(kinds, chunk_ids, memory, read_back=None):
     return positions.masked_fill(kinds == PAD, 0)
 
 
+def check_layout(kinds, chunk_ids, visual_tokens_per_chunk):
+    """Reject layouts the rule is not defined for, naming the row and chunk: chunk ids must not decrease, the prefix
+    (chunk 0) holds no sketch, a chunk holds 0 or m placeholders, after its text."""
+    real = kinds != PAD
+    same_chunk = chunk_ids[:, 1:] == chunk_ids[:, :-1]
+    problems = {
+        "a negative chunk id": (chunk_ids < 0) & real,
+        "a chunk id lower than the one before it": F.pad((chunk_ids[:, 1:] < chunk_ids[:, :-1]) & real[:, 1:], (1, 0)),
+        "a '<|sketch|>' in the prefix (chunk 0)": (kinds == SKETCH) & (chunk_ids == 0),
+        "text after its chunk's '<|sketch|>' run": F.pad(same_chunk & (kinds[:, 1:] == TEXT) & (kinds[:, :-1] == SKETCH),
+                                                         (1, 0)),
+    }
+    if not problems["a negative chunk id"].any():
+        sketches = per_chunk_count(chunk_ids, kinds == SKETCH).gather(1, chunk_ids)
+        problems[f"a chunk whose '<|sketch|>' count is not 0 or {visual_tokens_per_chunk}"] = (
+            (sketches != 0) & (sketches != visual_tokens_per_chunk) & real)
+    for problem, where in problems.items():
+        if where.any():
+            row, column = where.nonzero()[0].tolist()
+            raise ValueError(f"chunk_ids disagree with input_ids: row {row} has {problem} (chunk "
+                             f"{int(chunk_ids[row, column])}, position {column}). Fix: pass input_ids, chunk_ids and "
+                             "pixel_values from one VIST2Processor call.")
+
+
 def vist2_mask_function(kinds, chunk_ids, memory, read_back):
     """The attention rule as a transformers mask function over flat indices of `(batch, kv_length)` layout tensors."""
 
@@ -194,6 +218,12 @@ class VIST2PreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_attention_backend = False
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Weights travel only as safetensors: a folder with pickled weights alone is refused, never unpickled.
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(*args, **kwargs)
+
 
 class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
     def __init__(self, config: VIST2Config):
@@ -287,13 +317,17 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
 
     # -- sketches -----------------------------------------------------------------------------------------------------
 
-    def encode_sketches(self, pixel_values):
-        """`(n, C, H, W)` sketches -> `(n, m, hidden)` visual tokens."""
+    def check_pixel_values(self, pixel_values):
         cfg = self.config
         expected = (cfg.num_channels, cfg.image_height, cfg.image_width)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected or not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must be a float tensor of shape (num_sketches, {', '.join(map(str, expected))}),"
                              f" got {tuple(pixel_values.shape)} {pixel_values.dtype}: pass what VIST2Processor returns")
+
+    def encode_sketches(self, pixel_values):
+        """`(n, C, H, W)` sketches -> `(n, m, hidden)` visual tokens."""
+        cfg = self.config
+        self.check_pixel_values(pixel_values)
         pixel_values = pixel_values.to(self.vision_tower.dtype)
         h, w = cfg.image_height // cfg.patch_size, cfg.image_width // cfg.patch_size
         if cfg.vision_config.model_type == "siglip2_vision_model":
@@ -315,6 +349,8 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         return self.aligner(patches)
 
     def embed(self, input_ids, kinds, pixel_values):
+        if pixel_values is not None:
+            self.check_pixel_values(pixel_values)
         embeds = self.get_input_embeddings()(input_ids)
         num_slots = int((kinds == SKETCH).sum())
         num_sketches = 0 if pixel_values is None else pixel_values.shape[0]
@@ -363,6 +399,7 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         read_back = torch.zeros(batch, dtype=torch.bool, device=input_ids.device) if read_back is None else read_back.bool()
         kinds = token_kinds(input_ids, attention_mask, self.config.sketch_token_id)
         chunk_ids = chunk_ids.masked_fill(kinds == PAD, 0).long()
+        check_layout(kinds, chunk_ids, self.config.visual_tokens_per_chunk)
         memory = memory_flags(kinds, chunk_ids)
         if use_cache and past_key_values is None:
             past_key_values = VIST2Cache(config=self.config.text_config)
@@ -501,6 +538,7 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             inputs = model.read(processor, book)
             out = model.generate(**inputs, processor=processor, max_new_tokens=200)   # out[:, 1:] is the new text
         """
+        self.check_processor(processor)
         device, m = self.device, self.config.visual_tokens_per_chunk
         prefix_ids = processor.encode(prefix)
         if not text:
@@ -582,22 +620,28 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
                 "pixel_values": pixel_values, "past_key_values": past_key_values, "use_cache": True,
                 "logits_to_keep": kwargs.get("logits_to_keep") or 0}
 
+    def check_processor(self, processor):
+        mismatch = processor.settings_mismatch(self.config)
+        if mismatch:
+            raise ValueError(f"processor and model disagree on {mismatch} (processor, model): build the processor "
+                             "with VIST2Processor.from_config(model.config, tokenizer)")
+
     def generate(self, inputs=None, processor=None, **kwargs):
         """`GenerationMixin.generate` with a compressing cache: pass `processor=` so closed chunks can be rendered."""
         if processor is not None:
-            mismatch = processor.settings_mismatch(self.config)
-            if mismatch:
-                raise ValueError(f"processor and model disagree on {mismatch} (processor, model): build the processor "
-                                 "with VIST2Processor.from_config(model.config, tokenizer)")
+            self.check_processor(processor)
             if kwargs.get("stop_strings") is not None:
                 kwargs.setdefault("tokenizer", processor.tokenizer)
         if kwargs.get("past_key_values") is None:
             kwargs["past_key_values"] = VIST2Cache(config=self.config.text_config, processor=processor)
         elif processor is not None:
             kwargs["past_key_values"].processor = processor
-        kwargs.setdefault("chunk_ids", None)
-        if kwargs["chunk_ids"] is None and kwargs.get("input_ids", inputs) is not None:
-            kwargs["chunk_ids"] = torch.zeros_like(kwargs.get("input_ids", inputs))
+        input_ids = kwargs.get("input_ids", inputs)
+        if kwargs.get("chunk_ids") is None and input_ids is not None and not kwargs["past_key_values"].is_prefilled:
+            if (input_ids == self.config.sketch_token_id).any():
+                raise ValueError("chunk_ids is required when input_ids hold '<|sketch|>' placeholders: pass the whole "
+                                 "processor batch, model.generate(**processor(text=...), processor=processor)")
+            kwargs["chunk_ids"] = torch.zeros_like(input_ids)  # bare token ids: an uncompressed prefix
         kwargs.pop("chunks_kept_as_text", None)
         return super().generate(inputs, **kwargs)
 

@@ -58,8 +58,9 @@ class SketchReport:
 
 
 def _is_invisible_by_category(char: str) -> bool:
-    # Control, format, surrogate, private-use and unassigned code points have no glyph to show.
-    return unicodedata.category(char)[0] == "C" and char not in "\n\t\r"
+    # Control, format, surrogate, private-use and unassigned code points have no glyph to show. U+FFFD stands for
+    # bytes of a character split across chunks (or lost before): drawing it would hide that loss.
+    return (unicodedata.category(char)[0] == "C" and char not in "\n\t\r") or char == "\ufffd"
 
 
 class GlyphAtlas:
@@ -295,6 +296,7 @@ class VIST2Processor(ProcessorMixin):
                 input_ids += [self.sketch_token_id] * visual_tokens_per_chunk
                 chunk_ids += [index] * visual_tokens_per_chunk
                 labels += [IGNORE_INDEX] * visual_tokens_per_chunk
+        labels[0] = IGNORE_INDEX  # nothing predicts the first token: keeps Trainer's num_items_in_batch exact
         return {
             "input_ids": input_ids,
             "chunk_ids": chunk_ids,
@@ -344,14 +346,18 @@ class VIST2Processor(ProcessorMixin):
         """Stream `text` chunk by chunk: yields `(token_ids, sketch, report)` for each closed chunk (`sketch` is None
         when the chunk is kept as text), then the open chunk as `(token_ids, None, None)`.
 
-        Only one piece of text (cut at whitespace, where byte-level tokenizers split anyway) and one chunk are held
-        at a time, so a book-length text costs what one chunk costs."""
+        Only one piece of text and one chunk are held at a time, so a book-length text costs what one chunk costs.
+        Pieces end where the tokenizer's pre-tokenizer starts its last pre-token (the only one more text can change),
+        so the token stream equals tokenizing the whole text at once."""
         pending, start = [], 0
         while start < len(text):
             end = min(len(text), start + piece_chars)
-            if end < len(text):
-                cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
-                end = cut if cut > start else end
+            while end < len(text):
+                cut = self.last_pre_token_start(text[start:end])
+                if cut > 0:
+                    end = start + cut
+                    break
+                end = min(len(text), end + piece_chars)  # one pre-token fills the piece: take more text
             pending += self.encode(text[start:end])
             start = end
             while len(pending) > self.chunk_size:  # the last chunk must stay open
@@ -360,11 +366,24 @@ class VIST2Processor(ProcessorMixin):
                 yield chunk, images[0], reports[0]
         yield pending, None, None
 
+    def last_pre_token_start(self, piece: str) -> int:
+        """Where the last pre-token of `piece` starts (0 when there is one, or no pre-tokenizer to ask)."""
+        pre_tokenizer = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+        if pre_tokenizer is None:
+            return 0
+        return pre_tokenizer.pre_tokenize_str(piece)[-1][1][0]
+
     def encode(self, text, allow_special_tokens=False) -> list[int]:
         """Token ids of `text`. User text never produces special tokens: a literal "<|sketch|>" in a document must not
         become a visual placeholder, so special-token strings are split like any other text."""
         if not text:
             return []
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"VIST2Processor: the text holds a lone surrogate {text[error.start]!r} at index "
+                             f"{error.start}, which is not a character. Fix: clean it first, e.g. "
+                             "text.encode('utf-8', 'replace').decode()") from None
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not allow_special_tokens)["input_ids"]
 
     # -- chat ---------------------------------------------------------------------------------------------------------
