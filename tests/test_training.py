@@ -78,7 +78,8 @@ def test_packed_windows_are_chunk_aligned_and_collate(processor, documents):
     rendered = 3 - sample["chunks_kept_as_text"]
     assert len(ids) == 4 * L + rendered * m and len(sample["sketches"]) == rendered
     is_sketch = ids == processor.sketch_token_id
-    assert (labels[is_sketch] == -100).all() and (labels[~is_sketch] == ids[~is_sketch]).all()
+    assert (labels[is_sketch] == -100).all() and labels[0] == -100  # nothing predicts the first token
+    assert (labels[1:][~is_sketch[1:]] == ids[1:][~is_sketch[1:]]).all()
     # Layout c_1 V_1 c_2 V_2 c_3 V_3 c_4: every chunk's text is exactly L tokens, the last chunk has no sketch.
     for chunk in range(1, 5):
         assert int(((chunk_ids == chunk) & ~is_sketch).sum()) == L
