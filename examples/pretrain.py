@@ -38,6 +38,7 @@ from vist2.training import (
     VIST2Trainer,
     apply_final_geometry,
     bf16_supported,
+    checkpointing_argument,
     load_documents,
     load_or_build_model,
     processor_for_phase,
@@ -184,7 +185,7 @@ def main(argv=None):
         save_steps=args.save_steps or 500,
         bf16=bf16,
         use_cpu=args.cpu,
-        activation_checkpointing=args.gradient_checkpointing,
+        **checkpointing_argument(args.gradient_checkpointing),
         dataloader_num_workers=args.num_workers,
         dataloader_pin_memory=torch.cuda.is_available() and not args.cpu,
         remove_unused_columns=False,  # chunk_ids, pixel_values, read_back are not in a text model's signature

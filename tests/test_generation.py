@@ -174,7 +174,7 @@ def test_a_streamer_receives_exactly_the_returned_text(model, processor, tokeniz
 
 
 def test_an_iterator_streamer_yields_the_returned_text(model, processor, tokenizer, ascii_only):
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=60)
     inputs = processor(text=SAMPLE_TEXT[:100])
     result = {}
     worker = threading.Thread(target=lambda: result.update(out=model.generate(

@@ -606,3 +606,14 @@ __all__ = [
     "apply_final_geometry", "set_frozen", "PackedTextDataset", "StreamingTextDataset", "PendingWindow", "ConversationDataset",
     "VIST2DataCollator", "language_model_lora_config", "bf16_supported", "load_or_build_model",
 ]
+
+
+def checkpointing_argument(enabled: bool) -> dict:
+    """`TrainingArguments` names the flag `activation_checkpointing` from transformers 5.23, `gradient_checkpointing`
+    before."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}

@@ -266,7 +266,7 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
                 wrapper.vision_model = tower
                 tower = wrapper
             vision_tower = tower
-        if getattr(vision_tower.config, "vision_use_head", False):
+        if getattr(vision_tower.config, "vision_use_head", False) or getattr(vision_tower, "head", None) is not None:
             # VIST2 reads patch tokens; the pooling head would be dead weight (and unused parameters break DDP).
             headless_config = vision_tower.config.__class__(**{**vision_tower.config.to_dict(), "vision_use_head": False})
             headless = AutoModel.from_config(headless_config).to(dtype=vision_tower.dtype)
@@ -419,6 +419,20 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         """The attention rule in the form the configured attention implementation takes (eager: additive float,
         sdpa: boolean, flex: a BlockMask that skips fully masked blocks)."""
         mask_function = vist2_mask_function(*layout)
+        implementation = self.config.text_config._attn_implementation
+        if implementation in ("sdpa", "eager"):
+            # The rule is elementwise, so one broadcast call builds the whole (batch, 1, q, kv) mask; transformers'
+            # generic path would vmap it pair by pair, which dominated decode time.
+            kinds = layout[0]
+            batch, kv_length, q_length = kinds.shape[0], kinds.shape[1], embeds.shape[1]
+            rows = torch.arange(batch, device=kinds.device)[:, None, None, None]
+            keys = torch.arange(kv_length, device=kinds.device)
+            queries = keys[kv_length - q_length :][None, None, :, None]  # queries are the last q_length entries
+            allowed = mask_function(rows, None, queries, keys[None, None, None, :])
+            if implementation == "sdpa":
+                return allowed
+            return torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
+                ~allowed, torch.finfo(embeds.dtype).min)
         # The VIST2 rule replaces causality: OR-ing it admits the bidirectional sketch blocks and read-back, AND-ing it
         # removes what causality alone would allow (the text of earlier chunks).
         return create_causal_mask(
