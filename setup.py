@@ -10,7 +10,7 @@ setup(
     packages=["vist2"],
     python_requires=">=3.10",
     install_requires=[
-        "transformers>=5.23.0,<6",  # what passes the suite: docs/VERSIONS.md
+        "transformers>=5.6.0,<6",  # exactly what passes the suite: docs/VERSIONS.md
         "torch>=2.6",
         "safetensors>=0.4",
         "huggingface-hub>=1.0",
