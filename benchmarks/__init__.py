@@ -1,0 +1,1 @@
+"""VIST2 benchmarks (see README.md)."""
