@@ -208,16 +208,20 @@ def kv_cache_entries(cache) -> int:
     return int(keys.shape[-2])
 
 
-def sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """Dense attention FLOPs, GQA-aware: QK^T and AV, 2 FLOPs per multiply-add over every (query, key) pair.
+def sdpa_flops(query_shape, key_shape, value_shape, dropout_p=0.0, is_causal=False, *args, out_shape=None,
+               **kwargs) -> int:
+    """Attention FLOPs as the kernel computes them, GQA-aware: QK^T and AV, 2 FLOPs per multiply-add per pair.
 
-    Same convention as torch.utils.flop_counter's own SDPA formulas (masked pairs are counted, a causal kernel
-    skipping half of them is not credited), so the baseline's causal prefill and VIST2's masked prefill are
-    counted alike. torch's registry has no formula for the CPU kernel and would count attention as 0.
+    A masked call computes every (query, key) pair of its block, masked or not, so all are counted (VIST2's prefill
+    blocks: block x cache so far); a causal call (the baseline's prefill) skips the pairs above the diagonal, so only
+    the triangle is counted. torch's registry has no formula for the CPU kernel and would count attention as 0.
     """
     b, h, s_q, d_q = query_shape
     s_k, d_v = key_shape[-2], value_shape[-1]
-    return 2 * b * h * s_q * s_k * d_q + 2 * b * h * s_q * s_k * d_v
+    pairs = s_q * s_k
+    if is_causal:  # torch's causal mask is the top-left triangle
+        pairs = s_q * (s_q + 1) // 2 if s_q <= s_k else s_k * (s_k + 1) // 2 + (s_q - s_k) * s_k
+    return 2 * b * h * pairs * d_q + 2 * b * h * pairs * d_v
 
 
 def flop_counter():
@@ -249,64 +253,6 @@ def flops_by_part(counter) -> dict:
                 parts[part] = parts.get(part, 0) + sum(ops.values())
     parts["language_model"] = parts.get("decoder", 0) + parts.get("lm_head", 0)
     return parts
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The attention rule as one broadcast boolean mask (a proposed core change; the FLOP pass and --mask-patch use it)
-# ---------------------------------------------------------------------------------------------------------------------
-
-PAD, TEXT, SKETCH = 0, 1, 2  # vist2.modeling_vist2 token kinds
-
-
-def layout_mask(kinds, chunk_ids, memory, read_back, q_length: int) -> torch.Tensor:
-    """`(batch, 1, q_length, kv_length)` bool mask of the VIST2 rule for the last `q_length` layout entries.
-
-    Same rule as `vist2.modeling_vist2.vist2_mask_function`, built by broadcasting the layout tensors instead of
-    vmapping an index function (which transformers does for any custom mask function): no per-step functorch
-    overhead and no `(q, kv)`-sized int64 intermediates; at most a few `(q, kv)` bool temporaries.
-    """
-    kv_length = kinds.shape[1]
-    q = slice(kv_length - q_length, kv_length)
-    q_kind, q_chunk = kinds[:, q, None], chunk_ids[:, q, None]
-    kv_kind, kv_chunk = kinds[:, None, :], chunk_ids[:, None, :]
-    q_idx = torch.arange(kv_length - q_length, kv_length, device=kinds.device)[None, :, None]
-    kv_idx = torch.arange(kv_length, device=kinds.device)[None, None, :]
-    visible = kv_chunk < q_chunk
-    visible &= memory[:, None, :]
-    same = kv_chunk == q_chunk
-    own = (q_kind == TEXT) & (kv_kind == TEXT)
-    own = own & (kv_idx <= q_idx)
-    own |= (q_kind == SKETCH) & (kv_kind == SKETCH)
-    own |= (q_kind == TEXT) & (kv_kind == SKETCH) & read_back[:, None, None]
-    own &= same
-    del same
-    visible |= own
-    del own
-    visible &= (q_kind != PAD) & (kv_kind != PAD)
-    visible |= (q_kind == PAD) & (kv_idx == q_idx)
-    return visible[:, None]
-
-
-@contextlib.contextmanager
-def fast_mask(model):
-    """Within the block, `model.build_attention_mask` builds the sdpa mask with `layout_mask` (same values)."""
-    original = getattr(model, "build_attention_mask", None)
-    if original is None or model.config.text_config._attn_implementation != "sdpa":
-        yield False
-        return
-
-    def build_attention_mask(embeds, layout, past_key_values=None):
-        return layout_mask(*layout, q_length=embeds.shape[1])
-
-    had_own = "build_attention_mask" in vars(model)
-    model.build_attention_mask = build_attention_mask
-    try:
-        yield True
-    finally:
-        if had_own:
-            model.build_attention_mask = original
-        else:
-            del model.build_attention_mask
 
 
 def rss_bytes() -> int:

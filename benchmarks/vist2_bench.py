@@ -36,6 +36,10 @@ import torch  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 RESULTS = HERE / "results"
+# glibc adapts its mmap threshold upwards after large frees, after which freed tensors stay resident and peak RSS
+# depends on allocation history (the same computation measured 119 or 177 MiB). A fixed 64 KiB threshold returns
+# every large tensor to the OS when freed, so peak RSS follows live memory. Same setting for every case.
+WORKER_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
 
 
 def core_fingerprint() -> dict:
@@ -75,7 +79,6 @@ def run_case(case: dict) -> dict:
     ids = json.loads(Path(case["data"]).read_text())["ids"]
     context, new_tokens, ratio = case["context"], case["new_tokens"], case["ratio"]
     variant = case.get("variant") or "core"
-    fastmask = variant in ("fastmask", "stream")
     prompt_ids, continuation = ids[:context], ids[context : context + new_tokens]
     is_vist2 = ratio is not None
 
@@ -95,11 +98,11 @@ def run_case(case: dict) -> dict:
             torch.cuda.synchronize()
 
     def make_inputs(prompt):
-        if is_vist2 and variant == "stream":
+        if is_vist2 and variant == "read":
             # The core's streaming prefill: tokenize, render, encode and extend the cache `sketches_per_step` chunks
             # at a time; returns the last prompt token and the filled cache for generate().
             with torch.inference_mode():
-                return model.read(processor, tokenizer.decode(prompt))
+                return model.read(processor, tokenizer.decode(prompt), sketches_per_step=case["read_group"])
         inputs = common.vist2_inputs(processor, prompt) if is_vist2 else common.baseline_inputs(prompt)
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
@@ -119,11 +122,9 @@ def run_case(case: dict) -> dict:
 
     # Warm-up crossing one chunk closure (2 chunks of prompt: the first decode step closes the open chunk).
     L = config.chunk_size
-    stream_tokens_match = None
-    if is_vist2 and variant == "stream":
-        if not hasattr(model, "read"):
-            raise RuntimeError("--stream-ratios: this core has no VIST2ForCausalLM.read")
-        stream_tokens_match = processor.encode(tokenizer.decode(prompt_ids)) == list(prompt_ids)
+    read_tokens_match = None
+    if is_vist2 and variant == "read":
+        read_tokens_match = processor.encode(tokenizer.decode(prompt_ids)) == list(prompt_ids)
     warm = generate(make_inputs(ids[: 2 * L]), ids[2 * L : 2 * L + 1], 1)
     generate(resume_inputs(warm), ids[2 * L + 1 : 2 * L + 5], 4)
     del warm
@@ -140,9 +141,6 @@ def run_case(case: dict) -> dict:
         return images, reports
 
     processor.sketch_chunks = counting_sketch_chunks
-    patch = common.fast_mask(model) if is_vist2 and fastmask else None
-    if patch is not None and not patch.__enter__():
-        raise RuntimeError("--fastmask-ratios: this core has no sdpa build_attention_mask to replace")
     phases.wrap(processor, "sketch_chunks", "render")
     phases.wrap(processor, "pixel_values", "normalize")
     decoder = model.get_decoder()
@@ -194,7 +192,7 @@ def run_case(case: dict) -> dict:
             prefill_flops.update(common.flops_by_part(counter))
         phases.stage = "decode"
         entries = [common.kv_cache_entries(first.past_key_values)]  # cache size after each forward (FLOP sums)
-        sizes = common.StepRecorder(lambda: common.kv_cache_entries(first.past_key_values))
+        sizes = common.StepRecorder(lambda cache=first.past_key_values: common.kv_cache_entries(cache))
         t_decode = time.perf_counter()
         out = generate(resume_inputs(first), continuation[1:], new_tokens - 1, streamer=sizes) \
             if new_tokens > 1 else first
@@ -240,7 +238,7 @@ def run_case(case: dict) -> dict:
         "case": {k: v for k, v in case.items() if k != "data"},
         "model": model_label(ratio, case.get("variant")),
         "core_sha256": core_fingerprint(),
-        "stream_tokens_match": stream_tokens_match,
+        "read_tokens_match": read_tokens_match,
         "params": params,
         "rss_start": rss_start,
         "rss_loaded": rss_loaded,
@@ -255,16 +253,13 @@ def run_case(case: dict) -> dict:
     if device.type == "cuda":
         result["cuda_peak_delta"] = torch.cuda.max_memory_allocated() - cuda_loaded
     phases.unwrap()
-    if patch is not None:
-        patch.__exit__(None, None, None)
     processor.sketch_chunks = original_sketch
 
     if count_flops:
         # Decode FLOPs: continue the last timed generation with the counter on, up to and just past the next chunk
         # closure (VIST2) or for 3 forwards (baseline), and sum the whole decode from those counted forwards and the
         # cache sizes recorded during the timed run (common.decode_flops_from_reference; exact for dense attention,
-        # checked on every counted forward and in tests). The mask holds no FLOPs, so the counting pass builds it with
-        # the equivalent broadcast `layout_mask` (tested equal to the core's) and skips the core's vmap overhead.
+        # checked on every counted forward and in tests).
         started = time.perf_counter()
         m = config.visual_tokens_per_chunk
         cache = last.past_key_values
@@ -274,7 +269,7 @@ def run_case(case: dict) -> dict:
         counter = common.flop_counter()
         recorder = common.StepRecorder(lambda: (common.flops_by_part(counter), common.kv_cache_entries(cache)))
         sequences = last.sequences
-        with common.fast_mask(model) if is_vist2 else contextlib.nullcontext(), counter:
+        with counter:
             more = generate(resume_inputs(last), forced, window_tokens, streamer=recorder)
         window = common.per_step([flops for flops, _ in recorder.values])
         all_entries = last_entries + [n for _, n in recorder.values]
@@ -308,8 +303,7 @@ def run_all(args) -> dict:
         "machine": common.machine_description(),
         "text": text_info,
         "args": vars(args),
-        "geometry": {r: common.GEOMETRY[r] for r in sorted(set(args.ratios) | set(args.fastmask_ratios)
-                                                           | set(args.stream_ratios))},
+        "geometry": {r: common.GEOMETRY[r] for r in sorted(set(args.ratios) | set(args.read_ratios))},
         "core_sha256": core_fingerprint(),
         "cases": [],
     }
@@ -317,19 +311,19 @@ def run_all(args) -> dict:
     with tempfile.TemporaryDirectory(dir=RESULTS, prefix=".tmp-") as tmp:  # /tmp is shared and gets cleaned
         data = Path(tmp, "ids.json")
         data.write_text(json.dumps({"ids": ids}))
-        order = [(None, None)] + variant_order(args.ratios, args.fastmask_ratios, args.stream_ratios)
+        order = [(None, None)] + variant_order(args.ratios, args.read_ratios)
         for context in args.contexts:
             for ratio, variant in order:
                 case = dict(preset=args.preset, context=context, new_tokens=args.new_tokens, ratio=ratio,
                             variant=variant, repeats=args.repeats, flops=not args.no_flops, threads=args.threads,
                             device=args.device, dtype=args.dtype, chunk_size=args.chunk_size,
-                            data=str(data))
+                            read_group=args.read_group, data=str(data))
                 case_file, out_file = Path(tmp, "case.json"), Path(tmp, "out.json")
                 case_file.write_text(json.dumps(case))
                 load_before = os.getloadavg()
                 started = time.perf_counter()
                 proc = subprocess.run([sys.executable, __file__, "--worker", str(case_file), "--worker-out",
-                                       str(out_file)], capture_output=True, text=True)
+                                       str(out_file)], capture_output=True, text=True, env=WORKER_ENV)
                 wall = time.perf_counter() - started
                 label = f"ctx={context} {model_label(ratio, variant)}"
                 if proc.returncode != 0:
@@ -365,12 +359,12 @@ def _index(results):
     return table
 
 
-VARIANTS = ("core", "fastmask", "stream")
+VARIANTS = ("core", "read")
 
 
-def variant_order(ratios, fastmask_ratios, stream_ratios=()):
+def variant_order(ratios, read_ratios=()):
     """(ratio, variant) in run order: r = 4 first (right after the baseline), then the others."""
-    chosen = {"core": set(ratios), "fastmask": set(fastmask_ratios), "stream": set(stream_ratios)}
+    chosen = {"core": set(ratios), "read": set(read_ratios)}
     order = []
     for ratio in sorted(set().union(*chosen.values()), key=lambda r: (r != 4, r)):
         order += [(ratio, variant) for variant in VARIANTS if ratio in chosen[variant]]
@@ -379,7 +373,7 @@ def variant_order(ratios, fastmask_ratios, stream_ratios=()):
 
 def model_order(results):
     args = results["args"]
-    pairs = sorted(variant_order(args["ratios"], args.get("fastmask_ratios", []), args.get("stream_ratios", [])),
+    pairs = sorted(variant_order(args["ratios"], args.get("read_ratios", [])),
                    key=lambda p: (p[0], VARIANTS.index(p[1])))
     return ["baseline"] + [model_label(r, v) for r, v in pairs]
 
@@ -502,7 +496,7 @@ def write_markdown(results, path: Path):
               "Ratios in parentheses are VIST2 / baseline (memory, FLOPs) or speed-ups (TTFT, decode). "
               "KV = bytes of all keys and values in the cache after generation. Peak Δ = peak RSS during the timed "
               "generation minus RSS after model load and warm-up (VmHWM reset); peak total = whole-process peak. "
-              "FLOPs from `torch.utils.flop_counter` (attention counted dense, GQA-aware, see `common.sdpa_flops`); "
+              "FLOPs from `torch.utils.flop_counter` (attention counted as the kernel computes it: every pair of a masked call, the triangle of a causal one; see `common.sdpa_flops`); "
               "total = prefill + all decode steps. TTFT = building inputs (VIST2: chunking, rendering, "
               "normalising) + prefill + first token. Share = time in render + normalise + encode / stage time.", "",
               "| context | model | KV MiB | peak Δ MiB | peak total MiB | prefill GFLOP | decode MFLOP/token | "
@@ -653,14 +647,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per case (default 1: on a shared machine more threads than free cores "
                              "make OpenMP spin-wait and distort small decode kernels; 0 = torch's default)")
-    parser.add_argument("--fastmask-ratios", type=int, nargs="*", default=[], choices=sorted(common.GEOMETRY),
-                        help="also run these ratios as 'vist2-rN-fastmask': the harness replaces the core's "
-                             "build_attention_mask by the equivalent broadcast mask (common.layout_mask), i.e. the "
-                             "proposed core change; --ratios run the core as it is")
-    parser.add_argument("--stream-ratios", type=int, nargs="*", default=[], choices=sorted(common.GEOMETRY),
-                        help="also run these ratios as 'vist2-rN-stream': prefill with the core's streaming "
-                             "model.read(processor, text) (chunks rendered/encoded/appended in groups) instead of one "
-                             "forward over processor(text), with the fastmask patch; then the same generate()")
+    parser.add_argument("--read-ratios", type=int, nargs="*", default=[4], choices=sorted(common.GEOMETRY),
+                        help="also run these ratios as 'vist2-rN-read': the prompt goes in through the core's "
+                             "streaming model.read(processor, text) (tokenized, rendered, encoded and cached group "
+                             "by group) instead of generate(**processor(text)); then the same generate()")
+    parser.add_argument("--read-group", type=int, default=8, help="sketches_per_step of model.read (the core default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: the preset's")
     parser.add_argument("--name", default=None, help="results/<name>.{json,md,png} (default: the preset)")

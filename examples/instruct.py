@@ -26,19 +26,17 @@ import os
 import random
 from pathlib import Path
 
-import torch
 from peft import PeftModel, get_peft_model
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, set_seed
 
 from vist2 import VIST2ForCausalLM
 from vist2.training import (
     ConversationDataset,
     VIST2DataCollator,
-    bf16_supported,
-    checkpointing_argument,
     language_model_lora_config,
     load_dataset_source,
     load_or_build_model,
+    vist2_training_arguments,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,28 +150,7 @@ def main(argv=None):
     conversations = load_conversations(args, processor.chunk_size)
     train_dataset = ConversationDataset(conversations, processor, messages_column=args.messages_column)
 
-    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and not args.cpu and bf16_supported())
-    training_args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        logging_steps=args.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
-        bf16=bf16,
-        use_cpu=args.cpu,
-        **checkpointing_argument(args.gradient_checkpointing),
-        dataloader_num_workers=args.num_workers,
-        dataloader_pin_memory=torch.cuda.is_available() and not args.cpu,
-        remove_unused_columns=False,
-        ddp_find_unused_parameters=True,
-        report_to=[],
-        seed=args.seed,
-    )
+    training_args = vist2_training_arguments(args, output_dir, args.max_steps)
     trainer = Trainer(
         model=model,
         args=training_args,

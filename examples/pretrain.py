@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments, set_seed
+from transformers import set_seed
 
 from vist2.training import (
     CurriculumSchedule,
@@ -37,11 +37,10 @@ from vist2.training import (
     VIST2DataCollator,
     VIST2Trainer,
     apply_final_geometry,
-    bf16_supported,
-    checkpointing_argument,
     load_documents,
     load_or_build_model,
     processor_for_phase,
+    vist2_training_arguments,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,33 +167,13 @@ def main(argv=None):
                 f"{schedule.describe()}")
     train_dataset, eval_dataset = build_datasets(args, processor, schedule, window_tokens)
 
-    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and not args.cpu and bf16_supported())
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        max_steps=max_steps,
-        per_device_train_batch_size=args.batch_size,
+    training_args = vist2_training_arguments(
+        args, args.output_dir, max_steps,
         per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
         warmup_steps=args.lr_warmup_steps,
         weight_decay=args.weight_decay,
-        lr_scheduler_type="cosine",
-        logging_steps=args.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
-        bf16=bf16,
-        use_cpu=args.cpu,
-        **checkpointing_argument(args.gradient_checkpointing),
-        dataloader_num_workers=args.num_workers,
-        dataloader_pin_memory=torch.cuda.is_available() and not args.cpu,
-        remove_unused_columns=False,  # chunk_ids, pixel_values, read_back are not in a text model's signature
-        # Frozen phases, and batches whose chunks were all kept as text, leave parameters without gradient.
-        ddp_find_unused_parameters=True,
         # Batches of an iterable dataset cannot be sliced across processes: pixel_values has one row per sketch.
         accelerator_config={"dispatch_batches": False} if args.streaming else None,
-        report_to=[],
-        seed=args.seed,
     )
     trainer = VIST2Trainer(
         model=model,
@@ -207,7 +186,7 @@ def main(argv=None):
     )
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
     logger.info(f"{training_args.world_size} process(es) ({training_args.parallel_mode.value}, backend {backend}) "
-                f"on {training_args.device}, bf16={bf16}, {max_steps} steps")
+                f"on {training_args.device}, bf16={training_args.bf16}, {max_steps} steps")
     before = trainer.evaluate()["eval_loss"] if eval_dataset is not None and not args.resume else None
     resume = True if args.resume == "last" else args.resume
     trainer.train(resume_from_checkpoint=resume)

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT, tiny_config
-from vist2 import VIST2ForCausalLM, VIST2Processor
-from vist2.modeling_vist2 import layout_position_ids, memory_flags, token_kinds
+from vist2 import VIST2ForCausalLM
+from transformers import DynamicCache
+
+from vist2.modeling_vist2 import layout_position_ids, memory_flags, prefill_block_ends, token_kinds
 
 L, M = 16, 4  # tiny preset: chunk size and visual tokens per chunk
 
@@ -114,6 +116,41 @@ def test_model_mask_and_positions_equal_the_brute_force_rule(models, config, see
         real = attention_mask[b].bool()
         assert positions[b][real].tolist() == [p for p, t in zip(brute_force_positions(row, bool(read_back[b])), row)
                                                if t[0] != "pad"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("q_length", [1, 5])  # a decode step; a closing step (sketch + token) over a cache
+def test_mask_of_the_last_queries_over_a_cache_equals_the_brute_force_rows(models, config, seed, q_length):
+    rng = random.Random(seed)
+    rows, input_ids, attention_mask, chunk_ids = left_padded_batch(
+        [random_layout(rng, config.sketch_token_id) for _ in range(3)])
+    kinds = token_kinds(input_ids, attention_mask, config.sketch_token_id)
+    layout = (kinds, chunk_ids, memory_flags(kinds, chunk_ids), torch.zeros(3, dtype=torch.bool))
+    width = input_ids.shape[1]
+    cache = DynamicCache()
+    for layer in range(config.text_config.num_hidden_layers):
+        past = torch.zeros(3, 1, width - q_length, 8)
+        cache.update(past, past, layer)
+    mask = models["sdpa"].build_attention_mask(torch.zeros(3, q_length, config.text_config.hidden_size), layout, cache)
+    for b, row in enumerate(rows):
+        expected = torch.tensor(brute_force_allowed(row, False))[width - q_length :]
+        assert torch.equal(mask[b, 0], expected)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("block", [1, 3, 7])
+def test_prefill_blocks_end_only_where_no_earlier_query_sees_a_later_key(config, seed, block):
+    rng = random.Random(seed)
+    rows, input_ids, attention_mask, chunk_ids = left_padded_batch(
+        [random_layout(rng, config.sketch_token_id) for _ in range(rng.randrange(1, 4))])
+    kinds = token_kinds(input_ids, attention_mask, config.sketch_token_id)
+    ends = prefill_block_ends(kinds, chunk_ids, block)
+    assert ends[-1] == input_ids.shape[1] and ends == sorted(set(ends))
+    assert all(b - a >= block for a, b in zip([0] + ends[:-2], ends[:-1]))  # only the last block may be short
+    for row in rows:
+        allowed = brute_force_allowed(row, False)
+        for end in ends:
+            assert not any(allowed[q][k] for q in range(end) for k in range(end, len(row)))
 
 
 def test_first_token_of_a_chunk_and_of_its_sketch_share_a_position(processor, config):

@@ -1,6 +1,5 @@
 """Correctness of the benchmark helpers (benchmarks/common.py). No timings are asserted here, ever."""
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from transformers import DynamicCache, LogitsProcessorList
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from vist2.modeling_vist2 import VIST2ForCausalLM, memory_flags, token_kinds  # noqa: E402
+from vist2.modeling_vist2 import VIST2ForCausalLM  # noqa: E402
 
 TEXT = (
     "Global context compression renders every finished chunk of text into a small sketch image. "
@@ -99,49 +98,18 @@ def test_forced_continuation_is_generated_by_both_and_chunks_close(model, proces
     assert len(rendered) >= 3 + 2 and all(image is not None for image in rendered)  # prompt chunks + decode closures
 
 
-def _layout(processor, samples):
-    batch = processor.collate([processor.encode_sample(prefix, stream) for prefix, stream in samples])
-    kinds = token_kinds(batch["input_ids"], batch["attention_mask"], processor.sketch_token_id)
-    chunk_ids = batch["chunk_ids"].masked_fill(kinds == 0, 0).long()
-    return kinds, chunk_ids, memory_flags(kinds, chunk_ids)
-
-
-@pytest.mark.parametrize("read_back", [False, True])
-def test_layout_mask_equals_the_core_mask(model, processor, ids, read_back):
-    kinds, chunk_ids, memory = _layout(processor, [(ids[:3], ids[3:70]), ([], ids[:45])])  # prefix, left padding
-    rb = torch.tensor([read_back, False])
-    S = kinds.shape[1]
-    with torch.inference_mode():
-        core = model.build_attention_mask(torch.zeros(2, S, 8), (kinds, chunk_ids, memory, rb), None)
-        for q in (S, 1, 5):  # prefill, then a decode step (q = 1) and a closing step (m + 1) over a cache
-            cache = DynamicCache()
-            if q < S:
-                for layer in range(model.config.text_config.num_hidden_layers):
-                    past = torch.zeros(2, 1, S - q, 8)
-                    cache.update(past, past, layer)
-            core = model.build_attention_mask(torch.zeros(2, q, 8), (kinds, chunk_ids, memory, rb),
-                                              cache if q < S else None)
-            fast = common.layout_mask(kinds, chunk_ids, memory, rb, q_length=q)
-            assert core.dtype == torch.bool and torch.equal(core.expand_as(fast), fast)
-
-
-def test_flop_counter_sees_cpu_attention_and_fast_mask_changes_nothing(model, processor, ids):
+def test_flop_counter_sees_cpu_attention_and_every_part_of_vist2(model, processor, ids):
     q, k = torch.randn(1, 4, 7, 8), torch.randn(1, 2, 11, 8)
     with common.flop_counter() as counter:
         torch.nn.functional.scaled_dot_product_attention(q, k, k, enable_gqa=True)
     assert counter.get_total_flops() == 2 * 4 * 7 * 11 * 8 * 2
+    with common.flop_counter() as counter:  # a causal kernel computes the triangle only
+        torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :7], k[:, :, :7], is_causal=True, enable_gqa=True)
+    assert counter.get_total_flops() == 2 * 4 * (7 * 8 // 2) * 8 * 2
 
-    forced = ids[64 : 64 + 20]
-    totals, sequences = [], []
-    for patched in (False, True):
-        with common.fast_mask(model) if patched else contextlib.nullcontext(False) as active:
-            assert active == patched
-            with common.flop_counter() as counter:
-                out = forced_generate(model, common.vist2_inputs(processor, ids[:64]), forced, processor)
-        totals.append(common.flops_by_part(counter))
-        sequences.append(out.sequences.tolist())
-    assert totals[0] == totals[1] and sequences[0] == sequences[1]
-    parts = totals[0]
+    with common.flop_counter() as counter:
+        forced_generate(model, common.vist2_inputs(processor, ids[:64]), ids[64 : 64 + 20], processor)
+    parts = common.flops_by_part(counter)
     assert parts["vision_tower"] > 0 and parts["aligner"] > 0 and parts["decoder"] > 0 and parts["lm_head"] > 0
     assert parts["vision_tower"] + parts["aligner"] + parts["language_model"] == parts["total"]
 
@@ -230,3 +198,12 @@ def test_decode_flops_from_a_few_counted_forwards_equal_a_full_count(model, proc
         model.config.text_config), m + 1)
     assert consistent
     assert {k: got[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("mode, size", [("generate", 128), ("read", 2), ("baseline", None)])
+def test_prefill_memory_case_reports_the_peak_of_inputs_and_prefill(mode, size):
+    from benchmarks import prefill_memory
+
+    case = prefill_memory.run_case(context=600, mode=mode, size=size, ratio=4)
+    assert case["mode"] == mode and case["context"] == 600
+    assert 0 <= case["inputs_peak_mib"] <= case["peak_mib"]

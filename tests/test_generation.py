@@ -49,8 +49,11 @@ def training_forward_logits(model, processor, prefix, stream_ids):
         ("", "Only a prefix.", 40),
     ],
 )
-def test_every_generation_step_equals_the_training_forward(model, processor, ascii_only, text, prefix, new_tokens):
-    inputs, out = generate(model, processor, text, prefix, max_new_tokens=new_tokens, suppress_tokens=ascii_only)
+@pytest.mark.parametrize("prefill_chunk_size", [None, 7])  # one pass; blocks that cut sketches and chunks apart
+def test_every_generation_step_equals_the_training_forward(model, processor, ascii_only, text, prefix, new_tokens,
+                                                           prefill_chunk_size):
+    inputs, out = generate(model, processor, text, prefix, max_new_tokens=new_tokens, suppress_tokens=ascii_only,
+                           prefill_chunk_size=prefill_chunk_size)
     generated = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
     stream = processor.encode(text)
     logits, prefix_len, batch = training_forward_logits(model, processor, prefix, stream + generated)
@@ -96,6 +99,31 @@ def test_a_batch_gives_the_same_tokens_and_logits_as_each_row_alone(model, proce
         assert batch_out.sequences[row, width:].tolist() == alone.sequences[0, inputs["input_ids"].shape[1]:].tolist()
         for step in range(45):
             torch.testing.assert_close(batch_out.logits[step][row], alone.logits[step][0], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("block", [1, 5, 64])
+def test_a_prefill_in_blocks_gives_the_tokens_and_logits_of_one_pass(model, processor, ascii_only, block):
+    inputs = processor(text=[SAMPLE_TEXT[:400], SAMPLE_TEXT[50:90]], prefix=["", "Sys."])  # left padding
+    kwargs = dict(max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                  suppress_tokens=ascii_only)
+    one_pass = model.generate(**inputs, processor=processor, prefill_chunk_size=None, **kwargs)
+    blocked = model.generate(**inputs, processor=processor, prefill_chunk_size=block, **kwargs)
+    assert blocked.sequences.tolist() == one_pass.sequences.tolist()
+    for blocked_logits, one_pass_logits in zip(blocked.logits, one_pass.logits):
+        torch.testing.assert_close(blocked_logits, one_pass_logits, atol=TOLERANCE, rtol=0)
+
+
+def test_a_generation_config_prefill_chunk_size_sets_the_prefill_blocks(model, processor, ascii_only, monkeypatch):
+    blocks = []
+    prefill_in_blocks = model.prefill_in_blocks
+    monkeypatch.setattr(model, "prefill_in_blocks", lambda *args: blocks.append(args[-1]) or prefill_in_blocks(*args))
+    inputs = processor(text=SAMPLE_TEXT[:400])
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, prefill_chunk_size=5)
+    out = model.generate(**inputs, processor=processor, generation_config=config, suppress_tokens=ascii_only)
+    assert blocks == [5] and config.prefill_chunk_size == 5  # the caller's config is not changed
+    one_pass = model.generate(**inputs, processor=processor, max_new_tokens=10, do_sample=False,
+                              prefill_chunk_size=None, suppress_tokens=ascii_only)
+    assert out.tolist() == one_pass.tolist() and blocks == [5]
 
 
 class CacheProbe(LogitsProcessor):

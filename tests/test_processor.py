@@ -1,6 +1,5 @@
 """VIST2Processor: chunking, layout, batching, reports, chat, persistence."""
 
-import warnings
 
 import pytest
 import torch

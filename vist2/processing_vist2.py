@@ -179,9 +179,15 @@ def render_with_policy(text: str, settings: dict) -> tuple[np.ndarray | None, Sk
 
 def normalize_sketches(images: np.ndarray, settings: dict) -> torch.Tensor:
     """uint8 `(n, H, W)` sketches -> float `(n, C, H, W)` pixel values for the vision tower."""
-    pixels = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
-    pixels = (pixels - settings["image_mean"]) / settings["image_std"]
-    return pixels.unsqueeze(1).expand(-1, settings["num_channels"], -1, -1).contiguous()
+    # Written straight into the output, channel by channel: a long prompt's pixel values are the largest tensor the
+    # processor makes, and float temporaries of the whole batch would double its peak memory.
+    n, h, w = images.shape
+    pixels = torch.empty(n, settings["num_channels"], h, w)
+    grey = pixels[:, 0]
+    grey.copy_(torch.from_numpy(np.ascontiguousarray(images)))
+    grey.div_(255.0).sub_(settings["image_mean"]).div_(settings["image_std"])
+    pixels[:, 1:] = grey[:, None]
+    return pixels
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -604,8 +604,39 @@ __all__ = [
     "FREEZABLE_MODULES", "LANGUAGE_MODEL_LORA_TARGETS", "load_dataset_source", "load_documents", "tokenize_documents", "render_window",
     "CurriculumPhase", "CurriculumSchedule", "CurriculumCallback", "VIST2Trainer", "processor_for_phase",
     "apply_final_geometry", "set_frozen", "PackedTextDataset", "StreamingTextDataset", "PendingWindow", "ConversationDataset",
-    "VIST2DataCollator", "language_model_lora_config", "bf16_supported", "load_or_build_model",
+    "VIST2DataCollator", "language_model_lora_config", "bf16_supported", "load_or_build_model", "vist2_training_arguments",
 ]
+
+
+def vist2_training_arguments(args, output_dir, max_steps: int, **overrides):
+    """The `TrainingArguments` both example scripts share, from their common command-line flags (batch_size,
+    grad_accum, lr, logging_steps, save_steps, bf16, cpu, gradient_checkpointing, num_workers, seed)."""
+    from transformers import TrainingArguments
+
+    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and not args.cpu and bf16_supported())
+    return TrainingArguments(**{
+        "output_dir": str(output_dir),
+        "max_steps": max_steps,
+        "per_device_train_batch_size": args.batch_size,
+        "gradient_accumulation_steps": args.grad_accum,
+        "learning_rate": args.lr,
+        "lr_scheduler_type": "cosine",
+        "logging_steps": args.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps" if args.save_steps else "no",
+        "save_steps": args.save_steps or 500,
+        "bf16": bf16,
+        "use_cpu": args.cpu,
+        **checkpointing_argument(args.gradient_checkpointing),
+        "dataloader_num_workers": args.num_workers,
+        "dataloader_pin_memory": torch.cuda.is_available() and not args.cpu,
+        "remove_unused_columns": False,  # chunk_ids, pixel_values, read_back are not in a text model's signature
+        # Frozen phases, and batches whose chunks were all kept as text, leave parameters without gradient.
+        "ddp_find_unused_parameters": True,
+        "report_to": [],
+        "seed": args.seed,
+        **overrides,
+    })
 
 
 def checkpointing_argument(enabled: bool) -> dict:

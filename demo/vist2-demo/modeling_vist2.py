@@ -97,6 +97,18 @@ def check_layout(kinds, chunk_ids, visual_tokens_per_chunk):
                              "pixel_values from one VIST2Processor call.")
 
 
+def prefill_block_ends(kinds, chunk_ids, block: int) -> list[int]:
+    """Where to end the blocks of a prefill of about `block` entries each: never inside a sketch, in any row, because
+    a sketch's tokens see each other (a later token of a cut sketch would not be in the cache yet)."""
+    inside_sketch = (kinds[:, 1:] == SKETCH) & (kinds[:, :-1] == SKETCH) & (chunk_ids[:, 1:] == chunk_ids[:, :-1])
+    length, ends = kinds.shape[1], []
+    cuts = ((~inside_sketch.any(0)).nonzero()[:, 0] + 1).tolist() + [length]
+    for cut in cuts:
+        if cut - (ends[-1] if ends else 0) >= block or cut == length:
+            ends.append(cut)
+    return ends
+
+
 def vist2_mask_function(kinds, chunk_ids, memory, read_back):
     """The attention rule as a transformers mask function over flat indices of `(batch, kv_length)` layout tensors."""
 
@@ -127,9 +139,12 @@ class VIST2Cache(DynamicCache):
     many memory entries precede it (its first position). Rows are left-padded with `PAD` entries.
     """
 
-    def __init__(self, config=None, processor=None):
+    def __init__(self, config=None, processor=None, prefill_chunk_size: int | None = 512):
         super().__init__(config=config)
         self.processor = processor
+        # The prompt is prefilled this many layout entries at a time (None: in one pass): peak memory then holds one
+        # block's activations and attention mask beside the compressed cache, never the whole prompt's.
+        self.prefill_chunk_size = prefill_chunk_size
         self.kinds = self.chunk_ids = self.memory = None
         self.open_tokens: list[list[int]] = []
         self.open_chunk = self.memory_length = None
@@ -324,6 +339,11 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             raise ValueError(f"pixel_values must be a float tensor of shape (num_sketches, {', '.join(map(str, expected))}),"
                              f" got {tuple(pixel_values.shape)} {pixel_values.dtype}: pass what VIST2Processor returns")
 
+    def sketches_per_encoder_pass(self, block: int) -> int:
+        """As many sketches as hold `block` patches: the vision tower's activations then match a prefill block's."""
+        cfg = self.config
+        return max(1, block // ((cfg.image_height // cfg.patch_size) * (cfg.image_width // cfg.patch_size)))
+
     def encode_sketches(self, pixel_values):
         """`(n, C, H, W)` sketches -> `(n, m, hidden)` visual tokens."""
         cfg = self.config
@@ -348,7 +368,7 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
                              "patch encoder without class token (SigLIP / SigLIP2 vision)")
         return self.aligner(patches)
 
-    def embed(self, input_ids, kinds, pixel_values):
+    def embed(self, input_ids, kinds, pixel_values, sketches_per_pass=None):
         if pixel_values is not None:
             self.check_pixel_values(pixel_values)
         embeds = self.get_input_embeddings()(input_ids)
@@ -359,7 +379,9 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
                              f"sketches of {self.config.visual_tokens_per_chunk} tokens: pass input_ids and pixel_values "
                              "from the same processor call")
         if num_sketches:
-            visual = self.encode_sketches(pixel_values).to(embeds.dtype)
+            step = sketches_per_pass or num_sketches
+            visual = torch.cat([self.encode_sketches(pixel_values[i : i + step]) for i in range(0, num_sketches, step)])
+            visual = visual.to(embeds.dtype)
             embeds = embeds.masked_scatter((kinds == SKETCH)[..., None], visual)
         return embeds
 
@@ -406,9 +428,14 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         if isinstance(past_key_values, VIST2Cache):
             past_key_values.record_prefill(kinds, chunk_ids, memory, input_ids)
 
-        embeds = self.embed(input_ids, kinds, pixel_values)
+        block = past_key_values.prefill_chunk_size if isinstance(past_key_values, VIST2Cache) else None
+        embeds = self.embed(input_ids, kinds, pixel_values, block and self.sketches_per_encoder_pass(block))
         positions = layout_position_ids(kinds, chunk_ids, memory, read_back)
-        hidden = self.run_language_model(embeds, positions, (kinds, chunk_ids, memory, read_back), past_key_values, use_cache)
+        layout = (kinds, chunk_ids, memory, read_back)
+        if block:
+            hidden = self.prefill_in_blocks(embeds, positions, layout, past_key_values, block)
+        else:
+            hidden = self.run_language_model(embeds, positions, layout, past_key_values, use_cache)
         logits = self.lm_head_for(hidden, logits_to_keep)
         loss = None
         if labels is not None:
@@ -453,6 +480,17 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             use_cache=bool(use_cache),
         )
         return outputs.last_hidden_state
+
+    def prefill_in_blocks(self, embeds, positions, layout, cache: VIST2Cache, block: int):
+        """Run the prompt through the language model `block` entries at a time, appending to `cache`. Exact: each
+        query sees the cache of every earlier block plus its own block, under the same rule and positions."""
+        kinds, chunk_ids, memory, read_back = layout
+        hidden, start = [], 0
+        for end in prefill_block_ends(kinds, chunk_ids, block):
+            seen = (kinds[:, :end], chunk_ids[:, :end], memory[:, :end], read_back)
+            hidden.append(self.run_language_model(embeds[:, start:end], positions[:, start:end], seen, cache, True))
+            start = end
+        return torch.cat(hidden, 1)
 
     def lm_head_for(self, hidden, logits_to_keep=0):
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -543,7 +581,7 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         return self.run_language_model(embeds, positions, layout, cache, use_cache=True)
 
     @torch.no_grad()
-    def read(self, processor, text: str, prefix: str = "", sketches_per_step: int = 32) -> dict:
+    def read(self, processor, text: str, prefix: str = "", sketches_per_step: int = 8) -> dict:
         """Compress a long `text` into a `VIST2Cache` while streaming it, and return inputs for `generate`.
 
         The text is tokenized, rendered and encoded `sketches_per_step` chunks at a time (`processor.iter_chunks`),
@@ -575,7 +613,7 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             as_tensor = lambda values: torch.tensor([values], device=device)  # noqa: E731
             kinds, chunks = as_tensor(kinds), as_tensor(chunks)
             pixels = processor.pixel_values(images).to(device) if images else None
-            embeds = self.embed(as_tensor(tokens), kinds, pixels)
+            embeds = self.embed(as_tensor(tokens), kinds, pixels, self.sketches_per_encoder_pass(m * sketches_per_step))
             positions = cache.memory_length + torch.arange(kinds.shape[1], device=device)[None]
             self.extend_cache(cache, embeds, kinds, chunks, kinds != PAD, positions)
             cache.memory_length += kinds.shape[1]
@@ -640,14 +678,23 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             raise ValueError(f"processor and model disagree on {mismatch} (processor, model): build the processor "
                              "with VIST2Processor.from_config(model.config, tokenizer)")
 
-    def generate(self, inputs=None, processor=None, **kwargs):
-        """`GenerationMixin.generate` with a compressing cache: pass `processor=` so closed chunks can be rendered."""
+    def generate(self, inputs=None, processor=None, prefill_chunk_size: int | None = 512, **kwargs):
+        """`GenerationMixin.generate` with a compressing cache: pass `processor=` so closed chunks can be rendered.
+
+        The compressed prompt is prefilled `prefill_chunk_size` entries at a time (sketches encoded block by block), so
+        peak memory is the compressed cache plus one block; `None` prefills in one pass. Same logits either way."""
+        generation_config = kwargs.get("generation_config")
+        if getattr(generation_config, "prefill_chunk_size", None) is not None:
+            # transformers' own chunked prefill cannot split sketches: VIST2 takes the setting and blocks it itself.
+            prefill_chunk_size = generation_config.prefill_chunk_size
+            kwargs["generation_config"] = generation_config.from_dict(generation_config.to_dict(), prefill_chunk_size=None)
         if processor is not None:
             self.check_processor(processor)
             if kwargs.get("stop_strings") is not None:
                 kwargs.setdefault("tokenizer", processor.tokenizer)
         if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = VIST2Cache(config=self.config.text_config, processor=processor)
+            kwargs["past_key_values"] = VIST2Cache(config=self.config.text_config, processor=processor,
+                                                   prefill_chunk_size=prefill_chunk_size)
         elif processor is not None:
             kwargs["past_key_values"].processor = processor
         input_ids = kwargs.get("input_ids", inputs)
