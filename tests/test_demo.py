@@ -101,3 +101,39 @@ def test_demo_checkpoint_generates_across_a_chunk_boundary(demo_model):
         out = model.generate(**inputs, processor=processor, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
     assert isinstance(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])[0], str)
+
+
+@pytest.mark.parametrize("encoder", ["oracle", "cells"])
+def test_readback_oracle_diagnostic_runs_and_logs_right_and_wrong(tmp_path, encoder):
+    """examples/readback_oracle.py (demo/NOTES.md, "Third attempt"): two steps through the real VIST2 forward."""
+    oracle = load_example("readback_oracle")
+    log = tmp_path / "log.jsonl"
+    ratio = "1" if encoder == "oracle" else "4"
+    threads = torch.get_num_threads()
+    try:
+        oracle.main(["--encoder", encoder, "--ratio", ratio, "--data", "chars", "--steps", "2", "--batch-size", "2",
+                     "--eval-every", "1", "--log", str(log)])
+    finally:
+        torch.set_num_threads(threads)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records[0]["m"] == 8 and records[0]["L"] == 8 * int(ratio)
+    assert [r["step"] for r in records[1:]] == [0, 1]
+    assert all(0 <= r["tf_acc"] <= 1 and 0 <= r["tf_acc_wrong"] <= 1 for r in records[1:])
+
+
+def test_readback_oracle_trains_the_merge_and_saves_an_encoder(tmp_path):
+    """examples/readback_oracle.py --encoder-steps (demo/NOTES.md, "Fourth attempt"): tower + aligner on the glyph head."""
+    oracle = load_example("readback_oracle")
+    log, out = tmp_path / "log.jsonl", tmp_path / "enc"
+    threads = torch.get_num_threads()
+    try:
+        oracle.main(["--encoder", "vision", "--init", str(DEMO), "--data", "chars", "--encoder-steps", "2",
+                     "--encoder-batch", "2", "--aligner-init-std", "0.3", "--head-prior-init", "--aligner-lr", "1e-4",
+                     "--eval-every", "1", "--log", str(log), "--save", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records[0]["stage"] == "encoder"
+    assert [r["encoder_step"] for r in records[1:]] == [0, 1]
+    assert all(0 <= r["heldout_char_acc"] <= 1 and 0 <= r["saturated"] <= 1 for r in records[1:])
+    assert (out / "model.safetensors").exists() and (out / "glyph_heads.pt").exists()

@@ -1,0 +1,440 @@
+"""Oracle read-back diagnostic for the demo VIST2 (demo/NOTES.md, "Third attempt").
+
+Can the language-model side learn read-back at all with the VIST2 mask and positions? The vision tower is replaced
+by an oracle: visual token j of a chunk is a trainable embedding of the r text tokens it covers
+(`tanh(W [E(t_jr) ... E(t_jr+r-1)] + b)`), so the visual tokens carry the text perfectly. The rest is the real
+`VIST2ForCausalLM` forward: layout `c_1 V_1` with read-back, `layout_position_ids`, `vist2_mask_function`, and the
+text-stream loss. The geometry keeps m = 8 visual tokens (the demo's), so r = 1 means L = 8 and r = 4 means L = 32.
+
+    python examples/readback_oracle.py --ratio 1 --data chars --steps 1500      # one character per visual token
+    python examples/readback_oracle.py --ratio 4 --data chars --steps 3000      # four per visual token (the demo's r)
+    python examples/readback_oracle.py --encoder cells --init demo/vist2-demo --data corpus   # perfect glyph-cell tokens
+    python examples/readback_oracle.py --encoder vision --init demo/vist2-demo --data chars --patch-probe-steps 1500
+    python examples/readback_oracle.py --encoder vision --init demo/vist2-demo --data chars --encoder-steps 3000 \
+        --aligner-init-std 0.3 --save /tmp/enc    # "Fourth attempt": train tower + aligner on the token glyph head
+
+Every --eval-every steps it logs teacher-forced token accuracy and loss on 64 fixed probe chunks with the right
+visual tokens and with the wrong ones (another probe's, rotated by one): reading shows as right >> wrong.
+No rendering, so a step is pure compute (0.55 s at L = 8, 1.3 s at L = 32, batch 32, one CPU thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO))
+
+import train_demo as td  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from vist2 import VIST2ForCausalLM  # noqa: E402
+
+
+class CellOracle(nn.Module):
+    """Visual token j = tanh(W [C(cell_1), ..., C(cell_k)] + b) over the k glyph cells its sketch tile covers."""
+
+    def __init__(self, hidden, cells_per_token, width=64):
+        super().__init__()
+        self.embed = nn.Embedding(td.NUM_CLASSES, width)
+        self.proj = nn.Linear(width * cells_per_token, hidden)
+
+    def forward(self, cells):  # (n, m, k) class ids -> (n, m, hidden)
+        return torch.tanh(self.proj(self.embed(cells).flatten(2)))
+
+
+class OracleEncoder(nn.Module):
+    """Visual token j = tanh(W [E(t_{jr}), ..., E(t_{jr+r-1})] + b): a perfect 'eye' for the LM to read from."""
+
+    def __init__(self, vocab, hidden, ratio):
+        super().__init__()
+        self.ratio = ratio
+        self.embed = nn.Embedding(vocab, hidden)
+        self.proj = nn.Linear(hidden * ratio, hidden)
+
+    def forward(self, ids):  # (n, L) -> (n, L / r, hidden)
+        e = self.embed(ids)
+        return torch.tanh(self.proj(e.reshape(ids.shape[0], ids.shape[1] // self.ratio, -1)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ratio", type=int, default=4, help="text tokens per visual token (m stays 8, L = 8 r)")
+    p.add_argument("--data", choices=["chars", "random", "corpus"], default="chars",
+                   help="random single-character tokens (95 ids), random printable tokens, or corpus chunks")
+    p.add_argument("--init", default=None, help="start the LM from this checkpoint (e.g. demo/vist2-demo)")
+    p.add_argument("--encoder", choices=["oracle", "cells", "vision"], default="oracle",
+                   help="oracle token embeddings, the glyph cells each visual token covers in the real sketch layout "
+                        "(a perfect vision tower + aligner: 4 lines x 8 columns per token at r = 4), or the --init checkpoint's frozen vision tower on rendered sketches "
+                        "(patch features computed once for a pool of --pool-size chunks) + its trainable aligner")
+    p.add_argument("--tile", choices=["merge", "lines"], default="merge",
+                   help="cells mode: a visual token covers its 4 x 4-patch tile (4 lines x 8 columns, the demo's "
+                        "merge), or one whole text line of 32 cells (what a 1 x 16 'line merge' would give)")
+    p.add_argument("--pool-size", type=int, default=4096, help="vision mode: rendered training chunks in the pool")
+    p.add_argument("--aux-weight", type=float, default=1.0, help="vision mode: token-level glyph-cell head weight")
+    p.add_argument("--fresh-aligner", action="store_true", help="vision mode: re-initialise the aligner")
+    p.add_argument("--fresh-lm", action="store_true", help="take only vision tower + aligner from --init")
+    p.add_argument("--aligner-steps", type=int, default=0,
+                   help="vision mode: first train only the aligner + token-level glyph head (batch 64, no LM) this long")
+    p.add_argument("--patch-probe-steps", type=int, default=0,
+                   help="vision mode: only fit a linear per-patch glyph head (2 cells) on the frozen patch features "
+                        "this long, report its held-out ink-cell accuracy, and exit (does the tower see the characters?)")
+    p.add_argument("--aligner-lr", type=float, default=None, help="vision mode: lr of the aligner in the aligner-only and encoder stages (default --lr)")
+    p.add_argument("--freeze-aligner", action="store_true", help="vision mode: then keep the aligner fixed")
+    p.add_argument("--encoder-steps", type=int, default=0,
+                   help="vision mode: instead of read-back, train the vision tower AND the aligner jointly on the "
+                        "token-level glyph-cell loss (freshly rendered sketches, no LM) this long, log held-out "
+                        "per-character accuracy every --eval-every steps, save_pretrained to --save, and exit")
+    p.add_argument("--head-prior-init", action="store_true",
+                   help="encoder stage: start the token glyph head's bias at the log class frequencies")
+    p.add_argument("--encoder-batch", type=int, default=32, help="encoder stage: sketches per step")
+    p.add_argument("--encoder-target", type=float, default=1.0,
+                   help="encoder stage: stop once held-out per-character accuracy reaches this")
+    p.add_argument("--aligner-init-std", type=float, default=0,
+                   help="encoder stage: re-initialise the aligner so that its pre-activation std on a batch of "
+                        "sketches is this (e.g. 0.3: tanh starts in its linear range); 0 = keep --init's aligner")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-minutes", type=float, default=0, help="stop (and log) after this wall time; 0 = no limit")
+    p.add_argument("--log", required=True, help="JSON-lines log")
+    p.add_argument("--save", default=None, help="oracle: torch.save the state dicts to this file; vision: save_pretrained "
+                                                "the whole VIST2 (frozen vision tower put back) into this folder")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer")
+    config = td.demo_config(tokenizer)
+    L = 8 * args.ratio
+    config.chunk_size, config.compression_ratio = L, args.ratio
+    model = VIST2ForCausalLM(config)
+    if args.init:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(args.init) / "model.safetensors"))
+        if args.fresh_lm:
+            state = {k: v for k, v in state.items() if not k.startswith("language_model.")}
+        model.load_state_dict(state, strict=False)
+        model.tie_weights()
+    current = {}
+    if args.encoder == "oracle":
+        oracle = OracleEncoder(len(tokenizer), config.text_config.hidden_size, args.ratio)
+        model.encode_sketches = lambda pixel_values: oracle(current["ids"])  # the oracle replaces vision + aligner
+        extra = list(oracle.parameters())
+    elif args.encoder == "cells":
+        assert args.ratio == 4, "the cell oracle keeps the demo geometry (r = 4)"
+        p_, s_ = config.patch_size, config.merge_size
+        oracle = CellOracle(config.text_config.hidden_size, (p_ * s_ // config.line_height) * (p_ * s_ // config.char_width))
+        model.encode_sketches = lambda pixel_values: oracle(current["ids"])
+        extra = list(oracle.parameters())
+    else:
+        assert args.ratio == 4 and args.init, "vision mode keeps the demo geometry (r = 4) and needs --init"
+        if args.fresh_aligner:
+            model.aligner.apply(model._init_weights)
+        heads = td.GlyphHeads(config)
+        model.encode_sketches = lambda pixel_values: model.aligner(current["feats"])
+        extra = list(heads.token.parameters())
+    m, sketch_id = config.visual_tokens_per_chunk, config.sketch_token_id
+    assert m == 8, m
+    dummy_pixels = torch.zeros(1, config.num_channels, config.image_height, config.image_width)
+
+    pool = td.printable_token_ids(tokenizer)
+    if args.data == "chars":
+        pool = [i for i in pool if len(tokenizer.decode([i], clean_up_tokenization_spaces=False)) == 1]
+    windows = td.corpus_windows(tokenizer, "train")
+    heldout = td.corpus_windows(tokenizer, "heldout")
+
+    def draw(n, r, split="train"):
+        if args.data == "corpus":
+            src = windows if split == "train" else heldout
+            return torch.tensor(np.stack([src[r.randrange(len(src))][:L] for _ in range(n)]), dtype=torch.long)
+        return torch.tensor([[pool[r.randrange(len(pool))] for _ in range(L)] for _ in range(n)])
+
+    processor = None
+    if args.encoder != "oracle":
+        from vist2 import VIST2Processor
+
+        processor = VIST2Processor.from_config(config, tokenizer)
+    if args.encoder == "vision" and args.encoder_steps:
+        return train_encoder(args, model, heads, processor, config, draw, rng)
+    vision = model.vision_tower.eval().requires_grad_(False)
+    del model.vision_tower  # frozen / unused: not trained
+
+    @torch.no_grad()
+    def rendered(n, r, split="train"):
+        """n sketchable chunks: ids (n, L), frozen patch features (n, 128, 128), token-level cell targets."""
+        items = []
+        while len(items) < n:
+            item = td.readback_item(processor, config, draw(1, r, split)[0].tolist())
+            if item is not None:
+                items.append(item)
+        feats = torch.cat([vision(pixel_values=processor.pixel_values([it[1] for it in items[i : i + 64]]),
+                                  interpolate_pos_encoding=True)
+                           .last_hidden_state for i in range(0, n, 64)])
+        return (torch.tensor([it[0] for it in items]), feats,
+                torch.from_numpy(np.stack([it[2] for it in items])), torch.from_numpy(np.stack([it[3] for it in items])))
+
+    def with_cells(n, r, split="train"):
+        """n chunks that fit the sketch, with the glyph cells of each visual token: (n, L), (n, m, cells)."""
+        rows = (config.image_height - 2 * processor.sketch_settings["margin"]) // config.line_height
+        columns = (config.image_width - 2 * processor.sketch_settings["margin"]) // config.char_width
+        texts, cells = [], []
+        while len(texts) < n:
+            ids = draw(1, r, split)[0]
+            text = processor.chunk_text(ids.tolist())
+            if len(td.wrap_into_lines(text, columns)) > rows:
+                continue
+            grid = td.cell_targets(text, processor.sketch_settings)
+            texts.append(ids)
+            units = grid if args.tile == "lines" else td.grid_to_units(grid, config, config.patch_size * config.merge_size)
+            cells.append(torch.from_numpy(units))
+        return torch.stack(texts), torch.stack(cells)
+
+    def forward(text, vis):
+        n = text.shape[0]
+        ids = torch.cat([text, torch.full((n, m), sketch_id)], 1)
+        labels = torch.cat([text, torch.full((n, m), -100)], 1)
+        current["feats" if args.encoder == "vision" else "ids"] = vis
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), chunk_ids=torch.ones_like(ids),
+                     pixel_values=dummy_pixels.expand(n, -1, -1, -1), labels=labels,
+                     read_back=torch.ones(n, dtype=torch.bool))
+
+    @torch.no_grad()
+    def probe(text, vis, wrong):
+        model.eval()
+        out = forward(text, vis.roll(1, 0) if wrong else vis)
+        logits = out.logits[:, : L - 1].float()
+        logits[..., sketch_id] = -float("inf")
+        acc = (logits.argmax(-1) == text[:, 1:]).float().mean().item()
+        model.train()
+        return acc, out.loss.item()
+
+    t0 = time.time()
+    if args.encoder == "oracle":
+        probe_text = probe_vis = draw(64, random.Random(12345), "heldout")
+    elif args.encoder == "cells":
+        probe_text, probe_vis = with_cells(64, random.Random(12345), "heldout")
+    else:
+        probe_text, probe_vis, _, probe_patch_targets = rendered(64, random.Random(12345), "heldout")
+        pool_ids, pool_feats, pool_targets, pool_patch_targets = rendered(args.pool_size, random.Random(args.seed + 1))
+    print(f"data ready in {time.time() - t0:.0f}s", flush=True)
+    if args.encoder == "vision" and args.patch_probe_steps:
+        return patch_probe(args, heads, pool_feats, pool_patch_targets, probe_vis, probe_patch_targets, rng)
+    aligner_log = []
+    if args.encoder == "vision" and args.aligner_steps:
+        t0 = time.time()
+        opt = torch.optim.AdamW(list(model.aligner.parameters()) + extra, lr=args.aligner_lr or args.lr, weight_decay=0.01)
+        for step in range(args.aligner_steps):
+            pick = torch.tensor([rng.randrange(len(pool_ids)) for _ in range(64)])
+            targets = pool_targets[pick]
+            logits = heads.token(model.aligner(pool_feats[pick])).reshape(*targets.shape, td.NUM_CLASSES)
+            aux = torch.nn.functional.cross_entropy(logits.reshape(-1, td.NUM_CLASSES), targets.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            aux.backward()
+            opt.step()
+            if step % 250 == 0 or step == args.aligner_steps - 1:
+                ink = targets != 0
+                acc = ((logits.argmax(-1) == targets) & ink).sum().item() / max(int(ink.sum()), 1)
+                aligner_log.append({"aligner_step": step, "aux": round(aux.item(), 4), "token_ink_acc": round(acc, 4),
+                                    "elapsed_s": round(time.time() - t0, 1)})
+                print(aligner_log[-1], flush=True)
+    if args.encoder == "vision" and args.freeze_aligner:
+        model.aligner.requires_grad_(False)
+    params = [p for p in list(model.parameters()) + extra if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+    log = open(args.log, "w")
+    log.write(json.dumps({"args": vars(args), "L": L, "m": m, "pool": len(pool),
+                          "trainable": sum(p.numel() for p in params)}) + "\n")
+    log.writelines(json.dumps(record) + "\n" for record in aligner_log)
+    print(f"L = {L}, m = {m}, pool {len(pool)}, trainable {sum(p.numel() for p in params) / 1e6:.2f}M", flush=True)
+    start = time.time()
+    model.train()
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = td.lr_at(step, args.steps, args.lr, args.warmup)
+        stats = {}
+        if args.encoder == "oracle":
+            text = draw(args.batch_size, rng)
+            loss = forward(text, text).loss
+        elif args.encoder == "cells":
+            text, cells = with_cells(args.batch_size, rng)
+            loss = forward(text, cells).loss
+        else:
+            pick = torch.tensor([rng.randrange(len(pool_ids)) for _ in range(args.batch_size)])
+            text, feats, targets = pool_ids[pick], pool_feats[pick], pool_targets[pick]
+            aligned = model.aligner(feats)
+            current["feats"] = feats
+            loss = forward(text, feats).loss
+            if args.aux_weight > 0:
+                logits = heads.token(aligned).reshape(*targets.shape, td.NUM_CLASSES)
+                aux = torch.nn.functional.cross_entropy(logits.reshape(-1, td.NUM_CLASSES), targets.reshape(-1))
+                ink = targets != 0
+                stats["token_ink_acc"] = round(((logits.argmax(-1) == targets) & ink).sum().item() / max(int(ink.sum()), 1), 4)
+                loss = loss + args.aux_weight * aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        out_of_time = args.max_minutes and time.time() - start > 60 * args.max_minutes
+        last = step == args.steps - 1 or out_of_time
+        if step % args.eval_every == 0 or last:
+            acc, ploss = probe(probe_text, probe_vis, False)
+            acc_w, ploss_w = probe(probe_text, probe_vis, True)
+            record = {"step": step, "elapsed_s": round(time.time() - start, 1), "loss": round(loss.item(), 4), **stats,
+                      "tf_acc": round(acc, 4), "tf_acc_wrong": round(acc_w, 4),
+                      "probe_loss": round(ploss, 4), "probe_loss_wrong": round(ploss_w, 4)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(record, flush=True)
+        if out_of_time:
+            break
+    if args.save and args.encoder != "vision":
+        torch.save({"model": model.state_dict(), "oracle": oracle.state_dict()}, args.save)
+    elif args.save:
+        del model.encode_sketches  # back to the class method: vision tower + aligner
+        model.vision_tower = vision
+        model.eval()
+        model.save_pretrained(args.save)
+        processor.save_pretrained(args.save)
+        print(f"saved to {args.save}", flush=True)
+
+
+def train_encoder(args, model, heads, processor, config, draw, rng):
+    """Vision tower + aligner + token glyph head trained jointly on the token-level cell loss (no LM).
+
+    Every step renders a fresh batch of sketches (rendering is under 3 % of a step). Every --eval-every steps it logs
+    the held-out per-character accuracy of the visual tokens (ink cells of 64 fixed probe sketches), all-cell accuracy,
+    the visual tokens' mean norm and their fraction of saturated tanh units (|tanh| > 0.99).
+    """
+    vision, aligner = model.vision_tower.train(), model.aligner
+
+    def sketches(n, r, split="train"):
+        items = []
+        while len(items) < n:
+            item = td.readback_item(processor, config, draw(1, r, split)[0].tolist())
+            if item is not None:
+                items.append(item)
+        return processor.pixel_values([it[1] for it in items]), torch.from_numpy(np.stack([it[2] for it in items]))
+
+    def tokens(pixels):
+        return aligner(vision(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state)
+
+    def scores(tok, targets):
+        logits = heads.token(tok).reshape(*targets.shape, td.NUM_CLASSES)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, td.NUM_CLASSES), targets.reshape(-1))
+        hit, ink = logits.argmax(-1) == targets, targets != 0
+        return loss, (hit & ink).sum().item() / max(int(ink.sum()), 1), hit.float().mean().item()
+
+    probe_pixels, probe_targets = sketches(64, random.Random(12345), "heldout")
+    if args.aligner_init_std:  # W ~ N(0, 1), b = 0, then W scaled so that std(W x + b) = the target on a batch
+        pre = []
+        hook = aligner.proj.register_forward_hook(lambda module, inputs, output: pre.append(output))
+        with torch.no_grad():
+            nn.init.normal_(aligner.proj.weight)
+            nn.init.zeros_(aligner.proj.bias)
+            tokens(sketches(32, random.Random(args.seed + 2))[0])
+            aligner.proj.weight.mul_(args.aligner_init_std / pre[0].std())
+        hook.remove()
+    if args.head_prior_init:  # token-head bias = log class frequencies: "blank" (~90 % of the cells) needs no push
+        with torch.no_grad():
+            counts = torch.bincount(sketches(256, random.Random(args.seed + 3))[1].flatten(), minlength=td.NUM_CLASSES)
+            prior = torch.log((counts.float() + 1) / (counts.sum() + td.NUM_CLASSES))
+            heads.token.bias.copy_(prior.repeat(heads.cells_per_token))
+    params = list(vision.parameters()) + list(aligner.parameters()) + list(heads.token.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    # The aligner gets its own (smaller) lr: with 2 048 inputs of rms ~1, one Adam step of size lr moves a
+    # pre-activation by up to ~1 400 lr, so lr 2e-3 saturates a small-initialised tanh within a few steps.
+    groups = [{"params": list(vision.parameters()) + list(heads.token.parameters()), "peak": args.lr},
+              {"params": list(aligner.parameters()), "peak": args.aligner_lr or args.lr}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    log = open(args.log, "w")
+    log.write(json.dumps({"args": vars(args), "stage": "encoder", "trainable": sum(p.numel() for p in params)}) + "\n")
+    start = time.time()
+    for step in range(args.encoder_steps):
+        for group in opt.param_groups:
+            group["lr"] = td.lr_at(step, args.encoder_steps, group["peak"], args.warmup)
+        pixels, targets = sketches(args.encoder_batch, rng)
+        loss, train_acc, _ = scores(tokens(pixels), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        out_of_time = args.max_minutes and time.time() - start > 60 * args.max_minutes
+        last = step == args.encoder_steps - 1 or out_of_time
+        if step % args.eval_every == 0 or last:
+            vision.eval()
+            with torch.no_grad():
+                tok = tokens(probe_pixels)
+                _, held, held_all = scores(tok, probe_targets)
+            vision.train()
+            record = {"encoder_step": step, "elapsed_s": round(time.time() - start, 1), "loss": round(loss.item(), 4),
+                      "train_char_acc": round(train_acc, 4), "heldout_char_acc": round(held, 4),
+                      "heldout_cell_acc": round(held_all, 4), "token_norm": round(tok.norm(dim=-1).mean().item(), 2),
+                      "saturated": round((tok.abs() > 0.99).float().mean().item(), 4)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(record, flush=True)
+            last = last or held >= args.encoder_target
+        if last:
+            break
+    if args.save:
+        model.eval().save_pretrained(args.save)
+        processor.save_pretrained(args.save)
+        torch.save(heads.state_dict(), Path(args.save) / "glyph_heads.pt")
+        print(f"saved to {args.save}", flush=True)
+
+
+def patch_probe(args, heads, feats, targets, probe_feats, probe_targets, rng):
+    """Linear per-patch glyph head on frozen patch features: held-out ink-cell accuracy every 250 steps."""
+    opt = torch.optim.AdamW(heads.patch.parameters(), lr=args.lr, weight_decay=0.01)
+    k = targets.shape[-1]
+
+    def run(f, t):
+        logits = heads.patch(f).reshape(*t.shape[:2], k, td.NUM_CLASSES)
+        ink = t != 0
+        acc = ((logits.argmax(-1) == t) & ink).sum().item() / max(int(ink.sum()), 1)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, td.NUM_CLASSES), t.reshape(-1)), acc
+
+    with open(args.log, "w") as log:
+        log.write(json.dumps({"args": vars(args)}) + "\n")
+        start = time.time()
+        for step in range(args.patch_probe_steps):
+            pick = torch.tensor([rng.randrange(len(feats)) for _ in range(64)])
+            loss, acc = run(feats[pick], targets[pick])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % 250 == 0 or step == args.patch_probe_steps - 1:
+                with torch.no_grad():
+                    _, held = run(probe_feats, probe_targets)
+                record = {"patch_probe_step": step, "loss": round(loss.item(), 4), "train_ink_acc": round(acc, 4),
+                          "heldout_ink_acc": round(held, 4), "elapsed_s": round(time.time() - start, 1)}
+                log.write(json.dumps(record) + "\n")
+                print(record, flush=True)
+
+
+if __name__ == "__main__":
+    main()
