@@ -68,6 +68,16 @@ class OracleEncoder(nn.Module):
         return torch.tanh(self.proj(e.reshape(ids.shape[0], ids.shape[1] // self.ratio, -1)))
 
 
+
+def sketchable_items(processor, config, draw, n, r, split="train") -> list:
+    """n read-back items `(ids, sketch, cell targets)` of freshly drawn chunks, skipping chunks kept as text."""
+    items = []
+    while len(items) < n:
+        item = td.readback_item(processor, config, draw(1, r, split)[0].tolist())
+        if item is not None:
+            items.append(item)
+    return items
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ratio", type=int, default=4, help="text tokens per visual token (m stays 8, L = 8 r)")
@@ -184,11 +194,7 @@ def main(argv=None):
     @torch.no_grad()
     def rendered(n, r, split="train"):
         """n sketchable chunks: ids (n, L), frozen patch features (n, 128, 128), token-level cell targets."""
-        items = []
-        while len(items) < n:
-            item = td.readback_item(processor, config, draw(1, r, split)[0].tolist())
-            if item is not None:
-                items.append(item)
+        items = sketchable_items(processor, config, draw, n, r, split)
         feats = torch.cat([vision(pixel_values=processor.pixel_values([it[1] for it in items[i : i + 64]]),
                                   interpolate_pos_encoding=True)
                            .last_hidden_state for i in range(0, n, 64)])
@@ -331,11 +337,7 @@ def train_encoder(args, model, heads, processor, config, draw, rng):
     vision, aligner = model.vision_tower.train(), model.aligner
 
     def sketches(n, r, split="train"):
-        items = []
-        while len(items) < n:
-            item = td.readback_item(processor, config, draw(1, r, split)[0].tolist())
-            if item is not None:
-                items.append(item)
+        items = sketchable_items(processor, config, draw, n, r, split)
         return processor.pixel_values([it[1] for it in items]), torch.from_numpy(np.stack([it[2] for it in items]))
 
     def tokens(pixels):
