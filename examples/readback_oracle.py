@@ -68,7 +68,6 @@ class OracleEncoder(nn.Module):
         return torch.tanh(self.proj(e.reshape(ids.shape[0], ids.shape[1] // self.ratio, -1)))
 
 
-
 def sketchable_items(processor, config, draw, n, r, split="train") -> list:
     """n read-back items `(ids, sketch, cell targets)` of freshly drawn chunks, skipping chunks kept as text."""
     items = []
@@ -77,6 +76,7 @@ def sketchable_items(processor, config, draw, n, r, split="train") -> list:
         if item is not None:
             items.append(item)
     return items
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
