@@ -254,14 +254,11 @@ def main(argv=None):
         for step in range(args.aligner_steps):
             pick = torch.tensor([rng.randrange(len(pool_ids)) for _ in range(64)])
             targets = pool_targets[pick]
-            logits = heads.token(model.aligner(pool_feats[pick])).reshape(*targets.shape, td.NUM_CLASSES)
-            aux = torch.nn.functional.cross_entropy(logits.reshape(-1, td.NUM_CLASSES), targets.reshape(-1))
+            aux, acc, _ = td.cell_scores(heads.token(model.aligner(pool_feats[pick])), targets)
             opt.zero_grad(set_to_none=True)
             aux.backward()
             opt.step()
             if step % 250 == 0 or step == args.aligner_steps - 1:
-                ink = targets != 0
-                acc = ((logits.argmax(-1) == targets) & ink).sum().item() / max(int(ink.sum()), 1)
                 aligner_log.append({"aligner_step": step, "aux": round(aux.item(), 4), "token_ink_acc": round(acc, 4),
                                     "elapsed_s": round(time.time() - t0, 1)})
                 print(aligner_log[-1], flush=True)
@@ -294,10 +291,8 @@ def main(argv=None):
             current["feats"] = feats
             loss = forward(text, feats).loss
             if args.aux_weight > 0:
-                logits = heads.token(aligned).reshape(*targets.shape, td.NUM_CLASSES)
-                aux = torch.nn.functional.cross_entropy(logits.reshape(-1, td.NUM_CLASSES), targets.reshape(-1))
-                ink = targets != 0
-                stats["token_ink_acc"] = round(((logits.argmax(-1) == targets) & ink).sum().item() / max(int(ink.sum()), 1), 4)
+                aux, ink_acc, _ = td.cell_scores(heads.token(aligned), targets)
+                stats["token_ink_acc"] = round(ink_acc, 4)
                 loss = loss + args.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -344,10 +339,7 @@ def train_encoder(args, model, heads, processor, config, draw, rng):
         return aligner(vision(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state)
 
     def scores(tok, targets):
-        logits = heads.token(tok).reshape(*targets.shape, td.NUM_CLASSES)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, td.NUM_CLASSES), targets.reshape(-1))
-        hit, ink = logits.argmax(-1) == targets, targets != 0
-        return loss, (hit & ink).sum().item() / max(int(ink.sum()), 1), hit.float().mean().item()
+        return td.cell_scores(heads.token(tok), targets)
 
     probe_pixels, probe_targets = sketches(64, random.Random(12345), "heldout")
     if args.aligner_init_std:  # W ~ N(0, 1), b = 0, then W scaled so that std(W x + b) = the target on a batch
@@ -412,13 +404,10 @@ def train_encoder(args, model, heads, processor, config, draw, rng):
 def patch_probe(args, heads, feats, targets, probe_feats, probe_targets, rng):
     """Linear per-patch glyph head on frozen patch features: held-out ink-cell accuracy every 250 steps."""
     opt = torch.optim.AdamW(heads.patch.parameters(), lr=args.lr, weight_decay=0.01)
-    k = targets.shape[-1]
 
     def run(f, t):
-        logits = heads.patch(f).reshape(*t.shape[:2], k, td.NUM_CLASSES)
-        ink = t != 0
-        acc = ((logits.argmax(-1) == t) & ink).sum().item() / max(int(ink.sum()), 1)
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, td.NUM_CLASSES), t.reshape(-1)), acc
+        loss, ink_acc, _ = td.cell_scores(heads.patch(f), t)
+        return loss, ink_acc
 
     with open(args.log, "w") as log:
         log.write(json.dumps({"args": vars(args)}) + "\n")

@@ -172,13 +172,18 @@ class GlyphHeads(nn.Module):
         out = {}
         for name, feats, head, targets in (("patch", patches, self.patch, patch_targets),
                                            ("token", tokens, self.token, token_targets)):
-            logits = head(feats).reshape(*targets.shape, NUM_CLASSES)
-            out[f"{name}_loss"] = F.cross_entropy(logits.reshape(-1, NUM_CLASSES), targets.reshape(-1))
-            pred = logits.argmax(-1)
-            ink = targets != 0
-            out[f"{name}_acc"] = (pred == targets).float().mean().item()
-            out[f"{name}_ink_acc"] = ((pred == targets) & ink).sum().item() / max(int(ink.sum()), 1)
+            loss, ink_acc, acc = cell_scores(head(feats), targets)
+            out[f"{name}_loss"], out[f"{name}_acc"], out[f"{name}_ink_acc"] = loss, acc, ink_acc
         return out
+
+
+def cell_scores(logits, targets):
+    """Cross-entropy of per-cell character logits `(*targets.shape x NUM_CLASSES)`, their accuracy on ink (non-blank)
+    cells and on all cells: `(loss, ink_acc, acc)`."""
+    logits = logits.reshape(*targets.shape, NUM_CLASSES)
+    loss = F.cross_entropy(logits.reshape(-1, NUM_CLASSES), targets.reshape(-1))
+    hit, ink = logits.argmax(-1) == targets, targets != 0
+    return loss, (hit & ink).sum().item() / max(int(ink.sum()), 1), hit.float().mean().item()
 
 
 class Capture:

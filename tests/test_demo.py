@@ -137,3 +137,25 @@ def test_readback_oracle_trains_the_merge_and_saves_an_encoder(tmp_path):
     assert [r["encoder_step"] for r in records[1:]] == [0, 1]
     assert all(0 <= r["heldout_char_acc"] <= 1 and 0 <= r["saturated"] <= 1 for r in records[1:])
     assert (out / "model.safetensors").exists() and (out / "glyph_heads.pt").exists()
+
+
+@pytest.mark.parametrize("stage", [["--aligner-steps", "2", "--steps", "2", "--batch-size", "2"],
+                                   ["--patch-probe-steps", "2"]])
+def test_readback_oracle_frozen_vision_stages_run_and_log(tmp_path, stage):
+    """examples/readback_oracle.py --encoder vision (demo/NOTES.md, "Third attempt"): cached patch features of the
+    frozen tower, then an aligner-only stage and read-back, or a linear patch probe."""
+    oracle = load_example("readback_oracle")
+    log = tmp_path / "log.jsonl"
+    threads = torch.get_num_threads()
+    try:
+        oracle.main(["--encoder", "vision", "--init", str(DEMO), "--ratio", "4", "--data", "chars", "--pool-size", "16",
+                     "--eval-every", "1", "--log", str(log), *stage])
+    finally:
+        torch.set_num_threads(threads)
+    records = [json.loads(line) for line in log.read_text().splitlines()][1:]
+    if "--patch-probe-steps" in stage:
+        assert [r["patch_probe_step"] for r in records] == [0, 1]
+        assert all(0 <= r["heldout_ink_acc"] <= 1 for r in records)
+    else:
+        assert [r["step"] for r in records if "step" in r] == [0, 1]
+        assert all(0 <= r["tf_acc"] <= 1 and 0 <= r["token_ink_acc"] <= 1 for r in records if "step" in r)
