@@ -341,8 +341,8 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
 
     def sketches_per_encoder_pass(self, block: int) -> int:
         """As many sketches as hold `block` patches: the vision tower's activations then match a prefill block's."""
-        cfg = self.config
-        return max(1, block // ((cfg.image_height // cfg.patch_size) * (cfg.image_width // cfg.patch_size)))
+        patch_rows, patch_columns = self.aligner.grid
+        return max(1, block // (patch_rows * patch_columns))
 
     def encode_sketches(self, pixel_values):
         """`(n, C, H, W)` sketches -> `(n, m, hidden)` visual tokens."""
