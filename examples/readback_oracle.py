@@ -68,16 +68,6 @@ class OracleEncoder(nn.Module):
         return torch.tanh(self.proj(e.reshape(ids.shape[0], ids.shape[1] // self.ratio, -1)))
 
 
-def sketchable_items(processor, config, draw, n, r, split="train") -> list:
-    """n read-back items `(ids, sketch, cell targets)` of freshly drawn chunks, skipping chunks kept as text."""
-    items = []
-    while len(items) < n:
-        item = td.readback_item(processor, config, draw(1, r, split)[0].tolist())
-        if item is not None:
-            items.append(item)
-    return items
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ratio", type=int, default=4, help="text tokens per visual token (m stays 8, L = 8 r)")
@@ -102,18 +92,7 @@ def parse_args(argv=None):
                         "this long, report its held-out ink-cell accuracy, and exit (does the tower see the characters?)")
     p.add_argument("--aligner-lr", type=float, default=None, help="vision mode: lr of the aligner in the aligner-only and encoder stages (default --lr)")
     p.add_argument("--freeze-aligner", action="store_true", help="vision mode: then keep the aligner fixed")
-    p.add_argument("--encoder-steps", type=int, default=0,
-                   help="vision mode: instead of read-back, train the vision tower AND the aligner jointly on the "
-                        "token-level glyph-cell loss (freshly rendered sketches, no LM) this long, log held-out "
-                        "per-character accuracy every --eval-every steps, save_pretrained to --save, and exit")
-    p.add_argument("--head-prior-init", action="store_true",
-                   help="encoder stage: start the token glyph head's bias at the log class frequencies")
-    p.add_argument("--encoder-batch", type=int, default=32, help="encoder stage: sketches per step")
-    p.add_argument("--encoder-target", type=float, default=1.0,
-                   help="encoder stage: stop once held-out per-character accuracy reaches this")
-    p.add_argument("--aligner-init-std", type=float, default=0,
-                   help="encoder stage: re-initialise the aligner so that its pre-activation std on a batch of "
-                        "sketches is this (e.g. 0.3: tanh starts in its linear range); 0 = keep --init's aligner")
+    td.add_encoder_stage_arguments(p)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -159,7 +138,8 @@ def main(argv=None):
         model.encode_sketches = lambda pixel_values: oracle(current["ids"])
         extra = list(oracle.parameters())
     else:
-        assert args.ratio == 4 and args.init, "vision mode keeps the demo geometry (r = 4) and needs --init"
+        assert args.ratio == 4, "vision mode keeps the demo geometry (r = 4)"
+        assert args.init or args.encoder_steps, "read-back on a vision tower needs --init"
         if args.fresh_aligner:
             model.aligner.apply(model._init_weights)
         heads = td.GlyphHeads(config)
@@ -187,14 +167,14 @@ def main(argv=None):
 
         processor = VIST2Processor.from_config(config, tokenizer)
     if args.encoder == "vision" and args.encoder_steps:
-        return train_encoder(args, model, heads, processor, config, draw, rng)
+        return td.train_encoder(args, model, heads, processor, config, draw, rng, args.log, args.save)
     vision = model.vision_tower.eval().requires_grad_(False)
     del model.vision_tower  # frozen / unused: not trained
 
     @torch.no_grad()
     def rendered(n, r, split="train"):
         """n sketchable chunks: ids (n, L), frozen patch features (n, 128, 128), token-level cell targets."""
-        items = sketchable_items(processor, config, draw, n, r, split)
+        items = td.sketchable_items(processor, config, draw, n, r, split)
         feats = torch.cat([vision(pixel_values=processor.pixel_values([it[1] for it in items[i : i + 64]]),
                                   interpolate_pos_encoding=True)
                            .last_hidden_state for i in range(0, n, 64)])
@@ -319,85 +299,6 @@ def main(argv=None):
         model.eval()
         model.save_pretrained(args.save)
         processor.save_pretrained(args.save)
-        print(f"saved to {args.save}", flush=True)
-
-
-def train_encoder(args, model, heads, processor, config, draw, rng):
-    """Vision tower + aligner + token glyph head trained jointly on the token-level cell loss (no LM).
-
-    Every step renders a fresh batch of sketches (rendering is under 3 % of a step). Every --eval-every steps it logs
-    the held-out per-character accuracy of the visual tokens (ink cells of 64 fixed probe sketches), all-cell accuracy,
-    the visual tokens' mean norm and their fraction of saturated tanh units (|tanh| > 0.99).
-    """
-    vision, aligner = model.vision_tower.train(), model.aligner
-
-    def sketches(n, r, split="train"):
-        items = sketchable_items(processor, config, draw, n, r, split)
-        return processor.pixel_values([it[1] for it in items]), torch.from_numpy(np.stack([it[2] for it in items]))
-
-    def tokens(pixels):
-        return aligner(vision(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state)
-
-    def scores(tok, targets):
-        return td.cell_scores(heads.token(tok), targets)
-
-    probe_pixels, probe_targets = sketches(64, random.Random(12345), "heldout")
-    if args.aligner_init_std:  # W ~ N(0, 1), b = 0, then W scaled so that std(W x + b) = the target on a batch
-        pre = []
-        hook = aligner.proj.register_forward_hook(lambda module, inputs, output: pre.append(output))
-        with torch.no_grad():
-            nn.init.normal_(aligner.proj.weight)
-            nn.init.zeros_(aligner.proj.bias)
-            tokens(sketches(32, random.Random(args.seed + 2))[0])
-            aligner.proj.weight.mul_(args.aligner_init_std / pre[0].std())
-        hook.remove()
-    if args.head_prior_init:  # token-head bias = log class frequencies: "blank" (~90 % of the cells) needs no push
-        with torch.no_grad():
-            counts = torch.bincount(sketches(256, random.Random(args.seed + 3))[1].flatten(), minlength=td.NUM_CLASSES)
-            prior = torch.log((counts.float() + 1) / (counts.sum() + td.NUM_CLASSES))
-            heads.token.bias.copy_(prior.repeat(heads.cells_per_token))
-    params = list(vision.parameters()) + list(aligner.parameters()) + list(heads.token.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    # The aligner gets its own (smaller) lr: with 2 048 inputs of rms ~1, one Adam step of size lr moves a
-    # pre-activation by up to ~1 400 lr, so lr 2e-3 saturates a small-initialised tanh within a few steps.
-    groups = [{"params": list(vision.parameters()) + list(heads.token.parameters()), "peak": args.lr},
-              {"params": list(aligner.parameters()), "peak": args.aligner_lr or args.lr}]
-    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    log = open(args.log, "w")
-    log.write(json.dumps({"args": vars(args), "stage": "encoder", "trainable": sum(p.numel() for p in params)}) + "\n")
-    start = time.time()
-    for step in range(args.encoder_steps):
-        for group in opt.param_groups:
-            group["lr"] = td.lr_at(step, args.encoder_steps, group["peak"], args.warmup)
-        pixels, targets = sketches(args.encoder_batch, rng)
-        loss, train_acc, _ = scores(tokens(pixels), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        out_of_time = args.max_minutes and time.time() - start > 60 * args.max_minutes
-        last = step == args.encoder_steps - 1 or out_of_time
-        if step % args.eval_every == 0 or last:
-            vision.eval()
-            with torch.no_grad():
-                tok = tokens(probe_pixels)
-                _, held, held_all = scores(tok, probe_targets)
-            vision.train()
-            record = {"encoder_step": step, "elapsed_s": round(time.time() - start, 1), "loss": round(loss.item(), 4),
-                      "train_char_acc": round(train_acc, 4), "heldout_char_acc": round(held, 4),
-                      "heldout_cell_acc": round(held_all, 4), "token_norm": round(tok.norm(dim=-1).mean().item(), 2),
-                      "saturated": round((tok.abs() > 0.99).float().mean().item(), 4)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(record, flush=True)
-            last = last or held >= args.encoder_target
-        if last:
-            break
-    if args.save:
-        model.eval().save_pretrained(args.save)
-        processor.save_pretrained(args.save)
-        torch.save(heads.state_dict(), Path(args.save) / "glyph_heads.pt")
         print(f"saved to {args.save}", flush=True)
 
 

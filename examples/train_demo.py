@@ -1,14 +1,19 @@
 """Train the small demo VIST2 (and its same-size text-only control) from scratch on CPU, reproducibly.
 
-    python examples/train_demo.py --out demo/vist2-demo                        # the committed checkpoint
-    python examples/train_demo.py --text-only --steps 300 --aux-only-steps 0 --out demo/text-only-baseline
-    python examples/evaluate_demo.py --json demo/eval_results.json              # fidelity + wrong-image control
+    bash demo/reproduce.sh demo     # the committed checkpoint: the stages below, the control and the evaluation
 
-Defaults are the committed run: 450 steps of batch 8, the first 150 training only the vision tower + aligner on the
-glyph-cell loss, then 300 joint steps (the text-only control gets the same 300 LM steps). Seeded; on this 2-core
-shared CPU it takes ~35 min (demo/NOTES.md has the numbers and the negative results).
+The committed recipe (demo/NOTES.md, "Fifth attempt") has two stages and a control:
+1. `--encoder-steps N`: the vision tower + aligner alone, from scratch, on the per-visual-token glyph-cell loss
+   (no LM), with the aligner initialised in tanh's linear range (`--aligner-init-std`), its own smaller lr
+   (`--aligner-lr`) and the glyph head's bias at the class prior (`--head-prior-init`). Without these three the
+   aligner saturates and the visual tokens lose the characters.
+2. `--init-encoder DIR --freeze vision+aligner`: that encoder frozen, a fresh LM trained on `c_1 V_1 c_2` windows.
+3. `--text-only`: the control, with the LM steps, batch and schedule of stage 2.
+With no stage flags the script runs the first attempt's joint recipe (demo/training_log.first-attempt.jsonl): 450 steps
+of batch 8, the first 150 training only the vision tower + aligner on the glyph-cell loss (the text-only control gets
+the same 300 LM steps). `--readback-only` is the second attempt's.
 
-Recipe (what demo/NOTES.md measured and why):
+Common to the recipes (demo/NOTES.md has the measurements):
 - Corpus: CPython standard-library docstrings (`tokenization/build_corpus.py`, PSF-2.0), built offline; the
   held-out documents (`split_documents`, 2 %) are never trained on. Tokenizer: `tokenization/demo_tokenizer`.
 - Geometry: L = 32 tokens, r = 4 -> m = 8 visual tokens. Sketch 128 x 256 px of 8 x 16 px glyph cells
@@ -37,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,6 +77,14 @@ def demo_config(tokenizer) -> VIST2Config:
                        image_height=128, image_width=256, char_width=8, line_height=16, font_size=16,
                        min_font_size=8, num_channels=1, sketch_token_id=tokenizer.convert_tokens_to_ids("<|sketch|>"),
                        tie_word_embeddings=True)
+
+
+def load_encoder(model, folder):
+    """Vision tower + aligner weights of `folder` (an encoder stage's save); the language model stays as it is."""
+    state = {k: v for k, v in load_file(str(Path(folder) / "model.safetensors")).items()
+             if k.startswith(("vision_tower.", "aligner."))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and not any(k.startswith(("vision_tower.", "aligner.")) for k in missing)
 
 
 def text_only_model(config: VIST2Config):
@@ -202,6 +216,133 @@ class Capture:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Encoder stage: vision tower + aligner on the glyph-cell loss, no LM (demo/NOTES.md, "Fourth attempt")
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def sketchable_items(processor, config, draw, n, r, split="train") -> list:
+    """n read-back items `(ids, sketch, cell targets)` of freshly drawn chunks, skipping chunks kept as text."""
+    items = []
+    while len(items) < n:
+        item = readback_item(processor, config, draw(1, r, split)[0].tolist())
+        if item is not None:
+            items.append(item)
+    return items
+
+
+def train_encoder(args, model, heads, processor, config, draw, rng, log_path, save=None):
+    """Vision tower + aligner + token glyph head trained jointly on the token-level cell loss (no LM).
+
+    Every step renders a fresh batch of sketches (rendering is under 3 % of a step). Every --eval-every steps it logs
+    the held-out per-character accuracy of the visual tokens (ink cells of 64 fixed probe sketches), all-cell accuracy,
+    the visual tokens' mean norm and their fraction of saturated tanh units (|tanh| > 0.99).
+    """
+    vision, aligner = model.vision_tower.train(), model.aligner
+
+    def sketches(n, r, split="train"):
+        items = sketchable_items(processor, config, draw, n, r, split)
+        return processor.pixel_values([it[1] for it in items]), torch.from_numpy(np.stack([it[2] for it in items]))
+
+    def tokens(pixels):
+        return aligner(vision(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state)
+
+    def scores(tok, targets):
+        return cell_scores(heads.token(tok), targets)
+
+    probe_pixels, probe_targets = sketches(64, random.Random(12345), "heldout")
+    saved_heads = Path(args.init or "") / "glyph_heads.pt"
+    if args.init and saved_heads.exists():  # continuing an earlier encoder stage (e.g. random characters, then corpus text)
+        heads.load_state_dict(torch.load(saved_heads))
+        print(f"glyph heads from {saved_heads}", flush=True)
+    if args.aligner_init_std:  # W ~ N(0, 1), b = 0, then W scaled so that std(W x + b) = the target on a batch
+        pre = []
+        hook = aligner.proj.register_forward_hook(lambda module, inputs, output: pre.append(output))
+        with torch.no_grad():
+            nn.init.normal_(aligner.proj.weight)
+            nn.init.zeros_(aligner.proj.bias)
+            tokens(sketches(32, random.Random(args.seed + 2))[0])
+            aligner.proj.weight.mul_(args.aligner_init_std / pre[0].std())
+        hook.remove()
+    if args.head_prior_init:  # token-head bias = log class frequencies: "blank" (~90 % of the cells) needs no push
+        with torch.no_grad():
+            counts = torch.bincount(sketches(256, random.Random(args.seed + 3))[1].flatten(), minlength=NUM_CLASSES)
+            prior = torch.log((counts.float() + 1) / (counts.sum() + NUM_CLASSES))
+            heads.token.bias.copy_(prior.repeat(heads.cells_per_token))
+    params = list(vision.parameters()) + list(aligner.parameters()) + list(heads.token.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    # The aligner gets its own (smaller) lr: with 2 048 inputs of rms ~1, one Adam step of size lr moves a
+    # pre-activation by up to ~1 400 lr, so lr 2e-3 saturates a small-initialised tanh within a few steps.
+    groups = [{"params": list(vision.parameters()) + list(heads.token.parameters()), "peak": args.lr},
+              {"params": list(aligner.parameters()), "peak": args.aligner_lr or args.lr}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w")
+    log.write(json.dumps({"args": vars(args), "stage": "encoder", "trainable": sum(p.numel() for p in params)}) + "\n")
+    start = time.time()
+    for step in range(args.encoder_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.encoder_steps, group["peak"], args.warmup)
+        pixels, targets = sketches(args.encoder_batch, rng)
+        loss, train_acc, _ = scores(tokens(pixels), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        out_of_time = args.max_minutes and time.time() - start > 60 * args.max_minutes
+        last = step == args.encoder_steps - 1 or step + 1 == args.encoder_stop_step or out_of_time
+        if step % args.eval_every == 0 or last:
+            vision.eval()
+            with torch.no_grad():
+                tok = tokens(probe_pixels)
+                _, held, held_all = scores(tok, probe_targets)
+            vision.train()
+            record = {"encoder_step": step, "elapsed_s": round(time.time() - start, 1), "loss": round(loss.item(), 4),
+                      "train_char_acc": round(train_acc, 4), "heldout_char_acc": round(held, 4),
+                      "heldout_cell_acc": round(held_all, 4), "token_norm": round(tok.norm(dim=-1).mean().item(), 2),
+                      "saturated": round((tok.abs() > 0.99).float().mean().item(), 4)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(record, flush=True)
+            last = last or held >= args.encoder_target
+        if last:
+            break
+    if save:
+        model.eval().save_pretrained(save)
+        processor.save_pretrained(save)
+        torch.save(heads.state_dict(), Path(save) / "glyph_heads.pt")
+        print(f"saved to {save}", flush=True)
+
+
+
+def encoder_stage(args):
+    import warnings
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer")
+    model = VIST2ForCausalLM(demo_config(tokenizer))
+    if args.init:
+        load_encoder(model, args.init)
+    processor = VIST2Processor.from_config(model.config, tokenizer)
+    pool = printable_token_ids(tokenizer)
+    if args.data == "chars":
+        pool = [i for i in pool if len(tokenizer.decode([i], clean_up_tokenization_spaces=False)) == 1]
+    windows = {split: corpus_windows(tokenizer, split) for split in ("train", "heldout")}
+
+    def draw(n, r, split="train"):
+        if args.data == "corpus":
+            return torch.tensor(np.stack([windows[split][r.randrange(len(windows[split]))][:CHUNK] for _ in range(n)]))
+        return torch.tensor([[pool[r.randrange(len(pool))] for _ in range(CHUNK)] for _ in range(n)])
+
+    out = Path(args.out)
+    log_path = Path(args.log) if args.log else out.parent / f"training_log.{out.name}.jsonl"
+    train_encoder(args, model, GlyphHeads(model.config), processor, model.config, draw, random.Random(args.seed),
+                  log_path, out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -211,6 +352,24 @@ def lr_at(step, total, peak, warmup):
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def add_encoder_stage_arguments(parser):
+    """The encoder stage's options (demo/NOTES.md, "Fourth attempt"), shared with examples/readback_oracle.py."""
+    parser.add_argument("--encoder-steps", type=int, default=0,
+                        help="train only the vision tower + aligner + token glyph head on the glyph-cell loss (no LM) "
+                             "with this many steps' schedule, save, exit")
+    parser.add_argument("--encoder-stop-step", type=int, default=0,
+                        help="encoder stage: stop after this many steps of the --encoder-steps schedule (a run that "
+                             "--max-minutes cut short, replayed exactly)")
+    parser.add_argument("--encoder-batch", type=int, default=32, help="encoder stage: sketches per step")
+    parser.add_argument("--encoder-target", type=float, default=1.0,
+                        help="encoder stage: stop once held-out per-character accuracy reaches this")
+    parser.add_argument("--aligner-init-std", type=float, default=0,
+                        help="encoder stage: re-initialise the aligner so that its pre-activation std on a batch of "
+                             "sketches is this (0.3: tanh starts in its linear range); 0 = keep the aligner")
+    parser.add_argument("--head-prior-init", action="store_true",
+                        help="encoder stage: start the token glyph head's bias at the log class frequencies")
 
 
 def parse_args(argv=None):
@@ -238,7 +397,12 @@ def parse_args(argv=None):
                              "(one line of 32 cells), or half corpus / half random tokens")
     parser.add_argument("--freeze", choices=["none", "vision", "vision+aligner"], default="none")
     parser.add_argument("--merge-size", type=int, default=None, help="override merge (new aligner if it changes)")
+    parser.add_argument("--init-encoder", default=None,
+                        help="take the vision tower + aligner from this folder (an encoder stage's output); LM fresh")
     parser.add_argument("--eval-every", type=int, default=25, help="teacher-forced probe, right vs wrong sketch")
+    add_encoder_stage_arguments(parser)
+    parser.add_argument("--aligner-lr", type=float, default=None, help="encoder stage: the aligner's lr (default --lr)")
+    parser.add_argument("--max-minutes", type=float, default=0, help="encoder stage: stop after this wall time")
     return parser.parse_args(argv)
 
 
@@ -246,6 +410,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.readback_only:
         return train_readback(args)
+    if args.encoder_steps:
+        return encoder_stage(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -272,10 +438,18 @@ def main(argv=None):
         heads = None
     else:
         model = VIST2ForCausalLM(config)
+        if args.init:  # a read-back warm-up's output: every weight, the LM included
+            model.load_state_dict(load_file(str(Path(args.init) / "model.safetensors")), strict=False)
+            model.tie_weights()
+        elif args.init_encoder:
+            load_encoder(model, args.init_encoder)
         heads = GlyphHeads(config) if args.aux_weight > 0 else None
         capture = Capture(model)
     model.train()
-    params = list(model.parameters()) + (list(heads.parameters()) if heads is not None else [])
+    frozen = {"none": [], "vision": ["vision_tower"], "vision+aligner": ["vision_tower", "aligner"]}[args.freeze]
+    for name in frozen:
+        getattr(model, name).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad] + (list(heads.parameters()) if heads else [])
     n_model = sum(p.numel() for p in model.parameters())
     print(f"model parameters: {n_model / 1e6:.2f}M", flush=True)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -283,6 +457,7 @@ def main(argv=None):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "w")
         log.write(json.dumps({"args": vars(args), "parameters": n_model}) + "\n")
+    probes = None if args.text_only or args.probe else heldout_readback_items(processor, config, tokenizer, 32)
     start = time.time()
     for step in range(args.steps):
         for group in optimizer.param_groups:
@@ -324,6 +499,12 @@ def main(argv=None):
             return
         if args.probe:
             continue
+        if probes and (step % args.eval_every == 0 or step == args.steps - 1) and step >= args.aux_only_steps:
+            model.eval()
+            stats["heldout_tf_acc"], stats["heldout_loss"] = teacher_forced_accuracy(model, processor, probes)
+            stats["heldout_tf_acc_wrong"], stats["heldout_loss_wrong"] = teacher_forced_accuracy(
+                model, processor, probes, wrong=True)
+            model.train()
         if step % args.log_every == 0 or step == args.steps - 1:
             record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - start, 1),
                       **{k: round(v, 4) for k, v in stats.items()}}
@@ -387,6 +568,18 @@ def readback_batch(processor, items, wrong=False):
     return batch, token_t, patch_t
 
 
+def heldout_readback_items(processor, config, tokenizer, n):
+    """Read-back items of the first sketchable chunks of the held-out windows (fixed: the same every run)."""
+    items = []
+    for window in corpus_windows(tokenizer, "heldout"):
+        item = readback_item(processor, config, window[:CHUNK])
+        if item is not None:
+            items.append(item)
+        if len(items) == n:
+            return items
+    return items
+
+
 @torch.no_grad()
 def teacher_forced_accuracy(model, processor, items, wrong=False):
     batch, _, _ = readback_batch(processor, items, wrong)
@@ -413,8 +606,6 @@ def train_readback(args):
                                                                   (config.image_width // config.patch_size))
     model = VIST2ForCausalLM(config)
     if args.init:
-        from safetensors.torch import load_file
-
         state = load_file(str(Path(args.init) / "model.safetensors"))
         own = model.state_dict()
         state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

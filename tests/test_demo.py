@@ -1,7 +1,7 @@
 """The committed demo checkpoint (demo/vist2-demo) and the demo evaluation's metric functions.
 
-The checkpoint is committed; `python examples/train_demo.py --out demo/vist2-demo` reproduces it (see
-demo/NOTES.md). A missing checkpoint is a failure, not a skip.
+The checkpoint is committed; `bash demo/reproduce.sh demo` reproduces it (see demo/NOTES.md). A missing
+checkpoint is a failure, not a skip.
 """
 
 import importlib.util
@@ -69,7 +69,7 @@ def demo_model():
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     if not (DEMO / "config.json").exists():
-        pytest.fail(f"{DEMO} is missing: run python examples/train_demo.py --out demo/vist2-demo (demo/NOTES.md)")
+        pytest.fail(f"{DEMO} is missing: run bash demo/reproduce.sh demo (demo/NOTES.md)")
     model = AutoModelForCausalLM.from_pretrained(DEMO, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(DEMO, trust_remote_code=True)
     return model, processor
@@ -159,3 +159,59 @@ def test_readback_oracle_frozen_vision_stages_run_and_log(tmp_path, stage):
     else:
         assert [r["step"] for r in records if "step" in r] == [0, 1]
         assert all(0 <= r["tf_acc"] <= 1 and 0 <= r["token_ink_acc"] <= 1 for r in records if "step" in r)
+
+
+def run_train_demo(args):
+    threads = torch.get_num_threads()
+    try:
+        load_example("train_demo").main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_train_demo_encoder_stage_saves_the_encoder_and_its_glyph_heads(tmp_path):
+    """`train_demo.py --encoder-steps` (the recipe's first stage): tower + aligner on the glyph-cell loss, no LM."""
+    log, out = tmp_path / "log.jsonl", tmp_path / "enc"
+    run_train_demo(["--encoder-steps", "2", "--encoder-batch", "2", "--data", "corpus", "--aligner-init-std", "0.3",
+                    "--head-prior-init", "--aligner-lr", "1e-4", "--eval-every", "1", "--warmup", "1",
+                    "--log", str(log), "--out", str(out)])
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["encoder_step"] for r in records[1:]] == [0, 1]
+    assert all(0 <= r["heldout_char_acc"] <= 1 for r in records[1:])
+    assert (out / "model.safetensors").exists() and (out / "glyph_heads.pt").exists()
+
+
+def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(tmp_path):
+    """`train_demo.py --init-encoder DIR --freeze vision+aligner` (the recipe's second stage)."""
+    from safetensors.torch import load_file
+
+    run_train_demo(["--encoder-steps", "1", "--encoder-batch", "2", "--warmup", "1", "--eval-every", "1",
+                    "--log", str(tmp_path / "enc.jsonl"), "--out", str(tmp_path / "enc")])
+    log, out = tmp_path / "log.jsonl", tmp_path / "reader"
+    run_train_demo(["--init-encoder", str(tmp_path / "enc"), "--freeze", "vision+aligner", "--aux-weight", "0",
+                    "--aux-only-steps", "0", "--steps", "2", "--batch-size", "2", "--warmup", "1", "--eval-every", "1",
+                    "--log-every", "1", "--log", str(log), "--out", str(out)])
+    encoder, reader = load_file(str(tmp_path / "enc" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for name, value in reader.items():
+        if name.startswith(("vision_tower.", "aligner.")):
+            assert torch.equal(value, encoder[name]), name
+    lm = [n for n in reader if n.startswith("language_model.")]
+    assert any(not torch.equal(reader[n], encoder[n]) for n in lm)
+    records = [json.loads(line) for line in log.read_text().splitlines()][1:]
+    assert all(0 <= r["heldout_tf_acc"] <= 1 and 0 <= r["heldout_tf_acc_wrong"] <= 1 for r in records)
+
+
+def test_reproduce_script_commands_parse_with_the_current_scripts():
+    """demo/reproduce.sh is the one command that rebuilds the checkpoint: every flag it passes must still exist."""
+    import shlex
+
+    script = (REPO / "demo" / "reproduce.sh").read_text().replace("\\\n", " ")
+    commands = [shlex.split(line.replace('"$OUT', '"demo')) for line in script.splitlines()
+                if line.startswith("python examples/")]
+    assert [c[1] for c in commands] == ["examples/train_demo.py"] * 3 + ["examples/evaluate_demo.py"]
+    train_demo = load_example("train_demo")
+    encoder, reader, control = (train_demo.parse_args(command[2:]) for command in commands[:3])
+    assert reader.init_encoder == encoder.out and control.text_only and control.steps == reader.steps
+    evaluate = commands[3]
+    assert evaluate[evaluate.index("--model") + 1] == reader.out
+    assert evaluate[evaluate.index("--text-only") + 1] == control.out
