@@ -331,8 +331,13 @@ def encoder_stage(args):
         pool = [i for i in pool if len(tokenizer.decode([i], clean_up_tokenization_spaces=False)) == 1]
     windows = {split: corpus_windows(tokenizer, split) for split in ("train", "heldout")}
 
+    stream = windows["train"].reshape(-1)
+
     def draw(n, r, split="train"):
-        if args.data == "corpus":
+        if args.data == "corpus" and split == "train" and args.chunk_sampling == "any":
+            starts = [r.randrange(len(stream) - CHUNK + 1) for _ in range(n)]
+            return torch.tensor(np.stack([stream[s : s + CHUNK] for s in starts]))
+        if args.data == "corpus":  # held-out probes are always the first chunks, so runs stay comparable
             return torch.tensor(np.stack([windows[split][r.randrange(len(windows[split]))][:CHUNK] for _ in range(n)]))
         return torch.tensor([[pool[r.randrange(len(pool))] for _ in range(CHUNK)] for _ in range(n)])
 
@@ -403,6 +408,9 @@ def parse_args(argv=None):
     add_encoder_stage_arguments(parser)
     parser.add_argument("--aligner-lr", type=float, default=None, help="encoder stage: the aligner's lr (default --lr)")
     parser.add_argument("--max-minutes", type=float, default=0, help="encoder stage: stop after this wall time")
+    parser.add_argument("--chunk-sampling", choices=["first", "any"], default="first",
+                        help="encoder stage, corpus: train on the first chunk of each window (6 222 distinct sketches) "
+                             "or on a chunk at any token offset of the training stream")
     return parser.parse_args(argv)
 
 

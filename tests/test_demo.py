@@ -169,10 +169,12 @@ def run_train_demo(args):
         torch.set_num_threads(threads)
 
 
-def test_train_demo_encoder_stage_saves_the_encoder_and_its_glyph_heads(tmp_path):
+@pytest.mark.parametrize("sampling", ["first", "any"])
+def test_train_demo_encoder_stage_saves_the_encoder_and_its_glyph_heads(tmp_path, sampling):
     """`train_demo.py --encoder-steps` (the recipe's first stage): tower + aligner on the glyph-cell loss, no LM."""
     log, out = tmp_path / "log.jsonl", tmp_path / "enc"
-    run_train_demo(["--encoder-steps", "2", "--encoder-batch", "2", "--data", "corpus", "--aligner-init-std", "0.3",
+    run_train_demo(["--encoder-steps", "2", "--encoder-batch", "2", "--data", "corpus", "--chunk-sampling", sampling,
+                    "--aligner-init-std", "0.3",
                     "--head-prior-init", "--aligner-lr", "1e-4", "--eval-every", "1", "--warmup", "1",
                     "--log", str(log), "--out", str(out)])
     records = [json.loads(line) for line in log.read_text().splitlines()]
