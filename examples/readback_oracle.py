@@ -149,17 +149,8 @@ def main(argv=None):
     assert m == 8, m
     dummy_pixels = torch.zeros(1, config.num_channels, config.image_height, config.image_width)
 
-    pool = td.printable_token_ids(tokenizer)
-    if args.data == "chars":
-        pool = [i for i in pool if len(tokenizer.decode([i], clean_up_tokenization_spaces=False)) == 1]
-    windows = td.corpus_windows(tokenizer, "train")
-    heldout = td.corpus_windows(tokenizer, "heldout")
-
-    def draw(n, r, split="train"):
-        if args.data == "corpus":
-            src = windows if split == "train" else heldout
-            return torch.tensor(np.stack([src[r.randrange(len(src))][:L] for _ in range(n)]), dtype=torch.long)
-        return torch.tensor([[pool[r.randrange(len(pool))] for _ in range(L)] for _ in range(n)])
+    pool = td.random_token_pool(tokenizer, args.data)
+    draw = td.chunk_sampler(tokenizer, args.data, pool, length=L)
 
     processor = None
     if args.encoder != "oracle":

@@ -166,6 +166,35 @@ def make_batch(processor, samples):
     return batch, patch, token
 
 
+def random_token_pool(tokenizer, data: str) -> list[int]:
+    """The ids random text is drawn from: printable tokens, or only single characters when `data == "chars"`."""
+    pool = printable_token_ids(tokenizer)
+    if data == "chars":
+        pool = [i for i in pool if len(tokenizer.decode([i], clean_up_tokenization_spaces=False)) == 1]
+    return pool
+
+
+def chunk_sampler(tokenizer, data: str, pool: list[int], length: int = CHUNK, sampling: str = "first"):
+    """`draw(n, rng, split) -> (n, length)` token ids: corpus chunks, or random tokens of `pool` for any other `data`.
+
+    Corpus chunks are the first `length` tokens of a window; with `sampling="any"` training chunks start at any offset
+    of the training stream (about 60x more distinct chunks). Held-out chunks are always window starts, so probes stay
+    the same across runs."""
+    windows = {split: corpus_windows(tokenizer, split) for split in ("train", "heldout")}
+    stream = windows["train"].reshape(-1)
+
+    def draw(n, r, split="train"):
+        if data == "corpus" and split == "train" and sampling == "any":
+            starts = [r.randrange(len(stream) - length + 1) for _ in range(n)]
+            return torch.tensor(np.stack([stream[s : s + length] for s in starts]), dtype=torch.long)
+        if data == "corpus":
+            src = windows[split]
+            return torch.tensor(np.stack([src[r.randrange(len(src))][:length] for _ in range(n)]), dtype=torch.long)
+        return torch.tensor([[pool[r.randrange(len(pool))] for _ in range(length)] for _ in range(n)])
+
+    return draw
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Auxiliary glyph-cell heads (training only)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -250,8 +279,8 @@ def train_encoder(args, model, heads, processor, config, draw, rng, log_path, sa
         return cell_scores(heads.token(tok), targets)
 
     probe_pixels, probe_targets = sketches(64, random.Random(12345), "heldout")
-    saved_heads = Path(args.init or "") / "glyph_heads.pt"
-    if args.init and saved_heads.exists():  # continuing an earlier encoder stage (e.g. random characters, then corpus text)
+    saved_heads = Path(args.init) / "glyph_heads.pt" if args.init else None
+    if saved_heads and saved_heads.exists():  # continuing an earlier encoder stage (e.g. random characters, then corpus text)
         heads.load_state_dict(torch.load(saved_heads))
         print(f"glyph heads from {saved_heads}", flush=True)
     if args.aligner_init_std:  # W ~ N(0, 1), b = 0, then W scaled so that std(W x + b) = the target on a batch
@@ -314,7 +343,6 @@ def train_encoder(args, model, heads, processor, config, draw, rng, log_path, sa
         print(f"saved to {save}", flush=True)
 
 
-
 def encoder_stage(args):
     import warnings
 
@@ -326,21 +354,7 @@ def encoder_stage(args):
     if args.init:
         load_encoder(model, args.init)
     processor = VIST2Processor.from_config(model.config, tokenizer)
-    pool = printable_token_ids(tokenizer)
-    if args.data == "chars":
-        pool = [i for i in pool if len(tokenizer.decode([i], clean_up_tokenization_spaces=False)) == 1]
-    windows = {split: corpus_windows(tokenizer, split) for split in ("train", "heldout")}
-
-    stream = windows["train"].reshape(-1)
-
-    def draw(n, r, split="train"):
-        if args.data == "corpus" and split == "train" and args.chunk_sampling == "any":
-            starts = [r.randrange(len(stream) - CHUNK + 1) for _ in range(n)]
-            return torch.tensor(np.stack([stream[s : s + CHUNK] for s in starts]))
-        if args.data == "corpus":  # held-out probes are always the first chunks, so runs stay comparable
-            return torch.tensor(np.stack([windows[split][r.randrange(len(windows[split]))][:CHUNK] for _ in range(n)]))
-        return torch.tensor([[pool[r.randrange(len(pool))] for _ in range(CHUNK)] for _ in range(n)])
-
+    draw = chunk_sampler(tokenizer, args.data, random_token_pool(tokenizer, args.data), sampling=args.chunk_sampling)
     out = Path(args.out)
     log_path = Path(args.log) if args.log else out.parent / f"training_log.{out.name}.jsonl"
     train_encoder(args, model, GlyphHeads(model.config), processor, model.config, draw, random.Random(args.seed),
@@ -630,9 +644,7 @@ def train_readback(args):
     capture = Capture(model)
     params = [p for p in model.parameters() if p.requires_grad] + (list(heads.parameters()) if heads else [])
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    pool = printable_token_ids(tokenizer)
-    if args.data == "chars":
-        pool = [i for i in pool if len(tokenizer.decode([i], clean_up_tokenization_spaces=False)) == 1]
+    pool = random_token_pool(tokenizer, args.data)
     windows = corpus_windows(tokenizer, "train")
     heldout = corpus_windows(tokenizer, "heldout")
     print(f"random-token pool: {len(pool)} ids; trainable parameters "

@@ -217,3 +217,28 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     evaluate = commands[3]
     assert evaluate[evaluate.index("--model") + 1] == reader.out
     assert evaluate[evaluate.index("--text-only") + 1] == control.out
+
+
+@pytest.mark.parametrize("sampling", ["first", "any"])
+def test_chunk_sampler_draws_window_starts_or_chunks_at_any_offset(sampling):
+    """`--chunk-sampling`: "first" trains on window starts only; "any" on slices of the stream at any offset."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    train_demo = load_example("train_demo")
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer")
+    windows = train_demo.corpus_windows(tokenizer, "train")
+    stream = windows.reshape(-1).tolist()
+    starts = {tuple(w[: train_demo.CHUNK].tolist()) for w in windows}
+    draw = train_demo.chunk_sampler(tokenizer, "corpus", [], sampling=sampling)
+    chunks = [tuple(c) for c in draw(64, random.Random(0)).tolist()]
+    window_starts = sum(c in starts for c in chunks)
+    if sampling == "first":
+        assert window_starts == len(chunks)
+    else:
+        assert window_starts < len(chunks) // 4
+        text = f" {' '.join(map(str, stream))} "
+        assert all(f" {' '.join(map(str, c))} " in text for c in chunks)
+    heldout = {tuple(w[: train_demo.CHUNK].tolist()) for w in train_demo.corpus_windows(tokenizer, "heldout")}
+    assert all(tuple(c) in heldout for c in draw(16, random.Random(0), "heldout").tolist())
