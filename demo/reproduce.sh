@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo recipe of demo/NOTES.md, "Fifth attempt", with one command: encoder -> reader -> text-only control ->
-# evaluation. Seeded, one thread per job (about 30 + 72 + 55 + 3 min on a 2-core CPU; stages 2 and 3 are
+# evaluation. Seeded, one thread per job (30 + 77 + 59 + 1 min here, up to three jobs on 2 cores; stages 2 and 3 are
 # independent and may run side by side).
 #   bash demo/reproduce.sh            # into demo/build (git-ignored), to compare with the committed files
 #   bash demo/reproduce.sh demo       # rewrites the committed demo/vist2-demo, text-only-baseline, logs, eval
