@@ -2,13 +2,16 @@
 
     bash demo/reproduce.sh demo     # the committed checkpoint: the stages below, the control and the evaluation
 
-The committed recipe (demo/NOTES.md, "Fifth attempt") has two stages and a control:
+The committed recipe (demo/NOTES.md, "Sixth attempt") has two stages and a control:
 1. `--encoder-steps N`: the vision tower + aligner alone, from scratch, on the per-visual-token glyph-cell loss
    (no LM), with the aligner initialised in tanh's linear range (`--aligner-init-std`), its own smaller lr
    (`--aligner-lr`) and the glyph head's bias at the class prior (`--head-prior-init`). Without these three the
    aligner saturates and the visual tokens lose the characters.
 2. `--init-encoder DIR --freeze vision+aligner`: that encoder frozen, a fresh LM trained on `c_1 V_1 c_2` windows.
 3. `--text-only`: the control, with the LM steps, batch and schedule of stage 2.
+Data options of all three (demo/NOTES.md, "Sixth attempt"): `--chunk-sampling any` draws chunks and windows at any
+token offset of the training stream instead of the 6 222 fixed windows; `--mix-chars F` makes a fraction F of each
+reader batch read-back rows of random single characters, text the LM cannot guess.
 With no stage flags the script runs the first attempt's joint recipe (demo/training_log.first-attempt.jsonl): 450 steps
 of batch 8, the first 150 training only the vision tower + aligner on the glyph-cell loss (the text-only control gets
 the same 300 LM steps). `--readback-only` is the second attempt's.
@@ -146,10 +149,12 @@ def grid_to_units(grid: np.ndarray, config: VIST2Config, unit_px: int) -> np.nda
     return g.reshape(-1, cell_rows * cell_cols)
 
 
-def make_sample(processor, window, config, read_back_chunks=1):
-    """`c_1 V_1 c_2` layout of one window plus per-cell targets of V_1; None if c_1 cannot be sketched."""
-    sample = processor.encode_sample([], list(map(int, window)), keep_closed_text=True)
-    if len(sample["sketches"]) != len(window) // CHUNK - 1:
+def make_sample(processor, window, config, trainable=None):
+    """`c_1 V_1 c_2` layout of one window plus per-cell targets of V_1; None if c_1 cannot be sketched.
+
+    `trainable` (one bool per token) as in `encode_sample`: which tokens carry a label."""
+    sample = processor.encode_sample([], list(map(int, window)), keep_closed_text=True, trainable=trainable)
+    if len(sample["sketches"]) != (len(window) - 1) // CHUNK:
         return None
     texts = [processor.chunk_text(list(map(int, window[i : i + CHUNK]))) for i in range(0, len(window) - CHUNK, CHUNK)]
     grids = [cell_targets(t, processor.sketch_settings) for t in texts]
@@ -229,6 +234,22 @@ def cell_scores(logits, targets):
     return loss, (hit & ink).sum().item() / max(int(ink.sum()), 1), hit.float().mean().item()
 
 
+class TextTokenHead(nn.Module):
+    """Visual token j classifies the r text tokens it stands for, t_{jr} ... t_{jr+r-1} (training only): the BPE
+    assembly that the LM otherwise has to learn from glyph cells is pushed into the vision tower."""
+
+    def __init__(self, config: VIST2Config):
+        super().__init__()
+        self.r, self.vocab = config.compression_ratio, config.text_config.vocab_size
+        self.proj = nn.Linear(config.text_config.hidden_size, self.r * self.vocab)
+
+    def scores(self, tokens, ids):
+        """`(loss, accuracy)` of visual tokens `(n, m, d)` against the chunk's text tokens `(n, m * r)`."""
+        logits = self.proj(tokens).reshape(ids.shape[0], -1, self.vocab)
+        loss = F.cross_entropy(logits.reshape(-1, self.vocab), ids.reshape(-1))
+        return loss, (logits.argmax(-1) == ids).float().mean().item()
+
+
 class Capture:
     """Forward hooks that keep the vision tower's patches and the aligner's output of the last forward."""
 
@@ -270,7 +291,8 @@ def train_encoder(args, model, heads, processor, config, draw, rng, log_path, sa
 
     def sketches(n, r, split="train"):
         items = sketchable_items(processor, config, draw, n, r, split)
-        return processor.pixel_values([it[1] for it in items]), torch.from_numpy(np.stack([it[2] for it in items]))
+        return (processor.pixel_values([it[1] for it in items]), torch.from_numpy(np.stack([it[2] for it in items])),
+                torch.tensor([it[0] for it in items]))
 
     def tokens(pixels):
         return aligner(vision(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state)
@@ -278,7 +300,8 @@ def train_encoder(args, model, heads, processor, config, draw, rng, log_path, sa
     def scores(tok, targets):
         return cell_scores(heads.token(tok), targets)
 
-    probe_pixels, probe_targets = sketches(64, random.Random(12345), "heldout")
+    probe_pixels, probe_targets, probe_ids = sketches(64, random.Random(12345), "heldout")
+    text_head = TextTokenHead(config) if args.text_token_weight else None
     saved_heads = Path(args.init) / "glyph_heads.pt" if args.init else None
     if saved_heads and saved_heads.exists():  # continuing an earlier encoder stage (e.g. random characters, then corpus text)
         heads.load_state_dict(torch.load(saved_heads))
@@ -302,7 +325,9 @@ def train_encoder(args, model, heads, processor, config, draw, rng, log_path, sa
         p.requires_grad_(True)
     # The aligner gets its own (smaller) lr: with 2 048 inputs of rms ~1, one Adam step of size lr moves a
     # pre-activation by up to ~1 400 lr, so lr 2e-3 saturates a small-initialised tanh within a few steps.
-    groups = [{"params": list(vision.parameters()) + list(heads.token.parameters()), "peak": args.lr},
+    if text_head:
+        params += list(text_head.parameters())
+    groups = [{"params": [p for p in params if p not in set(aligner.parameters())], "peak": args.lr},
               {"params": list(aligner.parameters()), "peak": args.aligner_lr or args.lr}]
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -312,8 +337,12 @@ def train_encoder(args, model, heads, processor, config, draw, rng, log_path, sa
     for step in range(args.encoder_steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.encoder_steps, group["peak"], args.warmup)
-        pixels, targets = sketches(args.encoder_batch, rng)
-        loss, train_acc, _ = scores(tokens(pixels), targets)
+        pixels, targets, ids = sketches(args.encoder_batch, rng)
+        tok = tokens(pixels)
+        loss, train_acc, _ = scores(tok, targets)
+        if text_head:
+            text_loss, text_acc = text_head.scores(tok, ids)
+            loss = loss + args.text_token_weight * text_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -325,9 +354,11 @@ def train_encoder(args, model, heads, processor, config, draw, rng, log_path, sa
             with torch.no_grad():
                 tok = tokens(probe_pixels)
                 _, held, held_all = scores(tok, probe_targets)
+                text = {"train_text_token_acc": round(text_acc, 4),
+                        "heldout_text_token_acc": round(text_head.scores(tok, probe_ids)[1], 4)} if text_head else {}
             vision.train()
             record = {"encoder_step": step, "elapsed_s": round(time.time() - start, 1), "loss": round(loss.item(), 4),
-                      "train_char_acc": round(train_acc, 4), "heldout_char_acc": round(held, 4),
+                      "train_char_acc": round(train_acc, 4), "heldout_char_acc": round(held, 4), **text,
                       "heldout_cell_acc": round(held_all, 4), "token_norm": round(tok.norm(dim=-1).mean().item(), 2),
                       "saturated": round((tok.abs() > 0.99).float().mean().item(), 4)}
             log.write(json.dumps(record) + "\n")
@@ -340,6 +371,8 @@ def train_encoder(args, model, heads, processor, config, draw, rng, log_path, sa
         model.eval().save_pretrained(save)
         processor.save_pretrained(save)
         torch.save(heads.state_dict(), Path(save) / "glyph_heads.pt")
+        if text_head:
+            torch.save(text_head.state_dict(), Path(save) / "text_token_head.pt")
         print(f"saved to {save}", flush=True)
 
 
@@ -387,6 +420,9 @@ def add_encoder_stage_arguments(parser):
     parser.add_argument("--aligner-init-std", type=float, default=0,
                         help="encoder stage: re-initialise the aligner so that its pre-activation std on a batch of "
                              "sketches is this (0.3: tanh starts in its linear range); 0 = keep the aligner")
+    parser.add_argument("--text-token-weight", type=float, default=0,
+                        help="encoder stage: weight of a second loss, each visual token classifying the r text tokens "
+                             "it stands for (TextTokenHead); 0 = glyph cells only")
     parser.add_argument("--head-prior-init", action="store_true",
                         help="encoder stage: start the token glyph head's bias at the log class frequencies")
 
@@ -423,8 +459,10 @@ def parse_args(argv=None):
     parser.add_argument("--aligner-lr", type=float, default=None, help="encoder stage: the aligner's lr (default --lr)")
     parser.add_argument("--max-minutes", type=float, default=0, help="encoder stage: stop after this wall time")
     parser.add_argument("--chunk-sampling", choices=["first", "any"], default="first",
-                        help="encoder stage, corpus: train on the first chunk of each window (6 222 distinct sketches) "
-                             "or on a chunk at any token offset of the training stream")
+                        help="corpus: train on the windows (encoder stage: their first chunks; 6 222 distinct) or on "
+                             "chunks / windows at any token offset of the training stream")
+    parser.add_argument("--mix-chars", type=float, default=0,
+                        help="reader stage: this fraction of each batch are read-back rows of random single characters")
     return parser.parse_args(argv)
 
 
@@ -479,18 +517,28 @@ def main(argv=None):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "w")
         log.write(json.dumps({"args": vars(args), "parameters": n_model}) + "\n")
-    probes = None if args.text_only or args.probe else heldout_readback_items(processor, config, tokenizer, 32)
+    draw_window = chunk_sampler(tokenizer, "corpus", [], length=2 * CHUNK, sampling=args.chunk_sampling)
+    draw_chars = chunk_sampler(tokenizer, "chars", random_token_pool(tokenizer, "chars"))
+    chars_rows = 0 if args.text_only else round(args.mix_chars * args.batch_size)
+    probes = None if args.text_only or args.probe else {
+        "heldout": heldout_readback_items(processor, config, tokenizer, 32),
+        "chars": random_chars_readback_items(processor, config, draw_chars, 32)}
     start = time.time()
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         samples = []
         while len(samples) < args.batch_size:
-            window = windows[rng.randrange(len(windows))]
-            if args.text_only:
-                samples.append(window)
-                continue
-            sample = make_sample(processor, window, config)
+            if len(samples) >= args.batch_size - chars_rows:
+                # Read-back of text the LM cannot guess: c_1 = random characters, nothing to predict after it.
+                chars = draw_chars(1, rng)[0].tolist() + [tokenizer.eos_token_id]
+                sample = make_sample(processor, chars, config, trainable=[True] * CHUNK + [False])
+            else:
+                window = draw_window(1, rng)[0].numpy()
+                if args.text_only:
+                    samples.append(window)
+                    continue
+                sample = make_sample(processor, window, config)
             if sample is not None:
                 samples.append(sample)
         stats = {}
@@ -523,9 +571,10 @@ def main(argv=None):
             continue
         if probes and (step % args.eval_every == 0 or step == args.steps - 1) and step >= args.aux_only_steps:
             model.eval()
-            stats["heldout_tf_acc"], stats["heldout_loss"] = teacher_forced_accuracy(model, processor, probes)
-            stats["heldout_tf_acc_wrong"], stats["heldout_loss_wrong"] = teacher_forced_accuracy(
-                model, processor, probes, wrong=True)
+            for name, items in probes.items():
+                stats[f"{name}_tf_acc"], stats[f"{name}_loss"] = teacher_forced_accuracy(model, processor, items)
+                stats[f"{name}_tf_acc_wrong"], stats[f"{name}_loss_wrong"] = teacher_forced_accuracy(
+                    model, processor, items, wrong=True)
             model.train()
         if step % args.log_every == 0 or step == args.steps - 1:
             record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - start, 1),
@@ -599,6 +648,16 @@ def heldout_readback_items(processor, config, tokenizer, n):
             items.append(item)
         if len(items) == n:
             return items
+    return items
+
+
+def random_chars_readback_items(processor, config, draw_chars, n):
+    """Read-back items of random single characters (chance 1 %), fixed by their own seed: the same every run."""
+    r, items = random.Random(12345), []
+    while len(items) < n:
+        item = readback_item(processor, config, draw_chars(1, r)[0])
+        if item is not None:
+            items.append(item)
     return items
 
 

@@ -169,21 +169,46 @@ def run_train_demo(args):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("sampling", ["first", "any"])
-def test_train_demo_encoder_stage_saves_the_encoder_and_its_glyph_heads(tmp_path, sampling):
+@pytest.mark.parametrize("options", [["--chunk-sampling", "first"], ["--chunk-sampling", "any"],
+                                     ["--text-token-weight", "1"]])
+def test_train_demo_encoder_stage_saves_the_encoder_and_its_glyph_heads(tmp_path, options):
     """`train_demo.py --encoder-steps` (the recipe's first stage): tower + aligner on the glyph-cell loss, no LM."""
     log, out = tmp_path / "log.jsonl", tmp_path / "enc"
-    run_train_demo(["--encoder-steps", "2", "--encoder-batch", "2", "--data", "corpus", "--chunk-sampling", sampling,
-                    "--aligner-init-std", "0.3",
+    run_train_demo(["--encoder-steps", "2", "--encoder-batch", "2", "--data", "corpus", "--aligner-init-std", "0.3",
                     "--head-prior-init", "--aligner-lr", "1e-4", "--eval-every", "1", "--warmup", "1",
-                    "--log", str(log), "--out", str(out)])
+                    "--log", str(log), "--out", str(out), *options])
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["encoder_step"] for r in records[1:]] == [0, 1]
     assert all(0 <= r["heldout_char_acc"] <= 1 for r in records[1:])
     assert (out / "model.safetensors").exists() and (out / "glyph_heads.pt").exists()
+    text_tokens = "--text-token-weight" in options
+    assert (out / "text_token_head.pt").exists() == text_tokens
+    assert all(("heldout_text_token_acc" in r) == text_tokens for r in records[1:])
 
 
-def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(tmp_path):
+def test_text_token_head_reads_visual_token_j_as_text_tokens_jr_to_jr_plus_r_minus_1():
+    """`--text-token-weight`: visual token j stands for the r text tokens t_{jr} ... t_{jr+r-1} of its chunk."""
+    from transformers import AutoTokenizer
+
+    train_demo = load_example("train_demo")
+    config = train_demo.demo_config(AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer"))
+    head = train_demo.TextTokenHead(config)
+    r, vocab, m = head.r, head.vocab, train_demo.CHUNK // head.r
+    ids = torch.randint(vocab, (1, m * r))
+    visual_tokens = torch.eye(m, config.text_config.hidden_size)[None]  # visual token j = unit vector e_j
+    with torch.no_grad():
+        head.proj.weight.zero_()
+        head.proj.bias.zero_()
+        for j in range(m):
+            for k in range(r):
+                head.proj.weight[k * vocab + ids[0, j * r + k], j] = 30.0
+    loss, accuracy = head.scores(visual_tokens, ids)
+    assert accuracy == 1.0 and loss.item() < 1e-3
+    assert head.scores(visual_tokens, ids.roll(1, dims=1))[1] < 0.1
+
+
+@pytest.mark.parametrize("data", [[], ["--chunk-sampling", "any", "--mix-chars", "0.5"]])
+def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(tmp_path, data):
     """`train_demo.py --init-encoder DIR --freeze vision+aligner` (the recipe's second stage)."""
     from safetensors.torch import load_file
 
@@ -192,7 +217,7 @@ def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(
     log, out = tmp_path / "log.jsonl", tmp_path / "reader"
     run_train_demo(["--init-encoder", str(tmp_path / "enc"), "--freeze", "vision+aligner", "--aux-weight", "0",
                     "--aux-only-steps", "0", "--steps", "2", "--batch-size", "2", "--warmup", "1", "--eval-every", "1",
-                    "--log-every", "1", "--log", str(log), "--out", str(out)])
+                    "--log-every", "1", "--log", str(log), "--out", str(out), *data])
     encoder, reader = load_file(str(tmp_path / "enc" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for name, value in reader.items():
         if name.startswith(("vision_tower.", "aligner.")):
@@ -200,7 +225,30 @@ def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(
     lm = [n for n in reader if n.startswith("language_model.")]
     assert any(not torch.equal(reader[n], encoder[n]) for n in lm)
     records = [json.loads(line) for line in log.read_text().splitlines()][1:]
-    assert all(0 <= r["heldout_tf_acc"] <= 1 and 0 <= r["heldout_tf_acc_wrong"] <= 1 for r in records)
+    assert all(0 <= r[f"{probe}_tf_acc{which}"] <= 1
+               for r in records for probe in ("heldout", "chars") for which in ("", "_wrong"))
+
+
+def test_random_character_row_reads_back_c1_and_predicts_nothing_after_it():
+    """`--mix-chars`: a row `c_1 V_1 <eos>` of random characters whose only targets are c_1's read-back."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from vist2 import VIST2Processor
+
+    train_demo = load_example("train_demo")
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer")
+    config = train_demo.demo_config(tokenizer)
+    processor = VIST2Processor.from_config(config, tokenizer)
+    draw = train_demo.chunk_sampler(tokenizer, "chars", train_demo.random_token_pool(tokenizer, "chars"))
+    chars = draw(1, random.Random(0))[0].tolist()
+    sample = train_demo.make_sample(processor, chars + [tokenizer.eos_token_id], config,
+                                    trainable=[True] * train_demo.CHUNK + [False])
+    m = processor.visual_tokens_per_chunk
+    assert sample["input_ids"] == chars + [processor.sketch_token_id] * m + [tokenizer.eos_token_id]
+    assert sample["labels"] == [-100] + chars[1:] + [-100] * (m + 1)
+    assert len(sample["sketches"]) == 1 and len(sample["token_targets"]) == 1
 
 
 def test_reproduce_script_commands_parse_with_the_current_scripts():
@@ -213,7 +261,9 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     assert [c[1] for c in commands] == ["examples/train_demo.py"] * 3 + ["examples/evaluate_demo.py"]
     train_demo = load_example("train_demo")
     encoder, reader, control = (train_demo.parse_args(command[2:]) for command in commands[:3])
-    assert reader.init_encoder == encoder.out and control.text_only and control.steps == reader.steps
+    assert reader.init_encoder == encoder.out and control.text_only
+    assert (control.steps, control.batch_size, control.chunk_sampling) == (reader.steps, reader.batch_size,
+                                                                           reader.chunk_sampling)
     evaluate = commands[3]
     assert evaluate[evaluate.index("--model") + 1] == reader.out
     assert evaluate[evaluate.index("--text-only") + 1] == control.out
@@ -240,5 +290,8 @@ def test_chunk_sampler_draws_window_starts_or_chunks_at_any_offset(sampling):
         assert window_starts < len(chunks) // 4
         text = f" {' '.join(map(str, stream))} "
         assert all(f" {' '.join(map(str, c))} " in text for c in chunks)
+    windows_drawn = train_demo.chunk_sampler(tokenizer, "corpus", [], 2 * train_demo.CHUNK, sampling)(8, random.Random(0))
+    whole_windows = sum(tuple(w) in set(map(tuple, windows.tolist())) for w in windows_drawn.tolist())
+    assert whole_windows == (8 if sampling == "first" else 0)  # the reader and text-only stages draw 2-chunk windows
     heldout = {tuple(w[: train_demo.CHUNK].tolist()) for w in train_demo.corpus_windows(tokenizer, "heldout")}
     assert all(tuple(c) in heldout for c in draw(16, random.Random(0), "heldout").tolist())
