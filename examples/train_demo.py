@@ -320,14 +320,13 @@ def train_encoder(args, model, heads, processor, config, draw, rng, log_path, sa
             counts = torch.bincount(sketches(256, random.Random(args.seed + 3))[1].flatten(), minlength=NUM_CLASSES)
             prior = torch.log((counts.float() + 1) / (counts.sum() + NUM_CLASSES))
             heads.token.bias.copy_(prior.repeat(heads.cells_per_token))
-    params = list(vision.parameters()) + list(aligner.parameters()) + list(heads.token.parameters())
+    head_params = list(heads.token.parameters()) + (list(text_head.parameters()) if text_head else [])
+    params = list(vision.parameters()) + list(aligner.parameters()) + head_params
     for p in params:
         p.requires_grad_(True)
     # The aligner gets its own (smaller) lr: with 2 048 inputs of rms ~1, one Adam step of size lr moves a
     # pre-activation by up to ~1 400 lr, so lr 2e-3 saturates a small-initialised tanh within a few steps.
-    if text_head:
-        params += list(text_head.parameters())
-    groups = [{"params": [p for p in params if p not in set(aligner.parameters())], "peak": args.lr},
+    groups = [{"params": list(vision.parameters()) + head_params, "peak": args.lr},
               {"params": list(aligner.parameters()), "peak": args.aligner_lr or args.lr}]
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -522,7 +521,7 @@ def main(argv=None):
     chars_rows = 0 if args.text_only else round(args.mix_chars * args.batch_size)
     probes = None if args.text_only or args.probe else {
         "heldout": heldout_readback_items(processor, config, tokenizer, 32),
-        "chars": random_chars_readback_items(processor, config, draw_chars, 32)}
+        "chars": sketchable_items(processor, config, draw_chars, 32, random.Random(12345))}  # chance: 1 %
     start = time.time()
     for step in range(args.steps):
         for group in optimizer.param_groups:
@@ -648,16 +647,6 @@ def heldout_readback_items(processor, config, tokenizer, n):
             items.append(item)
         if len(items) == n:
             return items
-    return items
-
-
-def random_chars_readback_items(processor, config, draw_chars, n):
-    """Read-back items of random single characters (chance 1 %), fixed by their own seed: the same every run."""
-    r, items = random.Random(12345), []
-    while len(items) < n:
-        item = readback_item(processor, config, draw_chars(1, r)[0])
-        if item is not None:
-            items.append(item)
     return items
 
 
