@@ -1,28 +1,48 @@
 #!/usr/bin/env bash
-# The demo recipe of demo/NOTES.md, "Sixth attempt", with one command: encoder -> reader -> text-only control ->
-# evaluation. Seeded, one thread per job (17 + 69 + 56 + 1 min here, up to three jobs on 2 cores; stages 2 and 3 are
-# independent and may run side by side). Every stage draws its chunks / windows at any token offset of the corpus.
+# The demo recipe of demo/NOTES.md, "Seventh attempt", with one command: encoder -> random-character read-back
+# warm-up -> reader (with, then without random-character rows) -> text-only control (the same LM steps) ->
+# evaluation. Seeded, one thread per job (30 + 16 + 41 + 21 + 36 + 17 + 1 min here, two jobs on 2 cores; the control
+# is independent of stages 1-4 and may run beside them). The LM side reads and
+# writes one byte per token (tokenization/byte_tokenizer), so a random-character warm-up is read-back of the very
+# tokens the corpus is made of.
 #   bash demo/reproduce.sh            # into demo/build (git-ignored), to compare with the committed files
 #   bash demo/reproduce.sh demo       # rewrites the committed demo/vist2-demo, text-only-baseline, logs, eval
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-demo/build}
+BYTES=tokenization/byte_tokenizer
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-# 1. Encoder: vision tower + aligner from scratch on the per-visual-token glyph-cell loss (no LM), corpus sketches.
-#    The run in the notes was stopped by --max-minutes 17 after 1 352 steps of the 2 500-step schedule.
-python examples/train_demo.py --encoder-steps 2500 --encoder-stop-step 1352 --encoder-batch 32 --data corpus \
-    --chunk-sampling any --aligner-init-std 0.3 --head-prior-init --lr 1e-3 --aligner-lr 1e-4 --warmup 50 \
-    --eval-every 50 --encoder-target 0.97 --out "$OUT/encoder" --log "$OUT/training_log.encoder.jsonl"
+# 1. Encoder: vision tower + aligner from scratch on the per-visual-token glyph-cell loss (no LM), corpus sketches
+#    (demo tokenizer chunks: several lines each). The run in the notes (F1) was stopped by --max-minutes 30 after
+#    2 233 steps of the 2 500-step schedule.
+python examples/train_demo.py --encoder-steps 2500 --encoder-stop-step 2233 --encoder-batch 32 --data corpus \
+    --aligner-init-std 0.3 --head-prior-init --lr 1e-3 --aligner-lr 1e-4 --warmup 50 --eval-every 50 \
+    --encoder-target 0.97 --out "$OUT/encoder" --log "$OUT/training_log.encoder.jsonl"
 
-# 2. Reader: that encoder frozen, a fresh LM on `c_1 V_1 c_2` windows (c_1 read back from V_1, c_2 given only V_1).
-python examples/train_demo.py --init-encoder "$OUT/encoder" --freeze vision+aligner --aux-weight 0 \
-    --aux-only-steps 0 --chunk-sampling any --steps 2400 --batch-size 16 --warmup 100 --eval-every 100 \
+# 2. Warm-up: that encoder frozen, a fresh byte-level LM reads back chunks of 32 random characters (`c_1 V_1`):
+#    nothing to guess, so reading is the only way down.
+python examples/train_demo.py --tokenizer "$BYTES" --readback-only --init "$OUT/encoder" --freeze vision+aligner \
+    --aux-weight 0 --data chars --steps 800 --batch-size 32 --lr 2e-3 --warmup 50 --eval-every 100 --log-every 50 \
+    --out "$OUT/warmup" --log "$OUT/training_log.warmup.jsonl"
+
+# 3. Reader: from the warm-up, on `c_1 V_1 c_2` corpus windows (c_1 read back from V_1, c_2 given only V_1), with
+#    half of each batch still random-character read-back rows so that reading stays rewarded.
+python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/warmup" --freeze vision+aligner --aux-weight 0 \
+    --aux-only-steps 0 --chunk-sampling any --mix-chars 0.5 --steps 2400 --batch-size 16 --warmup 100 \
+    --eval-every 100 --log-every 50 --out "$OUT/reader" --log "$OUT/training_log.reader.jsonl"
+
+# 4. The reader continued on corpus windows only: language modelling catches up, reading holds.
+python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader" --freeze vision+aligner --aux-weight 0 \
+    --aux-only-steps 0 --chunk-sampling any --steps 1000 --batch-size 16 --warmup 50 --lr 1e-3 --eval-every 100 \
     --log-every 50 --out "$OUT/vist2-demo" --log "$OUT/training_log.vist2-demo.jsonl"
 
-# 3. The same-size text-only control: same windows, steps, batch and schedule.
-python examples/train_demo.py --text-only --chunk-sampling any --steps 2400 --batch-size 16 --aux-only-steps 0 \
-    --warmup 100 --log-every 50 --out "$OUT/text-only-baseline" --log "$OUT/training_log.text-only-baseline.jsonl"
+# 5. The same-size text-only control: same tokenizer, windows, steps, batch and schedules as stages 3 and 4.
+python examples/train_demo.py --tokenizer "$BYTES" --text-only --chunk-sampling any --steps 2400 --batch-size 16 \
+    --aux-only-steps 0 --warmup 100 --log-every 50 --out "$OUT/text-only" --log "$OUT/training_log.text-only.jsonl"
+python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only" --chunk-sampling any \
+    --steps 1000 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 1e-3 --log-every 50 \
+    --out "$OUT/text-only-baseline" --log "$OUT/training_log.text-only-baseline.jsonl"
 
 python examples/evaluate_demo.py --model "$OUT/vist2-demo" --text-only "$OUT/text-only-baseline" \
     --json "$OUT/eval_results.json"

@@ -134,6 +134,13 @@ def text_only_nll(model, samples, L, context=True):
     return model(input_ids=ids, labels=labels).loss.item()
 
 
+def same_tokenizer(tokenizer, folder) -> bool:
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(folder)
+    return tokenizer.backend_tokenizer.to_str() == other.backend_tokenizer.to_str()
+
+
 def batched_mean(fn, samples, batch):
     values = [fn(samples[i : i + batch]) * len(samples[i : i + batch]) for i in range(0, len(samples), batch)]
     return sum(values) / len(samples)
@@ -169,6 +176,9 @@ def evaluate(model_dir, text_only_dir=None, n_ppl=256, n_readback=64, batch=32, 
     }
     if text_only_dir:
         baseline = AutoModelForCausalLM.from_pretrained(text_only_dir).eval()
+        if not same_tokenizer(processor.tokenizer, text_only_dir):
+            raise ValueError(f"{text_only_dir} was trained with another tokenizer than {model_dir}: its perplexities "
+                             "would be over other tokens. Train the control with the reader's --tokenizer.")
         nll["text_only_text_context"] = batched_mean(lambda s: text_only_nll(baseline, s, L), pp, batch)
         nll["text_only_no_context"] = batched_mean(lambda s: text_only_nll(baseline, s, L, context=False), pp, batch)
     results["perplexity_c2"] = {k: math.exp(v) for k, v in nll.items()}

@@ -46,6 +46,7 @@ For book-length inputs, `inputs = model.read(processor, text)` streams the text 
 ## Architecture
 
 - Language model: {{ text_model }} ({{ text_params }} parameters)
+- Vocabulary: {{ vocab_size }} tokens (the chunk size above is counted in these tokens)
 - Vision encoder: {{ vision_model }} ({{ vision_params }} parameters)
 - Modal aligner: `tanh(v W + b)` after a {{ merge }}x{{ merge }} patch merge
 - Sketches: {{ image_size }}, glyph cells of {{ cell }} px, font `{{ font }}`
@@ -120,6 +121,7 @@ def build_card(model, repo_id: str, fidelity: Path | None, efficiency: Path | No
         text_model=config.text_config.model_type,
         vision_model=config.vision_config.model_type,
         text_params=count(model.language_model),
+        vocab_size=config.text_config.vocab_size,
         vision_params=count(model.vision_tower),
         fidelity=fidelity_section(fidelity),
         efficiency=efficiency_section(efficiency),

@@ -124,6 +124,8 @@ def main(argv=None):
         state = load_file(str(Path(args.init) / "model.safetensors"))
         if args.fresh_lm:
             state = {k: v for k, v in state.items() if not k.startswith("language_model.")}
+        own = model.state_dict()  # a checkpoint of another vocabulary (the byte-level demo) gives all but the embeddings
+        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(state, strict=False)
         model.tie_weights()
     current = {}

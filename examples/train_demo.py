@@ -2,26 +2,31 @@
 
     bash demo/reproduce.sh demo     # the committed checkpoint: the stages below, the control and the evaluation
 
-The committed recipe (demo/NOTES.md, "Sixth attempt") has two stages and a control:
+The committed recipe (demo/NOTES.md, "Seventh attempt") has three stages and a control, all but the first with
+`--tokenizer tokenization/byte_tokenizer` (one token per byte):
 1. `--encoder-steps N`: the vision tower + aligner alone, from scratch, on the per-visual-token glyph-cell loss
    (no LM), with the aligner initialised in tanh's linear range (`--aligner-init-std`), its own smaller lr
    (`--aligner-lr`) and the glyph head's bias at the class prior (`--head-prior-init`). Without these three the
    aligner saturates and the visual tokens lose the characters.
-2. `--init-encoder DIR --freeze vision+aligner`: that encoder frozen, a fresh LM trained on `c_1 V_1 c_2` windows.
-3. `--text-only`: the control, with the LM steps, batch and schedule of stage 2.
-Data options of all three (demo/NOTES.md, "Sixth attempt"): `--chunk-sampling any` draws chunks and windows at any
-token offset of the training stream instead of the 6 222 fixed windows; `--mix-chars F` makes a fraction F of each
-reader batch read-back rows of random single characters, text the LM cannot guess.
+2. `--readback-only --data chars --init DIR --freeze vision+aligner`: that encoder frozen, a fresh LM reads back
+   chunks of random characters, text it cannot guess; with one token per byte this is the corpus task minus the
+   language prior, so the reading it learns transfers.
+3. `--init DIR --freeze vision+aligner --mix-chars 0.5`: the LM trained on `c_1 V_1 c_2` windows, half of each
+   batch still random-character read-back rows.
+4. `--text-only`: the control, with the tokenizer, LM steps, batch and schedule of stage 3.
+`--chunk-sampling any` draws chunks and windows at any token offset of the training stream instead of fixed windows.
 With no stage flags the script runs the first attempt's joint recipe (demo/training_log.first-attempt.jsonl): 450 steps
 of batch 8, the first 150 training only the vision tower + aligner on the glyph-cell loss (the text-only control gets
 the same 300 LM steps). `--readback-only` is the second attempt's.
 
 Common to the recipes (demo/NOTES.md has the measurements):
 - Corpus: CPython standard-library docstrings (`tokenization/build_corpus.py`, PSF-2.0), built offline; the
-  held-out documents (`split_documents`, 2 %) are never trained on. Tokenizer: `tokenization/demo_tokenizer`.
+  held-out documents (`split_documents`, 2 %) are never trained on. Tokenizer: `--tokenizer` (default
+  `tokenization/demo_tokenizer`, 4 096 byte-level BPE tokens).
 - Geometry: L = 32 tokens, r = 4 -> m = 8 visual tokens. Sketch 128 x 256 px of 8 x 16 px glyph cells
-  (8 rows x 32 columns = 256 cells for ~117 characters), 16 px patches (each patch = exactly 2 cells, aligned),
-  4 x 4 merge -> 2 x 4 = 8 visual tokens. Tiny SigLIP (hidden 128, 3 layers) + Qwen3 (hidden 256, 4 layers).
+  (8 rows x 32 columns = 256 cells for ~117 characters of the demo tokenizer, 32 of the byte tokenizer), 16 px
+  patches (each patch = exactly 2 cells, aligned), 4 x 4 merge -> 2 x 4 = 8 visual tokens. Tiny SigLIP (hidden 128,
+  3 layers) + Qwen3 (hidden 256, 4 layers).
 - Sample: a window of two chunks laid out `c_1 V_1 c_2` with read-back on: c_1 learns to *read* its own sketch
   (reconstruction), c_2 sees V_1 only (optical language modelling; the open chunk has no sketch of its own, so
   read-back does not change what c_2 sees).
@@ -33,6 +38,7 @@ Common to the recipes (demo/NOTES.md has the measurements):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
@@ -109,7 +115,9 @@ def token_stream(docs, tokenizer) -> list[int]:
 def corpus_windows(tokenizer, split: str, window_chunks: int = 2, cache_dir: Path | None = None) -> np.ndarray:
     """Non-overlapping windows of `window_chunks * CHUNK` tokens from the train or held-out documents."""
     cache_dir = cache_dir or Path(os.environ.get("VIST2_DEMO_CACHE", Path.home() / ".cache" / "vist2_demo"))
-    cache = cache_dir / f"{split}_tokens.npy"
+    # Keyed by the tokenizer: the same corpus tokenised by another vocabulary is another stream.
+    fingerprint = hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:12]
+    cache = cache_dir / f"{split}_tokens.{fingerprint}.npy"
     if cache.exists():
         ids = np.load(cache)
     else:
@@ -381,7 +389,7 @@ def encoder_stage(args):
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     model = VIST2ForCausalLM(demo_config(tokenizer))
     if args.init:
         load_encoder(model, args.init)
@@ -430,6 +438,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo/vist2-demo")
     parser.add_argument("--text-only", action="store_true", help="train the same-size text-only control instead")
+    parser.add_argument("--tokenizer", default=str(REPO / "tokenization" / "demo_tokenizer"),
+                        help="tokenizer folder; its vocabulary sets the LM's (tokenization/byte_tokenizer: one byte per "
+                             "token, demo/NOTES.md \"Seventh attempt\")")
     parser.add_argument("--steps", type=int, default=450)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -474,7 +485,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     config = demo_config(tokenizer)
     processor = VIST2Processor.from_config(config, tokenizer)
     windows = corpus_windows(tokenizer, "train")
@@ -494,6 +505,9 @@ def main(argv=None):
 
     if args.text_only:
         model = text_only_model(config)
+        if args.init:  # a text-only control trained on, as its VIST2 counterpart is with --init
+            model.load_state_dict(load_file(str(Path(args.init) / "model.safetensors")), strict=False)
+            model.tie_weights()
         heads = None
     else:
         model = VIST2ForCausalLM(config)
@@ -668,7 +682,7 @@ def train_readback(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     config = demo_config(tokenizer)
     if args.merge_size:
         config.merge_size = args.merge_size

@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,10 +208,12 @@ def test_text_token_head_reads_visual_token_j_as_text_tokens_jr_to_jr_plus_r_min
     assert head.scores(visual_tokens, ids.roll(1, dims=1))[1] < 0.1
 
 
-@pytest.mark.parametrize("data", [[], ["--chunk-sampling", "any", "--mix-chars", "0.5"]])
+@pytest.mark.parametrize("data", [[], ["--chunk-sampling", "any", "--mix-chars", "0.5"],
+                                  ["--tokenizer", str(REPO / "tokenization" / "byte_tokenizer")]])
 def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(tmp_path, data):
     """`train_demo.py --init-encoder DIR --freeze vision+aligner` (the recipe's second stage)."""
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
     run_train_demo(["--encoder-steps", "1", "--encoder-batch", "2", "--warmup", "1", "--eval-every", "1",
                     "--log", str(tmp_path / "enc.jsonl"), "--out", str(tmp_path / "enc")])
@@ -223,7 +226,11 @@ def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(
         if name.startswith(("vision_tower.", "aligner.")):
             assert torch.equal(value, encoder[name]), name
     lm = [n for n in reader if n.startswith("language_model.")]
-    assert any(not torch.equal(reader[n], encoder[n]) for n in lm)
+    assert any(reader[n].shape != encoder[n].shape or not torch.equal(reader[n], encoder[n]) for n in lm)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert reader["language_model.model.embed_tokens.weight"].shape[0] == len(tokenizer)
+    if "--tokenizer" in data:  # the LM takes the reader's vocabulary, the encoder is the demo tokenizer's run
+        assert len(tokenizer) == 260
     records = [json.loads(line) for line in log.read_text().splitlines()][1:]
     assert all(0 <= r[f"{probe}_tf_acc{which}"] <= 1
                for r in records for probe in ("heldout", "chars") for which in ("", "_wrong"))
@@ -256,15 +263,21 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     import shlex
 
     script = (REPO / "demo" / "reproduce.sh").read_text().replace("\\\n", " ")
-    commands = [shlex.split(line.replace('"$OUT', '"demo')) for line in script.splitlines()
-                if line.startswith("python examples/")]
-    assert [c[1] for c in commands] == ["examples/train_demo.py"] * 3 + ["examples/evaluate_demo.py"]
+    variables = dict(line.split("=", 1) for line in script.splitlines() if line.startswith("BYTES="))
+    commands = [shlex.split(line.replace('"$OUT', '"demo').replace('"$BYTES"', variables["BYTES"]))
+                for line in script.splitlines() if line.startswith("python examples/")]
+    assert [c[1] for c in commands] == ["examples/train_demo.py"] * 6 + ["examples/evaluate_demo.py"]
     train_demo = load_example("train_demo")
-    encoder, reader, control = (train_demo.parse_args(command[2:]) for command in commands[:3])
-    assert reader.init_encoder == encoder.out and control.text_only
-    assert (control.steps, control.batch_size, control.chunk_sampling) == (reader.steps, reader.batch_size,
-                                                                           reader.chunk_sampling)
-    evaluate = commands[3]
+    encoder, warmup, mixed, reader, mixed_control, control = (train_demo.parse_args(c[2:]) for c in commands[:6])
+    assert encoder.encoder_steps and warmup.readback_only and warmup.data == "chars"
+    assert warmup.init == encoder.out and mixed.init == warmup.out and reader.init == mixed.out
+    assert mixed_control.text_only and control.text_only and control.init == mixed_control.out
+    assert len({run.tokenizer for run in (warmup, mixed, reader, mixed_control, control)}) == 1
+    assert (REPO / reader.tokenizer).is_dir()
+    for vist2, text_only in ((mixed, mixed_control), (reader, control)):  # the control gets the same LM steps
+        assert ((text_only.steps, text_only.batch_size, text_only.chunk_sampling, text_only.lr, text_only.warmup) ==
+                (vist2.steps, vist2.batch_size, vist2.chunk_sampling, vist2.lr, vist2.warmup))
+    evaluate = commands[6]
     assert evaluate[evaluate.index("--model") + 1] == reader.out
     assert evaluate[evaluate.index("--text-only") + 1] == control.out
 
@@ -295,3 +308,56 @@ def test_chunk_sampler_draws_window_starts_or_chunks_at_any_offset(sampling):
     assert whole_windows == (8 if sampling == "first" else 0)  # the reader and text-only stages draw 2-chunk windows
     heldout = {tuple(w[: train_demo.CHUNK].tolist()) for w in train_demo.corpus_windows(tokenizer, "heldout")}
     assert all(tuple(c) in heldout for c in draw(16, random.Random(0), "heldout").tolist())
+
+
+def test_corpus_token_streams_are_cached_per_tokenizer(tmp_path):
+    """`--tokenizer`: a cached stream of one vocabulary is never served to another."""
+    from transformers import AutoTokenizer
+
+    train_demo = load_example("train_demo")
+    demo, byte = (AutoTokenizer.from_pretrained(REPO / "tokenization" / name) for name in ("demo_tokenizer",
+                                                                                            "byte_tokenizer"))
+    first = train_demo.corpus_windows(demo, "heldout", cache_dir=tmp_path)
+    bytes_ = train_demo.corpus_windows(byte, "heldout", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("heldout_tokens.*.npy"))) == 2
+    assert bytes_.size > 3 * first.size and int(bytes_.max()) < len(byte)
+    assert byte.decode(bytes_[0].tolist()) == demo.decode(first.reshape(-1).tolist())[: train_demo.CHUNK * 2]
+    assert np.array_equal(train_demo.corpus_windows(byte, "heldout", cache_dir=tmp_path), bytes_)
+
+
+def test_evaluation_reports_each_measure_with_its_wrong_image_control(evaluate_demo):
+    results = evaluate_demo.evaluate(DEMO, REPO / "demo" / "text-only-baseline", n_ppl=4, n_readback=2, batch=4)
+    read_back, perplexity = results["read_back"], results["perplexity_c2"]
+    assert read_back["n"] == 2 and results["n_ppl"] == 4
+    assert all(0 <= read_back[k] <= 1 for k in ("char_accuracy", "wrong_image_char_accuracy"))
+    assert {"vist2_visual_context", "vist2_wrong_image", "vist2_no_context", "text_only_text_context",
+            "text_only_no_context"} <= set(perplexity)
+    assert perplexity["ratio_vist2_to_text_only"] == pytest.approx(
+        perplexity["vist2_visual_context"] / perplexity["text_only_text_context"])
+
+
+def test_evaluation_refuses_a_text_only_control_with_another_tokenizer(evaluate_demo, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    control = tmp_path / "control"
+    shutil.copytree(REPO / "demo" / "text-only-baseline", control)
+    other = "demo_tokenizer" if len(AutoTokenizer.from_pretrained(DEMO)) == 260 else "byte_tokenizer"
+    AutoTokenizer.from_pretrained(REPO / "tokenization" / other).save_pretrained(control)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        evaluate_demo.evaluate(DEMO, control, n_ppl=2, n_readback=1, batch=2)
+
+
+def test_text_only_control_continues_from_init(tmp_path):
+    """`--text-only --init DIR` (reproduce.sh's last control stage) starts from DIR's weights, not from scratch."""
+    from safetensors.torch import load_file
+
+    common = ["--text-only", "--tokenizer", str(REPO / "tokenization" / "byte_tokenizer"), "--steps", "1",
+              "--batch-size", "2", "--aux-only-steps", "0", "--warmup", "1", "--log-every", "1"]
+    run_train_demo([*common, "--out", str(tmp_path / "first"), "--log", str(tmp_path / "first.jsonl")])
+    run_train_demo([*common, "--init", str(tmp_path / "first"), "--lr", "0", "--out", str(tmp_path / "next"),
+                    "--log", str(tmp_path / "next.jsonl")])
+    first, continued = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("first", "next"))
+    assert first.keys() == continued.keys()
+    assert all(torch.equal(first[name], continued[name]) for name in first)  # lr 0: nothing moved from the init

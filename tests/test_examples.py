@@ -83,7 +83,7 @@ def test_quickstart_compresses_saves_sketches_reads_back_and_writes(saved_model,
     from PIL import Image
 
     assert Image.open(sheet).size[0] > 64
-    assert "read back from its sketch" in report and "--- continuation ---" in report
+    assert "read back from its sketch" in report and "--- continuation, from the last 4 closed chunks ---" in report
     assert float(re.search(r"-> ([\d.]+)%", report).group(1)) < 30
 
 

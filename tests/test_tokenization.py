@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZATION = ROOT / "tokenization"
 DEMO_TOKENIZER = TOKENIZATION / "demo_tokenizer"
+BYTE_TOKENIZER = TOKENIZATION / "byte_tokenizer"
 
 ROUND_TRIP_TEXTS = [
     "Hello world",
@@ -169,6 +170,24 @@ def test_trained_tokenizer_puts_special_tokens_first(small_docs):
     tokenizer = train_script.train_demo_tokenizer(vocab_size=300, texts=small_docs[:50])
     assert tokenizer.convert_tokens_to_ids(train_script.SPECIAL_TOKENS) == [0, 1, 2, 3]
     assert len(tokenizer) == 300
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
+def test_byte_tokenizer_gives_one_token_per_utf8_byte_and_round_trips(text):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(BYTE_TOKENIZER, local_files_only=True)
+    ids = tokenizer(text)["input_ids"]
+    assert len(tokenizer) == 260 and len(ids) == len(text.encode("utf-8"))
+    assert tokenizer.decode(ids) == text
+
+
+def test_committed_byte_tokenizer_is_what_the_script_builds_at_vocab_260(small_docs, tmp_path):
+    """No merges at 256 bytes + 4 special tokens, so the corpus cannot change it."""
+    train_script = load_script("train_demo_tokenizer")
+    train_script.train_demo_tokenizer(vocab_size=260, texts=small_docs[:20]).save_pretrained(tmp_path)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / file).read_bytes() == (BYTE_TOKENIZER / file).read_bytes()
 
 
 # --- add_special_tokens ----------------------------------------------------
