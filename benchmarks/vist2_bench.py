@@ -69,7 +69,7 @@ def run_case(case: dict) -> dict:
     from transformers.models.qwen3 import modeling_qwen3
 
     import vist2.modeling_vist2 as modeling
-    from vist2.modeling_vist2 import VIST2Cache, VIST2ForCausalLM
+    from vist2.modeling_vist2 import CACHE_KWARG, VIST2Cache, VIST2ForCausalLM
     from vist2.processing_vist2 import VIST2Processor
 
     if case.get("threads"):
@@ -109,7 +109,7 @@ def run_case(case: dict) -> dict:
     def resume_inputs(out):
         """Inputs that continue a finished generation from its cache."""
         return {"input_ids": out.sequences, "attention_mask": torch.ones_like(out.sequences),
-                "past_key_values": out.past_key_values}
+                CACHE_KWARG: out[CACHE_KWARG]}
 
     def generate(inputs, forced, n_new, streamer=None):
         kwargs = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, return_dict_in_generate=True,
@@ -191,8 +191,8 @@ def run_case(case: dict) -> dict:
         if counter is not None:
             prefill_flops.update(common.flops_by_part(counter))
         phases.stage = "decode"
-        entries = [common.kv_cache_entries(first.past_key_values)]  # cache size after each forward (FLOP sums)
-        sizes = common.StepRecorder(lambda cache=first.past_key_values: common.kv_cache_entries(cache))
+        entries = [common.kv_cache_entries(first[CACHE_KWARG])]  # cache size after each forward (FLOP sums)
+        sizes = common.StepRecorder(lambda cache=first[CACHE_KWARG]: common.kv_cache_entries(cache))
         t_decode = time.perf_counter()
         out = generate(resume_inputs(first), continuation[1:], new_tokens - 1, streamer=sizes) \
             if new_tokens > 1 else first
@@ -200,7 +200,7 @@ def run_case(case: dict) -> dict:
         t_end = time.perf_counter()
         phases.stop_sampling()
         generated = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-        cache = out.past_key_values
+        cache = out[CACHE_KWARG]
         phase_times = phases.as_dict()
         for stage, seconds in (("prefill", t_first - t0), ("decode", t_end - t_decode)):
             spent = sum(p["seconds"] for p in phase_times.get(stage, {}).values())
@@ -262,7 +262,7 @@ def run_case(case: dict) -> dict:
         # checked on every counted forward and in tests).
         started = time.perf_counter()
         m = config.visual_tokens_per_chunk
-        cache = last.past_key_values
+        cache = last[CACHE_KWARG]
         open_tokens = getattr(cache, "open_tokens", None)
         window_tokens = (L - len(open_tokens[0]) + 2 if open_tokens else L + 2) if is_vist2 else 3
         forced = ids[context + new_tokens : context + new_tokens + window_tokens]

@@ -48,9 +48,10 @@ def main(argv=None):
                          streamer=TextStreamer(processor.tokenizer, skip_prompt=True), **sampling)
     new_tokens = out.sequences.shape[1] - inputs["input_ids"].shape[1]
     total_tokens = len(processor.encode(args.prefix)) + len(processor.encode(text)) + new_tokens
-    vist2, baseline = cache_bytes(out.past_key_values), text_only_cache_bytes(model, total_tokens)
+    cache = inputs["cache"]  # generate wrote the continuation into the cache read() filled
+    vist2, baseline = cache_bytes(cache), text_only_cache_bytes(model, total_tokens)
     print("\n--- KV cache ---")
-    print(f"text + continuation: {total_tokens} tokens; VIST2 cache: {out.past_key_values.get_seq_length()} entries, "
+    print(f"text + continuation: {total_tokens} tokens; VIST2 cache: {cache.get_seq_length()} entries, "
           f"{vist2 / 1024:.1f} KiB; the text-only backbone would hold {total_tokens} entries, {baseline / 1024:.1f} KiB "
           f"({vist2 / baseline:.1%} of it)")
 

@@ -104,7 +104,7 @@ def worker(mode: str, chars: int, every: int) -> dict:
         model = VIST2ForCausalLM(config).eval()  # random weights: memory and time do not depend on them
         samples.append((0, round(time.perf_counter() - start, 2), round(rss_mib(), 1)))
         inputs = model.read(processor, text)
-        cache = inputs["past_key_values"]
+        cache = inputs["cache"]
         result.update(cache_entries=int(cache.get_seq_length()), open_chunk=int(cache.open_chunk),
                       cache_mib=round(sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
                                       * 4 / 2**20, 2))

@@ -10,7 +10,7 @@ from transformers import DynamicCache, LogitsProcessorList
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from vist2.modeling_vist2 import VIST2ForCausalLM  # noqa: E402
+from vist2.modeling_vist2 import CACHE_KWARG, VIST2ForCausalLM  # noqa: E402
 
 TEXT = (
     "Global context compression renders every finished chunk of text into a small sketch image. "
@@ -46,13 +46,13 @@ def test_kv_bytes_match_entries_for_both_models(model, processor, ids):
     L, forced = model.config.chunk_size, ids[100:100 + 20]
     for out in (forced_generate(model, common.vist2_inputs(processor, ids[:100]), forced, processor),
                 forced_generate(model.language_model, common.baseline_inputs(ids[:100]), forced)):
-        cache = out.past_key_values
+        cache = out[CACHE_KWARG]
         assert common.kv_cache_bytes(cache) == per_entry * common.kv_cache_entries(cache)
     # VIST2 holds closed chunks as m entries plus the open chunk; 119 text tokens went through the model.
     vist2_entries = common.kv_cache_entries(forced_generate(model, common.vist2_inputs(processor, ids[:100]), forced,
-                                                            processor).past_key_values)
+                                                            processor)[CACHE_KWARG])
     assert vist2_entries == (119 // L) * model.config.visual_tokens_per_chunk + 119 % L
-    baseline = forced_generate(model.language_model, common.baseline_inputs(ids[:100]), forced).past_key_values
+    baseline = forced_generate(model.language_model, common.baseline_inputs(ids[:100]), forced)[CACHE_KWARG]
     assert common.kv_cache_entries(baseline) == 119
 
 
@@ -176,10 +176,10 @@ def test_decode_flops_from_a_few_counted_forwards_equal_a_full_count(model, proc
                                                 common.kv_cache_entries(holder["cache"])))
         first = run(make(prompt), ids[64:65], None)
         after_prefill = common.flops_by_part(counter)
-        holder["cache"] = first.past_key_values
-        entries = [common.kv_cache_entries(first.past_key_values)]
+        holder["cache"] = first[CACHE_KWARG]
+        entries = [common.kv_cache_entries(first[CACHE_KWARG])]
         seq = first.sequences
-        out = run({"input_ids": seq, "attention_mask": torch.ones_like(seq), "past_key_values": first.past_key_values},
+        out = run({"input_ids": seq, "attention_mask": torch.ones_like(seq), CACHE_KWARG: first[CACHE_KWARG]},
                   ids[65 : 64 + new], recorder)
     steps = common.per_step([after_prefill] + [flops for flops, _ in recorder.values])[1:]  # forwards 1 .. new-1
     entries += [n for _, n in recorder.values]
@@ -187,9 +187,9 @@ def test_decode_flops_from_a_few_counted_forwards_equal_a_full_count(model, proc
 
     with common.flop_counter() as counter:  # a few forwards more, continuing from the cache
         recorder = common.StepRecorder(lambda: (common.flops_by_part(counter),
-                                                common.kv_cache_entries(out.past_key_values)))
+                                                common.kv_cache_entries(out[CACHE_KWARG])))
         seq = out.sequences
-        more = run({"input_ids": seq, "attention_mask": torch.ones_like(seq), "past_key_values": out.past_key_values},
+        more = run({"input_ids": seq, "attention_mask": torch.ones_like(seq), CACHE_KWARG: out[CACHE_KWARG]},
                    ids[64 + new : 64 + new + model.config.chunk_size + 1], recorder)
     assert more.sequences[0, seq.shape[1]:].tolist() == ids[64 + new : 64 + new + model.config.chunk_size + 1]
     window = common.per_step([flops for flops, _ in recorder.values])

@@ -10,7 +10,7 @@ import torch
 from conftest import SAMPLE_TEXT
 
 from vist2 import VIST2Cache
-from vist2.modeling_vist2 import TEXT, token_kinds
+from vist2.modeling_vist2 import CACHE_KWARG, TEXT, token_kinds
 
 TOLERANCE = 1e-5
 
@@ -58,7 +58,7 @@ def test_zero_new_tokens_is_refused_before_any_work(model, processor, config):
     inputs = processor(text=SAMPLE_TEXT[:100])
     cache = VIST2Cache(config=config.text_config)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        model.generate(**inputs, processor=processor, past_key_values=cache, max_new_tokens=0)
+        model.generate(**inputs, processor=processor, cache=cache, max_new_tokens=0)
     assert not cache.is_prefilled and cache.get_seq_length() == 0
     with pytest.raises(ValueError, match="max_length"):
         model.generate(**inputs, processor=processor, max_length=inputs["input_ids"].shape[1])
@@ -78,7 +78,7 @@ def test_an_empty_prompt_generates_from_the_bos_token_across_a_chunk(model, proc
     assert inputs["input_ids"].tolist() == [[tokenizer.bos_token_id]] and inputs["pixel_values"].shape[0] == 0
     out = generate(model, processor, inputs, max_new_tokens=20, suppress_tokens=ascii_only)
     generated = out.sequences[0, 1:].tolist()
-    assert len(generated) == 20 and out.past_key_values.open_chunk.item() == 2, "a chunk closed while writing"
+    assert len(generated) == 20 and out[CACHE_KWARG].open_chunk.item() == 2, "a chunk closed while writing"
     assert_steps_equal_training(model, processor, [tokenizer.bos_token_id], [], generated,
                                 [step[0] for step in out.logits])
 
@@ -102,7 +102,7 @@ def test_a_prompt_exactly_on_a_chunk_boundary_keeps_its_last_chunk_open(model, p
     out = generate(model, processor, inputs, max_new_tokens=3, suppress_tokens=ascii_only)  # 1st fed token closes it
     generated = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
     prefix_ids = processor.encode(prefix)
-    check_cache_after(out.past_key_values, prefix_ids, prompt_tokens, 3, L, m)
+    check_cache_after(out[CACHE_KWARG], prefix_ids, prompt_tokens, 3, L, m)
     assert_steps_equal_training(model, processor, prefix_ids, processor.encode(text), generated,
                                 [step[0] for step in out.logits])
 
@@ -119,7 +119,7 @@ def test_eos_as_the_first_token_stops_after_it(model, processor, tokenizer, asci
     assert len(out.logits) == 1
     torch.testing.assert_close(out.logits[0], free.logits[0], atol=0, rtol=0)
     # The first token was chosen but never fed: even a full open chunk (16 tokens) is still open.
-    assert out.past_key_values.open_chunk.item() == (prompt_tokens - 1) // processor.chunk_size + 1
+    assert out[CACHE_KWARG].open_chunk.item() == (prompt_tokens - 1) // processor.chunk_size + 1
 
 
 def test_a_row_that_stops_at_once_leaves_the_other_row_untouched(model, processor, tokenizer, ascii_only):
@@ -164,7 +164,7 @@ def test_a_batch_of_rows_several_chunks_apart_equals_the_training_forward_per_ro
         prompt = processor.encode(text)
         prefix_ids = processor.encode(prefix) or ([] if text else [tokenizer.bos_token_id])
         if row != 5:  # (a chunk kept as text holds L entries instead of m)
-            check_cache_after(out.past_key_values, prefix_ids, len(prompt), new_tokens, L, m, row)
+            check_cache_after(out[CACHE_KWARG], prefix_ids, len(prompt), new_tokens, L, m, row)
         assert_steps_equal_training(model, processor, prefix_ids, prompt, generated, [step[row] for step in out.logits])
 
 
@@ -176,7 +176,7 @@ def test_reading_a_prompt_on_a_chunk_boundary_equals_processing_it(model, proces
     read = model.read(processor, text, sketches_per_step=1)
     streamed = generate(model, processor, read, max_new_tokens=4, suppress_tokens=ascii_only)
     assert streamed.sequences[0, 1:].tolist() == whole.sequences[0, whole_inputs["input_ids"].shape[1]:].tolist()
-    assert streamed.past_key_values.get_seq_length() == whole.past_key_values.get_seq_length()
+    assert streamed[CACHE_KWARG].get_seq_length() == whole[CACHE_KWARG].get_seq_length()
     for a, b in zip(streamed.logits, whole.logits):
         torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=0)
 

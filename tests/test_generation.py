@@ -8,7 +8,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from conftest import SAMPLE_TEXT
 from vist2 import VIST2Cache
-from vist2.modeling_vist2 import TEXT, token_kinds
+from vist2.modeling_vist2 import CACHE_KWARG, TEXT, token_kinds
 
 TOLERANCE = 1e-5  # float32; observed differences are ~1e-7
 
@@ -143,7 +143,7 @@ def test_cache_never_holds_more_than_prefix_plus_sketches_plus_one_chunk(model, 
     inputs = processor(text=[SAMPLE_TEXT[:300], SAMPLE_TEXT[:20]], prefix=prefixes)
     cache = VIST2Cache(config=config.text_config)
     probe = CacheProbe(cache)
-    model.generate(**inputs, processor=processor, past_key_values=cache, max_new_tokens=70, do_sample=False,
+    model.generate(**inputs, processor=processor, cache=cache, max_new_tokens=70, do_sample=False,
                    logits_processor=LogitsProcessorList([probe]), suppress_tokens=ascii_only)
     m, L = config.visual_tokens_per_chunk, config.chunk_size
     prefix_lengths = torch.tensor([len(processor.encode(p)) for p in prefixes])
@@ -157,10 +157,23 @@ def test_cache_never_holds_more_than_prefix_plus_sketches_plus_one_chunk(model, 
 
 def test_returned_cache_is_the_compressed_cache(model, processor, ascii_only):
     inputs, out = generate(model, processor, SAMPLE_TEXT[:200], max_new_tokens=30, suppress_tokens=ascii_only)
-    cache = out.past_key_values
+    cache = out[CACHE_KWARG]
     assert isinstance(cache, VIST2Cache)
     total_text = len(processor.encode(SAMPLE_TEXT[:200])) + 30
     assert cache.get_seq_length() < total_text / 2
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_generate_writes_into_a_cache_passed_under_either_name(model, processor, config, ascii_only, name):
+    # transformers 5.24 renamed past_key_values to cache; callers written for either release keep working.
+    inputs = processor(text=SAMPLE_TEXT[:200])
+    given = VIST2Cache(config=config.text_config)
+    out = model.generate(**inputs, processor=processor, max_new_tokens=20, do_sample=False, return_dict_in_generate=True,
+                         suppress_tokens=ascii_only, **{name: given})
+    _, fresh = generate(model, processor, SAMPLE_TEXT[:200], max_new_tokens=20, suppress_tokens=ascii_only)
+    assert out[CACHE_KWARG] is given and given.is_prefilled
+    assert out.sequences.tolist() == fresh.sequences.tolist()
+    assert given.get_seq_length() == fresh[CACHE_KWARG].get_seq_length()
 
 
 def test_generation_stops_at_eos_in_the_middle_of_a_chunk(model, processor, ascii_only):
@@ -256,6 +269,6 @@ def test_reading_a_text_in_a_stream_equals_processing_it_at_once(model, processo
                               max_new_tokens=40, do_sample=False, return_dict_in_generate=True, output_logits=True,
                               suppress_tokens=ascii_only)
     assert streamed.sequences[0, 1:].tolist() == whole.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    assert streamed.past_key_values.get_seq_length() == whole.past_key_values.get_seq_length()
+    assert streamed[CACHE_KWARG].get_seq_length() == whole[CACHE_KWARG].get_seq_length()
     for a, b in zip(streamed.logits, whole.logits):
         torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=0)

@@ -16,7 +16,8 @@ Only public, documented transformers hooks are used, so the remote code survives
 `GenerationMixin.generate` (called through, with a caller-supplied cache) and `prepare_inputs_for_generation`
 (overridden), a `DynamicCache` subclass (`Cache.layers[i].keys/values`), `masking_utils.create_causal_mask` with
 `or_mask_function` / `and_mask_function`, and the decoder's `inputs_embeds`, `position_ids` and prepared 4D
-`attention_mask` inputs.
+`attention_mask` inputs. transformers 5.24 renamed `past_key_values` to `cache` in all of these; VIST2 takes either
+name and speaks the installed release's (`CACHE_KWARG`).
 """
 
 import torch
@@ -29,6 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_vist2 import VIST2Config
 
 PAD, TEXT, SKETCH = 0, 1, 2  # token kinds
+CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -226,7 +228,7 @@ class VIST2PreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = []  # collected from the vision tower and language model
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     # The layout mask is a full 4D mask or a flex BlockMask; flash-attention kernels take neither.
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -394,10 +396,11 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         chunk_ids=None,
         pixel_values=None,
         labels=None,
-        past_key_values=None,
+        cache=None,
         use_cache=None,
         read_back=None,
         logits_to_keep=0,
+        past_key_values=None,
         **kwargs,
     ):
         r"""
@@ -408,10 +411,12 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         labels (`(batch, seq)`): next-token targets; the loss runs over the text stream `P c_1 c_2 ...` in order
             (the token after the last of `c_i` is the first of `c_{i+1}`), sketches and -100 carry no label.
         read_back (`(batch,)` bool): OCR warm-up; a chunk's text also sees its own sketch.
+        past_key_values: the name transformers < 5.24 gives `cache`.
         """
         kwargs.pop("chunks_kept_as_text", None)
-        if isinstance(past_key_values, VIST2Cache) and past_key_values.is_prefilled:
-            return self.decode_step(input_ids, past_key_values, logits_to_keep)
+        cache = past_key_values if cache is None else cache
+        if isinstance(cache, VIST2Cache) and cache.is_prefilled:
+            return self.decode_step(input_ids, cache, logits_to_keep)
         if chunk_ids is None:
             raise ValueError("chunk_ids is required: pass the batch VIST2Processor returns")
         if chunk_ids.shape != input_ids.shape or (attention_mask is not None and attention_mask.shape != input_ids.shape):
@@ -423,26 +428,26 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         chunk_ids = chunk_ids.masked_fill(kinds == PAD, 0).long()
         check_layout(kinds, chunk_ids, self.config.visual_tokens_per_chunk)
         memory = memory_flags(kinds, chunk_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = VIST2Cache(config=self.config.text_config)
-        if isinstance(past_key_values, VIST2Cache):
-            past_key_values.record_prefill(kinds, chunk_ids, memory, input_ids)
+        if use_cache and cache is None:
+            cache = VIST2Cache(config=self.config.text_config)
+        if isinstance(cache, VIST2Cache):
+            cache.record_prefill(kinds, chunk_ids, memory, input_ids)
 
-        block = past_key_values.prefill_chunk_size if isinstance(past_key_values, VIST2Cache) else None
+        block = cache.prefill_chunk_size if isinstance(cache, VIST2Cache) else None
         embeds = self.embed(input_ids, kinds, pixel_values, block and self.sketches_per_encoder_pass(block))
         positions = layout_position_ids(kinds, chunk_ids, memory, read_back)
         layout = (kinds, chunk_ids, memory, read_back)
         if block:
-            hidden = self.prefill_in_blocks(embeds, positions, layout, past_key_values, block)
+            hidden = self.prefill_in_blocks(embeds, positions, layout, cache, block)
         else:
-            hidden = self.run_language_model(embeds, positions, layout, past_key_values, use_cache)
+            hidden = self.run_language_model(embeds, positions, layout, cache, use_cache)
         logits = self.lm_head_for(hidden, logits_to_keep)
         loss = None
         if labels is not None:
             loss = self.text_stream_loss(hidden, labels, kinds, kwargs.get("num_items_in_batch"))
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: cache if use_cache else None})
 
-    def build_attention_mask(self, embeds, layout, past_key_values=None):
+    def build_attention_mask(self, embeds, layout, cache=None):
         """The attention rule in the form the configured attention implementation takes (eager: additive float,
         sdpa: boolean, flex: a BlockMask that skips fully masked blocks)."""
         mask_function = vist2_mask_function(*layout)
@@ -466,18 +471,18 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             config=self.config.text_config,
             inputs_embeds=embeds,
             attention_mask=None,
-            past_key_values=past_key_values,
             or_mask_function=mask_function,
             and_mask_function=mask_function,
+            **{CACHE_KWARG: cache},
         )
 
-    def run_language_model(self, embeds, positions, layout, past_key_values, use_cache):
+    def run_language_model(self, embeds, positions, layout, cache, use_cache):
         outputs = self.get_decoder()(
             inputs_embeds=embeds,
-            attention_mask=self.build_attention_mask(embeds, layout, past_key_values),
+            attention_mask=self.build_attention_mask(embeds, layout, cache),
             position_ids=positions,
-            past_key_values=past_key_values,
             use_cache=bool(use_cache),
+            **{CACHE_KWARG: cache},
         )
         return outputs.last_hidden_state
 
@@ -571,7 +576,7 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             cache.open_tokens[b].append(int(input_ids[b, -1]))
         if visual is not None:
             cache.compact()
-        return CausalLMOutputWithPast(logits=self.lm_head_for(hidden, logits_to_keep or 1), past_key_values=cache)
+        return CausalLMOutputWithPast(logits=self.lm_head_for(hidden, logits_to_keep or 1), **{CACHE_KWARG: cache})
 
     def extend_cache(self, cache: VIST2Cache, embeds, kinds, chunk_ids, memory, positions):
         """Append entries of the given layout to the cache, running the language model over them."""
@@ -589,13 +594,15 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
 
             inputs = model.read(processor, book)
             out = model.generate(**inputs, processor=processor, max_new_tokens=200)   # out[:, 1:] is the new text
+
+        `inputs["cache"]` is the `VIST2Cache` that `generate` goes on writing into (under any transformers release).
         """
         self.check_processor(processor)
         device, m = self.device, self.config.visual_tokens_per_chunk
         prefix_ids = processor.encode(prefix)
-        if not text:
-            return dict(processor(text=text, prefix=prefix).to(device))
         cache = VIST2Cache(config=self.config.text_config, processor=processor)
+        if not text:
+            return dict(processor(text=text, prefix=prefix).to(device), cache=cache)
         cache.kinds = torch.zeros(1, 0, dtype=torch.long, device=device)
         cache.chunk_ids, cache.memory = cache.kinds.clone(), cache.kinds.bool()
         cache.open_chunk = torch.ones(1, dtype=torch.long, device=device)
@@ -640,7 +647,7 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             self.extend_cache(cache, self.get_input_embeddings()(head), kinds, cache.open_chunk[:, None].expand_as(head),
                               torch.zeros_like(head, dtype=torch.bool), positions)
         cache.open_tokens = [list(open_ids[:-1])]
-        return {"input_ids": torch.tensor([[open_ids[-1]]], device=device), "past_key_values": cache}
+        return {"input_ids": torch.tensor([[open_ids[-1]]], device=device), "cache": cache}
 
     @torch.no_grad()
     def read_back_chunk(self, processor, chunk_token_ids, pixel_values=None, max_new_tokens=None) -> list[int]:
@@ -662,14 +669,15 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             tokens.append(int(logits[0, len(tokens) - 1].argmax()))
         return tokens
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, chunk_ids=None,
-                                      pixel_values=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, chunk_ids=None,
+                                      pixel_values=None, past_key_values=None, **kwargs):
         # Public override point of GenerationMixin: after prefill only the newest token goes in; the cache keeps the
         # layout, so generate's own attention_mask / cache_position bookkeeping is not used.
-        if isinstance(past_key_values, VIST2Cache) and past_key_values.is_prefilled:
-            return {"input_ids": input_ids[:, -1:], "past_key_values": past_key_values, "use_cache": True}
+        cache = past_key_values if cache is None else cache
+        if isinstance(cache, VIST2Cache) and cache.is_prefilled:
+            return {"input_ids": input_ids[:, -1:], CACHE_KWARG: cache, "use_cache": True}
         return {"input_ids": input_ids, "attention_mask": attention_mask, "chunk_ids": chunk_ids,
-                "pixel_values": pixel_values, "past_key_values": past_key_values, "use_cache": True,
+                "pixel_values": pixel_values, CACHE_KWARG: cache, "use_cache": True,
                 "logits_to_keep": kwargs.get("logits_to_keep") or 0}
 
     def check_processor(self, processor):
@@ -692,13 +700,15 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             self.check_processor(processor)
             if kwargs.get("stop_strings") is not None:
                 kwargs.setdefault("tokenizer", processor.tokenizer)
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = VIST2Cache(config=self.config.text_config, processor=processor,
-                                                   prefill_chunk_size=prefill_chunk_size)
+        cache, legacy_cache = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+        cache = legacy_cache if cache is None else cache
+        if cache is None:
+            cache = VIST2Cache(config=self.config.text_config, processor=processor, prefill_chunk_size=prefill_chunk_size)
         elif processor is not None:
-            kwargs["past_key_values"].processor = processor
+            cache.processor = processor
+        kwargs[CACHE_KWARG] = cache
         input_ids = kwargs.get("input_ids", inputs)
-        if kwargs.get("chunk_ids") is None and input_ids is not None and not kwargs["past_key_values"].is_prefilled:
+        if kwargs.get("chunk_ids") is None and input_ids is not None and not cache.is_prefilled:
             if (input_ids == self.config.sketch_token_id).any():
                 raise ValueError("chunk_ids is required when input_ids hold '<|sketch|>' placeholders: pass the whole "
                                  "processor batch, model.generate(**processor(text=...), processor=processor)")
