@@ -158,7 +158,8 @@ def grid_to_units(grid: np.ndarray, config: VIST2Config, unit_px: int) -> np.nda
 
 
 def make_sample(processor, window, config, trainable=None):
-    """`c_1 V_1 c_2` layout of one window plus per-cell targets of V_1; None if c_1 cannot be sketched.
+    """`c_1 V_1 c_2 ... V_{K-1} c_K` layout of a window of K chunks plus per-cell targets of each sketch; None if a
+    closed chunk cannot be sketched.
 
     `trainable` (one bool per token) as in `encode_sample`: which tokens carry a label."""
     sample = processor.encode_sample([], list(map(int, window)), keep_closed_text=True, trainable=trainable)
@@ -190,10 +191,11 @@ def random_token_pool(tokenizer, data: str) -> list[int]:
 def chunk_sampler(tokenizer, data: str, pool: list[int], length: int = CHUNK, sampling: str = "first"):
     """`draw(n, rng, split) -> (n, length)` token ids: corpus chunks, or random tokens of `pool` for any other `data`.
 
-    Corpus chunks are the first `length` tokens of a window; with `sampling="any"` training chunks start at any offset
-    of the training stream (about 60x more distinct chunks). Held-out chunks are always window starts, so probes stay
-    the same across runs."""
-    windows = {split: corpus_windows(tokenizer, split) for split in ("train", "heldout")}
+    Corpus chunks are the first `length` tokens of a window (of two chunks, or of as many as `length` covers); with
+    `sampling="any"` training chunks start at any offset of the training stream (about 60x more distinct chunks).
+    Held-out chunks are always window starts, so probes stay the same across runs."""
+    window_chunks = max(2, -(-length // CHUNK))
+    windows = {split: corpus_windows(tokenizer, split, window_chunks) for split in ("train", "heldout")}
     stream = windows["train"].reshape(-1)
 
     def draw(n, r, split="train"):
@@ -471,6 +473,9 @@ def parse_args(argv=None):
     parser.add_argument("--chunk-sampling", choices=["first", "any"], default="first",
                         help="corpus: train on the windows (encoder stage: their first chunks; 6 222 distinct) or on "
                              "chunks / windows at any token offset of the training stream")
+    parser.add_argument("--window-chunks", type=int, default=2,
+                        help="reader and text-only stages: train on windows `c_1 V_1 ... c_K` of K chunks, so that "
+                             "positions and sketch counts of longer contexts are seen (the recipe uses 2)")
     parser.add_argument("--mix-chars", type=float, default=0,
                         help="reader stage: this fraction of each batch are read-back rows of random single characters")
     return parser.parse_args(argv)
@@ -530,7 +535,7 @@ def main(argv=None):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "w")
         log.write(json.dumps({"args": vars(args), "parameters": n_model}) + "\n")
-    draw_window = chunk_sampler(tokenizer, "corpus", [], length=2 * CHUNK, sampling=args.chunk_sampling)
+    draw_window = chunk_sampler(tokenizer, "corpus", [], args.window_chunks * CHUNK, sampling=args.chunk_sampling)
     draw_chars = chunk_sampler(tokenizer, "chars", random_token_pool(tokenizer, "chars"))
     chars_rows = 0 if args.text_only else round(args.mix_chars * args.batch_size)
     probes = None if args.text_only or args.probe else {

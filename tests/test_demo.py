@@ -209,7 +209,8 @@ def test_text_token_head_reads_visual_token_j_as_text_tokens_jr_to_jr_plus_r_min
 
 
 @pytest.mark.parametrize("data", [[], ["--chunk-sampling", "any", "--mix-chars", "0.5"],
-                                  ["--tokenizer", str(REPO / "tokenization" / "byte_tokenizer")]])
+                                  ["--tokenizer", str(REPO / "tokenization" / "byte_tokenizer")],
+                                  ["--window-chunks", "3"]])
 def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(tmp_path, data):
     """`train_demo.py --init-encoder DIR --freeze vision+aligner` (the recipe's second stage)."""
     from safetensors.torch import load_file
@@ -347,6 +348,41 @@ def test_evaluation_refuses_a_text_only_control_with_another_tokenizer(evaluate_
     AutoTokenizer.from_pretrained(REPO / "tokenization" / other).save_pretrained(control)
     with pytest.raises(ValueError, match="another tokenizer"):
         evaluate_demo.evaluate(DEMO, control, n_ppl=2, n_readback=1, batch=2)
+
+
+def test_a_window_of_k_chunks_holds_k_minus_1_sketches_each_read_back_and_a_last_open_chunk():
+    """`--window-chunks K`: `c_1 V_1 c_2 V_2 ... c_K`; every closed chunk's text is a read-back target."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from vist2 import VIST2Processor
+
+    train_demo = load_example("train_demo")
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "byte_tokenizer")
+    config = train_demo.demo_config(tokenizer)
+    processor = VIST2Processor.from_config(config, tokenizer)
+    L, m = train_demo.CHUNK, processor.visual_tokens_per_chunk
+    window = train_demo.chunk_sampler(tokenizer, "corpus", [], 4 * L)(1, random.Random(3), "heldout")[0].tolist()
+    sample = train_demo.make_sample(processor, window, config)
+    chunks = [window[i : i + L] for i in range(0, 4 * L, L)]
+    sketch = [processor.sketch_token_id] * m
+    assert sample["input_ids"] == chunks[0] + sketch + chunks[1] + sketch + chunks[2] + sketch + chunks[3]
+    assert len(sample["sketches"]) == len(sample["token_targets"]) == 3
+    assert [label for label in sample["labels"] if label != -100] == window[1:]
+
+
+@pytest.mark.parametrize("chunks", [2, 4])
+def test_chunk_sampler_draws_whole_windows_of_the_length_asked(chunks):
+    import random
+
+    from transformers import AutoTokenizer
+
+    train_demo = load_example("train_demo")
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "byte_tokenizer")
+    windows = {tuple(w) for w in train_demo.corpus_windows(tokenizer, "train", chunks).tolist()}
+    drawn = train_demo.chunk_sampler(tokenizer, "corpus", [], chunks * train_demo.CHUNK)(8, random.Random(0))
+    assert drawn.shape == (8, chunks * train_demo.CHUNK) and all(tuple(w) in windows for w in drawn.tolist())
 
 
 def test_text_only_control_continues_from_init(tmp_path):
