@@ -210,6 +210,14 @@ def chunk_sampler(tokenizer, data: str, pool: list[int], length: int = CHUNK, sa
     return draw
 
 
+def with_random_newlines(ids: list[int], newline_id: int, probability: float, rng: random.Random) -> list[int]:
+    """Random characters laid out over several lines: each becomes a newline with `probability`, so a reader trained on
+    them must find where each line starts in the sketch, as in corpus text (demo/NOTES.md, "Eighth attempt")."""
+    if not probability:  # draws nothing from rng, so runs without newlines replay as before
+        return ids
+    return [newline_id if rng.random() < probability else i for i in ids]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Auxiliary glyph-cell heads (training only)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -478,6 +486,8 @@ def parse_args(argv=None):
                              "positions and sketch counts of longer contexts are seen (the recipe uses 2)")
     parser.add_argument("--mix-chars", type=float, default=0,
                         help="reader stage: this fraction of each batch are read-back rows of random single characters")
+    parser.add_argument("--chars-newlines", type=float, default=0,
+                        help="reader stage: each character of a --mix-chars row is a newline with this probability")
     return parser.parse_args(argv)
 
 
@@ -538,6 +548,7 @@ def main(argv=None):
     draw_window = chunk_sampler(tokenizer, "corpus", [], args.window_chunks * CHUNK, sampling=args.chunk_sampling)
     draw_chars = chunk_sampler(tokenizer, "chars", random_token_pool(tokenizer, "chars"))
     chars_rows = 0 if args.text_only else round(args.mix_chars * args.batch_size)
+    (newline_id,) = tokenizer("\n", add_special_tokens=False)["input_ids"]
     probes = None if args.text_only or args.probe else {
         "heldout": heldout_readback_items(processor, config, tokenizer, 32),
         "chars": sketchable_items(processor, config, draw_chars, 32, random.Random(12345))}  # chance: 1 %
@@ -549,7 +560,8 @@ def main(argv=None):
         while len(samples) < args.batch_size:
             if len(samples) >= args.batch_size - chars_rows:
                 # Read-back of text the LM cannot guess: c_1 = random characters, nothing to predict after it.
-                chars = draw_chars(1, rng)[0].tolist() + [tokenizer.eos_token_id]
+                chars = with_random_newlines(draw_chars(1, rng)[0].tolist(), newline_id, args.chars_newlines, rng)
+                chars = chars + [tokenizer.eos_token_id]
                 sample = make_sample(processor, chars, config, trainable=[True] * CHUNK + [False])
             else:
                 window = draw_window(1, rng)[0].numpy()

@@ -210,7 +210,7 @@ def test_text_token_head_reads_visual_token_j_as_text_tokens_jr_to_jr_plus_r_min
 
 @pytest.mark.parametrize("data", [[], ["--chunk-sampling", "any", "--mix-chars", "0.5"],
                                   ["--tokenizer", str(REPO / "tokenization" / "byte_tokenizer")],
-                                  ["--window-chunks", "3"]])
+                                  ["--window-chunks", "3"], ["--mix-chars", "0.5", "--chars-newlines", "0.1"]])
 def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(tmp_path, data):
     """`train_demo.py --init-encoder DIR --freeze vision+aligner` (the recipe's second stage)."""
     from safetensors.torch import load_file
@@ -348,6 +348,18 @@ def test_evaluation_refuses_a_text_only_control_with_another_tokenizer(evaluate_
     AutoTokenizer.from_pretrained(REPO / "tokenization" / other).save_pretrained(control)
     with pytest.raises(ValueError, match="another tokenizer"):
         evaluate_demo.evaluate(DEMO, control, n_ppl=2, n_readback=1, batch=2)
+
+
+def test_random_newlines_replace_characters_at_the_given_rate_and_draw_nothing_at_zero():
+    import random
+
+    train_demo = load_example("train_demo")
+    ids, rng = list(range(1000, 5000)), random.Random(0)
+    state = rng.getstate()
+    assert train_demo.with_random_newlines(ids, 10, 0.0, rng) == ids and rng.getstate() == state
+    spread = train_demo.with_random_newlines(ids, 10, 0.25, rng)
+    assert 0.22 < spread.count(10) / len(ids) < 0.28
+    assert all(new in (old, 10) for new, old in zip(spread, ids))
 
 
 def test_a_window_of_k_chunks_holds_k_minus_1_sketches_each_read_back_and_a_last_open_chunk():
