@@ -73,7 +73,8 @@ def sketches(processor, samples):
 
 @torch.no_grad()
 def read_back(model, processor, samples, pixels, L):
-    """Greedy reconstruction of c_1 from V_1; returns (mean char accuracy, teacher-forced token accuracy, examples)."""
+    """Greedy reconstruction of c_1 from V_1; returns (mean char accuracy, teacher-forced token accuracy, examples,
+    mean char accuracy by the number of newlines in the chunk: 0, 1, 2+, since a chunk that wraps is harder to read)."""
     m, sketch_id = processor.visual_tokens_per_chunk, processor.sketch_token_id
     truth = torch.tensor([s["window"][:L] for s in samples])
     n = truth.shape[0]
@@ -92,13 +93,16 @@ def read_back(model, processor, samples, pixels, L):
     decoded = truth[:, :1]
     for _ in range(L - 1):
         decoded = torch.cat([decoded, forward(decoded)[:, -1].argmax(-1, keepdim=True)], 1)
-    accs, examples = [], []
+    accs, examples, by_newlines = [], [], {}
     for row, ref in zip(decoded.tolist(), truth.tolist()):
         pred_text, ref_text = processor.chunk_text(row[1:]), processor.chunk_text(ref[1:])
         accs.append(char_accuracy(pred_text, ref_text))
+        newlines = processor.chunk_text(ref).count("\n")
+        by_newlines.setdefault("2+" if newlines >= 2 else str(newlines), []).append(accs[-1])
         if len(examples) < 3:
             examples.append({"truth": processor.chunk_text(ref), "decoded": processor.chunk_text(row)})
-    return float(np.mean(accs)), token_acc, examples
+    by_newlines = {k: {"n": len(v), "char_accuracy": float(np.mean(v))} for k, v in sorted(by_newlines.items())}
+    return float(np.mean(accs)), token_acc, examples, by_newlines
 
 
 @torch.no_grad()
@@ -161,11 +165,11 @@ def evaluate(model_dir, text_only_dir=None, n_ppl=256, n_readback=64, batch=32, 
                "compression_ratio": config.compression_ratio}
     start = time.time()
     rb = samples[:n_readback]
-    acc, tok, examples = read_back(model, processor, rb, sketches(processor, rb), L)
-    acc_w, tok_w, _ = read_back(model, processor, wrong[:n_readback], sketches(processor, wrong[:n_readback]), L)
+    acc, tok, examples, by_newlines = read_back(model, processor, rb, sketches(processor, rb), L)
+    acc_w, tok_w, _, _ = read_back(model, processor, wrong[:n_readback], sketches(processor, wrong[:n_readback]), L)
     results["read_back"] = {"char_accuracy": acc, "token_accuracy_teacher_forced": tok,
                             "wrong_image_char_accuracy": acc_w, "wrong_image_token_accuracy_teacher_forced": tok_w,
-                            "n": len(rb), "examples": examples}
+                            "n": len(rb), "char_accuracy_by_newlines_in_chunk": by_newlines, "examples": examples}
     pp = samples[:n_ppl]
     nll = {
         "vist2_visual_context": batched_mean(lambda s: vist2_ppl(model, processor, s, sketches(processor, s), L), pp, batch),

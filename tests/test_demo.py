@@ -267,20 +267,22 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     variables = dict(line.split("=", 1) for line in script.splitlines() if line.startswith("BYTES="))
     commands = [shlex.split(line.replace('"$OUT', '"demo').replace('"$BYTES"', variables["BYTES"]))
                 for line in script.splitlines() if line.startswith("python examples/")]
-    assert [c[1] for c in commands] == ["examples/train_demo.py"] * 6 + ["examples/evaluate_demo.py"]
+    assert [c[1] for c in commands] == ["examples/train_demo.py"] * 10 + ["examples/evaluate_demo.py"]
     train_demo = load_example("train_demo")
-    encoder, warmup, mixed, reader, mixed_control, control = (train_demo.parse_args(c[2:]) for c in commands[:6])
-    assert encoder.encoder_steps and warmup.readback_only and warmup.data == "chars"
-    assert warmup.init == encoder.out and mixed.init == warmup.out and reader.init == mixed.out
-    assert mixed_control.text_only and control.text_only and control.init == mixed_control.out
-    assert len({run.tokenizer for run in (warmup, mixed, reader, mixed_control, control)}) == 1
-    assert (REPO / reader.tokenizer).is_dir()
-    for vist2, text_only in ((mixed, mixed_control), (reader, control)):  # the control gets the same LM steps
-        assert ((text_only.steps, text_only.batch_size, text_only.chunk_sampling, text_only.lr, text_only.warmup) ==
-                (vist2.steps, vist2.batch_size, vist2.chunk_sampling, vist2.lr, vist2.warmup))
-    evaluate = commands[6]
-    assert evaluate[evaluate.index("--model") + 1] == reader.out
-    assert evaluate[evaluate.index("--text-only") + 1] == control.out
+    runs = [train_demo.parse_args(c[2:]) for c in commands[:10]]
+    vist2, text_only = [r for r in runs if not r.text_only], [r for r in runs if r.text_only]
+    encoder, warmup, *readers = vist2
+    assert encoder.encoder_steps and warmup.readback_only and warmup.data == "chars" and warmup.init == encoder.out
+    assert [r.init for r in readers] == [warmup.out] + [r.out for r in readers[:-1]]  # each stage goes on from the last
+    assert [r.init for r in text_only] == [None] + [r.out for r in text_only[:-1]]
+    assert len({run.tokenizer for run in runs[1:]}) == 1 and (REPO / readers[-1].tokenizer).is_dir()
+    assert len(readers) == len(text_only)
+    for reader, control in zip(readers, text_only):  # the control gets the same LM steps, stage by stage
+        assert ((control.steps, control.batch_size, control.chunk_sampling, control.lr, control.warmup) ==
+                (reader.steps, reader.batch_size, reader.chunk_sampling, reader.lr, reader.warmup))
+    evaluate = commands[10]
+    assert evaluate[evaluate.index("--model") + 1] == readers[-1].out
+    assert evaluate[evaluate.index("--text-only") + 1] == text_only[-1].out
 
 
 @pytest.mark.parametrize("sampling", ["first", "any"])
@@ -331,6 +333,9 @@ def test_evaluation_reports_each_measure_with_its_wrong_image_control(evaluate_d
     read_back, perplexity = results["read_back"], results["perplexity_c2"]
     assert read_back["n"] == 2 and results["n_ppl"] == 4
     assert all(0 <= read_back[k] <= 1 for k in ("char_accuracy", "wrong_image_char_accuracy"))
+    by_newlines = read_back["char_accuracy_by_newlines_in_chunk"].values()
+    assert sum(part["n"] for part in by_newlines) == 2
+    assert sum(part["n"] * part["char_accuracy"] for part in by_newlines) / 2 == pytest.approx(read_back["char_accuracy"])
     assert {"vist2_visual_context", "vist2_wrong_image", "vist2_no_context", "text_only_text_context",
             "text_only_no_context"} <= set(perplexity)
     assert perplexity["ratio_vist2_to_text_only"] == pytest.approx(
