@@ -95,12 +95,13 @@ def read_back(model, processor, samples, pixels, L):
         decoded = torch.cat([decoded, forward(decoded)[:, -1].argmax(-1, keepdim=True)], 1)
     accs, examples, by_newlines = [], [], {}
     for row, ref in zip(decoded.tolist(), truth.tolist()):
+        chunk = processor.chunk_text(ref)
         pred_text, ref_text = processor.chunk_text(row[1:]), processor.chunk_text(ref[1:])
         accs.append(char_accuracy(pred_text, ref_text))
-        newlines = processor.chunk_text(ref).count("\n")
+        newlines = chunk.count("\n")
         by_newlines.setdefault("2+" if newlines >= 2 else str(newlines), []).append(accs[-1])
         if len(examples) < 3:
-            examples.append({"truth": processor.chunk_text(ref), "decoded": processor.chunk_text(row)})
+            examples.append({"truth": chunk, "decoded": processor.chunk_text(row)})
     by_newlines = {k: {"n": len(v), "char_accuracy": float(np.mean(v))} for k, v in sorted(by_newlines.items())}
     return float(np.mean(accs)), token_acc, examples, by_newlines
 

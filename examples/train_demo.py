@@ -2,8 +2,8 @@
 
     bash demo/reproduce.sh demo     # the committed checkpoint: the stages below, the control and the evaluation
 
-The committed recipe (demo/NOTES.md, "Seventh attempt") has three stages and a control, all but the first with
-`--tokenizer tokenization/byte_tokenizer` (one token per byte):
+The committed recipe (demo/NOTES.md, "Seventh attempt" and "Eighth attempt"; demo/reproduce.sh runs it) has these
+stages and a control, all but the first with `--tokenizer tokenization/byte_tokenizer` (one token per byte):
 1. `--encoder-steps N`: the vision tower + aligner alone, from scratch, on the per-visual-token glyph-cell loss
    (no LM), with the aligner initialised in tanh's linear range (`--aligner-init-std`), its own smaller lr
    (`--aligner-lr`) and the glyph head's bias at the class prior (`--head-prior-init`). Without these three the
@@ -12,8 +12,10 @@ The committed recipe (demo/NOTES.md, "Seventh attempt") has three stages and a c
    chunks of random characters, text it cannot guess; with one token per byte this is the corpus task minus the
    language prior, so the reading it learns transfers.
 3. `--init DIR --freeze vision+aligner --mix-chars 0.5`: the LM trained on `c_1 V_1 c_2` windows, half of each
-   batch still random-character read-back rows.
-4. `--text-only`: the control, with the tokenizer, LM steps, batch and schedule of stage 3.
+   batch still random-character read-back rows; then the same without those rows.
+4. `--init DIR --freeze none --mix-chars 0.5`: the encoder trained along at a small lr; then with
+   `--chars-newlines P`, the random rows laid over several lines.
+5. `--text-only [--init DIR]`: the control, with the tokenizer, LM steps, batch and schedule of each reader stage.
 `--chunk-sampling any` draws chunks and windows at any token offset of the training stream instead of fixed windows.
 With no stage flags the script runs the first attempt's joint recipe (demo/training_log.first-attempt.jsonl): 450 steps
 of batch 8, the first 150 training only the vision tower + aligner on the glyph-cell loss (the text-only control gets
@@ -27,9 +29,9 @@ Common to the recipes (demo/NOTES.md has the measurements):
   (8 rows x 32 columns = 256 cells for ~117 characters of the demo tokenizer, 32 of the byte tokenizer), 16 px
   patches (each patch = exactly 2 cells, aligned), 4 x 4 merge -> 2 x 4 = 8 visual tokens. Tiny SigLIP (hidden 128,
   3 layers) + Qwen3 (hidden 256, 4 layers).
-- Sample: a window of two chunks laid out `c_1 V_1 c_2` with read-back on: c_1 learns to *read* its own sketch
-  (reconstruction), c_2 sees V_1 only (optical language modelling; the open chunk has no sketch of its own, so
-  read-back does not change what c_2 sees).
+- Sample: a window of two chunks (`--window-chunks K`: K) laid out `c_1 V_1 c_2` with read-back on: c_1 learns to
+  *read* its own sketch (reconstruction), c_2 sees V_1 only (optical language modelling; the open chunk has no
+  sketch of its own, so read-back does not change what c_2 sees).
 - Auxiliary loss (training only, not saved): the renderer knows which character sits in each glyph cell, so
   (1) a linear head on every vision patch classifies its 2 cells, and (2) a linear head on every aligned visual
   token (the input the LM gets) classifies its 32 cells. Loss = LM loss + aux_weight * (patch CE + token CE).
