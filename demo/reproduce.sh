@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The demo recipe of demo/NOTES.md, "Seventh attempt" and "Eighth attempt", with one command: encoder ->
+# The demo recipe of demo/NOTES.md, "Seventh attempt" to "Ninth attempt", with one command: encoder ->
 # random-character read-back warm-up -> reader (with, then without random-character rows) -> the encoder unfrozen
-# (random rows on one line, then over several lines) -> text-only control (the same LM steps) -> evaluation. Seeded,
-# one thread per job (30 + 16 + 41 + 21 + 42 + 22 + 36 + 17 + 29 + 14 + 1 min here, two or three jobs on 2 cores;
-# the control is independent of stages 1-6 and may run beside them). The LM side reads and
-# writes one byte per token (tokenization/byte_tokenizer), so a random-character warm-up is read-back of the very
-# tokens the corpus is made of.
+# (random rows on one line, over several lines, over real chunks' lines) -> newlines drawn in line (then random rows
+# with document separators, fewer of them) -> text-only control (the same LM steps) -> evaluation. Seeded, one thread
+# per job (30 + 16 + 41 + 21 + 42 + 22 + 47 + 32 + 25 + 36 + 17 + 29 + 14 + 30 + 21 + 14 + 1 min here, two or three
+# jobs on 2 cores; the control is independent of stages 1-9 and may run beside them). The LM side reads and writes
+# one byte per token (tokenization/byte_tokenizer), so a random-character warm-up is read-back of the very tokens the
+# corpus is made of.
 #   bash demo/reproduce.sh            # into demo/build (git-ignored), to compare with the committed files
 #   bash demo/reproduce.sh demo       # rewrites the committed demo/vist2-demo, text-only-baseline, logs, eval
 set -euo pipefail
@@ -48,10 +49,31 @@ python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-corpus" -
 #    newline), so the rows it cannot guess now wrap too.
 python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-unfrozen" --freeze none --aux-weight 0 \
     --aux-only-steps 0 --chunk-sampling any --mix-chars 0.5 --chars-newlines 0.0625 --steps 1000 --batch-size 16 \
-    --warmup 50 --lr 3e-4 --eval-every 100 --log-every 50 --out "$OUT/vist2-demo" \
+    --warmup 50 --lr 3e-4 --eval-every 100 --log-every 50 --out "$OUT/reader-newlines" \
+    --log "$OUT/training_log.reader-newlines.jsonl"
+
+# 7. Random rows over the lines of real chunks: a training chunk's spaces, tabs and newlines kept in place, random
+#    characters in between (indentation and blank lines included, nothing to guess).
+python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-newlines" --freeze none --aux-weight 0 \
+    --aux-only-steps 0 --chunk-sampling any --mix-chars 0.5 --chars-layout corpus --steps 1500 --batch-size 16 \
+    --warmup 50 --lr 3e-4 --eval-every 100 --log-every 50 --out "$OUT/reader-layout" \
+    --log "$OUT/training_log.reader-layout.jsonl"
+
+# 8. Newlines drawn in line as `«` (VIST2Config.newline_glyph, saved with the checkpoint): a 32-byte chunk is one
+#    line of 32 cells, a byte's cell is its place in the chunk, and the reader no longer has to find the next line.
+python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-layout" --newline-glyph "«" --freeze none \
+    --aux-weight 0 --aux-only-steps 0 --chunk-sampling any --mix-chars 0.5 --chars-layout corpus --steps 1000 \
+    --batch-size 16 --warmup 50 --lr 3e-4 --eval-every 100 --log-every 50 --out "$OUT/reader-glyph" \
+    --log "$OUT/training_log.reader-glyph.jsonl"
+
+# 9. Random rows that keep the chunk's document separators too ("<|endoftext|>": one token, 13 cells), and a quarter
+#    of each batch instead of half, for language modelling.
+python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-glyph" --newline-glyph "«" --freeze none \
+    --aux-weight 0 --aux-only-steps 0 --chunk-sampling any --mix-chars 0.25 --chars-layout corpus+eos --steps 1000 \
+    --batch-size 16 --warmup 50 --lr 3e-4 --eval-every 100 --log-every 50 --out "$OUT/vist2-demo" \
     --log "$OUT/training_log.vist2-demo.jsonl"
 
-# 7. The same-size text-only control: same tokenizer, windows, steps, batch and schedules as stages 3 to 6.
+# 10. The same-size text-only control: same tokenizer, windows, steps, batch and schedules as stages 3 to 9.
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --chunk-sampling any --steps 2400 --batch-size 16 \
     --aux-only-steps 0 --warmup 100 --log-every 50 --out "$OUT/text-only" --log "$OUT/training_log.text-only.jsonl"
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only" --chunk-sampling any \
@@ -61,6 +83,15 @@ python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text
     --steps 1500 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 \
     --out "$OUT/text-only-continued" --log "$OUT/training_log.text-only-continued.jsonl"
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only-continued" --chunk-sampling any \
+    --steps 1000 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 \
+    --out "$OUT/text-only-newlines" --log "$OUT/training_log.text-only-newlines.jsonl"
+python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only-newlines" --chunk-sampling any \
+    --steps 1500 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 \
+    --out "$OUT/text-only-layout" --log "$OUT/training_log.text-only-layout.jsonl"
+python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only-layout" --chunk-sampling any \
+    --steps 1000 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 \
+    --out "$OUT/text-only-glyph" --log "$OUT/training_log.text-only-glyph.jsonl"
+python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only-glyph" --chunk-sampling any \
     --steps 1000 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 \
     --out "$OUT/text-only-baseline" --log "$OUT/training_log.text-only-baseline.jsonl"
 

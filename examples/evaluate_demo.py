@@ -74,7 +74,8 @@ def sketches(processor, samples):
 @torch.no_grad()
 def read_back(model, processor, samples, pixels, L):
     """Greedy reconstruction of c_1 from V_1; returns (mean char accuracy, teacher-forced token accuracy, examples,
-    mean char accuracy by the number of newlines in the chunk: 0, 1, 2+, since a chunk that wraps is harder to read)."""
+    mean char accuracy by the number of newlines in the chunk: 0, 1, 2+, since a chunk that wraps is harder to read,
+    and the 8 worst read-backs with their teacher-forced accuracy: where the errors are)."""
     m, sketch_id = processor.visual_tokens_per_chunk, processor.sketch_token_id
     truth = torch.tensor([s["window"][:L] for s in samples])
     n = truth.shape[0]
@@ -103,7 +104,11 @@ def read_back(model, processor, samples, pixels, L):
         if len(examples) < 3:
             examples.append({"truth": chunk, "decoded": processor.chunk_text(row)})
     by_newlines = {k: {"n": len(v), "char_accuracy": float(np.mean(v))} for k, v in sorted(by_newlines.items())}
-    return float(np.mean(accs)), token_acc, examples, by_newlines
+    forced_by_row = (forced == truth[:, 1:]).float().mean(1).tolist()
+    worst = [{"truth": processor.chunk_text(truth[i].tolist()), "decoded": processor.chunk_text(decoded[i].tolist()),
+              "char_accuracy": accs[i], "token_accuracy_teacher_forced": forced_by_row[i]}
+             for i in np.argsort(accs, kind="stable")[:8]]
+    return float(np.mean(accs)), token_acc, examples, by_newlines, worst
 
 
 @torch.no_grad()
@@ -166,11 +171,12 @@ def evaluate(model_dir, text_only_dir=None, n_ppl=256, n_readback=64, batch=32, 
                "compression_ratio": config.compression_ratio}
     start = time.time()
     rb = samples[:n_readback]
-    acc, tok, examples, by_newlines = read_back(model, processor, rb, sketches(processor, rb), L)
-    acc_w, tok_w, _, _ = read_back(model, processor, wrong[:n_readback], sketches(processor, wrong[:n_readback]), L)
+    acc, tok, examples, by_newlines, worst = read_back(model, processor, rb, sketches(processor, rb), L)
+    acc_w, tok_w, *_ = read_back(model, processor, wrong[:n_readback], sketches(processor, wrong[:n_readback]), L)
     results["read_back"] = {"char_accuracy": acc, "token_accuracy_teacher_forced": tok,
                             "wrong_image_char_accuracy": acc_w, "wrong_image_token_accuracy_teacher_forced": tok_w,
-                            "n": len(rb), "char_accuracy_by_newlines_in_chunk": by_newlines, "examples": examples}
+                            "n": len(rb), "char_accuracy_by_newlines_in_chunk": by_newlines, "examples": examples,
+                            "worst": worst}
     pp = samples[:n_ppl]
     nll = {
         "vist2_visual_context": batched_mean(lambda s: vist2_ppl(model, processor, s, sketches(processor, s), L), pp, batch),

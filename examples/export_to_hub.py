@@ -49,7 +49,7 @@ For book-length inputs, `inputs = model.read(processor, text)` streams the text 
 - Vocabulary: {{ vocab_size }} tokens (the chunk size above is counted in these tokens)
 - Vision encoder: {{ vision_model }} ({{ vision_params }} parameters)
 - Modal aligner: `tanh(v W + b)` after a {{ merge }}x{{ merge }} patch merge
-- Sketches: {{ image_size }}, glyph cells of {{ cell }} px, font `{{ font }}`
+- Sketches: {{ image_size }}, glyph cells of {{ cell }} px, font `{{ font }}`, {{ newlines }}
 
 ## Fidelity
 
@@ -118,6 +118,8 @@ def build_card(model, repo_id: str, fidelity: Path | None, efficiency: Path | No
         merge=config.merge_size,
         cell=f"{config.char_width}x{config.line_height}",
         font=config.font_path or "Pillow built-in",
+        newlines=(f"newlines drawn in line as `{config.newline_glyph}`" if getattr(config, "newline_glyph", None)
+                  else "a newline starts a new line"),
         text_model=config.text_config.model_type,
         vision_model=config.vision_config.model_type,
         text_params=count(model.language_model),

@@ -2,7 +2,7 @@
 
     bash demo/reproduce.sh demo     # the committed checkpoint: the stages below, the control and the evaluation
 
-The committed recipe (demo/NOTES.md, "Seventh attempt" and "Eighth attempt"; demo/reproduce.sh runs it) has these
+The committed recipe (demo/NOTES.md, "Seventh attempt" to "Ninth attempt"; demo/reproduce.sh runs it) has these
 stages and a control, all but the first with `--tokenizer tokenization/byte_tokenizer` (one token per byte):
 1. `--encoder-steps N`: the vision tower + aligner alone, from scratch, on the per-visual-token glyph-cell loss
    (no LM), with the aligner initialised in tanh's linear range (`--aligner-init-std`), its own smaller lr
@@ -14,8 +14,12 @@ stages and a control, all but the first with `--tokenizer tokenization/byte_toke
 3. `--init DIR --freeze vision+aligner --mix-chars 0.5`: the LM trained on `c_1 V_1 c_2` windows, half of each
    batch still random-character read-back rows; then the same without those rows.
 4. `--init DIR --freeze none --mix-chars 0.5`: the encoder trained along at a small lr; then with
-   `--chars-newlines P`, the random rows laid over several lines.
-5. `--text-only [--init DIR]`: the control, with the tokenizer, LM steps, batch and schedule of each reader stage.
+   `--chars-newlines P`, the random rows laid over several lines; then with `--chars-layout corpus`, over the lines
+   and indentation of real chunks.
+5. `--newline-glyph «`: from then on a sketch draws each newline as `«` in line (`VIST2Config.newline_glyph`), so a
+   byte's cell is its place in the chunk and the reader no longer has to find the next line; then with
+   `--chars-layout corpus+eos --mix-chars 0.25`, random rows that keep document separators, a quarter of the batch.
+6. `--text-only [--init DIR]`: the control, with the tokenizer, LM steps, batch and schedule of each reader stage.
 `--chunk-sampling any` draws chunks and windows at any token offset of the training stream instead of fixed windows.
 With no stage flags the script runs the first attempt's joint recipe (demo/training_log.first-attempt.jsonl): 450 steps
 of batch 8, the first 150 training only the vision tower + aligner on the glyph-cell loss (the text-only control gets
@@ -76,7 +80,7 @@ def load_build_corpus():
     return module
 
 
-def demo_config(tokenizer) -> VIST2Config:
+def demo_config(tokenizer, newline_glyph=None) -> VIST2Config:
     text = dict(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768,
                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                 max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0,
@@ -87,7 +91,7 @@ def demo_config(tokenizer) -> VIST2Config:
     return VIST2Config(text_config=text, vision_config=vision, chunk_size=CHUNK, compression_ratio=4, merge_size=4,
                        image_height=128, image_width=256, char_width=8, line_height=16, font_size=16,
                        min_font_size=8, num_channels=1, sketch_token_id=tokenizer.convert_tokens_to_ids("<|sketch|>"),
-                       tie_word_embeddings=True)
+                       newline_glyph=newline_glyph, tie_word_embeddings=True)
 
 
 def load_encoder(model, folder):
@@ -145,7 +149,7 @@ def cell_targets(text: str, settings: dict) -> np.ndarray:
     columns = (settings["image_width"] - 2 * margin) // settings["char_width"]
     rows = (settings["image_height"] - 2 * margin) // settings["line_height"]
     grid = np.zeros((rows, columns), dtype=np.int64)
-    lines = wrap_into_lines(text, columns)
+    lines = wrap_into_lines(text, columns, settings.get("newline_glyph"))
     for r, line in enumerate(lines[:rows]):
         grid[r, : len(line)] = [char_class(c) for c in line]
     return grid
@@ -218,6 +222,12 @@ def with_random_newlines(ids: list[int], newline_id: int, probability: float, rn
     if not probability:  # draws nothing from rng, so runs without newlines replay as before
         return ids
     return [newline_id if rng.random() < probability else i for i in ids]
+
+
+def with_corpus_layout(template: list[int], keep: set[int], pool: list[int], rng: random.Random) -> list[int]:
+    """A corpus chunk with every token outside `keep` (its whitespace) replaced by a random one of `pool`: the lines,
+    indentation and blank lines of real text, characters no prior can guess (demo/NOTES.md, "Ninth attempt")."""
+    return [i if i in keep else pool[rng.randrange(len(pool))] for i in template]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -402,7 +412,7 @@ def encoder_stage(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    model = VIST2ForCausalLM(demo_config(tokenizer))
+    model = VIST2ForCausalLM(demo_config(tokenizer, args.newline_glyph))
     if args.init:
         load_encoder(model, args.init)
     processor = VIST2Processor.from_config(model.config, tokenizer)
@@ -490,6 +500,13 @@ def parse_args(argv=None):
                         help="reader stage: this fraction of each batch are read-back rows of random single characters")
     parser.add_argument("--chars-newlines", type=float, default=0,
                         help="reader stage: each character of a --mix-chars row is a newline with this probability")
+    parser.add_argument("--chars-layout", choices=["uniform", "corpus", "corpus+eos"], default="uniform",
+                        help="reader stage: --mix-chars rows are uniform random characters, or a training chunk's "
+                             "whitespace (corpus+eos: and its document separators) with random characters in between "
+                             "(with_corpus_layout)")
+    parser.add_argument("--newline-glyph", default=None,
+                        help="sketch each newline as this character in line (VIST2Config.newline_glyph), e.g. '«'; "
+                             "every later stage of a recipe must pass the same")
     return parser.parse_args(argv)
 
 
@@ -503,7 +520,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = demo_config(tokenizer)
+    config = demo_config(tokenizer, args.newline_glyph)
     processor = VIST2Processor.from_config(config, tokenizer)
     windows = corpus_windows(tokenizer, "train")
     out = Path(args.out)
@@ -548,12 +565,26 @@ def main(argv=None):
         log = open(log_path, "w")
         log.write(json.dumps({"args": vars(args), "parameters": n_model}) + "\n")
     draw_window = chunk_sampler(tokenizer, "corpus", [], args.window_chunks * CHUNK, sampling=args.chunk_sampling)
-    draw_chars = chunk_sampler(tokenizer, "chars", random_token_pool(tokenizer, "chars"))
+    pool = random_token_pool(tokenizer, "chars")
+    draw_chars = chunk_sampler(tokenizer, "chars", pool)
     chars_rows = 0 if args.text_only else round(args.mix_chars * args.batch_size)
     (newline_id,) = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    whitespace = {i for i in range(len(tokenizer)) if tokenizer.decode([i]) in (" ", "\n", "\t")}
+
+    def draw_chars_row(r):
+        if args.chars_layout != "uniform":
+            # "<|endoftext|>" is one token but 13 cells: a separator moves every later byte of the sketch
+            keep = whitespace | ({tokenizer.eos_token_id} if args.chars_layout == "corpus+eos" else set())
+            return with_corpus_layout(draw_window(1, r)[0][:CHUNK].tolist(), keep, pool, r)
+        return with_random_newlines(draw_chars(1, r)[0].tolist(), newline_id, args.chars_newlines, r)
+
+    heldout = [] if args.text_only or args.probe else heldout_readback_items(processor, config, tokenizer, 32)
     probes = None if args.text_only or args.probe else {
-        "heldout": heldout_readback_items(processor, config, tokenizer, 32),
-        "chars": sketchable_items(processor, config, draw_chars, 32, random.Random(12345))}  # chance: 1 %
+        "heldout": heldout,
+        "chars": sketchable_items(processor, config, draw_chars, 32, random.Random(12345)),  # chance: 1 %
+        # held-out chunks' lines filled with random characters: reading over several lines, without the prior
+        "layout": [readback_item(processor, config, with_corpus_layout(item[0], whitespace, pool, random.Random(i)))
+                   for i, item in enumerate(heldout)]}
     start = time.time()
     for step in range(args.steps):
         for group in optimizer.param_groups:
@@ -562,8 +593,7 @@ def main(argv=None):
         while len(samples) < args.batch_size:
             if len(samples) >= args.batch_size - chars_rows:
                 # Read-back of text the LM cannot guess: c_1 = random characters, nothing to predict after it.
-                chars = with_random_newlines(draw_chars(1, rng)[0].tolist(), newline_id, args.chars_newlines, rng)
-                chars = chars + [tokenizer.eos_token_id]
+                chars = draw_chars_row(rng) + [tokenizer.eos_token_id]
                 sample = make_sample(processor, chars, config, trainable=[True] * CHUNK + [False])
             else:
                 window = draw_window(1, rng)[0].numpy()
@@ -702,7 +732,7 @@ def train_readback(args):
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = demo_config(tokenizer)
+    config = demo_config(tokenizer, args.newline_glyph)
     if args.merge_size:
         config.merge_size = args.merge_size
         config.compression_ratio = CHUNK * args.merge_size**2 // ((config.image_height // config.patch_size) *

@@ -32,6 +32,8 @@ def test_default_config_is_qwen3_with_siglip_vision():
         ({"overflow_policy": "truncate"}, "overflow_policy", "unknown policy"),
         ({"num_channels": 1}, "num_channels", "vision_config.num_channels"),
         ({"foreground": 300}, "foreground", "grey level"),
+        ({"newline_glyph": "\n"}, "newline_glyph", "one visible character"),
+        ({"newline_glyph": "<<"}, "newline_glyph", "one visible character"),
     ],
 )
 def test_invalid_setting_raises_value_error_naming_field_and_fix(overrides, field, fix):

@@ -45,7 +45,8 @@ def test_char_accuracy_counts_edits(evaluate_demo):
     assert evaluate_demo.char_accuracy("abcdefghi", "abcdefghij") == pytest.approx(0.9)
 
 
-def test_cell_targets_match_the_renderer():
+@pytest.mark.parametrize("newline_glyph", [None, "«"])
+def test_cell_targets_match_the_renderer(newline_glyph):
     """The auxiliary loss's per-cell labels are exactly where the renderer draws ink."""
     train_demo = load_example("train_demo")
     from transformers import AutoTokenizer
@@ -53,7 +54,7 @@ def test_cell_targets_match_the_renderer():
     from vist2.processing_vist2 import render_chunk
 
     tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer")
-    config = train_demo.demo_config(tokenizer)
+    config = train_demo.demo_config(tokenizer, newline_glyph)
     settings = config.sketch_settings
     text = "Return the sum of\n\tx and y (a tab, a newline) and a very long line that has to wrap " * 2
     grid = train_demo.cell_targets(text, settings)
@@ -210,7 +211,8 @@ def test_text_token_head_reads_visual_token_j_as_text_tokens_jr_to_jr_plus_r_min
 
 @pytest.mark.parametrize("data", [[], ["--chunk-sampling", "any", "--mix-chars", "0.5"],
                                   ["--tokenizer", str(REPO / "tokenization" / "byte_tokenizer")],
-                                  ["--window-chunks", "3"], ["--mix-chars", "0.5", "--chars-newlines", "0.1"]])
+                                  ["--window-chunks", "3"], ["--mix-chars", "0.5", "--chars-newlines", "0.1"],
+                                  ["--mix-chars", "0.5", "--chars-layout", "corpus+eos", "--newline-glyph", "«"]])
 def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(tmp_path, data):
     """`train_demo.py --init-encoder DIR --freeze vision+aligner` (the recipe's second stage)."""
     from safetensors.torch import load_file
@@ -232,9 +234,11 @@ def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(
     assert reader["language_model.model.embed_tokens.weight"].shape[0] == len(tokenizer)
     if "--tokenizer" in data:  # the LM takes the reader's vocabulary, the encoder is the demo tokenizer's run
         assert len(tokenizer) == 260
+    saved = json.loads((out / "config.json").read_text())
+    assert saved.get("newline_glyph") == ("«" if "--newline-glyph" in data else None)
     records = [json.loads(line) for line in log.read_text().splitlines()][1:]
     assert all(0 <= r[f"{probe}_tf_acc{which}"] <= 1
-               for r in records for probe in ("heldout", "chars") for which in ("", "_wrong"))
+               for r in records for probe in ("heldout", "chars", "layout") for which in ("", "_wrong"))
 
 
 def test_random_character_row_reads_back_c1_and_predicts_nothing_after_it():
@@ -267,9 +271,9 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     variables = dict(line.split("=", 1) for line in script.splitlines() if line.startswith("BYTES="))
     commands = [shlex.split(line.replace('"$OUT', '"demo').replace('"$BYTES"', variables["BYTES"]))
                 for line in script.splitlines() if line.startswith("python examples/")]
-    assert [c[1] for c in commands] == ["examples/train_demo.py"] * 10 + ["examples/evaluate_demo.py"]
+    assert [c[1] for c in commands] == ["examples/train_demo.py"] * 16 + ["examples/evaluate_demo.py"]
     train_demo = load_example("train_demo")
-    runs = [train_demo.parse_args(c[2:]) for c in commands[:10]]
+    runs = [train_demo.parse_args(c[2:]) for c in commands[:16]]
     vist2, text_only = [r for r in runs if not r.text_only], [r for r in runs if r.text_only]
     encoder, warmup, *readers = vist2
     assert encoder.encoder_steps and warmup.readback_only and warmup.data == "chars" and warmup.init == encoder.out
@@ -280,7 +284,9 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     for reader, control in zip(readers, text_only):  # the control gets the same LM steps, stage by stage
         assert ((control.steps, control.batch_size, control.chunk_sampling, control.lr, control.warmup) ==
                 (reader.steps, reader.batch_size, reader.chunk_sampling, reader.lr, reader.warmup))
-    evaluate = commands[10]
+    glyphs = [r.newline_glyph for r in readers]  # once newlines are drawn in line, every later stage draws them so
+    assert glyphs[-1] and glyphs == sorted(glyphs, key=bool) and len(set(filter(None, glyphs))) == 1
+    evaluate = commands[16]
     assert evaluate[evaluate.index("--model") + 1] == readers[-1].out
     assert evaluate[evaluate.index("--text-only") + 1] == text_only[-1].out
 
@@ -336,6 +342,10 @@ def test_evaluation_reports_each_measure_with_its_wrong_image_control(evaluate_d
     by_newlines = read_back["char_accuracy_by_newlines_in_chunk"].values()
     assert sum(part["n"] for part in by_newlines) == 2
     assert sum(part["n"] * part["char_accuracy"] for part in by_newlines) / 2 == pytest.approx(read_back["char_accuracy"])
+    worst = read_back["worst"]  # the lowest read-backs first, each with its teacher-forced accuracy
+    assert len(worst) == 2 and worst[0]["char_accuracy"] <= worst[1]["char_accuracy"]
+    assert min(w["char_accuracy"] for w in worst) == pytest.approx(worst[0]["char_accuracy"])
+    assert all(0 <= w["token_accuracy_teacher_forced"] <= 1 for w in worst)
     assert {"vist2_visual_context", "vist2_wrong_image", "vist2_no_context", "text_only_text_context",
             "text_only_no_context"} <= set(perplexity)
     assert perplexity["ratio_vist2_to_text_only"] == pytest.approx(
@@ -365,6 +375,17 @@ def test_random_newlines_replace_characters_at_the_given_rate_and_draw_nothing_a
     spread = train_demo.with_random_newlines(ids, 10, 0.25, rng)
     assert 0.22 < spread.count(10) / len(ids) < 0.28
     assert all(new in (old, 10) for new, old in zip(spread, ids))
+
+
+def test_corpus_layout_keeps_the_chunks_whitespace_in_place_and_draws_every_other_token_from_the_pool():
+    import random
+
+    train_demo = load_example("train_demo")
+    template, whitespace, pool = [5, 1, 6, 7, 2, 2, 8, 1], {1, 2}, list(range(100, 200))
+    row = train_demo.with_corpus_layout(template, whitespace, pool, random.Random(0))
+    assert [i for i, t in enumerate(row) if t in whitespace] == [i for i, t in enumerate(template) if t in whitespace]
+    assert all(t in pool for t, old in zip(row, template) if old not in whitespace)
+    assert row != train_demo.with_corpus_layout(template, whitespace, pool, random.Random(1))
 
 
 def test_a_window_of_k_chunks_holds_k_minus_1_sketches_each_read_back_and_a_last_open_chunk():

@@ -67,6 +67,25 @@ def test_lines_wrap_at_the_column_limit_and_break_at_newlines():
     assert wrap_into_lines("a\r\nb\rc", 8) == ["a", "b", "c"]
 
 
+def test_newline_glyph_keeps_the_text_on_one_line_with_the_glyph_in_the_newlines_cell():
+    assert wrap_into_lines("ab\ncd\r\ne", 8, newline_glyph="«") == ["ab«cd«e"]
+    inline = {**SETTINGS, "newline_glyph": "«"}
+    cell_w, cell_h = SETTINGS["char_width"], SETTINGS["line_height"]
+    broken, _ = render_chunk("ab\ncd", SETTINGS)
+    joined, report = render_chunk("ab\ncd", inline)
+    assert report.ok
+    assert (broken[cell_h : 2 * cell_h] < SETTINGS["background"]).any()  # "cd" on the second line
+    assert (joined[cell_h:] == SETTINGS["background"]).all()  # nothing below the first line
+    glyph, _ = render_chunk("«", SETTINGS)
+    assert np.array_equal(joined[:cell_h, 2 * cell_w : 3 * cell_w], glyph[:cell_h, :cell_w])
+    assert np.array_equal(joined[:cell_h, 3 * cell_w : 5 * cell_w], broken[cell_h : 2 * cell_h, : 2 * cell_w])
+
+
+def test_a_newline_glyph_the_font_cannot_draw_is_reported():
+    image, report = render_with_policy("a\nb", {**SETTINGS, "newline_glyph": "\u21b5"})
+    assert image is None and report.undrawable == {"\u21b5"}
+
+
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
 def test_hostile_text_is_reported_not_silently_dropped(kind):
     text = HOSTILE[kind]

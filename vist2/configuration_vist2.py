@@ -29,6 +29,7 @@ SKETCH_SETTING_KEYS = (
     "image_mean",
     "image_std",
     "overflow_policy",
+    "newline_glyph",
 )
 
 
@@ -63,6 +64,9 @@ class VIST2Config(PretrainedConfig):
         overflow_policy (`str`): what to do with a chunk that does not fit its sketch or holds characters the font
             cannot draw: `"keep_text"` keeps that chunk as plain text tokens; `"shrink_font"` first retries overflow
             with smaller cells down to `min_font_size` (undrawable characters are always kept as text).
+        newline_glyph (`str`, *optional*): draw each newline as this character, in line, instead of starting a new
+            line. Then a character's cell depends only on its place in the chunk, not on the line breaks before it,
+            which a small reader finds much easier to follow; `None` breaks lines as a page does.
     """
 
     model_type = "vist2"
@@ -90,6 +94,7 @@ class VIST2Config(PretrainedConfig):
         image_mean=0.5,
         image_std=0.5,
         overflow_policy="keep_text",
+        newline_glyph=None,
         **kwargs,
     ):
         self.text_config = _sub_config(text_config, "qwen3", {})
@@ -114,6 +119,7 @@ class VIST2Config(PretrainedConfig):
         self.image_mean = image_mean
         self.image_std = image_std
         self.overflow_policy = overflow_policy
+        self.newline_glyph = newline_glyph
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_vist2()
@@ -167,6 +173,10 @@ class VIST2Config(PretrainedConfig):
                  f"use min_font_size <= {self.font_size}")
         if self.overflow_policy not in OVERFLOW_POLICIES:
             fail("overflow_policy", f"unknown policy {self.overflow_policy!r}", f"use one of {OVERFLOW_POLICIES}")
+        if self.newline_glyph is not None and (not isinstance(self.newline_glyph, str) or len(self.newline_glyph) != 1
+                                               or self.newline_glyph.isspace()):
+            fail("newline_glyph", f"must be one visible character or None, got {self.newline_glyph!r}",
+                 'use e.g. newline_glyph="«" (a character the font draws)')
         for field in ("foreground", "background"):
             if not 0 <= getattr(self, field) <= 255:
                 fail(field, "grey level out of range", "use a value in 0..255")

@@ -121,10 +121,12 @@ def glyph_atlas(font_path, font_size, cell_width, cell_height, foreground, backg
     return GlyphAtlas(font_path, font_size, cell_width, cell_height, foreground, background)
 
 
-def wrap_into_lines(text: str, columns: int) -> list[str]:
-    """Hard-wrap at `columns` characters; newlines end a line, tabs advance to the next tab stop."""
+def wrap_into_lines(text: str, columns: int, newline_glyph: str | None = None) -> list[str]:
+    """Hard-wrap at `columns` characters; newlines end a line (or are drawn as `newline_glyph`), tabs advance to the
+    next tab stop."""
     lines = []
-    for paragraph in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    for paragraph in [text.replace("\n", newline_glyph)] if newline_glyph else text.split("\n"):
         paragraph = paragraph.expandtabs(TAB_WIDTH)
         lines += [paragraph[i : i + columns] for i in range(0, len(paragraph), columns)] or [""]
     return lines
@@ -145,13 +147,13 @@ def render_chunk(text: str, settings: dict, font_size: int | None = None) -> tup
     atlas = glyph_atlas(settings["font_path"], font_size, cell_w, cell_h, settings["foreground"], settings["background"])
 
     report = SketchReport(font_size=font_size)
-    lines = wrap_into_lines(text, columns)
+    lines = wrap_into_lines(text, columns, settings.get("newline_glyph"))
     if lines == [""]:
         lines = []
     if len(lines) > rows:
         report.overflow = True
         lines = lines[:rows]
-    index = {char: atlas.lookup(char) for char in set(text)}
+    index = {char: atlas.lookup(char) for char in set(text) | set(settings.get("newline_glyph") or "")}
     report.undrawable = {char for char, found in index.items() if found is None}
     index = {char: found or 0 for char, found in index.items()}
     index[" "] = 0
