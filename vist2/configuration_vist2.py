@@ -66,7 +66,8 @@ class VIST2Config(PretrainedConfig):
             with smaller cells down to `min_font_size` (undrawable characters are always kept as text).
         newline_glyph (`str`, *optional*): draw each newline as this character, in line, instead of starting a new
             line. Then a character's cell depends only on its place in the chunk, not on the line breaks before it,
-            which a small reader finds much easier to follow; `None` breaks lines as a page does.
+            which a small reader finds much easier to follow; `None` breaks lines as a page does. Pick a character
+            the text rarely holds: where it does, the sketch cannot tell it from a newline.
     """
 
     model_type = "vist2"
