@@ -224,6 +224,13 @@ def with_random_newlines(ids: list[int], newline_id: int, probability: float, rn
     return [newline_id if rng.random() < probability else i for i in ids]
 
 
+def layout_token_ids(tokenizer, separators: bool) -> set[int]:
+    """The tokens `with_corpus_layout` keeps in place: spaces, tabs and newlines, and with `separators` the document
+    separator too ("<|endoftext|>" is one token but 13 cells: it moves every later byte of the sketch)."""
+    whitespace = {i for i in range(len(tokenizer)) if tokenizer.decode([i]) in (" ", "\n", "\t")}
+    return whitespace | ({tokenizer.eos_token_id} if separators else set())
+
+
 def with_corpus_layout(template: list[int], keep: set[int], pool: list[int], rng: random.Random) -> list[int]:
     """A corpus chunk with every token outside `keep` (its whitespace) replaced by a random one of `pool`: the lines,
     indentation and blank lines of real text, characters no prior can guess (demo/NOTES.md, "Ninth attempt")."""
@@ -569,13 +576,12 @@ def main(argv=None):
     draw_chars = chunk_sampler(tokenizer, "chars", pool)
     chars_rows = 0 if args.text_only else round(args.mix_chars * args.batch_size)
     (newline_id,) = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    whitespace = {i for i in range(len(tokenizer)) if tokenizer.decode([i]) in (" ", "\n", "\t")}
+    whitespace = layout_token_ids(tokenizer, separators=False)
+    layout_keep = layout_token_ids(tokenizer, separators=args.chars_layout == "corpus+eos")
 
     def draw_chars_row(r):
         if args.chars_layout != "uniform":
-            # "<|endoftext|>" is one token but 13 cells: a separator moves every later byte of the sketch
-            keep = whitespace | ({tokenizer.eos_token_id} if args.chars_layout == "corpus+eos" else set())
-            return with_corpus_layout(draw_window(1, r)[0][:CHUNK].tolist(), keep, pool, r)
+            return with_corpus_layout(draw_window(1, r)[0][:CHUNK].tolist(), layout_keep, pool, r)
         return with_random_newlines(draw_chars(1, r)[0].tolist(), newline_id, args.chars_newlines, r)
 
     heldout = [] if args.text_only or args.probe else heldout_readback_items(processor, config, tokenizer, 32)

@@ -377,6 +377,16 @@ def test_random_newlines_replace_characters_at_the_given_rate_and_draw_nothing_a
     assert all(new in (old, 10) for new, old in zip(spread, ids))
 
 
+def test_layout_keeps_spaces_tabs_and_newlines_and_the_document_separator_only_when_asked():
+    from transformers import AutoTokenizer
+
+    train_demo = load_example("train_demo")
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "byte_tokenizer")
+    whitespace = {tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in " \n\t"}
+    assert train_demo.layout_token_ids(tokenizer, separators=False) == whitespace
+    assert train_demo.layout_token_ids(tokenizer, separators=True) == whitespace | {tokenizer.eos_token_id}
+
+
 def test_corpus_layout_keeps_the_chunks_whitespace_in_place_and_draws_every_other_token_from_the_pool():
     import random
 

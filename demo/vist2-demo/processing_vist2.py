@@ -126,7 +126,9 @@ def wrap_into_lines(text: str, columns: int, newline_glyph: str | None = None) -
     next tab stop."""
     lines = []
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    for paragraph in [text.replace("\n", newline_glyph)] if newline_glyph else text.split("\n"):
+    if newline_glyph:
+        text = text.replace("\n", newline_glyph)
+    for paragraph in text.split("\n"):
         paragraph = paragraph.expandtabs(TAB_WIDTH)
         lines += [paragraph[i : i + columns] for i in range(0, len(paragraph), columns)] or [""]
     return lines
