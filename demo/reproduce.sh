@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The demo recipe of demo/NOTES.md, "Seventh attempt" to "Ninth attempt", with one command: encoder ->
+# The demo recipe of demo/NOTES.md, "Seventh attempt" to "Tenth attempt", with one command: encoder ->
 # random-character read-back warm-up -> reader (with, then without random-character rows) -> the encoder unfrozen
 # (random rows on one line, over several lines, over real chunks' lines) -> newlines drawn in line (then random rows
-# with document separators, fewer of them) -> text-only control (the same LM steps) -> evaluation. Seeded, one thread
-# per job (30 + 16 + 41 + 21 + 42 + 22 + 47 + 32 + 25 + 36 + 17 + 29 + 14 + 30 + 21 + 14 + 1 min here, two or three
-# jobs on 2 cores; the control is independent of stages 1-9 and may run beside them). The LM side reads and writes
+# with document separators, fewer of them) -> document separators drawn in one cell -> text-only control (the same
+# LM steps) -> evaluation. Seeded, one thread per job (30 + 16 + 41 + 21 + 42 + 22 + 47 + 32 + 25 + 23 + 39 + 36 +
+# 17 + 29 + 14 + 30 + 21 + 14 + 14 + 21 + 2 min here, two or three jobs on 2 cores; the control is independent of
+# stages 1-11 and may run beside them). The LM side reads and writes
 # one byte per token (tokenization/byte_tokenizer), so a random-character warm-up is read-back of the very tokens the
 # corpus is made of.
 #   bash demo/reproduce.sh            # into demo/build (git-ignored), to compare with the committed files
@@ -70,10 +71,24 @@ python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-layout" -
 #    of each batch instead of half, for language modelling.
 python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-glyph" --newline-glyph "«" --freeze none \
     --aux-weight 0 --aux-only-steps 0 --chunk-sampling any --mix-chars 0.25 --chars-layout corpus+eos --steps 1000 \
-    --batch-size 16 --warmup 50 --lr 3e-4 --eval-every 100 --log-every 50 --out "$OUT/vist2-demo" \
-    --log "$OUT/training_log.vist2-demo.jsonl"
+    --batch-size 16 --warmup 50 --lr 3e-4 --eval-every 100 --log-every 50 --out "$OUT/reader-separators" \
+    --log "$OUT/training_log.reader-separators.jsonl"
 
-# 10. The same-size text-only control: same tokenizer, windows, steps, batch and schedules as stages 3 to 9.
+# 10. An eighth of each batch random rows, for language modelling.
+python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-separators" --newline-glyph "«" --freeze none \
+    --aux-weight 0 --aux-only-steps 0 --chunk-sampling any --mix-chars 0.125 --chars-layout corpus+eos --steps 1000 \
+    --batch-size 16 --warmup 50 --lr 3e-4 --eval-every 100 --log-every 50 --out "$OUT/reader-fewer-chars" \
+    --log "$OUT/training_log.reader-fewer-chars.jsonl"
+
+# 11. The document separator drawn in one cell as `©` (VIST2Config.special_token_glyphs) instead of its 13-character
+#     name, and a seed of its own: every stage above draws its windows with seed 0, so a stage that goes on from
+#     another trains on the same windows in the same order (demo/NOTES.md, "Tenth attempt").
+python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-fewer-chars" --newline-glyph "«" \
+    --separator-glyph "©" --freeze none --aux-weight 0 --aux-only-steps 0 --chunk-sampling any --mix-chars 0.125 \
+    --chars-layout corpus+eos --steps 1500 --batch-size 16 --warmup 50 --lr 3e-4 --eval-every 250 --log-every 50 \
+    --seed 8 --out "$OUT/vist2-demo" --log "$OUT/training_log.vist2-demo.jsonl"
+
+# 12. The same-size text-only control: same tokenizer, seeds, steps, batch and schedules as stages 3 to 11.
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --chunk-sampling any --steps 2400 --batch-size 16 \
     --aux-only-steps 0 --warmup 100 --log-every 50 --out "$OUT/text-only" --log "$OUT/training_log.text-only.jsonl"
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only" --chunk-sampling any \
@@ -93,6 +108,12 @@ python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text
     --out "$OUT/text-only-glyph" --log "$OUT/training_log.text-only-glyph.jsonl"
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only-glyph" --chunk-sampling any \
     --steps 1000 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 \
+    --out "$OUT/text-only-separators" --log "$OUT/training_log.text-only-separators.jsonl"
+python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only-separators" --chunk-sampling any \
+    --steps 1000 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 \
+    --out "$OUT/text-only-fewer-chars" --log "$OUT/training_log.text-only-fewer-chars.jsonl"
+python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only-fewer-chars" --chunk-sampling any \
+    --steps 1500 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 --seed 8 \
     --out "$OUT/text-only-baseline" --log "$OUT/training_log.text-only-baseline.jsonl"
 
 python examples/evaluate_demo.py --model "$OUT/vist2-demo" --text-only "$OUT/text-only-baseline" \

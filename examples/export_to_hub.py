@@ -103,6 +103,14 @@ def count(module) -> str:
     return f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f}M"
 
 
+def drawing_of_newlines_and_special_tokens(config) -> str:
+    glyph = getattr(config, "newline_glyph", None)
+    said = [f"newlines drawn in line as `{glyph}`" if glyph else "a newline starts a new line"]
+    said += [f"`{token}` drawn as `{glyph}`" for token, glyph in (getattr(config, "special_token_glyphs", None)
+                                                                 or {}).items()]
+    return ", ".join(said)
+
+
 def build_card(model, repo_id: str, fidelity: Path | None, efficiency: Path | None) -> ModelCard:
     config = model.config
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", license="apache-2.0",
@@ -118,8 +126,7 @@ def build_card(model, repo_id: str, fidelity: Path | None, efficiency: Path | No
         merge=config.merge_size,
         cell=f"{config.char_width}x{config.line_height}",
         font=config.font_path or "Pillow built-in",
-        newlines=(f"newlines drawn in line as `{config.newline_glyph}`" if getattr(config, "newline_glyph", None)
-                  else "a newline starts a new line"),
+        newlines=drawing_of_newlines_and_special_tokens(config),
         text_model=config.text_config.model_type,
         vision_model=config.vision_config.model_type,
         text_params=count(model.language_model),

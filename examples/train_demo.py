@@ -2,7 +2,7 @@
 
     bash demo/reproduce.sh demo     # the committed checkpoint: the stages below, the control and the evaluation
 
-The committed recipe (demo/NOTES.md, "Seventh attempt" to "Ninth attempt"; demo/reproduce.sh runs it) has these
+The committed recipe (demo/NOTES.md, "Seventh attempt" to "Tenth attempt"; demo/reproduce.sh runs it) has these
 stages and a control, all but the first with `--tokenizer tokenization/byte_tokenizer` (one token per byte):
 1. `--encoder-steps N`: the vision tower + aligner alone, from scratch, on the per-visual-token glyph-cell loss
    (no LM), with the aligner initialised in tanh's linear range (`--aligner-init-std`), its own smaller lr
@@ -18,8 +18,13 @@ stages and a control, all but the first with `--tokenizer tokenization/byte_toke
    and indentation of real chunks.
 5. `--newline-glyph «`: from then on a sketch draws each newline as `«` in line (`VIST2Config.newline_glyph`), so a
    byte's cell is its place in the chunk and the reader no longer has to find the next line; then with
-   `--chars-layout corpus+eos --mix-chars 0.25`, random rows that keep document separators, a quarter of the batch.
-6. `--text-only [--init DIR]`: the control, with the tokenizer, LM steps, batch and schedule of each reader stage.
+   `--chars-layout corpus+eos --mix-chars 0.25`, random rows that keep document separators, a quarter of the batch,
+   then an eighth.
+6. `--separator-glyph ©`: the document separator drawn in one cell (`VIST2Config.special_token_glyphs`) instead of
+   its 13-character name, which pushed every later byte of its chunk along; with a `--seed` of its own, so that it
+   trains on other windows than the stage it goes on from.
+7. `--text-only [--init DIR]`: the control, with the tokenizer, seed, LM steps, batch and schedule of each reader
+   stage.
 `--chunk-sampling any` draws chunks and windows at any token offset of the training stream instead of fixed windows.
 With no stage flags the script runs the first attempt's joint recipe (demo/training_log.first-attempt.jsonl): 450 steps
 of batch 8, the first 150 training only the vision tower + aligner on the glyph-cell loss (the text-only control gets
@@ -80,7 +85,8 @@ def load_build_corpus():
     return module
 
 
-def demo_config(tokenizer, newline_glyph=None) -> VIST2Config:
+def demo_config(tokenizer, newline_glyph=None, separator_glyph=None) -> VIST2Config:
+    """The demo geometry; `separator_glyph` draws the document separator (the tokenizer's eos token) as one cell."""
     text = dict(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768,
                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                 max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0,
@@ -91,7 +97,8 @@ def demo_config(tokenizer, newline_glyph=None) -> VIST2Config:
     return VIST2Config(text_config=text, vision_config=vision, chunk_size=CHUNK, compression_ratio=4, merge_size=4,
                        image_height=128, image_width=256, char_width=8, line_height=16, font_size=16,
                        min_font_size=8, num_channels=1, sketch_token_id=tokenizer.convert_tokens_to_ids("<|sketch|>"),
-                       newline_glyph=newline_glyph, tie_word_embeddings=True)
+                       newline_glyph=newline_glyph, tie_word_embeddings=True,
+                       special_token_glyphs={tokenizer.eos_token: separator_glyph} if separator_glyph else None)
 
 
 def load_encoder(model, folder):
@@ -419,7 +426,7 @@ def encoder_stage(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    model = VIST2ForCausalLM(demo_config(tokenizer, args.newline_glyph))
+    model = VIST2ForCausalLM(demo_config(tokenizer, args.newline_glyph, args.separator_glyph))
     if args.init:
         load_encoder(model, args.init)
     processor = VIST2Processor.from_config(model.config, tokenizer)
@@ -478,7 +485,9 @@ def parse_args(argv=None):
     parser.add_argument("--lm-weight", type=float, default=1.0)
     parser.add_argument("--aux-only-steps", type=int, default=150,
                         help="first steps train only the vision tower + aligner on the glyph-cell loss")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the windows drawn: give a stage that goes on from another (--init) its own seed, "
+                             "or it trains on the very windows, in the same order, that the earlier stage did")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log", default=None, help="JSON-lines log (default: <out>/../training_log.<name>.jsonl)")
     parser.add_argument("--log-every", type=int, default=10)
@@ -514,6 +523,9 @@ def parse_args(argv=None):
     parser.add_argument("--newline-glyph", default=None,
                         help="sketch each newline as this character in line (VIST2Config.newline_glyph), e.g. '«'; "
                              "every later stage of a recipe must pass the same")
+    parser.add_argument("--separator-glyph", default=None,
+                        help="sketch the document separator (eos) as this one character (VIST2Config."
+                             "special_token_glyphs), e.g. '©'; every later stage of a recipe must pass the same")
     return parser.parse_args(argv)
 
 
@@ -527,7 +539,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = demo_config(tokenizer, args.newline_glyph)
+    config = demo_config(tokenizer, args.newline_glyph, args.separator_glyph)
     processor = VIST2Processor.from_config(config, tokenizer)
     windows = corpus_windows(tokenizer, "train")
     out = Path(args.out)
@@ -738,7 +750,7 @@ def train_readback(args):
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = demo_config(tokenizer, args.newline_glyph)
+    config = demo_config(tokenizer, args.newline_glyph, args.separator_glyph)
     if args.merge_size:
         config.merge_size = args.merge_size
         config.compression_ratio = CHUNK * args.merge_size**2 // ((config.image_height // config.patch_size) *

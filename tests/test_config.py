@@ -34,6 +34,10 @@ def test_default_config_is_qwen3_with_siglip_vision():
         ({"foreground": 300}, "foreground", "grey level"),
         ({"newline_glyph": "\n"}, "newline_glyph", "one visible character"),
         ({"newline_glyph": "<<"}, "newline_glyph", "one visible character"),
+        ({"special_token_glyphs": {"<|endoftext|>": "EOT"}}, "special_token_glyphs", "one visible character"),
+        ({"special_token_glyphs": ["©"]}, "special_token_glyphs", "map token strings"),
+        ({"special_token_glyphs": {"<|endoftext|>": "«"}, "newline_glyph": "«"}, "special_token_glyphs",
+         "its own character"),
     ],
 )
 def test_invalid_setting_raises_value_error_naming_field_and_fix(overrides, field, fix):
@@ -50,7 +54,8 @@ def test_sliding_window_backbone_is_rejected():
 
 
 def test_config_round_trips_through_save_and_load(tmp_path):
-    config = VIST2Config.tiny(margin=4, overflow_policy="shrink_font", foreground=20)
+    config = VIST2Config.tiny(margin=4, overflow_policy="shrink_font", foreground=20, newline_glyph="«",
+                              special_token_glyphs={"<|endoftext|>": "©"})
     config.save_pretrained(tmp_path)
     loaded = VIST2Config.from_pretrained(tmp_path)
     assert loaded.sketch_settings == config.sketch_settings

@@ -212,7 +212,8 @@ def test_text_token_head_reads_visual_token_j_as_text_tokens_jr_to_jr_plus_r_min
 @pytest.mark.parametrize("data", [[], ["--chunk-sampling", "any", "--mix-chars", "0.5"],
                                   ["--tokenizer", str(REPO / "tokenization" / "byte_tokenizer")],
                                   ["--window-chunks", "3"], ["--mix-chars", "0.5", "--chars-newlines", "0.1"],
-                                  ["--mix-chars", "0.5", "--chars-layout", "corpus+eos", "--newline-glyph", "«"]])
+                                  ["--mix-chars", "0.5", "--chars-layout", "corpus+eos", "--newline-glyph", "«",
+                                   "--separator-glyph", "©"]])
 def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(tmp_path, data):
     """`train_demo.py --init-encoder DIR --freeze vision+aligner` (the recipe's second stage)."""
     from safetensors.torch import load_file
@@ -236,6 +237,7 @@ def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(
         assert len(tokenizer) == 260
     saved = json.loads((out / "config.json").read_text())
     assert saved.get("newline_glyph") == ("«" if "--newline-glyph" in data else None)
+    assert saved.get("special_token_glyphs") == ({"<|endoftext|>": "©"} if "--separator-glyph" in data else None)
     records = [json.loads(line) for line in log.read_text().splitlines()][1:]
     assert all(0 <= r[f"{probe}_tf_acc{which}"] <= 1
                for r in records for probe in ("heldout", "chars", "layout") for which in ("", "_wrong"))
@@ -271,9 +273,9 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     variables = dict(line.split("=", 1) for line in script.splitlines() if line.startswith("BYTES="))
     commands = [shlex.split(line.replace('"$OUT', '"demo').replace('"$BYTES"', variables["BYTES"]))
                 for line in script.splitlines() if line.startswith("python examples/")]
-    assert [c[1] for c in commands] == ["examples/train_demo.py"] * 16 + ["examples/evaluate_demo.py"]
+    assert [c[1] for c in commands] == ["examples/train_demo.py"] * 20 + ["examples/evaluate_demo.py"]
     train_demo = load_example("train_demo")
-    runs = [train_demo.parse_args(c[2:]) for c in commands[:16]]
+    runs = [train_demo.parse_args(c[2:]) for c in commands[:20]]
     vist2, text_only = [r for r in runs if not r.text_only], [r for r in runs if r.text_only]
     encoder, warmup, *readers = vist2
     assert encoder.encoder_steps and warmup.readback_only and warmup.data == "chars" and warmup.init == encoder.out
@@ -284,9 +286,11 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     for reader, control in zip(readers, text_only):  # the control gets the same LM steps, stage by stage
         assert ((control.steps, control.batch_size, control.chunk_sampling, control.lr, control.warmup) ==
                 (reader.steps, reader.batch_size, reader.chunk_sampling, reader.lr, reader.warmup))
-    glyphs = [r.newline_glyph for r in readers]  # once newlines are drawn in line, every later stage draws them so
-    assert glyphs[-1] and glyphs == sorted(glyphs, key=bool) and len(set(filter(None, glyphs))) == 1
-    evaluate = commands[16]
+        assert control.seed == reader.seed  # and the same windows
+    for glyph in ("newline_glyph", "separator_glyph"):  # once drawn in one cell, every later stage draws them so
+        glyphs = [getattr(r, glyph) for r in readers]
+        assert glyphs[-1] and glyphs == sorted(glyphs, key=bool) and len(set(filter(None, glyphs))) == 1
+    evaluate = commands[20]
     assert evaluate[evaluate.index("--model") + 1] == readers[-1].out
     assert evaluate[evaluate.index("--text-only") + 1] == text_only[-1].out
 

@@ -63,6 +63,16 @@ exec(compile(snippet, "model-card-usage", "exec"), {"long_text": long_text})
 """
 
 
+def test_model_card_says_how_newlines_and_special_tokens_are_drawn():
+    from vist2 import VIST2Config
+
+    plain = VIST2Config.tiny()
+    inline = VIST2Config.tiny(newline_glyph="«", special_token_glyphs={"<|endoftext|>": "©"})
+    assert export_to_hub.drawing_of_newlines_and_special_tokens(plain) == "a newline starts a new line"
+    assert (export_to_hub.drawing_of_newlines_and_special_tokens(inline) ==
+            "newlines drawn in line as `«`, `<|endoftext|>` drawn as `©`")
+
+
 def test_exported_folder_runs_the_model_card_usage_snippet_in_a_clean_process(saved_model, tmp_path):
     out = export_to_hub.export(saved_model, tmp_path / "hub", "someone/vist2-tiny", None, None)
     (tmp_path / "text.txt").write_text(SAMPLE_TEXT * 3)

@@ -272,3 +272,29 @@ def test_reading_a_text_in_a_stream_equals_processing_it_at_once(model, processo
     assert streamed[CACHE_KWARG].get_seq_length() == whole[CACHE_KWARG].get_seq_length()
     for a, b in zip(streamed.logits, whole.logits):
         torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=0)
+
+
+def test_a_conversation_with_special_tokens_drawn_as_glyphs_equals_the_training_forward(model, tokenizer, ascii_only):
+    from conftest import tiny_config
+    from vist2 import VIST2ForCausalLM, VIST2Processor
+
+    glyphs = {"<|im_start|>": "©", "<|im_end|>": "±"}
+    config = tiny_config(tokenizer, special_token_glyphs=glyphs)
+    drawing = VIST2ForCausalLM(config).eval()
+    drawing.load_state_dict(model.state_dict())
+    processor = VIST2Processor.from_config(config, tokenizer)
+    messages = [{"role": "user", "content": SAMPLE_TEXT[:60]}, {"role": "assistant", "content": SAMPLE_TEXT[60:120]},
+                {"role": "user", "content": SAMPLE_TEXT[120:150]}]
+    sample = processor.encode_conversation(messages, keep_closed_text=False, add_generation_prompt=True)
+    stream = [t for t in processor.encode_conversation(messages, add_generation_prompt=True)["input_ids"]
+              if t != config.sketch_token_id]
+    closed = [stream[i : i + 16] for i in range(0, len(stream) - 16, 16)]
+    assert "±" in "".join(map(processor.chunk_text, closed)), "a closed chunk of the prompt must hold a glyph"
+    assert "©" in processor.chunk_text(stream[len(closed) * 16 :]), "so must the chunk that closes while writing"
+    out = drawing.generate(**processor.collate([sample]), processor=processor, max_new_tokens=40,
+                           suppress_tokens=ascii_only, do_sample=False, return_dict_in_generate=True,
+                           output_logits=True)
+    generated = out.sequences[0, len(sample["input_ids"]):].tolist()
+    logits, prefix_len, _ = training_forward_logits(drawing, processor, "", stream + generated)
+    for step, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(step_logits[0], logits[prefix_len + len(stream) - 1 + step], atol=TOLERANCE, rtol=0)

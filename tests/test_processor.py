@@ -58,6 +58,28 @@ def test_literal_special_token_text_never_becomes_a_placeholder(processor):
     assert processor.decode(batch["input_ids"][0]) == "see <|sketch|> here"
 
 
+def processor_drawing(special_token_glyphs, tokenizer):
+    return VIST2Processor.from_config(tiny_config(tokenizer, special_token_glyphs=special_token_glyphs), tokenizer)
+
+
+def test_a_special_token_with_a_glyph_is_drawn_in_one_cell(tokenizer):
+    processor = processor_drawing({"<|endoftext|>": "©"}, tokenizer)
+    ids = processor.encode("end.") + [tokenizer.eos_token_id] + processor.encode("Next")
+    assert processor.chunk_text(ids) == "end.©Next"
+    assert processor.chunk_text(torch.tensor(ids)) == "end.©Next"
+    assert processor.sketch_chunks([ids])[1][0].ok
+
+
+def test_a_special_token_name_typed_as_text_is_drawn_as_its_characters(tokenizer):
+    processor = processor_drawing({"<|endoftext|>": "©"}, tokenizer)
+    assert processor.chunk_text(processor.encode("a<|endoftext|>b")) == "a<|endoftext|>b"
+
+
+def test_a_glyph_for_a_token_the_tokenizer_lacks_is_rejected(tokenizer):
+    with pytest.raises(ValueError, match="does not have"):
+        processor_drawing({"<|eot_id|>": "©"}, tokenizer)
+
+
 def test_chunk_that_cannot_be_drawn_is_kept_as_text_counted_and_warned(processor, config):
     text = "plain words first " * 3 + "中文" * 20 + " and plain words after" * 3
     with pytest.warns(UserWarning, match="kept as text"):

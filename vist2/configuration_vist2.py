@@ -30,7 +30,12 @@ SKETCH_SETTING_KEYS = (
     "image_std",
     "overflow_policy",
     "newline_glyph",
+    "special_token_glyphs",
 )
+
+
+def _is_glyph(char) -> bool:
+    return isinstance(char, str) and len(char) == 1 and not char.isspace()
 
 
 def _sub_config(value, default_model_type, defaults):
@@ -68,6 +73,10 @@ class VIST2Config(PretrainedConfig):
             line. Then a character's cell depends only on its place in the chunk, not on the line breaks before it,
             which a small reader finds much easier to follow; `None` breaks lines as a page does. Pick a character
             the text rarely holds: where it does, the sketch cannot tell it from a newline.
+        special_token_glyphs (`dict[str, str]`, *optional*): special tokens drawn as one character each, e.g.
+            `{"<|endoftext|>": "©"}`. Decoded, a special token is its whole name (13 cells for `<|endoftext|>`), which
+            pushes every later character of the chunk to another cell; drawn as one glyph it takes one cell, like
+            any other token, and the sketch tells it from the same name typed as text.
     """
 
     model_type = "vist2"
@@ -96,6 +105,7 @@ class VIST2Config(PretrainedConfig):
         image_std=0.5,
         overflow_policy="keep_text",
         newline_glyph=None,
+        special_token_glyphs=None,
         **kwargs,
     ):
         self.text_config = _sub_config(text_config, "qwen3", {})
@@ -121,6 +131,7 @@ class VIST2Config(PretrainedConfig):
         self.image_std = image_std
         self.overflow_policy = overflow_policy
         self.newline_glyph = newline_glyph
+        self.special_token_glyphs = special_token_glyphs or None
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_vist2()
@@ -174,10 +185,17 @@ class VIST2Config(PretrainedConfig):
                  f"use min_font_size <= {self.font_size}")
         if self.overflow_policy not in OVERFLOW_POLICIES:
             fail("overflow_policy", f"unknown policy {self.overflow_policy!r}", f"use one of {OVERFLOW_POLICIES}")
-        if self.newline_glyph is not None and (not isinstance(self.newline_glyph, str) or len(self.newline_glyph) != 1
-                                               or self.newline_glyph.isspace()):
+        if self.newline_glyph is not None and not _is_glyph(self.newline_glyph):
             fail("newline_glyph", f"must be one visible character or None, got {self.newline_glyph!r}",
                  'use e.g. newline_glyph="«" (a character the font draws)')
+        glyphs = self.special_token_glyphs or {}
+        if not isinstance(glyphs, dict) or not all(isinstance(t, str) and t and _is_glyph(g) for t, g in glyphs.items()):
+            fail("special_token_glyphs", f"must map token strings to one visible character each, got {glyphs!r}",
+                 'use e.g. special_token_glyphs={"<|endoftext|>": "©"}')
+        drawn = list(glyphs.values()) + [self.newline_glyph] * (self.newline_glyph is not None)
+        if len(set(drawn)) != len(drawn):
+            fail("special_token_glyphs", f"two things drawn the same way ({drawn!r}): the sketch could not tell "
+                 "them apart", "give every special token (and newline_glyph) its own character")
         for field in ("foreground", "background"):
             if not 0 <= getattr(self, field) <= 255:
                 fail(field, "grey level out of range", "use a value in 0..255")

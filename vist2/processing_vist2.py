@@ -223,6 +223,13 @@ class VIST2Processor(ProcessorMixin):
         super().__init__(tokenizer, chat_template=chat_template, **kwargs)
         if self.sketch_token_id is None:
             self.sketch_token_id = self.tokenizer.convert_tokens_to_ids(SKETCH_TOKEN)
+        glyphs = self.sketch_settings.get("special_token_glyphs") or {}
+        vocab = self.tokenizer.get_vocab() if glyphs else {}
+        unknown = sorted(set(glyphs) - set(vocab))
+        if unknown:
+            raise ValueError(f"VIST2Processor: special_token_glyphs names {unknown}, which the tokenizer does not have. "
+                             "Fix: map only the tokenizer's own special tokens to glyphs")
+        self.glyph_of_token_id = {vocab[token]: glyph for token, glyph in glyphs.items()}
 
     @classmethod
     def from_config(cls, config, tokenizer, **kwargs):
@@ -253,8 +260,21 @@ class VIST2Processor(ProcessorMixin):
         return Image.fromarray(image, mode="L")
 
     def chunk_text(self, token_ids) -> str:
-        """The exact text a chunk's sketch shows; training and generation both render this string."""
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        """The exact text a chunk's sketch shows, with each special token of `special_token_glyphs` as its glyph;
+        training and generation both render this string."""
+        def decode(ids):
+            return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+        if not self.glyph_of_token_id:
+            return decode(token_ids)
+        pieces, run = [], []
+        for token_id in map(int, token_ids):  # tensors hash by identity, not by value
+            if token_id in self.glyph_of_token_id:
+                pieces += [decode(run), self.glyph_of_token_id[token_id]]
+                run = []
+            else:
+                run.append(token_id)
+        return "".join(pieces + [decode(run)])
 
     def sketch_chunks(self, chunks: list[list[int]]) -> tuple[list[np.ndarray | None], list[SketchReport]]:
         """Render closed chunks; `None` marks a chunk the policy keeps as text."""
