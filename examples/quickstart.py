@@ -34,6 +34,8 @@ def main(argv=None):
     parser.add_argument("--out", default="quickstart_sketches.png", help="where to save the sketches it read")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--write-context", type=int, default=4, help="closed chunks the continuation starts from")
+    parser.add_argument("--greedy", action="store_true", help="write greedily instead of sampling (seeded)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -72,7 +74,12 @@ def main(argv=None):
     # in front of it that it never saw (demo/NOTES.md).
     start = (len(closed) - args.write_context) * chunk_size
     recent = processor(text=processor.decode(stream[max(start, 0) :]))
-    out = model.generate(**recent, processor=processor, max_new_tokens=args.max_new_tokens, do_sample=False)
+    # Sampled, seeded: greedy decoding from the small byte-level demo model soon settles into a run of spaces (the
+    # indentation of docstrings is its most likely continuation).
+    torch.manual_seed(args.seed)
+    sampling = {} if args.greedy else {"temperature": 0.7, "top_p": 0.9}
+    out = model.generate(**recent, processor=processor, max_new_tokens=args.max_new_tokens,
+                         do_sample=not args.greedy, **sampling)
     new = out[0, recent["input_ids"].shape[1] :]
     print(f"\n--- continuation, from the last {args.write_context} closed chunks ---\n"
           f"{processor.decode(new, skip_special_tokens=True)}")
