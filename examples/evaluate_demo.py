@@ -73,9 +73,10 @@ def sketches(processor, samples):
 
 @torch.no_grad()
 def read_back(model, processor, samples, pixels, L):
-    """Greedy reconstruction of c_1 from V_1; returns (mean char accuracy, teacher-forced token accuracy, examples,
+    """Greedy reconstruction of c_1 from V_1: mean char accuracy (counting the text as drawn, a special token with a
+    glyph as one character; and counting special tokens by their names), teacher-forced token accuracy, examples,
     mean char accuracy by the number of newlines in the chunk: 0, 1, 2+, since a chunk that wraps is harder to read,
-    and the 8 worst read-backs with their teacher-forced accuracy: where the errors are)."""
+    and the 8 worst read-backs with their teacher-forced accuracy: where the errors are."""
     m, sketch_id = processor.visual_tokens_per_chunk, processor.sketch_token_id
     truth = torch.tensor([s["window"][:L] for s in samples])
     n = truth.shape[0]
@@ -94,11 +95,15 @@ def read_back(model, processor, samples, pixels, L):
     decoded = truth[:, :1]
     for _ in range(L - 1):
         decoded = torch.cat([decoded, forward(decoded)[:, -1].argmax(-1, keepdim=True)], 1)
-    accs, examples, by_newlines = [], [], {}
+    def by_names(ids):
+        return processor.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    accs, accs_by_names, examples, by_newlines = [], [], [], {}
     for row, ref in zip(decoded.tolist(), truth.tolist()):
         chunk = processor.chunk_text(ref)
         pred_text, ref_text = processor.chunk_text(row[1:]), processor.chunk_text(ref[1:])
         accs.append(char_accuracy(pred_text, ref_text))
+        accs_by_names.append(char_accuracy(by_names(row[1:]), by_names(ref[1:])))
         newlines = chunk.count("\n")
         by_newlines.setdefault("2+" if newlines >= 2 else str(newlines), []).append(accs[-1])
         if len(examples) < 3:
@@ -108,7 +113,9 @@ def read_back(model, processor, samples, pixels, L):
     worst = [{"truth": processor.chunk_text(truth[i].tolist()), "decoded": processor.chunk_text(decoded[i].tolist()),
               "char_accuracy": accs[i], "token_accuracy_teacher_forced": forced_by_row[i]}
              for i in np.argsort(accs, kind="stable")[:8]]
-    return float(np.mean(accs)), token_acc, examples, by_newlines, worst
+    return {"char_accuracy": float(np.mean(accs)), "char_accuracy_special_tokens_as_names": float(np.mean(accs_by_names)),
+            "token_accuracy_teacher_forced": token_acc, "char_accuracy_by_newlines_in_chunk": by_newlines,
+            "examples": examples, "worst": worst}
 
 
 @torch.no_grad()
@@ -171,12 +178,11 @@ def evaluate(model_dir, text_only_dir=None, n_ppl=256, n_readback=64, batch=32, 
                "compression_ratio": config.compression_ratio}
     start = time.time()
     rb = samples[:n_readback]
-    acc, tok, examples, by_newlines, worst = read_back(model, processor, rb, sketches(processor, rb), L)
-    acc_w, tok_w, *_ = read_back(model, processor, wrong[:n_readback], sketches(processor, wrong[:n_readback]), L)
-    results["read_back"] = {"char_accuracy": acc, "token_accuracy_teacher_forced": tok,
-                            "wrong_image_char_accuracy": acc_w, "wrong_image_token_accuracy_teacher_forced": tok_w,
-                            "n": len(rb), "char_accuracy_by_newlines_in_chunk": by_newlines, "examples": examples,
-                            "worst": worst}
+    right = read_back(model, processor, rb, sketches(processor, rb), L)
+    other = read_back(model, processor, wrong[:n_readback], sketches(processor, wrong[:n_readback]), L)
+    results["read_back"] = {**right, "wrong_image_char_accuracy": other["char_accuracy"],
+                            "wrong_image_token_accuracy_teacher_forced": other["token_accuracy_teacher_forced"],
+                            "n": len(rb)}
     pp = samples[:n_ppl]
     nll = {
         "vist2_visual_context": batched_mean(lambda s: vist2_ppl(model, processor, s, sketches(processor, s), L), pp, batch),

@@ -104,10 +104,11 @@ def count(module) -> str:
 
 
 def drawing_of_newlines_and_special_tokens(config) -> str:
-    glyph = getattr(config, "newline_glyph", None)
-    said = [f"newlines drawn in line as `{glyph}`" if glyph else "a newline starts a new line"]
-    said += [f"`{token}` drawn as `{glyph}`" for token, glyph in (getattr(config, "special_token_glyphs", None)
-                                                                 or {}).items()]
+    # getattr: a checkpoint's own remote code may predate these settings
+    newline = getattr(config, "newline_glyph", None)
+    said = [f"newlines drawn in line as `{newline}`" if newline else "a newline starts a new line"]
+    special = getattr(config, "special_token_glyphs", None) or {}
+    said += [f"`{token}` drawn as `{glyph}`" for token, glyph in special.items()]
     return ", ".join(said)
 
 

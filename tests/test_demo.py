@@ -342,7 +342,8 @@ def test_evaluation_reports_each_measure_with_its_wrong_image_control(evaluate_d
     results = evaluate_demo.evaluate(DEMO, REPO / "demo" / "text-only-baseline", n_ppl=4, n_readback=2, batch=4)
     read_back, perplexity = results["read_back"], results["perplexity_c2"]
     assert read_back["n"] == 2 and results["n_ppl"] == 4
-    assert all(0 <= read_back[k] <= 1 for k in ("char_accuracy", "wrong_image_char_accuracy"))
+    assert all(0 <= read_back[k] <= 1 for k in ("char_accuracy", "char_accuracy_special_tokens_as_names",
+                                                "wrong_image_char_accuracy"))
     by_newlines = read_back["char_accuracy_by_newlines_in_chunk"].values()
     assert sum(part["n"] for part in by_newlines) == 2
     assert sum(part["n"] * part["char_accuracy"] for part in by_newlines) / 2 == pytest.approx(read_back["char_accuracy"])
