@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The demo recipe of demo/NOTES.md, "Seventh attempt" to "Tenth attempt", with one command: encoder ->
+# The demo recipe of demo/NOTES.md, "Seventh attempt" to "Eleventh attempt", with one command: encoder ->
 # random-character read-back warm-up -> reader (with, then without random-character rows) -> the encoder unfrozen
 # (random rows on one line, over several lines, over real chunks' lines) -> newlines drawn in line (then random rows
-# with document separators, fewer of them) -> document separators drawn in one cell -> text-only control (the same
-# LM steps) -> evaluation. Seeded, one thread per job (30 + 16 + 41 + 21 + 42 + 22 + 47 + 32 + 25 + 23 + 39 + 36 +
-# 17 + 29 + 14 + 30 + 21 + 14 + 14 + 21 + 2 min here, two or three jobs on 2 cores; the control is independent of
-# stages 1-11 and may run beside them). The LM side reads and writes
+# with document separators, fewer of them) -> document separators drawn in one cell -> read-back from noisy inputs ->
+# text-only control (the same LM steps) -> evaluation. Seeded, one thread per job (30 + 16 + 41 + 21 + 42 + 22 + 47 +
+# 32 + 25 + 23 + 39 + 12 + 10 + 36 + 17 + 29 + 14 + 30 + 21 + 14 + 14 + 21 + 8 + 12 + 4 min here, two to four jobs
+# on 2 cores; the control is independent of stages 1-13 and may run beside them). The LM side reads and writes
 # one byte per token (tokenization/byte_tokenizer), so a random-character warm-up is read-back of the very tokens the
 # corpus is made of.
 #   bash demo/reproduce.sh            # into demo/build (git-ignored), to compare with the committed files
@@ -86,9 +86,21 @@ python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-separator
 python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-fewer-chars" --newline-glyph "«" \
     --separator-glyph "©" --freeze none --aux-weight 0 --aux-only-steps 0 --chunk-sampling any --mix-chars 0.125 \
     --chars-layout corpus+eos --steps 1500 --batch-size 16 --warmup 50 --lr 3e-4 --eval-every 250 --log-every 50 \
-    --seed 8 --out "$OUT/vist2-demo" --log "$OUT/training_log.vist2-demo.jsonl"
+    --seed 8 --out "$OUT/reader-separator-glyph" --log "$OUT/training_log.reader-separator-glyph.jsonl"
 
-# 12. The same-size text-only control: same tokenizer, seeds, steps, batch and schedules as stages 3 to 11.
+# 12-13. Read-back rows with a twentieth, then a fiftieth, of their input bytes replaced by random characters (labels
+#     unchanged), so that greedy read-back reads the next cell after a wrong byte instead of following the language
+#     prior (demo/NOTES.md, "Eleventh attempt").
+python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-separator-glyph" --newline-glyph "«" \
+    --separator-glyph "©" --freeze none --aux-weight 0 --aux-only-steps 0 --chunk-sampling any --mix-chars 0.125 \
+    --chars-layout corpus+eos --readback-noise 0.05 --steps 800 --batch-size 16 --warmup 50 --lr 3e-4 \
+    --eval-every 200 --log-every 50 --seed 12 --out "$OUT/reader-noise" --log "$OUT/training_log.reader-noise.jsonl"
+python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-noise" --newline-glyph "«" \
+    --separator-glyph "©" --freeze none --aux-weight 0 --aux-only-steps 0 --chunk-sampling any --mix-chars 0.125 \
+    --chars-layout corpus+eos --readback-noise 0.02 --steps 800 --batch-size 16 --warmup 50 --lr 3e-4 \
+    --eval-every 200 --log-every 50 --seed 13 --out "$OUT/vist2-demo" --log "$OUT/training_log.vist2-demo.jsonl"
+
+# 14. The same-size text-only control: same tokenizer, seeds, steps, batch and schedules as stages 3 to 13.
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --chunk-sampling any --steps 2400 --batch-size 16 \
     --aux-only-steps 0 --warmup 100 --log-every 50 --out "$OUT/text-only" --log "$OUT/training_log.text-only.jsonl"
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only" --chunk-sampling any \
@@ -114,6 +126,12 @@ python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text
     --out "$OUT/text-only-fewer-chars" --log "$OUT/training_log.text-only-fewer-chars.jsonl"
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only-fewer-chars" --chunk-sampling any \
     --steps 1500 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 --seed 8 \
+    --out "$OUT/text-only-separator-glyph" --log "$OUT/training_log.text-only-separator-glyph.jsonl"
+python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only-separator-glyph" \
+    --chunk-sampling any --steps 800 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 \
+    --seed 12 --out "$OUT/text-only-noise" --log "$OUT/training_log.text-only-noise.jsonl"
+python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only-noise" --chunk-sampling any \
+    --steps 800 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 --seed 13 \
     --out "$OUT/text-only-baseline" --log "$OUT/training_log.text-only-baseline.jsonl"
 
 python examples/evaluate_demo.py --model "$OUT/vist2-demo" --text-only "$OUT/text-only-baseline" \

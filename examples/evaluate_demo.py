@@ -9,7 +9,8 @@ Measures, on held-out windows `c_1 c_2` of the stdlib-docstring corpus (document
     character accuracy = 1 - Levenshtein(decoded, truth) / len(truth) on the text after the first token; also the
     teacher-forced token accuracy.
 (b) optical LM: perplexity of c_2[1:] given only V_1 (read-back off), vs the same VIST2 with no preceding context
-    (c_2 alone), vs the same-size text-only Qwen3 given c_1 as text (and with no context).
+    (c_2 alone), vs the same-size text-only Qwen3 given c_1 as text (and with no context); also by bands of c_2's
+    bytes, since the first ones finish the word that c_1 broke off and depend most on the context.
 (c) control: (a) and (b) again with V_1 replaced by the sketch of another held-out chunk.
 """
 
@@ -29,8 +30,6 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO))
-
-IGNORE = -100
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -118,9 +117,14 @@ def read_back(model, processor, samples, pixels, L):
             "examples": examples, "worst": worst}
 
 
+def next_token_nll(logits, targets):
+    return -torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+
+
 @torch.no_grad()
-def vist2_ppl(model, processor, samples, pixels, L, context=True):
-    """Perplexity of c_2[1:] given V_1 only (read-back off), or given nothing (c_2 alone)."""
+def vist2_nll(model, processor, samples, pixels, L, context=True):
+    """Per-byte negative log-likelihood `(n, L - 1)` of c_2[1:] given V_1 only (read-back off), or given nothing (c_2
+    alone)."""
     m, sketch_id = processor.visual_tokens_per_chunk, processor.sketch_token_id
     c1 = torch.tensor([s["window"][:L] for s in samples])
     c2 = torch.tensor([s["window"][L : 2 * L] for s in samples])
@@ -128,27 +132,19 @@ def vist2_ppl(model, processor, samples, pixels, L, context=True):
     if context:
         ids = torch.cat([c1, torch.full((n, m), sketch_id), c2], 1)
         chunks = torch.cat([torch.ones(n, L + m, dtype=torch.long), torch.full((n, L), 2)], 1)
-        labels = torch.cat([torch.full((n, L + m + 1), IGNORE), c2[:, 1:]], 1)
     else:
         ids, chunks, pixels = c2, torch.ones_like(c2), None
-        labels = torch.cat([torch.full((n, 1), IGNORE), c2[:, 1:]], 1)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), chunk_ids=chunks, pixel_values=pixels,
-                labels=labels, read_back=torch.zeros(n, dtype=torch.bool))
-    return out.loss.item()
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), chunk_ids=chunks, pixel_values=pixels,
+                   read_back=torch.zeros(n, dtype=torch.bool)).logits
+    return next_token_nll(logits[:, -L:-1], c2[:, 1:])
 
 
 @torch.no_grad()
 def text_only_nll(model, samples, L, context=True):
     c1 = torch.tensor([s["window"][:L] for s in samples])
     c2 = torch.tensor([s["window"][L : 2 * L] for s in samples])
-    n = c1.shape[0]
-    if context:
-        ids = torch.cat([c1, c2], 1)
-        labels = torch.cat([torch.full((n, L + 1), IGNORE), c2[:, 1:]], 1)
-    else:
-        ids = c2
-        labels = torch.cat([torch.full((n, 1), IGNORE), c2[:, 1:]], 1)
-    return model(input_ids=ids, labels=labels).loss.item()
+    ids = torch.cat([c1, c2], 1) if context else c2
+    return next_token_nll(model(input_ids=ids).logits[:, -L:-1], c2[:, 1:])
 
 
 def same_tokenizer(tokenizer, folder) -> bool:
@@ -158,12 +154,15 @@ def same_tokenizer(tokenizer, folder) -> bool:
     return tokenizer.backend_tokenizer.to_str() == other.backend_tokenizer.to_str()
 
 
-def batched_mean(fn, samples, batch):
-    values = [fn(samples[i : i + batch]) * len(samples[i : i + batch]) for i in range(0, len(samples), batch)]
-    return sum(values) / len(samples)
+def batched(fn, samples, batch):
+    return torch.cat([fn(samples[i : i + batch]) for i in range(0, len(samples), batch)])
 
 
-def evaluate(model_dir, text_only_dir=None, n_ppl=256, n_readback=64, batch=32, seed=0):
+# Bands of c_2's bytes (1-based) whose perplexity `evaluate` reports apart: the first ones finish the word c_1 broke off.
+BYTE_BANDS = ((2, 4), (5, 8), (9, 16), (17, 32))
+
+
+def evaluate(model_dir, text_only_dir=None, n_ppl=256, n_readback=256, batch=32, seed=0):
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
@@ -185,23 +184,25 @@ def evaluate(model_dir, text_only_dir=None, n_ppl=256, n_readback=64, batch=32, 
                             "n": len(rb)}
     pp = samples[:n_ppl]
     nll = {
-        "vist2_visual_context": batched_mean(lambda s: vist2_ppl(model, processor, s, sketches(processor, s), L), pp, batch),
-        "vist2_wrong_image": batched_mean(
-            lambda s: vist2_ppl(model, processor, s, sketches(processor, s), L),
-            wrong[:n_ppl], batch),
-        "vist2_no_context": batched_mean(lambda s: vist2_ppl(model, processor, s, None, L, context=False), pp, batch),
+        "vist2_visual_context": batched(lambda s: vist2_nll(model, processor, s, sketches(processor, s), L), pp, batch),
+        "vist2_wrong_image": batched(
+            lambda s: vist2_nll(model, processor, s, sketches(processor, s), L), wrong[:n_ppl], batch),
+        "vist2_no_context": batched(lambda s: vist2_nll(model, processor, s, None, L, context=False), pp, batch),
     }
     if text_only_dir:
         baseline = AutoModelForCausalLM.from_pretrained(text_only_dir).eval()
         if not same_tokenizer(processor.tokenizer, text_only_dir):
             raise ValueError(f"{text_only_dir} was trained with another tokenizer than {model_dir}: its perplexities "
                              "would be over other tokens. Train the control with the reader's --tokenizer.")
-        nll["text_only_text_context"] = batched_mean(lambda s: text_only_nll(baseline, s, L), pp, batch)
-        nll["text_only_no_context"] = batched_mean(lambda s: text_only_nll(baseline, s, L, context=False), pp, batch)
-    results["perplexity_c2"] = {k: math.exp(v) for k, v in nll.items()}
+        nll["text_only_text_context"] = batched(lambda s: text_only_nll(baseline, s, L), pp, batch)
+        nll["text_only_no_context"] = batched(lambda s: text_only_nll(baseline, s, L, context=False), pp, batch)
+    results["perplexity_c2"] = {k: math.exp(v.mean().item()) for k, v in nll.items()}
     if text_only_dir:
         results["perplexity_c2"]["ratio_vist2_to_text_only"] = math.exp(
-            nll["vist2_visual_context"] - nll["text_only_text_context"])
+            nll["vist2_visual_context"].mean().item() - nll["text_only_text_context"].mean().item())
+    # column j of the nll holds byte j + 2 of c_2
+    results["perplexity_c2_by_byte"] = {f"bytes {a}-{b}": {k: math.exp(v[:, a - 2 : b - 1].mean().item())
+                                                           for k, v in nll.items()} for a, b in BYTE_BANDS}
     results["n_ppl"] = len(pp)
     results["eval_seconds"] = round(time.time() - start, 1)
     return results
@@ -212,7 +213,8 @@ def main(argv=None):
     parser.add_argument("--model", default="demo/vist2-demo")
     parser.add_argument("--text-only", default="demo/text-only-baseline")
     parser.add_argument("--n-ppl", type=int, default=256)
-    parser.add_argument("--n-readback", type=int, default=64)
+    parser.add_argument("--n-readback", type=int, default=256,
+                        help="held-out chunks read back (64 until the eleventh attempt: a point of noise between runs)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)

@@ -213,7 +213,8 @@ def test_text_token_head_reads_visual_token_j_as_text_tokens_jr_to_jr_plus_r_min
                                   ["--tokenizer", str(REPO / "tokenization" / "byte_tokenizer")],
                                   ["--window-chunks", "3"], ["--mix-chars", "0.5", "--chars-newlines", "0.1"],
                                   ["--mix-chars", "0.5", "--chars-layout", "corpus+eos", "--newline-glyph", "«",
-                                   "--separator-glyph", "©"]])
+                                   "--separator-glyph", "©", "--readback-noise", "0.1", "--lm-rows", "0.5",
+                                   "--boundary-weight", "0.5"]])
 def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(tmp_path, data):
     """`train_demo.py --init-encoder DIR --freeze vision+aligner` (the recipe's second stage)."""
     from safetensors.torch import load_file
@@ -273,9 +274,9 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     variables = dict(line.split("=", 1) for line in script.splitlines() if line.startswith("BYTES="))
     commands = [shlex.split(line.replace('"$OUT', '"demo').replace('"$BYTES"', variables["BYTES"]))
                 for line in script.splitlines() if line.startswith("python examples/")]
-    assert [c[1] for c in commands] == ["examples/train_demo.py"] * 20 + ["examples/evaluate_demo.py"]
+    assert [c[1] for c in commands] == ["examples/train_demo.py"] * 24 + ["examples/evaluate_demo.py"]
     train_demo = load_example("train_demo")
-    runs = [train_demo.parse_args(c[2:]) for c in commands[:20]]
+    runs = [train_demo.parse_args(c[2:]) for c in commands[:24]]
     vist2, text_only = [r for r in runs if not r.text_only], [r for r in runs if r.text_only]
     encoder, warmup, *readers = vist2
     assert encoder.encoder_steps and warmup.readback_only and warmup.data == "chars" and warmup.init == encoder.out
@@ -290,7 +291,9 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     for glyph in ("newline_glyph", "separator_glyph"):  # once drawn in one cell, every later stage draws them so
         glyphs = [getattr(r, glyph) for r in readers]
         assert glyphs[-1] and glyphs == sorted(glyphs, key=bool) and len(set(filter(None, glyphs))) == 1
-    evaluate = commands[20]
+    fresh_seeds = [r.seed for r in readers if r.seed]  # stages 1-10 ran with seed 0 and replayed their windows
+    assert len(fresh_seeds) == len(set(fresh_seeds)) == 3
+    evaluate = commands[24]
     assert evaluate[evaluate.index("--model") + 1] == readers[-1].out
     assert evaluate[evaluate.index("--text-only") + 1] == text_only[-1].out
 
@@ -355,6 +358,37 @@ def test_evaluation_reports_each_measure_with_its_wrong_image_control(evaluate_d
             "text_only_no_context"} <= set(perplexity)
     assert perplexity["ratio_vist2_to_text_only"] == pytest.approx(
         perplexity["vist2_visual_context"] / perplexity["text_only_text_context"])
+
+
+def test_perplexity_by_byte_bands_averages_to_the_whole_chunks_perplexity(evaluate_demo):
+    import math
+
+    results = evaluate_demo.evaluate(DEMO, REPO / "demo" / "text-only-baseline", n_ppl=4, n_readback=1, batch=4)
+    bands = results["perplexity_c2_by_byte"]
+    assert [(a, b) for a, b in evaluate_demo.BYTE_BANDS] == [(2, 4), (5, 8), (9, 16), (17, 32)]
+    for measure, perplexity in results["perplexity_c2"].items():
+        if measure.startswith("ratio"):
+            continue
+        mean_log = sum((b - a + 1) * math.log(bands[f"bytes {a}-{b}"][measure]) for a, b in evaluate_demo.BYTE_BANDS)
+        assert mean_log / 31 == pytest.approx(math.log(perplexity)), measure
+
+
+def test_evaluated_per_byte_loss_is_the_models_own_loss_on_c2(evaluate_demo, demo_model):
+    """The evaluation scores c_2[1:] from the logits; the model's `labels` loss over the same bytes must agree."""
+    model, processor = demo_model
+    samples = evaluate_demo.heldout_samples(processor, model.config, processor.tokenizer, 3)
+    L, m = model.config.chunk_size, processor.visual_tokens_per_chunk
+    window = torch.tensor([s["window"][: 2 * L] for s in samples])
+    ids = torch.cat([window[:, :L], torch.full((3, m), processor.sketch_token_id), window[:, L:]], 1)
+    labels = torch.full_like(ids, -100)
+    labels[:, L + m + 1 :] = window[:, L + 1 :]
+    chunks = torch.cat([torch.ones(3, L + m, dtype=torch.long), torch.full((3, L), 2)], 1)
+    pixels = evaluate_demo.sketches(processor, samples)
+    with torch.no_grad():
+        loss = model(input_ids=ids, chunk_ids=chunks, pixel_values=pixels, labels=labels,
+                     read_back=torch.zeros(3, dtype=torch.bool)).loss
+    nll = evaluate_demo.vist2_nll(model, processor, samples, pixels, L)
+    assert nll.shape == (3, L - 1) and nll.mean().item() == pytest.approx(loss.item(), rel=1e-5)
 
 
 def test_evaluation_refuses_a_text_only_control_with_another_tokenizer(evaluate_demo, tmp_path):
@@ -450,3 +484,64 @@ def test_text_only_control_continues_from_init(tmp_path):
     first, continued = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("first", "next"))
     assert first.keys() == continued.keys()
     assert all(torch.equal(first[name], continued[name]) for name in first)  # lr 0: nothing moved from the init
+
+
+def test_readback_noise_replaces_only_the_read_back_text_in_a_copy_of_the_inputs():
+    """`--readback-noise P`: the text of chunks read back from their sketches gets random inputs at rate P; sketches,
+    padding, the open chunk and rows without read-back (`--lm-rows`) stay as they are, and so does the batch (its
+    labels keep the true text)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from vist2 import VIST2Processor
+
+    train_demo = load_example("train_demo")
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "byte_tokenizer")
+    config = train_demo.demo_config(tokenizer)
+    processor = VIST2Processor.from_config(config, tokenizer)
+    draw = train_demo.chunk_sampler(tokenizer, "corpus", [], 3 * train_demo.CHUNK)
+    samples = [train_demo.make_sample(processor, w, config) for w in draw(64, random.Random(0), "heldout").numpy()]
+    batch, _, _ = train_demo.make_batch(processor, [s for s in samples if s is not None])
+    pool = list(range(200, 210))
+    sketch_id, original = processor.sketch_token_id, batch["input_ids"].clone()
+    read_back_rows = torch.arange(len(original)) % 2 == 0
+
+    def noise(probability, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        return train_demo.with_readback_noise(batch, read_back_rows, sketch_id, pool, probability, generator)
+
+    noisy = noise(0.25)
+    closed_text = (batch["chunk_ids"] >= 1) & (batch["chunk_ids"] <= 2) & (batch["input_ids"] != sketch_id)
+    read_back = closed_text & read_back_rows[:, None]
+    changed = noisy != batch["input_ids"]
+    assert not changed[~read_back].any()
+    assert 0.22 < changed[read_back].float().mean() < 0.28
+    assert all(int(i) in pool for i in noisy[changed])
+    assert torch.equal(noisy, noise(0.25)) and not torch.equal(noisy, noise(0.25, seed=1))
+    assert torch.equal(noise(0.0), original) and torch.equal(batch["input_ids"], original)
+
+
+def test_lm_rows_are_the_first_corpus_rows_and_random_character_rows_always_read_back():
+    """`--lm-rows F`: that fraction of the corpus rows run with read-back off; random-character rows have nothing to
+    language-model, so they always read back."""
+    read_back_rows = load_example("train_demo").read_back_rows
+    assert read_back_rows(16, 2, 0.5).tolist() == [False] * 7 + [True] * 9
+    assert read_back_rows(16, 2, 0.0).all() and read_back_rows(4, 0, 1.0).tolist() == [False] * 4
+    assert read_back_rows(16, 4, 1.0).tolist() == [False] * 12 + [True] * 4
+
+
+def test_boundary_loss_scores_the_open_chunks_bytes_after_its_first_and_nothing_else():
+    """`--boundary-weight`: the loss on bytes 2..n+1 of the open chunk, predicted from inside that chunk."""
+    import torch.nn.functional as F
+
+    train_demo = load_example("train_demo")
+    # two rows: `c_1 (3 tokens) V_1 (2) c_2 (4)`, and a left-padded row whose open chunk is one unlabelled token
+    chunk_ids = torch.tensor([[1, 1, 1, 1, 1, 2, 2, 2, 2], [0, 0, 0, 1, 1, 1, 1, 1, 2]])
+    labels = torch.tensor([[-100, 5, 6, -100, -100, 7, 8, 9, 10], [-100] * 4 + [5, 6, -100, -100, -100]])
+    logits = torch.randn(2, 9, 12)
+    expected = F.cross_entropy(logits[0, [5, 6]], torch.tensor([8, 9]))  # bytes 2 and 3 of c_2, from bytes 1 and 2
+    assert torch.allclose(train_demo.boundary_loss(logits, labels, chunk_ids, 2), expected)
+    every_later_byte = F.cross_entropy(logits[0, [5, 6, 7]], torch.tensor([8, 9, 10]))
+    assert torch.allclose(train_demo.boundary_loss(logits, labels, chunk_ids, 10), every_later_byte)
+    assert train_demo.boundary_loss(logits[1:], labels[1:], chunk_ids[1:], 2).item() == 0
