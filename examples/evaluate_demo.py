@@ -158,7 +158,8 @@ def batched(fn, samples, batch):
     return torch.cat([fn(samples[i : i + batch]) for i in range(0, len(samples), batch)])
 
 
-# Bands of c_2's bytes (1-based) whose perplexity `evaluate` reports apart: the first ones finish the word c_1 broke off.
+# Bands of c_2's bytes (1-based) whose perplexity `evaluate` reports apart: the first ones finish the word that c_1
+# broke off.
 BYTE_BANDS = ((2, 4), (5, 8), (9, 16), (17, 32))
 
 

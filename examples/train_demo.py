@@ -252,9 +252,11 @@ def with_readback_noise(batch, read_back: torch.Tensor, sketch_token_id: int, po
                         generator: torch.Generator) -> torch.Tensor:
     """`batch["input_ids"]` with each text token of a closed chunk of a `read_back` row (one read back from its sketch)
     replaced, with `probability`, by a random one of `pool`; the labels keep the true text, and the open chunk, which
-    has no sketch to read, stays as it is, as do rows without read-back, whose text is language-modelled. Greedy read-back feeds the reader its own last token, and one wrong byte made it
-    follow the language prior instead of the sketch (demo/NOTES.md, "Eleventh attempt"); these rows teach it to read
-    the next cell whatever it wrote before: scheduled sampling without the extra forward pass."""
+    has no sketch to read, stays as it is, as do rows without read-back, whose text is language-modelled.
+
+    Greedy read-back feeds the reader its own last token, and one wrong byte made it follow the language prior instead
+    of the sketch (demo/NOTES.md, "Eleventh attempt"); these rows teach it to read the next cell whatever it wrote
+    before: scheduled sampling without the extra forward pass."""
     ids, chunk_ids = batch["input_ids"], batch["chunk_ids"]
     open_chunk = chunk_ids.max(dim=1, keepdim=True).values
     closed_chunk = (chunk_ids >= 1) & (chunk_ids < open_chunk)
