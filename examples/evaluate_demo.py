@@ -112,7 +112,8 @@ def read_back(model, processor, samples, pixels, L):
     worst = [{"truth": processor.chunk_text(truth[i].tolist()), "decoded": processor.chunk_text(decoded[i].tolist()),
               "char_accuracy": accs[i], "token_accuracy_teacher_forced": forced_by_row[i]}
              for i in np.argsort(accs, kind="stable")[:8]]
-    return {"char_accuracy": float(np.mean(accs)), "char_accuracy_special_tokens_as_names": float(np.mean(accs_by_names)),
+    return {"char_accuracy": float(np.mean(accs)),
+            "char_accuracy_special_tokens_as_names": float(np.mean(accs_by_names)),
             "token_accuracy_teacher_forced": token_acc, "char_accuracy_by_newlines_in_chunk": by_newlines,
             "examples": examples, "worst": worst}
 
@@ -197,10 +198,10 @@ def evaluate(model_dir, text_only_dir=None, n_ppl=256, n_readback=256, batch=32,
                              "would be over other tokens. Train the control with the reader's --tokenizer.")
         nll["text_only_text_context"] = batched(lambda s: text_only_nll(baseline, s, L), pp, batch)
         nll["text_only_no_context"] = batched(lambda s: text_only_nll(baseline, s, L, context=False), pp, batch)
-    results["perplexity_c2"] = {k: math.exp(v.mean().item()) for k, v in nll.items()}
+    perplexity = results["perplexity_c2"] = {k: math.exp(v.mean().item()) for k, v in nll.items()}
     if text_only_dir:
-        results["perplexity_c2"]["ratio_vist2_to_text_only"] = math.exp(
-            nll["vist2_visual_context"].mean().item() - nll["text_only_text_context"].mean().item())
+        ratio = perplexity["vist2_visual_context"] / perplexity["text_only_text_context"]
+        perplexity["ratio_vist2_to_text_only"] = ratio
     # column j of the nll holds byte j + 2 of c_2
     results["perplexity_c2_by_byte"] = {f"bytes {a}-{b}": {k: math.exp(v[:, a - 2 : b - 1].mean().item())
                                                            for k, v in nll.items()} for a, b in BYTE_BANDS}

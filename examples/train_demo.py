@@ -248,6 +248,11 @@ def with_corpus_layout(template: list[int], keep: set[int], pool: list[int], rng
     return [i if i in keep else pool[rng.randrange(len(pool))] for i in template]
 
 
+def open_chunk_ids(chunk_ids: torch.Tensor) -> torch.Tensor:
+    """`(batch, 1)`: each row's open chunk, the last one, which has no sketch (its highest chunk id)."""
+    return chunk_ids.max(dim=1, keepdim=True).values
+
+
 def with_readback_noise(batch, read_back: torch.Tensor, sketch_token_id: int, pool: list[int], probability: float,
                         generator: torch.Generator) -> torch.Tensor:
     """`batch["input_ids"]` with each text token of a closed chunk of a `read_back` row (one read back from its sketch)
@@ -258,8 +263,7 @@ def with_readback_noise(batch, read_back: torch.Tensor, sketch_token_id: int, po
     of the sketch (demo/NOTES.md, "Eleventh attempt"); these rows teach it to read the next cell whatever it wrote
     before: scheduled sampling without the extra forward pass."""
     ids, chunk_ids = batch["input_ids"], batch["chunk_ids"]
-    open_chunk = chunk_ids.max(dim=1, keepdim=True).values
-    closed_chunk = (chunk_ids >= 1) & (chunk_ids < open_chunk)
+    closed_chunk = (chunk_ids >= 1) & (chunk_ids < open_chunk_ids(chunk_ids))
     read_back_text = closed_chunk & read_back[:, None] & (ids != sketch_token_id) & (batch["attention_mask"] == 1)
     noisy = read_back_text & (torch.rand(ids.shape, generator=generator) < probability)
     random_ids = torch.tensor(pool)[torch.randint(len(pool), ids.shape, generator=generator)]
@@ -278,7 +282,7 @@ def boundary_loss(logits, labels, chunk_ids, first_bytes: int) -> torch.Tensor:
     previous chunk broke off, which only the end of that chunk's sketch can tell (its text is gone). The text-only
     control predicts them from the text at 3.8 perplexity, VIST2 from the sketch at 9.8, where most of its gap was
     (demo/NOTES.md, "Eleventh attempt"). Byte 1 is predicted before the previous chunk is closed, from its text."""
-    open_chunk = chunk_ids == chunk_ids.max(dim=1, keepdim=True).values
+    open_chunk = chunk_ids == open_chunk_ids(chunk_ids)
     index_in_chunk = open_chunk.long().cumsum(dim=1) - 1
     target = open_chunk & (index_in_chunk >= 1) & (index_in_chunk <= first_bytes) & (labels != -100)
     predicted_at = target[:, 1:]  # the token before a target is in the open chunk too: the target is not its first
@@ -572,7 +576,7 @@ def parse_args(argv=None):
     parser.add_argument("--boundary-weight", type=float, default=0,
                         help="reader stage: add this weight times boundary_loss, the loss on the open chunk's bytes "
                              "2 to --boundary-bytes + 1")
-    parser.add_argument("--boundary-bytes", type=int, default=4)
+    parser.add_argument("--boundary-bytes", type=int, default=4, help="reader stage: see --boundary-weight")
     parser.add_argument("--newline-glyph", default=None,
                         help="sketch each newline as this character in line (VIST2Config.newline_glyph), e.g. '«'; "
                              "every later stage of a recipe must pass the same")
