@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The demo recipe of demo/NOTES.md, "Seventh attempt" to "Eleventh attempt", with one command: encoder ->
+# The demo recipe of demo/NOTES.md, "Seventh attempt" to "Twelfth attempt", with one command: encoder ->
 # random-character read-back warm-up -> reader (with, then without random-character rows) -> the encoder unfrozen
 # (random rows on one line, over several lines, over real chunks' lines) -> newlines drawn in line (then random rows
 # with document separators, fewer of them) -> document separators drawn in one cell -> read-back from noisy inputs ->
-# text-only control (the same LM steps) -> evaluation. Seeded, one thread per job (30 + 16 + 41 + 21 + 42 + 22 + 47 +
-# 32 + 25 + 23 + 39 + 12 + 10 + 36 + 17 + 29 + 14 + 30 + 21 + 14 + 14 + 21 + 8 + 12 + 4 min here, two to four jobs
-# on 2 cores; the control is independent of stages 1-13 and may run beside them). The LM side reads and writes
+# windows whose second chunk starts inside the first -> text-only control (the same LM steps) -> evaluation. Seeded,
+# one thread per job (30 + 16 + 41 + 21 + 42 + 22 + 47 + 32 + 25 + 23 + 39 + 12 + 10 + 10 + 36 + 17 + 29 + 14 + 30 +
+# 21 + 14 + 14 + 21 + 8 + 12 + 5 + 4 min here, two to four jobs on 2 cores; the control is independent of stages 1-14
+# and may run beside them). The LM side reads and writes
 # one byte per token (tokenization/byte_tokenizer), so a random-character warm-up is read-back of the very tokens the
 # corpus is made of.
 #   bash demo/reproduce.sh            # into demo/build (git-ignored), to compare with the committed files
@@ -98,9 +99,19 @@ python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-separator
 python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-noise" --newline-glyph "«" \
     --separator-glyph "©" --freeze none --aux-weight 0 --aux-only-steps 0 --chunk-sampling any --mix-chars 0.125 \
     --chars-layout corpus+eos --readback-noise 0.02 --steps 800 --batch-size 16 --warmup 50 --lr 3e-4 \
-    --eval-every 200 --log-every 50 --seed 13 --out "$OUT/vist2-demo" --log "$OUT/training_log.vist2-demo.jsonl"
+    --eval-every 200 --log-every 50 --seed 13 --out "$OUT/reader-noise-fewer" \
+    --log "$OUT/training_log.reader-noise-fewer.jsonl"
 
-# 14. The same-size text-only control: same tokenizer, seeds, steps, batch and schedules as stages 3 to 13.
+# 14. A quarter of the corpus windows with c_2 starting 1 to 8 bytes before the end of c_1 (`--overlap-rows`): c_2
+#     then begins by reading the last cells of V_1, where the bytes that finish a broken word are (demo/NOTES.md,
+#     "Twelfth attempt").
+python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-noise-fewer" --newline-glyph "«" \
+    --separator-glyph "©" --freeze none --aux-weight 0 --aux-only-steps 0 --chunk-sampling any --mix-chars 0.125 \
+    --chars-layout corpus+eos --readback-noise 0.02 --overlap-rows 0.25 --max-overlap 8 --steps 800 --batch-size 16 \
+    --warmup 50 --lr 3e-4 --eval-every 200 --log-every 50 --seed 14 --out "$OUT/vist2-demo" \
+    --log "$OUT/training_log.vist2-demo.jsonl"
+
+# 15. The same-size text-only control: same tokenizer, seeds, steps, batch and schedules as stages 3 to 14.
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --chunk-sampling any --steps 2400 --batch-size 16 \
     --aux-only-steps 0 --warmup 100 --log-every 50 --out "$OUT/text-only" --log "$OUT/training_log.text-only.jsonl"
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only" --chunk-sampling any \
@@ -132,7 +143,10 @@ python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text
     --seed 12 --out "$OUT/text-only-noise" --log "$OUT/training_log.text-only-noise.jsonl"
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only-noise" --chunk-sampling any \
     --steps 800 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 --seed 13 \
-    --out "$OUT/text-only-baseline" --log "$OUT/training_log.text-only-baseline.jsonl"
+    --out "$OUT/text-only-noise-fewer" --log "$OUT/training_log.text-only-noise-fewer.jsonl"
+python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only-noise-fewer" \
+    --chunk-sampling any --steps 800 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 \
+    --seed 14 --out "$OUT/text-only-baseline" --log "$OUT/training_log.text-only-baseline.jsonl"
 
 python examples/evaluate_demo.py --model "$OUT/vist2-demo" --text-only "$OUT/text-only-baseline" \
     --json "$OUT/eval_results.json"

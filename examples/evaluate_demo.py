@@ -123,9 +123,9 @@ def next_token_nll(logits, targets):
 
 
 @torch.no_grad()
-def vist2_nll(model, processor, samples, pixels, L, context=True):
+def vist2_nll(model, processor, samples, pixels, L, context=True, scored="c2"):
     """Per-byte negative log-likelihood `(n, L - 1)` of c_2[1:] given V_1 only (read-back off), or given nothing (c_2
-    alone)."""
+    alone); with `scored="c1"`, of c_1's byte at the same place in the chunk instead (see `read_back_leak`)."""
     m, sketch_id = processor.visual_tokens_per_chunk, processor.sketch_token_id
     c1 = torch.tensor([s["window"][:L] for s in samples])
     c2 = torch.tensor([s["window"][L : 2 * L] for s in samples])
@@ -137,15 +137,24 @@ def vist2_nll(model, processor, samples, pixels, L, context=True):
         ids, chunks, pixels = c2, torch.ones_like(c2), None
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), chunk_ids=chunks, pixel_values=pixels,
                    read_back=torch.zeros(n, dtype=torch.bool)).logits
-    return next_token_nll(logits[:, -L:-1], c2[:, 1:])
+    return next_token_nll(logits[:, -L:-1], (c1 if scored == "c1" else c2)[:, 1:])
 
 
 @torch.no_grad()
-def text_only_nll(model, samples, L, context=True):
+def text_only_nll(model, samples, L, context=True, scored="c2"):
     c1 = torch.tensor([s["window"][:L] for s in samples])
     c2 = torch.tensor([s["window"][L : 2 * L] for s in samples])
     ids = torch.cat([c1, c2], 1) if context else c2
-    return next_token_nll(model(input_ids=ids).logits[:, -L:-1], c2[:, 1:])
+    return next_token_nll(model(input_ids=ids).logits[:, -L:-1], (c1 if scored == "c1" else c2)[:, 1:])
+
+
+def read_back_leak(nll_of_c1, samples, L):
+    """`(n, L - 1)`: the probability given at c_2's byte j to c_1's byte j (NaN where the two are equal), what reading
+    the sketch back would write there. Under the layout contract a chunk read back from its sketch (`P V_1 c_1`) and
+    the chunk after it (`P V_1 c_2`) see the same sketch at the same positions, so only the bytes written so far tell
+    the two apart (demo/NOTES.md, "Twelfth attempt")."""
+    windows = torch.tensor([s["window"][: 2 * L] for s in samples])
+    return torch.where(windows[:, 1:L] != windows[:, L + 1 :], (-nll_of_c1).exp(), torch.nan)
 
 
 def same_tokenizer(tokenizer, folder) -> bool:
@@ -205,6 +214,13 @@ def evaluate(model_dir, text_only_dir=None, n_ppl=256, n_readback=256, batch=32,
     # column j of the nll holds byte j + 2 of c_2
     results["perplexity_c2_by_byte"] = {f"bytes {a}-{b}": {k: math.exp(v[:, a - 2 : b - 1].mean().item())
                                                            for k, v in nll.items()} for a, b in BYTE_BANDS}
+    nll_of_c1 = {"vist2_visual_context": batched(
+        lambda s: vist2_nll(model, processor, s, sketches(processor, s), L, scored="c1"), pp, batch)}
+    if text_only_dir:  # the text-only model has no sketch to read back: its value is the chance level
+        nll_of_c1["text_only_text_context"] = batched(lambda s: text_only_nll(baseline, s, L, scored="c1"), pp, batch)
+    leak = {k: read_back_leak(v, pp, L) for k, v in nll_of_c1.items()}
+    results["probability_of_c1_byte_at_c2_byte"] = {f"bytes {a}-{b}": {k: v[:, a - 2 : b - 1].nanmean().item()
+                                                                        for k, v in leak.items()} for a, b in BYTE_BANDS}
     results["n_ppl"] = len(pp)
     results["eval_seconds"] = round(time.time() - start, 1)
     return results

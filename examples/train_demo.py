@@ -2,7 +2,7 @@
 
     bash demo/reproduce.sh demo     # the committed checkpoint: the stages below, the control and the evaluation
 
-The committed recipe (demo/NOTES.md, "Seventh attempt" to "Eleventh attempt"; demo/reproduce.sh runs it) has these
+The committed recipe (demo/NOTES.md, "Seventh attempt" to "Twelfth attempt"; demo/reproduce.sh runs it) has these
 stages and a control, all but the first with `--tokenizer tokenization/byte_tokenizer` (one token per byte):
 1. `--encoder-steps N`: the vision tower + aligner alone, from scratch, on the per-visual-token glyph-cell loss
    (no LM), with the aligner initialised in tanh's linear range (`--aligner-init-std`), its own smaller lr
@@ -27,7 +27,10 @@ stages and a control, all but the first with `--tokenizer tokenization/byte_toke
    (labels unchanged), so that greedy read-back reads the next cell after a wrong byte instead of the language prior.
    Tried and not kept (demo/NOTES.md, "Eleventh attempt"): `--lm-rows F`, corpus rows with read-back off;
    `--boundary-weight W`, an extra loss on the first bytes of the open chunk.
-8. `--text-only [--init DIR]`: the control, with the tokenizer, seed, LM steps, batch and schedule of each reader
+8. `--overlap-rows 0.25`: a quarter of the corpus windows with c_2 starting up to `--max-overlap` bytes before the
+   end of c_1, so that c_2 begins by reading the last cells of V_1. Tried and not kept (demo/NOTES.md, "Twelfth
+   attempt"): `--tail-weight W` (`TailHeads`), heads that name the last bytes of the sketch from a chunk's first ones.
+9. `--text-only [--init DIR]`: the control, with the tokenizer, seed, LM steps, batch and schedule of each reader
    stage.
 `--chunk-sampling any` draws chunks and windows at any token offset of the training stream instead of fixed windows.
 With no stage flags the script runs the first attempt's joint recipe (demo/training_log.first-attempt.jsonl): 450 steps
@@ -248,6 +251,14 @@ def with_corpus_layout(template: list[int], keep: set[int], pool: list[int], rng
     return [i if i in keep else pool[rng.randrange(len(pool))] for i in template]
 
 
+def with_overlap(window, overlap: int):
+    """A two-chunk window whose second chunk starts `overlap` tokens before the end of the first: c_2 begins by
+    writing out the last cells of V_1, then goes on. The bytes that finish a word broken off at a chunk boundary must
+    be read from the end of the previous sketch, and reading had only ever started at a sketch's first cell
+    (demo/NOTES.md, "Twelfth attempt")."""
+    return np.concatenate([window[:CHUNK], window[CHUNK - overlap : 2 * CHUNK - overlap]])
+
+
 def open_chunk_ids(chunk_ids: torch.Tensor) -> torch.Tensor:
     """`(batch, 1)`: each row's open chunk, the last one, which has no sketch (its highest chunk id)."""
     return chunk_ids.max(dim=1, keepdim=True).values
@@ -289,6 +300,46 @@ def boundary_loss(logits, labels, chunk_ids, first_bytes: int) -> torch.Tensor:
     if not predicted_at.any():
         return logits.new_zeros(())
     return F.cross_entropy(logits[:, :-1][predicted_at].float(), labels[:, 1:][predicted_at])
+
+
+class TailHeads(nn.Module):
+    """Training only: from the LM's hidden state at each of the first `positions` bytes of a chunk that sees a
+    sketch, a linear head names each of the last `tail` bytes of the latest sketch it sees.
+
+    The bytes that finish the word the previous chunk broke off can only come from the end of its sketch, and the
+    LM loss alone did not teach VIST2 to look there (demo/NOTES.md, "Twelfth attempt"). The target is the same in both
+    visibilities: a chunk read back from its own sketch names that sketch's last bytes, an open chunk those of the
+    chunk before it, so unlike `boundary_loss` it does not pull read-back and continuation apart. It did not help: the
+    hidden states it shapes are the ones the next byte is predicted from, and every perplexity band got worse."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, tail: int, positions: int):
+        super().__init__()
+        self.tail, self.positions, self.vocab = tail, positions, vocab_size
+        self.proj = nn.Linear(hidden_size, tail * vocab_size)
+
+    def targets(self, ids, chunk_ids, read_back, sketch_token_id):
+        """`(rows, columns, tails)`: where the heads read and the bytes they name (the true text, not a noisy input)."""
+        rows, columns, tails = [], [], []
+        for b in range(ids.shape[0]):
+            text, sketch = {}, set()
+            for column, (token, chunk) in enumerate(zip(ids[b].tolist(), chunk_ids[b].tolist())):
+                if chunk >= 1:
+                    (sketch.add(chunk) if token == sketch_token_id else text.setdefault(chunk, []).append(column))
+            for chunk, columns_of_chunk in text.items():
+                source = chunk if read_back[b] and chunk in sketch else chunk - 1
+                if source not in sketch or len(text[source]) < self.tail:
+                    continue
+                tail = ids[b, text[source][-self.tail:]].tolist()
+                for column in columns_of_chunk[: self.positions]:
+                    rows.append(b), columns.append(column), tails.append(tail)
+        return torch.tensor(rows, dtype=torch.long), torch.tensor(columns, dtype=torch.long), torch.tensor(tails)
+
+    def loss(self, hidden, targets):
+        rows, columns, tails = targets
+        if not len(rows):
+            return hidden.new_zeros(())
+        logits = self.proj(hidden[rows, columns].float()).view(-1, self.tail, self.vocab)
+        return F.cross_entropy(logits.reshape(-1, self.vocab), tails.reshape(-1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -577,6 +628,17 @@ def parse_args(argv=None):
                         help="reader stage: add this weight times boundary_loss, the loss on the open chunk's bytes "
                              "2 to --boundary-bytes + 1")
     parser.add_argument("--boundary-bytes", type=int, default=4, help="reader stage: see --boundary-weight")
+    parser.add_argument("--overlap-rows", type=float, default=0,
+                        help="reader stage: this fraction of the corpus windows drawn with_overlap, c_2 starting 1 to "
+                             "--max-overlap tokens before the end of c_1")
+    parser.add_argument("--max-overlap", type=int, default=8, help="reader stage: see --overlap-rows")
+    parser.add_argument("--tail-weight", type=float, default=0,
+                        help="reader stage: add this weight times TailHeads' loss, the last --tail-bytes bytes of the "
+                             "latest sketch named from the first --tail-positions bytes of each chunk that sees it")
+    parser.add_argument("--tail-bytes", type=int, default=4, help="reader stage: see --tail-weight")
+    parser.add_argument("--tail-positions", type=int, default=4, help="reader stage: see --tail-weight")
+    parser.add_argument("--tail-layer", type=int, default=2,
+                        help="reader stage: the decoder layer (1-based) whose output the tail heads read")
     parser.add_argument("--newline-glyph", default=None,
                         help="sketch each newline as this character in line (VIST2Config.newline_glyph), e.g. '«'; "
                              "every later stage of a recipe must pass the same")
@@ -618,7 +680,7 @@ def main(argv=None):
         if args.init:  # a text-only control trained on, as its VIST2 counterpart is with --init
             model.load_state_dict(load_file(str(Path(args.init) / "model.safetensors")), strict=False)
             model.tie_weights()
-        heads = None
+        heads = tail_heads = None
     else:
         model = VIST2ForCausalLM(config)
         if args.init:  # a read-back warm-up's output: every weight, the LM included
@@ -628,11 +690,19 @@ def main(argv=None):
             load_encoder(model, args.init_encoder)
         heads = GlyphHeads(config) if args.aux_weight > 0 else None
         capture = Capture(model)
+        tail_heads = None
+        if args.tail_weight:
+            tail_heads = TailHeads(config.text_config.hidden_size, config.text_config.vocab_size, args.tail_bytes,
+                                   args.tail_positions)
+            layer = model.language_model.get_decoder().layers[args.tail_layer - 1]
+            layer.register_forward_hook(lambda module, inputs, output: setattr(
+                tail_heads, "hidden", output[0] if isinstance(output, tuple) else output))
     model.train()
     frozen = {"none": [], "vision": ["vision_tower"], "vision+aligner": ["vision_tower", "aligner"]}[args.freeze]
     for name in frozen:
         getattr(model, name).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad] + (list(heads.parameters()) if heads else [])
+    params += list(tail_heads.parameters()) if tail_heads else []
     n_model = sum(p.numel() for p in model.parameters())
     print(f"model parameters: {n_model / 1e6:.2f}M", flush=True)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -673,6 +743,8 @@ def main(argv=None):
                 sample = make_sample(processor, chars, config, trainable=[True] * CHUNK + [False])
             else:
                 window = draw_window(1, rng)[0].numpy()
+                if args.overlap_rows and rng.random() < args.overlap_rows:
+                    window = with_overlap(window, rng.randint(1, args.max_overlap))
                 if args.text_only:
                     samples.append(window)
                     continue
@@ -687,6 +759,7 @@ def main(argv=None):
         else:
             batch, patch_t, token_t = make_batch(processor, samples)
             read_back = read_back_rows(len(samples), chars_rows, args.lm_rows)
+            true_ids = batch["input_ids"]
             if args.readback_noise:
                 batch["input_ids"] = with_readback_noise(batch, read_back, processor.sketch_token_id, pool,
                                                          args.readback_noise, noise_generator)
@@ -702,6 +775,11 @@ def main(argv=None):
                     boundary = boundary_loss(outputs.logits, batch["labels"], batch["chunk_ids"], args.boundary_bytes)
                     loss = loss + args.boundary_weight * boundary
                     stats["boundary_loss"] = boundary.item()
+                if tail_heads is not None:
+                    targets = tail_heads.targets(true_ids, batch["chunk_ids"], read_back, processor.sketch_token_id)
+                    tail = tail_heads.loss(tail_heads.hidden, targets)
+                    loss = loss + args.tail_weight * tail
+                    stats["tail_loss"] = tail.item()
             if heads is not None:
                 aux = heads.losses(capture.patches, capture.tokens, patch_t, token_t)
                 loss = loss + args.aux_weight * (aux.pop("patch_loss") + aux.pop("token_loss"))

@@ -214,7 +214,7 @@ def test_text_token_head_reads_visual_token_j_as_text_tokens_jr_to_jr_plus_r_min
                                   ["--window-chunks", "3"], ["--mix-chars", "0.5", "--chars-newlines", "0.1"],
                                   ["--mix-chars", "0.5", "--chars-layout", "corpus+eos", "--newline-glyph", "«",
                                    "--separator-glyph", "©", "--readback-noise", "0.1", "--lm-rows", "0.5",
-                                   "--boundary-weight", "0.5"]])
+                                   "--boundary-weight", "0.5", "--tail-weight", "0.5", "--overlap-rows", "0.5"]])
 def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(tmp_path, data):
     """`train_demo.py --init-encoder DIR --freeze vision+aligner` (the recipe's second stage)."""
     from safetensors.torch import load_file
@@ -274,9 +274,9 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     variables = dict(line.split("=", 1) for line in script.splitlines() if line.startswith("BYTES="))
     commands = [shlex.split(line.replace('"$OUT', '"demo').replace('"$BYTES"', variables["BYTES"]))
                 for line in script.splitlines() if line.startswith("python examples/")]
-    assert [c[1] for c in commands] == ["examples/train_demo.py"] * 24 + ["examples/evaluate_demo.py"]
+    assert [c[1] for c in commands] == ["examples/train_demo.py"] * 26 + ["examples/evaluate_demo.py"]
     train_demo = load_example("train_demo")
-    runs = [train_demo.parse_args(c[2:]) for c in commands[:24]]
+    runs = [train_demo.parse_args(c[2:]) for c in commands[:26]]
     vist2, text_only = [r for r in runs if not r.text_only], [r for r in runs if r.text_only]
     encoder, warmup, *readers = vist2
     assert encoder.encoder_steps and warmup.readback_only and warmup.data == "chars" and warmup.init == encoder.out
@@ -292,8 +292,8 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
         glyphs = [getattr(r, glyph) for r in readers]
         assert glyphs[-1] and glyphs == sorted(glyphs, key=bool) and len(set(filter(None, glyphs))) == 1
     fresh_seeds = [r.seed for r in readers if r.seed]  # stages 1-10 ran with seed 0 and replayed their windows
-    assert len(fresh_seeds) == len(set(fresh_seeds)) == 3
-    evaluate = commands[24]
+    assert len(fresh_seeds) == len(set(fresh_seeds)) == 4
+    evaluate = commands[26]
     assert evaluate[evaluate.index("--model") + 1] == readers[-1].out
     assert evaluate[evaluate.index("--text-only") + 1] == text_only[-1].out
 
@@ -358,6 +358,9 @@ def test_evaluation_reports_each_measure_with_its_wrong_image_control(evaluate_d
             "text_only_no_context"} <= set(perplexity)
     assert perplexity["ratio_vist2_to_text_only"] == pytest.approx(
         perplexity["vist2_visual_context"] / perplexity["text_only_text_context"])
+    leak = results["probability_of_c1_byte_at_c2_byte"]
+    assert set(leak) == set(results["perplexity_c2_by_byte"])
+    assert all(set(v) == {"vist2_visual_context", "text_only_text_context"} for v in leak.values())
 
 
 def test_perplexity_by_byte_bands_averages_to_the_whole_chunks_perplexity(evaluate_demo):
@@ -389,6 +392,16 @@ def test_evaluated_per_byte_loss_is_the_models_own_loss_on_c2(evaluate_demo, dem
                      read_back=torch.zeros(3, dtype=torch.bool)).loss
     nll = evaluate_demo.vist2_nll(model, processor, samples, pixels, L)
     assert nll.shape == (3, L - 1) and nll.mean().item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_read_back_leak_is_the_probability_of_c1s_byte_where_it_differs_from_c2s(evaluate_demo):
+    """Under the layout a chunk read back from V_1 and the chunk after it see the same thing: the evaluation reports how
+    much probability c_2's bytes give to c_1's byte at the same place, undefined where the two bytes agree."""
+    L = 4
+    samples = [{"window": [1, 2, 3, 4, 5, 2, 7, 8]}]  # c_1 = 1 2 3 4, c_2 = 5 2 7 8: byte 2 agrees
+    nll_of_c1 = torch.log(torch.tensor([[2.0, 4.0, 5.0]]))  # probabilities 1/2, 1/4, 1/5 of c_1's bytes 2, 3, 4
+    leak = evaluate_demo.read_back_leak(nll_of_c1, samples, L)
+    assert torch.isnan(leak[0, 0]) and leak[0, 1:].tolist() == pytest.approx([0.25, 0.2])
 
 
 def test_evaluation_refuses_a_text_only_control_with_another_tokenizer(evaluate_demo, tmp_path):
@@ -545,3 +558,37 @@ def test_boundary_loss_scores_the_open_chunks_bytes_after_its_first_and_nothing_
     every_later_byte = F.cross_entropy(logits[0, [5, 6, 7]], torch.tensor([8, 9, 10]))
     assert torch.allclose(train_demo.boundary_loss(logits, labels, chunk_ids, 10), every_later_byte)
     assert train_demo.boundary_loss(logits[1:], labels[1:], chunk_ids[1:], 2).item() == 0
+
+
+def test_overlap_window_starts_c2_that_many_tokens_before_the_end_of_c1():
+    train_demo = load_example("train_demo")
+    L = train_demo.CHUNK
+    window = train_demo.with_overlap(np.arange(2 * L), 3)
+    assert window.shape == (2 * L,) and window[:L].tolist() == list(range(L))
+    assert window[L:].tolist() == list(range(L - 3, 2 * L - 3))
+
+
+def test_tail_heads_name_the_last_bytes_of_the_latest_sketch_each_chunk_sees():
+    """`--tail-weight`: from the first bytes of a chunk, the last bytes of the sketch it sees last: its own when it is
+    read back, the previous chunk's otherwise; a chunk that sees no sketch is not asked."""
+    tail_heads = load_example("train_demo").TailHeads(hidden_size=8, vocab_size=50, tail=2, positions=3)
+    S = 49  # the sketch placeholder: `c_1 (4) V_1 (2) c_2 (4)`
+    ids = torch.tensor([[1, 2, 3, 4, S, S, 5, 6, 7, 8]])
+    chunk_ids = torch.tensor([[1, 1, 1, 1, 1, 1, 2, 2, 2, 2]])
+    rows, columns, tails = tail_heads.targets(ids, chunk_ids, torch.tensor([True]), S)
+    assert columns.tolist() == [0, 1, 2, 6, 7, 8] and tails.tolist() == [[3, 4]] * 6 and rows.tolist() == [0] * 6
+    rows, columns, tails = tail_heads.targets(ids, chunk_ids, torch.tensor([False]), S)
+    assert columns.tolist() == [6, 7, 8] and tails.tolist() == [[3, 4]] * 3
+    assert len(tail_heads.targets(ids[:, :4], chunk_ids[:, :4], torch.tensor([True]), S)[0]) == 0
+
+
+def test_tail_heads_loss_is_the_cross_entropy_of_each_named_byte():
+    import torch.nn.functional as F
+
+    tail_heads = load_example("train_demo").TailHeads(hidden_size=8, vocab_size=50, tail=2, positions=3)
+    hidden = torch.randn(1, 10, 8)
+    targets = (torch.tensor([0, 0]), torch.tensor([6, 7]), torch.tensor([[3, 4], [3, 4]]))
+    logits = tail_heads.proj(hidden[0, [6, 7]]).view(2, 2, 50)
+    expected = F.cross_entropy(logits.reshape(4, 50), torch.tensor([3, 4, 3, 4]))
+    assert torch.allclose(tail_heads.loss(hidden, targets), expected)
+    assert tail_heads.loss(hidden, (torch.tensor([], dtype=torch.long),) * 3).item() == 0
