@@ -118,17 +118,22 @@ def read_back(model, processor, samples, pixels, L):
             "examples": examples, "worst": worst}
 
 
-def next_token_nll(logits, targets):
-    return -torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+def chunk_tokens(samples, L, k):
+    """`(n, L)`: chunk c_k (k = 1 or 2) of each sample's window."""
+    return torch.tensor([s["window"][(k - 1) * L : k * L] for s in samples])
+
+
+def nll_of(logprobs, chunk):
+    """`(n, L - 1)`: negative log-likelihood of `chunk[:, 1:]` under next-token log-probabilities at c_2's places."""
+    return -logprobs.gather(-1, chunk[:, 1:, None])[..., 0]
 
 
 @torch.no_grad()
-def vist2_nll(model, processor, samples, pixels, L, context=True, scored="c2"):
-    """Per-byte negative log-likelihood `(n, L - 1)` of c_2[1:] given V_1 only (read-back off), or given nothing (c_2
-    alone); with `scored="c1"`, of c_1's byte at the same place in the chunk instead (see `read_back_leak`)."""
+def vist2_logprobs(model, processor, samples, pixels, L, context=True):
+    """`(n, L - 1, vocab)`: next-token log-probabilities at c_2's bytes 2..L given V_1 only (read-back off), or given
+    nothing (c_2 alone)."""
     m, sketch_id = processor.visual_tokens_per_chunk, processor.sketch_token_id
-    c1 = torch.tensor([s["window"][:L] for s in samples])
-    c2 = torch.tensor([s["window"][L : 2 * L] for s in samples])
+    c1, c2 = chunk_tokens(samples, L, 1), chunk_tokens(samples, L, 2)
     n = c1.shape[0]
     if context:
         ids = torch.cat([c1, torch.full((n, m), sketch_id), c2], 1)
@@ -137,15 +142,14 @@ def vist2_nll(model, processor, samples, pixels, L, context=True, scored="c2"):
         ids, chunks, pixels = c2, torch.ones_like(c2), None
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), chunk_ids=chunks, pixel_values=pixels,
                    read_back=torch.zeros(n, dtype=torch.bool)).logits
-    return next_token_nll(logits[:, -L:-1], (c1 if scored == "c1" else c2)[:, 1:])
+    return torch.log_softmax(logits[:, -L:-1].float(), -1)
 
 
 @torch.no_grad()
-def text_only_nll(model, samples, L, context=True, scored="c2"):
-    c1 = torch.tensor([s["window"][:L] for s in samples])
-    c2 = torch.tensor([s["window"][L : 2 * L] for s in samples])
-    ids = torch.cat([c1, c2], 1) if context else c2
-    return next_token_nll(model(input_ids=ids).logits[:, -L:-1], (c1 if scored == "c1" else c2)[:, 1:])
+def text_only_logprobs(model, samples, L, context=True):
+    c2 = chunk_tokens(samples, L, 2)
+    ids = torch.cat([chunk_tokens(samples, L, 1), c2], 1) if context else c2
+    return torch.log_softmax(model(input_ids=ids).logits[:, -L:-1].float(), -1)
 
 
 def read_back_leak(nll_of_c1, samples, L):
@@ -153,8 +157,8 @@ def read_back_leak(nll_of_c1, samples, L):
     the sketch back would write there. Under the layout contract a chunk read back from its sketch (`P V_1 c_1`) and
     the chunk after it (`P V_1 c_2`) see the same sketch at the same positions, so only the bytes written so far tell
     the two apart (demo/NOTES.md, "Twelfth attempt")."""
-    windows = torch.tensor([s["window"][: 2 * L] for s in samples])
-    return torch.where(windows[:, 1:L] != windows[:, L + 1 :], (-nll_of_c1).exp(), torch.nan)
+    differs = chunk_tokens(samples, L, 1)[:, 1:] != chunk_tokens(samples, L, 2)[:, 1:]
+    return torch.where(differs, (-nll_of_c1).exp(), torch.nan)
 
 
 def same_tokenizer(tokenizer, folder) -> bool:
@@ -194,19 +198,23 @@ def evaluate(model_dir, text_only_dir=None, n_ppl=256, n_readback=256, batch=32,
                             "wrong_image_token_accuracy_teacher_forced": other["token_accuracy_teacher_forced"],
                             "n": len(rb)}
     pp = samples[:n_ppl]
-    nll = {
-        "vist2_visual_context": batched(lambda s: vist2_nll(model, processor, s, sketches(processor, s), L), pp, batch),
+    logprobs = {
+        "vist2_visual_context": batched(
+            lambda s: vist2_logprobs(model, processor, s, sketches(processor, s), L), pp, batch),
         "vist2_wrong_image": batched(
-            lambda s: vist2_nll(model, processor, s, sketches(processor, s), L), wrong[:n_ppl], batch),
-        "vist2_no_context": batched(lambda s: vist2_nll(model, processor, s, None, L, context=False), pp, batch),
+            lambda s: vist2_logprobs(model, processor, s, sketches(processor, s), L), wrong[:n_ppl], batch),
+        "vist2_no_context": batched(lambda s: vist2_logprobs(model, processor, s, None, L, context=False), pp, batch),
     }
     if text_only_dir:
         baseline = AutoModelForCausalLM.from_pretrained(text_only_dir).eval()
         if not same_tokenizer(processor.tokenizer, text_only_dir):
             raise ValueError(f"{text_only_dir} was trained with another tokenizer than {model_dir}: its perplexities "
                              "would be over other tokens. Train the control with the reader's --tokenizer.")
-        nll["text_only_text_context"] = batched(lambda s: text_only_nll(baseline, s, L), pp, batch)
-        nll["text_only_no_context"] = batched(lambda s: text_only_nll(baseline, s, L, context=False), pp, batch)
+        logprobs["text_only_text_context"] = batched(lambda s: text_only_logprobs(baseline, s, L), pp, batch)
+        logprobs["text_only_no_context"] = batched(
+            lambda s: text_only_logprobs(baseline, s, L, context=False), pp, batch)
+    c1, c2 = chunk_tokens(pp, L, 1), chunk_tokens(pp, L, 2)  # the wrong-image samples: same windows, other sketches
+    nll = {k: nll_of(v, c2) for k, v in logprobs.items()}
     perplexity = results["perplexity_c2"] = {k: math.exp(v.mean().item()) for k, v in nll.items()}
     if text_only_dir:
         ratio = perplexity["vist2_visual_context"] / perplexity["text_only_text_context"]
@@ -214,11 +222,9 @@ def evaluate(model_dir, text_only_dir=None, n_ppl=256, n_readback=256, batch=32,
     # column j of the nll holds byte j + 2 of c_2
     results["perplexity_c2_by_byte"] = {f"bytes {a}-{b}": {k: math.exp(v[:, a - 2 : b - 1].mean().item())
                                                            for k, v in nll.items()} for a, b in BYTE_BANDS}
-    nll_of_c1 = {"vist2_visual_context": batched(
-        lambda s: vist2_nll(model, processor, s, sketches(processor, s), L, scored="c1"), pp, batch)}
-    if text_only_dir:  # the text-only model has no sketch to read back: its value is the chance level
-        nll_of_c1["text_only_text_context"] = batched(lambda s: text_only_nll(baseline, s, L, scored="c1"), pp, batch)
-    leak = {k: read_back_leak(v, pp, L) for k, v in nll_of_c1.items()}
+    # the text-only model has no sketch to read back: its value is the chance level
+    leak = {k: read_back_leak(nll_of(logprobs[k], c1), pp, L)
+            for k in ("vist2_visual_context", "text_only_text_context") if k in logprobs}
     results["probability_of_c1_byte_at_c2_byte"] = {f"bytes {a}-{b}": {k: v[:, a - 2 : b - 1].nanmean().item()
                                                                         for k, v in leak.items()} for a, b in BYTE_BANDS}
     results["n_ppl"] = len(pp)

@@ -323,8 +323,10 @@ class TailHeads(nn.Module):
         for b in range(ids.shape[0]):
             text, sketch = {}, set()
             for column, (token, chunk) in enumerate(zip(ids[b].tolist(), chunk_ids[b].tolist())):
-                if chunk >= 1:
-                    (sketch.add(chunk) if token == sketch_token_id else text.setdefault(chunk, []).append(column))
+                if chunk >= 1 and token == sketch_token_id:
+                    sketch.add(chunk)
+                elif chunk >= 1:
+                    text.setdefault(chunk, []).append(column)
             for chunk, columns_of_chunk in text.items():
                 source = chunk if read_back[b] and chunk in sketch else chunk - 1
                 if source not in sketch or len(text[source]) < self.tail:

@@ -390,7 +390,8 @@ def test_evaluated_per_byte_loss_is_the_models_own_loss_on_c2(evaluate_demo, dem
     with torch.no_grad():
         loss = model(input_ids=ids, chunk_ids=chunks, pixel_values=pixels, labels=labels,
                      read_back=torch.zeros(3, dtype=torch.bool)).loss
-    nll = evaluate_demo.vist2_nll(model, processor, samples, pixels, L)
+    logprobs = evaluate_demo.vist2_logprobs(model, processor, samples, pixels, L)
+    nll = evaluate_demo.nll_of(logprobs, window[:, L:])
     assert nll.shape == (3, L - 1) and nll.mean().item() == pytest.approx(loss.item(), rel=1e-5)
 
 
