@@ -647,6 +647,10 @@ def parse_args(argv=None):
     parser.add_argument("--separator-glyph", default=None,
                         help="sketch the document separator (eos) as this one character (VIST2Config."
                              "special_token_glyphs), e.g. '©'; every later stage of a recipe must pass the same")
+    parser.add_argument("--read-back-positions", default="after_sketch", choices=("after_sketch", "before_next_chunk"),
+                        help="reader stage: where a chunk read back from its sketch sits (VIST2Config."
+                             "read_back_positions); before_next_chunk puts the sketch's last cells right before "
+                             "the next chunk; every later stage of a recipe must pass the same")
     return parser.parse_args(argv)
 
 
@@ -661,6 +665,7 @@ def main(argv=None):
     rng = random.Random(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     config = demo_config(tokenizer, args.newline_glyph, args.separator_glyph)
+    config.read_back_positions = args.read_back_positions
     processor = VIST2Processor.from_config(config, tokenizer)
     windows = corpus_windows(tokenizer, "train")
     out = Path(args.out)

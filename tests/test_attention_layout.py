@@ -55,8 +55,9 @@ def brute_force_allowed(row, read_back):
     return allowed
 
 
-def brute_force_positions(row, read_back):
-    """Positions in the generation layout P V_1 .. V_{i-1} c_i, walking the chunks in order."""
+def brute_force_positions(row, read_back, read_back_before=0):
+    """Positions in the generation layout P V_1 .. V_{i-1} c_i, walking the chunks in order; a chunk read back sits
+    after its sketch, moved back by `read_back_before` places."""
     positions, start = [0] * len(row), 0
     prefix = [i for i, t in enumerate(row) if t[0] == "prefix"]
     for offset, i in enumerate(prefix):
@@ -68,7 +69,7 @@ def brute_force_positions(row, read_back):
         sketch = [i for i, t in enumerate(row) if t[0] == "sketch" and t[1] == chunk]
         for offset, i in enumerate(sketch):
             positions[i] = start + offset
-        shift = len(sketch) if read_back and sketch else 0
+        shift = len(sketch) - read_back_before if read_back and sketch else 0
         for offset, i in enumerate(text):
             positions[i] = start + shift + offset
         kept = bool(text) and row[text[0]][2]
@@ -105,6 +106,7 @@ def test_model_mask_and_positions_equal_the_brute_force_rule(models, config, see
     kinds = token_kinds(input_ids, attention_mask, config.sketch_token_id)
     memory = memory_flags(kinds, chunk_ids)
     positions = layout_position_ids(kinds, chunk_ids, memory, read_back)
+    before_next_chunk = layout_position_ids(kinds, chunk_ids, memory, read_back, L)
     layout = (kinds, chunk_ids, memory, read_back)
     embeds = torch.zeros(len(rows), input_ids.shape[1], config.text_config.hidden_size)
     eager = models["eager"].build_attention_mask(embeds, layout)
@@ -116,6 +118,8 @@ def test_model_mask_and_positions_equal_the_brute_force_rule(models, config, see
         real = attention_mask[b].bool()
         assert positions[b][real].tolist() == [p for p, t in zip(brute_force_positions(row, bool(read_back[b])), row)
                                                if t[0] != "pad"]
+        assert before_next_chunk[b][real].tolist() == [
+            p for p, t in zip(brute_force_positions(row, bool(read_back[b]), L), row) if t[0] != "pad"]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -213,3 +217,28 @@ def test_attention_implementations_agree_with_eager(tokenizer, processor, implem
             outputs[name] = VIST2ForCausalLM(config).eval()(**batch).logits
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(outputs[implementation][real], outputs["eager"][real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("read_back_positions, first", [("after_sketch", M), ("before_next_chunk", M - L)])
+def test_a_chunk_read_back_sits_after_its_sketch_or_right_before_the_next_chunk(read_back_positions, first):
+    """`c_1 V_1 c_2` read back: c_2 starts at M either way; c_1 starts after V_1 or ends at M - 1, where a text-only
+    model holds the text before the next chunk."""
+    S = 999
+    ids = torch.tensor([[5] * L + [S] * M + [6] * 3])
+    chunk_ids = torch.tensor([[1] * (L + M) + [2] * 3])
+    kinds = token_kinds(ids, torch.ones_like(ids), S)
+    before = L if read_back_positions == "before_next_chunk" else 0
+    positions = layout_position_ids(kinds, chunk_ids, memory_flags(kinds, chunk_ids), torch.tensor([True]), before)
+    assert positions[0].tolist() == list(range(first, first + L)) + list(range(M)) + [M, M + 1, M + 2]
+
+
+def test_read_back_positions_change_only_what_a_read_back_chunk_computes(tokenizer, processor):
+    batch = processor(text=SAMPLE_TEXT[:200], keep_closed_text=True)
+    logits = {}
+    for layout in ("after_sketch", "before_next_chunk"):
+        torch.manual_seed(0)
+        model = VIST2ForCausalLM(tiny_config(tokenizer, read_back_positions=layout)).eval()
+        with torch.no_grad():
+            logits[layout] = [model(**batch, read_back=torch.tensor([flag])).logits for flag in (False, True)]
+    torch.testing.assert_close(logits["after_sketch"][0], logits["before_next_chunk"][0])
+    assert not torch.allclose(logits["after_sketch"][1], logits["before_next_chunk"][1])

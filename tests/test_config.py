@@ -30,6 +30,7 @@ def test_default_config_is_qwen3_with_siglip_vision():
         ({"margin": 40}, "margin", "no room"),
         ({"min_font_size": 20}, "min_font_size", "exceeds font_size"),
         ({"overflow_policy": "truncate"}, "overflow_policy", "unknown policy"),
+        ({"read_back_positions": "before_sketch"}, "read_back_positions", "before_next_chunk"),
         ({"num_channels": 1}, "num_channels", "vision_config.num_channels"),
         ({"foreground": 300}, "foreground", "grey level"),
         ({"newline_glyph": "\n"}, "newline_glyph", "one visible character"),

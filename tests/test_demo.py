@@ -593,3 +593,41 @@ def test_tail_heads_loss_is_the_cross_entropy_of_each_named_byte():
     expected = F.cross_entropy(logits.reshape(4, 50), torch.tensor([3, 4, 3, 4]))
     assert torch.allclose(tail_heads.loss(hidden, targets), expected)
     assert tail_heads.loss(hidden, (torch.tensor([], dtype=torch.long),) * 3).item() == 0
+
+
+@pytest.fixture(scope="module")
+def diagnose_reader():
+    return load_example("diagnose_reader")
+
+
+def test_reader_diagnosis_shifts_c2_to_start_inside_c1_and_keeps_c1_and_its_sketch(diagnose_reader):
+    L = 32
+    samples = [{"window": list(range(2 * L)), "sketches": ["V_1"]}]
+    shifted = diagnose_reader.overlapping(samples, 4)[0]
+    assert shifted["window"] == list(range(L)) + list(range(L - 4, 2 * L - 4))
+    assert shifted["sketches"] == ["V_1"] and samples[0]["window"] == list(range(2 * L))
+
+
+def test_random_inputs_keep_the_first_token_and_draw_the_others_from_the_pool_at_the_given_rate(diagnose_reader):
+    tokens = torch.zeros(200, 32, dtype=torch.long)
+    pool = [7, 8, 9]
+    same = diagnose_reader.with_random_inputs(tokens, 0.0, pool, torch.Generator().manual_seed(0))
+    assert torch.equal(same, tokens)
+    every = diagnose_reader.with_random_inputs(tokens, 1.0, pool, torch.Generator().manual_seed(0))
+    assert (every[:, 0] == 0).all() and set(every[:, 1:].unique().tolist()) == set(pool)
+    half = diagnose_reader.with_random_inputs(tokens, 0.5, pool, torch.Generator().manual_seed(0))
+    assert 0.45 < (half[:, 1:] != 0).float().mean().item() < 0.55
+
+
+def test_reader_diagnosis_reports_each_probe_with_the_wrong_sketch(diagnose_reader):
+    results = diagnose_reader.diagnose(DEMO, n=8, batch=4)
+    tails = results["tail_accuracy_by_overlap"]
+    assert list(tails) == [str(k) for k in diagnose_reader.TAIL_OVERLAPS]
+    assert all(set(v) == {"right_sketch", "wrong_sketch"} and all(0 <= a <= 1 for a in v.values())
+               for v in tails.values())
+    noisy = results["read_back_accuracy_with_random_inputs"]
+    assert list(noisy) == [str(f) for f in diagnose_reader.INPUT_NOISE]
+    clean = noisy["0.0"]
+    # the committed checkpoint reads its own sketch, far better than another text's
+    right, wrong = (np.mean(list(clean[k].values())) for k in ("right_sketch", "wrong_sketch"))
+    assert right > 0.9 and right > wrong + 0.2

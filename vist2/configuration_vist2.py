@@ -10,6 +10,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
 
 OVERFLOW_POLICIES = ("keep_text", "shrink_font")
+READ_BACK_POSITIONS = ("after_sketch", "before_next_chunk")
 
 # Settings that decide which tokens form a chunk and which pixels its sketch has.
 SKETCH_SETTING_KEYS = (
@@ -77,6 +78,12 @@ class VIST2Config(PretrainedConfig):
             `{"<|endoftext|>": "©"}`. Decoded, a special token is its whole name (13 cells for `<|endoftext|>`), which
             pushes every later character of the chunk to another cell; drawn as one glyph it takes one cell, like
             any other token, and the sketch tells it from the same name typed as text.
+        read_back_positions (`str`): where a chunk read back from its own sketch (OCR warm-up) sits. `"after_sketch"`:
+            in the layout `P V_1 ... V_i c_i`, so that `c_i` reads `V_i` at the places where `c_{i+1}` will later
+            see it. `"before_next_chunk"`: `c_i` ends right before the place of `c_{i+1}`'s first token, where a
+            text-only model holds the text that precedes the next chunk; the sketch's last cells are then the bytes
+            just before the open chunk, which finishing a word broken off at a chunk boundary needs (demo/NOTES.md,
+            "Thirteenth attempt"). Generation never reads back, so its positions are the same either way.
     """
 
     model_type = "vist2"
@@ -106,6 +113,7 @@ class VIST2Config(PretrainedConfig):
         overflow_policy="keep_text",
         newline_glyph=None,
         special_token_glyphs=None,
+        read_back_positions="after_sketch",
         **kwargs,
     ):
         self.text_config = _sub_config(text_config, "qwen3", {})
@@ -132,6 +140,7 @@ class VIST2Config(PretrainedConfig):
         self.overflow_policy = overflow_policy
         self.newline_glyph = newline_glyph
         self.special_token_glyphs = special_token_glyphs or None
+        self.read_back_positions = read_back_positions
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_vist2()
@@ -196,6 +205,9 @@ class VIST2Config(PretrainedConfig):
         if len(set(drawn)) != len(drawn):
             fail("special_token_glyphs", f"two things drawn the same way ({drawn!r}): the sketch could not tell "
                  "them apart", "give every special token (and newline_glyph) its own character")
+        if self.read_back_positions not in READ_BACK_POSITIONS:
+            fail("read_back_positions", f"unknown layout {self.read_back_positions!r}",
+                 f"use one of {READ_BACK_POSITIONS}")
         for field in ("foreground", "background"):
             if not 0 <= getattr(self, field) <= 255:
                 fail(field, "grey level out of range", "use a value in 0..255")

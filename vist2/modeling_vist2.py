@@ -55,8 +55,9 @@ def memory_flags(kinds, chunk_ids):
     return (kinds == SKETCH) | ((kinds == TEXT) & ~has_sketch)
 
 
-def layout_position_ids(kinds, chunk_ids, memory, read_back=None):
-    """Positions in the generation layout `P V_1 ... V_{i-1} c_i` (with read-back: `P V_1 ... V_i c_i`).
+def layout_position_ids(kinds, chunk_ids, memory, read_back=None, read_back_before=0):
+    """Positions in the generation layout `P V_1 ... V_{i-1} c_i` (with read-back: `P V_1 ... V_i c_i`, moved back
+    by `read_back_before` places: the chunk size, for `read_back_positions="before_next_chunk"`).
 
     A block (the run of one chunk's text, or of its sketch) starts after all memory of earlier chunks; each
     block must be contiguous in the flat sequence.
@@ -71,7 +72,8 @@ def layout_position_ids(kinds, chunk_ids, memory, read_back=None):
     positions = chunk_start.gather(1, chunk_ids) + index - block_start
     if read_back is not None:
         sketch_len = per_chunk_count(chunk_ids, kinds == SKETCH).gather(1, chunk_ids)
-        positions = positions + sketch_len * ((kinds == TEXT) & read_back[:, None])
+        shift = torch.where(sketch_len > 0, sketch_len - read_back_before, 0)
+        positions = positions + shift * ((kinds == TEXT) & read_back[:, None])
     return positions.masked_fill(kinds == PAD, 0)
 
 
@@ -435,7 +437,8 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
 
         block = cache.prefill_chunk_size if isinstance(cache, VIST2Cache) else None
         embeds = self.embed(input_ids, kinds, pixel_values, block and self.sketches_per_encoder_pass(block))
-        positions = layout_position_ids(kinds, chunk_ids, memory, read_back)
+        before = self.config.chunk_size if self.config.read_back_positions == "before_next_chunk" else 0
+        positions = layout_position_ids(kinds, chunk_ids, memory, read_back, before)
         layout = (kinds, chunk_ids, memory, read_back)
         if block:
             hidden = self.prefill_in_blocks(embeds, positions, layout, cache, block)
