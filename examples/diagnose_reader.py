@@ -16,7 +16,6 @@ On the held-out windows of `evaluate_demo.py`:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -60,11 +59,7 @@ def tail_accuracy(model, processor, samples, pixels, overlap: int, L: int) -> fl
 @torch.no_grad()
 def read_back_accuracy(model, processor, inputs, truth, pixels) -> torch.Tensor:
     """`(n, L - 1)`: whether the teacher-forced read-back of c_1 from V_1, fed `inputs`, guesses each of `truth[:, 1:]`."""
-    n, L = truth.shape
-    ids = torch.cat([inputs, torch.full((n, processor.visual_tokens_per_chunk), processor.sketch_token_id)], 1)
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), chunk_ids=torch.ones_like(ids),
-                   pixel_values=pixels, read_back=torch.ones(n, dtype=torch.bool)).logits[:, : L - 1]
-    return logits.argmax(-1) == truth[:, 1:]
+    return ev.read_back_logits(model, processor, inputs, pixels)[:, :-1].argmax(-1) == truth[:, 1:]
 
 
 def by_bands(correct: torch.Tensor) -> dict:
@@ -107,12 +102,7 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = diagnose(args.model, args.n)
-    results["command"] = "python examples/diagnose_reader.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    ev.write_results(diagnose(args.model, args.n), "diagnose_reader.py", argv, args.json)
 
 
 if __name__ == "__main__":

@@ -71,23 +71,37 @@ def sketches(processor, samples):
 
 
 @torch.no_grad()
+def read_back_logits(model, processor, text, pixels):
+    """`(n, len(text), vocab)`: next-token logits of `text` read back from its sketches (layout `c_1 V_1`, read-back
+    visibility), the placeholder token never guessed."""
+    n, sketch_id = text.shape[0], processor.sketch_token_id
+    ids = torch.cat([text, torch.full((n, processor.visual_tokens_per_chunk), sketch_id)], 1)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), chunk_ids=torch.ones_like(ids),
+                pixel_values=pixels, read_back=torch.ones(n, dtype=torch.bool))
+    logits = out.logits[:, : text.shape[1]].float()
+    logits[..., sketch_id] = -float("inf")
+    return logits
+
+
+def write_results(results, script, argv, path=None):
+    """Print the results as JSON, with the command that produced them, and write them to `path` if given."""
+    results["command"] = f"python examples/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = json.dumps(results, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
+
+
+@torch.no_grad()
 def read_back(model, processor, samples, pixels, L):
     """Greedy reconstruction of c_1 from V_1: mean char accuracy (counting the text as drawn, a special token with a
     glyph as one character; and counting special tokens by their names), teacher-forced token accuracy, examples,
     mean char accuracy by the number of newlines in the chunk: 0, 1, 2+, since a chunk that wraps is harder to read,
     and the 8 worst read-backs with their teacher-forced accuracy: where the errors are."""
-    m, sketch_id = processor.visual_tokens_per_chunk, processor.sketch_token_id
     truth = torch.tensor([s["window"][:L] for s in samples])
-    n = truth.shape[0]
-    ones = torch.ones(n, dtype=torch.bool)
 
     def forward(text):
-        ids = torch.cat([text, torch.full((n, m), sketch_id)], 1)
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), chunk_ids=torch.ones_like(ids),
-                    pixel_values=pixels, read_back=ones)
-        logits = out.logits[:, : text.shape[1]].float()
-        logits[..., sketch_id] = -float("inf")
-        return logits
+        return read_back_logits(model, processor, text, pixels)
 
     forced = forward(truth).argmax(-1)[:, :-1]
     token_acc = (forced == truth[:, 1:]).float().mean().item()
@@ -244,11 +258,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = evaluate(args.model, args.text_only or None, args.n_ppl, args.n_readback)
-    results["command"] = "python examples/evaluate_demo.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    write_results(results, "evaluate_demo.py", argv, args.json)
 
 
 if __name__ == "__main__":
