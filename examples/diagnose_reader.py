@@ -4,6 +4,7 @@
     python examples/diagnose_reader.py --model demo/vist2-demo --json demo/reader_diagnosis.json
 
 On the held-out windows of `evaluate_demo.py`:
+- blank visual tokens: how often each of a sketch's visual tokens sees no ink at all.
 - tail: windows whose c_2 starts K bytes before the end of c_1 (`train_demo.with_overlap`), so that c_2's bytes 2..K
   are the last cells of V_1. Accuracy of the model's next-byte guess there (teacher-forced, read-back off) tells
   whether an open chunk reads the end of the sketch before it, which finishing a word broken off at a chunk boundary
@@ -28,7 +29,7 @@ sys.path.insert(0, str(REPO / "examples"))
 import evaluate_demo as ev  # noqa: E402
 import train_demo as td  # noqa: E402
 
-TAIL_OVERLAPS = (2, 4, 8)
+TAIL_OVERLAPS = (2, 4, 8, 31, 32)  # 32: c_2 = c_1, read from the sketch's first cell; 31: one cell later
 INPUT_NOISE = (0.0, 0.1, 0.5, 1.0)
 
 
@@ -44,6 +45,17 @@ def with_random_inputs(tokens: torch.Tensor, fraction: float, pool: list[int], g
     replace[:, 0] = False
     random_ids = torch.tensor(pool)[torch.randint(len(pool), tokens.shape, generator=generator)]
     return torch.where(replace, random_ids, tokens)
+
+
+def blank_visual_tokens(sketches, token_size: int, background: int) -> list[float]:
+    """For each visual token (row by row over the sketch), the fraction of `sketches` whose `token_size`-pixel square
+    under it holds no ink: tokens a chunk never draws on carry nothing."""
+    blank = []
+    for image in map(np.asarray, sketches):
+        h, w = image.shape[:2]
+        squares = image.reshape(h // token_size, token_size, w // token_size, token_size, -1)
+        blank.append((squares.min(axis=(1, 3, 4)) >= background).ravel())
+    return np.mean(blank, axis=0).tolist()
 
 
 @torch.no_grad()
@@ -78,6 +90,9 @@ def diagnose(model_dir, n=256, batch=64, seed=0):
     pixels["wrong_sketch"] = pixels["right_sketch"].roll(len(samples) // 2, 0)
     parts = range(0, len(samples), batch)
     results = {"model": str(model_dir), "heldout_windows": len(samples)}
+    token_size = model.config.vision_config.patch_size * model.config.merge_size
+    results["blank_fraction_by_visual_token"] = blank_visual_tokens(
+        [s["sketches"][0] for s in samples], token_size, model.config.background)
     results["tail_accuracy_by_overlap"] = {
         str(k): {name: float(np.mean([tail_accuracy(model, processor, samples[i : i + batch], p[i : i + batch], k, L)
                                       for i in parts]))

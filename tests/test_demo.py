@@ -619,8 +619,16 @@ def test_random_inputs_keep_the_first_token_and_draw_the_others_from_the_pool_at
     assert 0.45 < (half[:, 1:] != 0).float().mean().item() < 0.55
 
 
+def test_a_visual_token_is_blank_where_no_sketch_draws_under_it(diagnose_reader):
+    white = np.full((8, 12), 255, dtype=np.uint8)  # 2 x 3 visual tokens of 4 x 4 pixels
+    inked = white.copy()
+    inked[5, 9] = 0  # under token (1, 2), the last one
+    assert diagnose_reader.blank_visual_tokens([white, inked], 4, 255) == [1.0] * 5 + [0.5]
+
+
 def test_reader_diagnosis_reports_each_probe_with_the_wrong_sketch(diagnose_reader):
     results = diagnose_reader.diagnose(DEMO, n=8, batch=4)
+    assert len(results["blank_fraction_by_visual_token"]) == 8
     tails = results["tail_accuracy_by_overlap"]
     assert list(tails) == [str(k) for k in diagnose_reader.TAIL_OVERLAPS]
     assert all(set(v) == {"right_sketch", "wrong_sketch"} and all(0 <= a <= 1 for a in v.values())
