@@ -2,7 +2,7 @@
 
     bash demo/reproduce.sh demo     # the committed checkpoint: the stages below, the control and the evaluation
 
-The committed recipe (demo/NOTES.md, "Seventh attempt" to "Twelfth attempt"; demo/reproduce.sh runs it) has these
+The committed recipe (demo/NOTES.md, "Seventh attempt" to "Thirteenth attempt"; demo/reproduce.sh runs it) has these
 stages and a control, all but the first with `--tokenizer tokenization/byte_tokenizer` (one token per byte):
 1. `--encoder-steps N`: the vision tower + aligner alone, from scratch, on the per-visual-token glyph-cell loss
    (no LM), with the aligner initialised in tanh's linear range (`--aligner-init-std`), its own smaller lr
@@ -30,7 +30,11 @@ stages and a control, all but the first with `--tokenizer tokenization/byte_toke
 8. `--overlap-rows 0.25`: a quarter of the corpus windows with c_2 starting up to `--max-overlap` bytes before the
    end of c_1, so that c_2 begins by reading the last cells of V_1. Tried and not kept (demo/NOTES.md, "Twelfth
    attempt"): `--tail-weight W` (`TailHeads`), heads that name the last bytes of the sketch from a chunk's first ones.
-9. `--text-only [--init DIR]`: the control, with the tokenizer, seed, LM steps, batch and schedule of each reader
+9. `--read-back-positions before_next_chunk` (`VIST2Config.read_back_positions`, saved with the checkpoint): a chunk
+   read back from its sketch ends right before the next chunk's first place instead of sharing that chunk's places,
+   so read-back no longer teaches the open chunk's first bytes to read the sketch's first cells (demo/NOTES.md,
+   "Thirteenth attempt"). Tried and not kept: more and longer overlap windows.
+10. `--text-only [--init DIR]`: the control, with the tokenizer, seed, LM steps, batch and schedule of each reader
    stage.
 `--chunk-sampling any` draws chunks and windows at any token offset of the training stream instead of fixed windows.
 With no stage flags the script runs the first attempt's joint recipe (demo/training_log.first-attempt.jsonl): 450 steps
