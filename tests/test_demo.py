@@ -66,6 +66,25 @@ def test_cell_targets_match_the_renderer(newline_glyph):
     assert patches.shape == ((config.image_height // 16) * (config.image_width // 16), 2)
 
 
+def test_ratio_interval_of_a_constant_gap_is_that_gap(evaluate_demo):
+    nll_control = torch.rand(64, 31, generator=torch.Generator().manual_seed(0)) * 3
+    low, high = evaluate_demo.ratio_interval(nll_control + 0.1, nll_control)
+    assert low == pytest.approx(np.exp(0.1)) and high == pytest.approx(np.exp(0.1))
+
+
+def test_ratio_interval_holds_the_ratio_and_narrows_with_more_windows(evaluate_demo):
+    generator = torch.Generator().manual_seed(0)
+    widths = []
+    for n in (64, 1024):
+        nll_control = torch.rand(n, 31, generator=generator) * 3
+        nll = nll_control + 0.1 + torch.randn(n, 31, generator=generator)
+        ratio = np.exp((nll - nll_control).mean().item())
+        low, high = evaluate_demo.ratio_interval(nll, nll_control)
+        assert low < ratio < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2
+
+
 @pytest.fixture(scope="module")
 def demo_model():
     from transformers import AutoModelForCausalLM, AutoProcessor
