@@ -5,8 +5,8 @@
 # with document separators, fewer of them) -> document separators drawn in one cell -> read-back from noisy inputs ->
 # windows whose second chunk starts inside the first -> read-back placed right before the next chunk -> text-only
 # control (the same LM steps) -> evaluation. Seeded, one thread per job (30 + 16 + 41 + 21 + 42 + 22 + 47 + 32 + 25 +
-# 23 + 39 + 12 + 10 + 10 + 6 + 26 + 50 + 36 + 17 + 29 + 14 + 30 + 21 + 14 + 14 + 21 + 8 + 12 + 5 + 3 + 15 + 30 + 5 min
-# here, two to four jobs on 2 cores; the control is independent of stages 1-17 and may run beside them). The LM side reads
+# 23 + 39 + 12 + 10 + 10 + 6 + 26 + 50 + 66 + 36 + 17 + 29 + 14 + 30 + 21 + 14 + 14 + 21 + 8 + 12 + 5 + 3 + 15 + 30 + 43 + 5 min
+# here, two to four jobs on 2 cores; the control is independent of stages 1-18 and may run beside them). The LM side reads
 # and writes one byte per token (tokenization/byte_tokenizer), so a random-character warm-up is read-back of the very
 # tokens the corpus is made of.
 #   bash demo/reproduce.sh            # into demo/build (git-ignored), to compare with the committed files
@@ -111,7 +111,7 @@ python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-noise-few
     --warmup 50 --lr 3e-4 --eval-every 200 --log-every 50 --seed 14 --out "$OUT/reader-overlap" \
     --log "$OUT/training_log.reader-overlap.jsonl"
 
-# 15-17. A chunk read back from its sketch placed right before the next chunk (`--read-back-positions
+# 15-18. A chunk read back from its sketch placed right before the next chunk (`--read-back-positions
 #     before_next_chunk`, saved with the checkpoint) instead of at that chunk's places, then the same for longer:
 #     read-back had taught the open chunk's first bytes to read the sketch's first cells (demo/NOTES.md, "Thirteenth
 #     attempt" and "Fourteenth attempt").
@@ -128,10 +128,15 @@ python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-read-back
 python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-read-back-longer" --newline-glyph "«" \
     --separator-glyph "©" --read-back-positions before_next_chunk --freeze none --aux-weight 0 --aux-only-steps 0 \
     --chunk-sampling any --mix-chars 0.125 --chars-layout corpus+eos --readback-noise 0.02 --steps 5000 \
-    --batch-size 16 --warmup 50 --lr 3e-4 --eval-every 1000 --log-every 50 --seed 18 --out "$OUT/vist2-demo" \
+    --batch-size 16 --warmup 50 --lr 3e-4 --eval-every 1000 --log-every 50 --seed 18 \
+    --out "$OUT/reader-read-back-longer-2" --log "$OUT/training_log.reader-read-back-longer-2.jsonl"
+python examples/train_demo.py --tokenizer "$BYTES" --init "$OUT/reader-read-back-longer-2" --newline-glyph "«" \
+    --separator-glyph "©" --read-back-positions before_next_chunk --freeze none --aux-weight 0 --aux-only-steps 0 \
+    --chunk-sampling any --mix-chars 0.125 --chars-layout corpus+eos --readback-noise 0.02 --steps 5000 \
+    --batch-size 16 --warmup 50 --lr 3e-4 --eval-every 1000 --log-every 50 --seed 20 --out "$OUT/vist2-demo" \
     --log "$OUT/training_log.vist2-demo.jsonl"
 
-# 18. The same-size text-only control: same tokenizer, seeds, steps, batch and schedules as stages 3 to 17.
+# 19. The same-size text-only control: same tokenizer, seeds, steps, batch and schedules as stages 3 to 18.
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --chunk-sampling any --steps 2400 --batch-size 16 \
     --aux-only-steps 0 --warmup 100 --log-every 50 --out "$OUT/text-only" --log "$OUT/training_log.text-only.jsonl"
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only" --chunk-sampling any \
@@ -175,7 +180,10 @@ python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text
     --seed 17 --out "$OUT/text-only-read-back-longer" --log "$OUT/training_log.text-only-read-back-longer.jsonl"
 python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only-read-back-longer" \
     --chunk-sampling any --steps 5000 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 \
-    --seed 18 --out "$OUT/text-only-baseline" --log "$OUT/training_log.text-only-baseline.jsonl"
+    --seed 18 --out "$OUT/text-only-read-back-longer-2" --log "$OUT/training_log.text-only-read-back-longer-2.jsonl"
+python examples/train_demo.py --tokenizer "$BYTES" --text-only --init "$OUT/text-only-read-back-longer-2" \
+    --chunk-sampling any --steps 5000 --batch-size 16 --aux-only-steps 0 --warmup 50 --lr 3e-4 --log-every 50 \
+    --seed 20 --out "$OUT/text-only-baseline" --log "$OUT/training_log.text-only-baseline.jsonl"
 
 python examples/evaluate_demo.py --model "$OUT/vist2-demo" --text-only "$OUT/text-only-baseline" \
     --json "$OUT/eval_results.json"
