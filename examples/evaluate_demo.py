@@ -267,7 +267,7 @@ def main(argv=None):
     parser.add_argument("--text-only", default="demo/text-only-baseline")
     parser.add_argument("--n-ppl", type=int, default=None,
                         help="held-out windows scored for perplexity (default: all of them; 256 until the fourteenth "
-                             "attempt, whose checkpoint gave 1.142x on those and 1.159x on all 423)")
+                             "attempt, whose run RP3 gave 1.142x on those and 1.159x on all 423)")
     parser.add_argument("--n-readback", type=int, default=256,
                         help="held-out chunks read back (64 until the eleventh attempt: a point of noise between runs)")
     parser.add_argument("--threads", type=int, default=1)
