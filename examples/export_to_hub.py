@@ -1,8 +1,8 @@
 """Assemble a Hub-ready VIST2 model repo: weights, config with auto_map, the three remote-code files, tokenizer,
 processor config and a model card; optionally push it.
 
-    python examples/export_to_hub.py --model demo/vist2-demo --out dist/vist2-demo
-    python examples/export_to_hub.py --model demo/vist2-demo --out dist/vist2-demo --push --repo-id you/vist2-demo
+    python examples/export_to_hub.py --model path/to/checkpoint --out dist/vist2-demo
+    python examples/export_to_hub.py --model path/to/checkpoint --out dist/vist2-demo --push --repo-id you/vist2-demo
 
 Numbers in the card come only from measurement files (`--fidelity`, `--efficiency`); a missing file is said so.
 """
@@ -150,11 +150,11 @@ def export(model_dir, out_dir, repo_id, fidelity=None, efficiency=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo/vist2-demo")
+    parser.add_argument("--model", default=".", help="a saved VIST2 checkpoint (default: the demo model at the repository root)")
     parser.add_argument("--out", default="dist/vist2-demo")
     parser.add_argument("--repo-id", default="vist2/vist2-demo")
-    parser.add_argument("--fidelity", type=Path, default=Path("demo/eval_results.json"),
-                        help="JSON of fidelity metrics, as examples/evaluate_demo.py writes it")
+    parser.add_argument("--fidelity", type=Path, default=Path("research/eval_results.json"),
+                        help="JSON of fidelity metrics, as research/evaluate_demo.py writes it")
     parser.add_argument("--efficiency", type=Path, default=Path("benchmarks/results/summary.md"),
                         help="markdown with efficiency numbers")
     parser.add_argument("--push", action="store_true", help="upload to --repo-id (needs a Hugging Face token)")

@@ -1,7 +1,7 @@
 """Compress a long text and write its continuation, printing the KV cache against the text-only backbone's.
 
-    python examples/generate.py --model demo/vist2-demo --file book.txt --max-new-tokens 200
-    cat notes.txt | python examples/generate.py --model demo/vist2-demo
+    python examples/generate.py --model . --file book.txt --max-new-tokens 200
+    cat notes.txt | python examples/generate.py --model .
 
 The text is read chunk group by chunk group (`model.read`), so a book-length input never sits in memory as pixels
 or as a text-sized KV cache.

@@ -1,6 +1,6 @@
 """VIST2 in one minute: compress a long text into sketches, read one back, keep writing with a small cache.
 
-    python examples/quickstart.py                      # the demo model in demo/vist2-demo
+    python examples/quickstart.py                      # the demo model: this repository's root
     python examples/quickstart.py --model some/folder --max-new-tokens 64 --write-context 8
 """
 
@@ -11,10 +11,20 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from evaluate_demo import char_accuracy
 from generate import cache_bytes, text_only_cache_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def char_accuracy(predicted: str, reference: str) -> float:
+    """1 - edit distance / reference length, floored at 0 (1.0 = identical)."""
+    previous = list(range(len(reference) + 1))
+    for i, a in enumerate(predicted, 1):
+        current = [i]
+        for j, b in enumerate(reference, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a != b)))
+        previous = current
+    return max(0.0, 1.0 - previous[-1] / len(reference)) if reference else float(not predicted)
 
 
 def sketch_sheet(images, columns=4) -> Image.Image:
@@ -29,7 +39,7 @@ def sketch_sheet(images, columns=4) -> Image.Image:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "demo" / "vist2-demo"))
+    parser.add_argument("--model", default=str(ROOT))
     parser.add_argument("--text", default=str(ROOT / "examples" / "data" / "long_text.txt"))
     parser.add_argument("--out", default="quickstart_sketches.png", help="where to save the sketches it read")
     parser.add_argument("--max-new-tokens", type=int, default=160)
@@ -70,7 +80,7 @@ def main(argv=None):
 
     # 4. Keep writing: each chunk that fills up is compressed on the fly. The demo model was trained on windows of
     # two chunks (one sketch, then text), so it writes from the last few chunks: the whole text puts positions
-    # in front of it that it never saw (demo/NOTES.md).
+    # in front of it that it never saw (research/README.md).
     start = (len(closed) - args.write_context) * chunk_size
     recent = processor(text=processor.decode(stream[max(start, 0) :]))
     # Sampled, seeded: greedy decoding from the small byte-level demo model soon settles into a run of spaces (the

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM
 from vist2 import VIST2ForCausalLM, VIST2Processor
 from vist2.processing_vist2 import glyph_atlas, render_chunk
 
-PACKAGE = Path(__file__).resolve().parent.parent / "vist2"
+PACKAGE = Path(__file__).resolve().parent.parent
 REMOTE_CODE = ["configuration_vist2.py", "modeling_vist2.py", "processing_vist2.py"]
 ALLOWED_IMPORTS = {"__future__", "collections", "dataclasses", "functools", "itertools", "logging", "math", "typing",
                    "unicodedata", "warnings", "numpy", "torch", "PIL", "transformers"}

@@ -54,7 +54,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
-from .processing_vist2 import VIST2Processor
+from ..processing_vist2 import VIST2Processor
 
 logger = logging.getLogger(__name__)
 
@@ -567,9 +567,9 @@ def load_or_build_model(model_path=None, text_model=None, vision_model=None, con
     """
     from transformers import AutoTokenizer
 
-    from .configuration_vist2 import VIST2Config
-    from .modeling_vist2 import VIST2ForCausalLM
-    from .processing_vist2 import SKETCH_TOKEN
+    from ..configuration_vist2 import VIST2Config
+    from ..modeling_vist2 import VIST2ForCausalLM
+    from ..processing_vist2 import SKETCH_TOKEN
 
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
