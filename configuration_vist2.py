@@ -3,14 +3,23 @@
 A VIST2 model cuts text into chunks of `chunk_size` (L) tokens. Every closed chunk is rendered into an
 `image_height x image_width` sketch, read by the vision tower and merged `merge_size x merge_size` by the modal
 aligner into `visual_tokens_per_chunk` (m = L / r) tokens. Everything that decides the pixels of a sketch lives
-here, so that a model and its processor provably agree (`VIST2Config.sketch_settings`).
+here, so that a model and its processor provably agree (`VIST2Config.sketch_settings`), and so does the rule that
+sizes a sketch to hold a chunk (`VIST2Config.sketch_geometry`).
 """
+
+import math
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
 
 OVERFLOW_POLICIES = ("keep_text", "shrink_font")
 READ_BACK_POSITIONS = ("after_sketch", "before_next_chunk")
+# A chunk of L tokens is about L x (characters per token) characters; a sketch leaves room for FIT_MARGIN times that,
+# the longest 1 % of chunks of English prose (benchmarks/geometry.py: up to 1.27x the mean), or FIT_MARGIN_LINE_BREAKS
+# times with newline_glyph=None, where each line break leaves the rest of its line blank (up to 1.92x at 64 columns).
+# BPE tokenizers of 8k-50k tokens take 3.9-5.0 characters per token on English prose there (GPT-2's: 4.15-4.75); the
+# default geometry is sized for PROSE_CHARS_PER_TOKEN.
+FIT_MARGIN, FIT_MARGIN_LINE_BREAKS, PROSE_CHARS_PER_TOKEN, MAX_MERGE_SIZE = 1.3, 2.0, 5.0, 4
 
 # Settings that decide which tokens form a chunk and which pixels its sketch has.
 SKETCH_SETTING_KEYS = (
@@ -39,6 +48,15 @@ def _is_glyph(char) -> bool:
     return isinstance(char, str) and len(char) == 1 and not char.isspace()
 
 
+def _cells(height, width, char_width, line_height, margin) -> int:
+    return ((height - 2 * margin) // line_height) * ((width - 2 * margin) // char_width)
+
+
+def characters_needed(chunk_size, chars_per_token, newline_glyph) -> int:
+    """Cells a sketch needs for chunks of `chunk_size` tokens at `chars_per_token` (see FIT_MARGIN)."""
+    return math.ceil((FIT_MARGIN if newline_glyph else FIT_MARGIN_LINE_BREAKS) * chunk_size * chars_per_token)
+
+
 def _sub_config(value, default_model_type, defaults):
     if isinstance(value, PretrainedConfig):
         return value
@@ -56,7 +74,9 @@ class VIST2Config(PretrainedConfig):
             `siglip2_vision_model` is supported too).
         chunk_size (`int`): L, text tokens per chunk.
         compression_ratio (`int`): r; a closed chunk becomes L / r visual tokens.
-        merge_size (`int`): s; the aligner concatenates s x s neighbouring patches before projecting (paper: 1).
+        merge_size (`int`, *optional*): s; the aligner concatenates s x s neighbouring patches before projecting
+            (paper: 1). The vision tower reads m x s^2 patches per chunk. `None` (with `image_height` and
+            `image_width`): the cheapest sketch that holds a chunk of English prose (`sketch_geometry`).
         sketch_token_id (`int`): placeholder id that marks visual positions in `input_ids`.
         font_path (`str`, *optional*): a TrueType font; `None` uses Pillow's built-in scalable font.
         font_size (`int`): pixel size glyphs are drawn at before being fitted into their cell.
@@ -64,7 +84,8 @@ class VIST2Config(PretrainedConfig):
         char_width, line_height (`int`): the glyph cell in pixels; every character occupies exactly one cell.
         margin (`int`): blank pixels around the text block.
         foreground, background (`int`): grey levels of ink and paper (0-255).
-        image_height, image_width (`int`): sketch size; must give exactly L / r tokens after patching and merging.
+        image_height, image_width (`int`, *optional*): sketch size; must give exactly L / r tokens after patching
+            and merging. `None`: from `sketch_geometry`.
         num_channels (`int`): 1 or 3 (grey replicated), as the vision tower expects.
         image_mean, image_std (`float`): pixel normalisation, `(x / 255 - mean) / std`.
         overflow_policy (`str`): what to do with a chunk that does not fit its sketch or holds characters the font
@@ -72,8 +93,10 @@ class VIST2Config(PretrainedConfig):
             with smaller cells down to `min_font_size` (undrawable characters are always kept as text).
         newline_glyph (`str`, *optional*): draw each newline as this character, in line, instead of starting a new
             line. Then a character's cell depends only on its place in the chunk, not on the line breaks before it,
-            which a small reader finds much easier to follow; `None` breaks lines as a page does. Pick a character
-            the text rarely holds: where it does, the sketch cannot tell it from a newline.
+            which a small reader finds much easier to follow, and no cell is left blank, so a sketch holds a chunk
+            of prose at half the cells a page layout needs (`sketch_geometry`); `None` breaks lines as a page does.
+            Default "«". Pick a character the text rarely holds: where it does, the sketch cannot tell it from a
+            newline.
         special_token_glyphs (`dict[str, str]`, *optional*): special tokens drawn as one character each, e.g.
             `{"<|endoftext|>": "©"}`. Decoded, a special token is its whole name (13 cells for `<|endoftext|>`), which
             pushes every later character of the chunk to another cell; drawn as one glyph it takes one cell, like
@@ -95,7 +118,7 @@ class VIST2Config(PretrainedConfig):
         vision_config=None,
         chunk_size=256,
         compression_ratio=4,
-        merge_size=1,
+        merge_size=None,
         sketch_token_id=None,
         font_path=None,
         font_size=16,
@@ -105,21 +128,28 @@ class VIST2Config(PretrainedConfig):
         margin=0,
         foreground=0,
         background=255,
-        image_height=128,
-        image_width=128,
+        image_height=None,
+        image_width=None,
         num_channels=3,
         image_mean=0.5,
         image_std=0.5,
         overflow_policy="keep_text",
-        newline_glyph=None,
+        newline_glyph="\u00ab",
         special_token_glyphs=None,
         read_back_positions="after_sketch",
         **kwargs,
     ):
         self.text_config = _sub_config(text_config, "qwen3", {})
-        self.vision_config = _sub_config(
-            vision_config, "siglip_vision_model", {"patch_size": 16, "image_size": image_height, "vision_use_head": False}
-        )
+        self.vision_config = _sub_config(vision_config, "siglip_vision_model",
+                                         {"patch_size": 16, "vision_use_head": False})
+        geometry = {"image_height": image_height, "image_width": image_width, "merge_size": merge_size}
+        if None in geometry.values() and all(isinstance(v, int) and v > 0 for v in (chunk_size, compression_ratio)):
+            fitted = self.sketch_geometry(chunk_size, compression_ratio, self.vision_config.patch_size,
+                                          char_width=char_width, line_height=line_height, margin=margin,
+                                          newline_glyph=newline_glyph)
+            image_height, image_width, merge_size = (fitted[k] if v is None else v for k, v in geometry.items())
+        if vision_config is None:
+            self.vision_config.image_size = image_height
         self.chunk_size = chunk_size
         self.compression_ratio = compression_ratio
         self.merge_size = merge_size
@@ -153,6 +183,47 @@ class VIST2Config(PretrainedConfig):
     @property
     def patch_size(self) -> int:
         return self.vision_config.patch_size
+
+    @property
+    def sketch_cells(self) -> int:
+        """Characters one sketch holds: its grid of `char_width x line_height` cells."""
+        return _cells(self.image_height, self.image_width, self.char_width, self.line_height, self.margin)
+
+    @staticmethod
+    def sketch_geometry(chunk_size, compression_ratio, patch_size, chars_per_token=PROSE_CHARS_PER_TOKEN, char_width=4,
+                        line_height=8, margin=0, newline_glyph="\u00ab") -> dict:
+        """The cheapest sketch that holds a chunk: `{"image_height", "image_width", "merge_size"}`.
+
+        The m = L / r visual tokens form the squarest grid of s x s patch blocks; the tower reads m * s^2 patches per
+        chunk, so the smallest merge s whose cells hold `characters_needed` is taken (s = 1: one patch per token).
+        """
+        m, need = max(1, chunk_size // compression_ratio), characters_needed(chunk_size, chars_per_token, newline_glyph)
+        rows = max(d for d in range(1, math.isqrt(m) + 1) if m % d == 0)
+        for s in range(1, MAX_MERGE_SIZE + 1):
+            height, width = rows * patch_size * s, m // rows * patch_size * s
+            if _cells(height, width, char_width, line_height, margin) >= need:
+                return {"image_height": height, "image_width": width, "merge_size": s}
+        raise ValueError(f"VIST2Config.compression_ratio: no sketch up to merge_size={MAX_MERGE_SIZE} has the {need} "
+                         f"cells of {char_width}x{line_height} px that a chunk of {chunk_size} tokens at "
+                         f"{chars_per_token:.2f} characters per token needs ({need / m:.0f} per visual token at r="
+                         f"{compression_ratio}). Fix: use a lower compression_ratio or smaller cells (char_width, "
+                         "line_height)")
+
+    def fitted_geometry(self, chars_per_token: float) -> dict:
+        """`sketch_geometry` for this config's chunks and cells, at a tokenizer's characters per token."""
+        return self.sketch_geometry(self.chunk_size, self.compression_ratio, self.patch_size, chars_per_token,
+                                    self.char_width, self.line_height, self.margin, self.newline_glyph)
+
+    def check_fit(self, chars_per_token: float):
+        """Refuse a sketch too small for chunks of a tokenizer: each would overflow and be kept as text."""
+        need = characters_needed(self.chunk_size, chars_per_token, self.newline_glyph)
+        if self.sketch_cells < need:
+            raise ValueError(
+                f"VIST2Config.image_height: a {self.image_height}x{self.image_width} sketch of {self.char_width}x"
+                f"{self.line_height}-px cells holds {self.sketch_cells} characters, but a chunk of {self.chunk_size} "
+                f"tokens at {chars_per_token:.2f} characters per token needs {need}: most chunks would overflow and "
+                f"be kept as text. Fix: leave image_height, image_width and merge_size unset (the fitting geometry is "
+                f"{self.fitted_geometry(chars_per_token)}), or lower chunk_size and compression_ratio together")
 
     @property
     def sketch_settings(self) -> dict:
@@ -239,6 +310,7 @@ class VIST2Config(PretrainedConfig):
             text_config=text, vision_config=vision, chunk_size=16, compression_ratio=4, merge_size=2,
             sketch_token_id=vocab_size - 1 if sketch_token_id is None else sketch_token_id,
             font_size=12, min_font_size=6, char_width=4, line_height=8, image_height=64, image_width=64,
+            newline_glyph=None,
         )
         settings.update(overrides)
         return cls(**settings)

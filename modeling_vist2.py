@@ -268,6 +268,9 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         it lacks one) in place; the embeddings are resized to it and the aligner is fresh. The extended tokenizer is
         kept as `model.tokenizer` for `VIST2Processor.from_config(model.config, model.tokenizer)`.
         `config_kwargs` are `VIST2Config` settings (chunk_size, compression_ratio, image geometry, render settings).
+        Without image_height / image_width / merge_size, the sketch is the cheapest that holds a chunk of English
+        prose in this tokenizer (`VIST2Config.sketch_geometry`, at its characters per token on `PROSE_SAMPLE`); a
+        given geometry that cannot hold one is refused.
         """
         from transformers import AddedToken, AutoTokenizer
 
@@ -294,7 +297,7 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             vision_tower = headless
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(text_model if isinstance(text_model, str) else text_model.name_or_path)
-        from .processing_vist2 import SKETCH_TOKEN
+        from .processing_vist2 import SKETCH_TOKEN, prose_chars_per_token
 
         if SKETCH_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_tokens([AddedToken(SKETCH_TOKEN, special=True, normalized=False)], special_tokens=True)
@@ -303,12 +306,13 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
             language_model.resize_token_embeddings(len(tokenizer))
         config_kwargs.setdefault("num_channels", getattr(vision_tower.config, "num_channels", 3))
-        config = VIST2Config(
-            text_config=language_model.config,
-            vision_config=vision_tower.config,
-            sketch_token_id=tokenizer.convert_tokens_to_ids(SKETCH_TOKEN),
-            **config_kwargs,
-        )
+        config_kwargs.update(text_config=language_model.config, vision_config=vision_tower.config,
+                             sketch_token_id=tokenizer.convert_tokens_to_ids(SKETCH_TOKEN))
+        config = VIST2Config(**config_kwargs)
+        chars_per_token = prose_chars_per_token(tokenizer)
+        if not {"image_height", "image_width", "merge_size"} & config_kwargs.keys():
+            config = VIST2Config(**config_kwargs, **config.fitted_geometry(chars_per_token))
+        config.check_fit(chars_per_token)
         with torch.device("meta"):
             model = cls(config)
         model.vision_tower, model.language_model = vision_tower, language_model

@@ -27,6 +27,23 @@ logger = logging.getLogger(__name__)
 SKETCH_TOKEN = "<|sketch|>"
 TAB_WIDTH = 4
 IGNORE_INDEX = -100
+# Ordinary English prose: on it a tokenizer's characters per token size the sketch of its chunks (`from_backbones`).
+PROSE_SAMPLE = (
+    "The river had risen in the night, and by morning the road to the village was under water. Anna stood at "
+    "the window for a long time, watching the brown current carry branches, fence posts and once a whole "
+    "chicken coop past the garden wall. Her father had gone out before dawn to help the neighbours move their "
+    "animals to higher ground, and he had not come back yet. She made tea, because that was what her mother "
+    "would have done, and set out two cups on the kitchen table.\nFloods like this one are not rare in the "
+    "valley. The soil on the hills is thin, and when heavy rain falls for several days in a row, most of it "
+    "runs straight into the streams instead of sinking into the ground. Engineers have proposed dams, new "
+    "channels and wider bridges, but every plan costs more than the county can raise, and the arguments at the "
+    "council meetings usually end where they began. In the meantime, families keep sandbags in their sheds and "
+    "move their furniture upstairs whenever the forecast turns grey.\nBy noon the water had stopped rising. A "
+    "boat came down the flooded lane with two men in it, and one of them was her father, soaked to the waist "
+    "and laughing at something the other had said. He waved when he saw her at the window. Later, drying his "
+    "boots by the stove, he told her that the old mill had lost its roof, that nobody had been hurt, and that "
+    "the baker had promised free bread to anyone who helped clear the square once the water went down.\n"
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -37,6 +54,11 @@ IGNORE_INDEX = -100
 def split_into_chunks(token_ids: list[int], chunk_size: int) -> list[list[int]]:
     """Cut a token stream into chunks of `chunk_size`; the last one (the open chunk) may be shorter."""
     return [list(token_ids[i : i + chunk_size]) for i in range(0, len(token_ids), chunk_size)]
+
+
+def prose_chars_per_token(tokenizer) -> float:
+    """Characters per token of `tokenizer` on English prose: what sizes a sketch for its chunks."""
+    return len(PROSE_SAMPLE) / len(tokenizer(PROSE_SAMPLE, add_special_tokens=False)["input_ids"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

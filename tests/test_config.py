@@ -4,6 +4,7 @@ import pytest
 from transformers import AutoConfig
 
 from vist2 import VIST2Config
+from vist2.configuration_vist2 import PROSE_CHARS_PER_TOKEN, characters_needed
 
 
 def test_visual_tokens_per_chunk_is_chunk_size_over_compression_ratio():
@@ -15,7 +16,46 @@ def test_default_config_is_qwen3_with_siglip_vision():
     config = VIST2Config()
     assert config.text_config.model_type == "qwen3"
     assert config.vision_config.model_type == "siglip_vision_model"
-    assert config.visual_tokens_per_chunk == (config.image_height // 16) * (config.image_width // 16)
+    side = 16 * config.merge_size
+    assert config.visual_tokens_per_chunk == (config.image_height // side) * (config.image_width // side)
+
+
+@pytest.mark.parametrize("chunk_size, ratio, chars_per_token, newline_glyph", [
+    (256, 4, 1.0, "«"), (256, 4, PROSE_CHARS_PER_TOKEN, "«"), (256, 4, 4.4, None), (256, 8, 4.4, "«"),
+    (96, 2, 3.0, "«"), (256, 4, 9.0, "«"),
+])
+def test_sketch_geometry_is_the_cheapest_that_holds_a_chunk(chunk_size, ratio, chars_per_token, newline_glyph):
+    geometry = VIST2Config.sketch_geometry(chunk_size, ratio, 16, chars_per_token, newline_glyph=newline_glyph)
+    config = VIST2Config(chunk_size=chunk_size, compression_ratio=ratio, newline_glyph=newline_glyph, **geometry)
+    s = config.merge_size
+    assert (config.image_height // (16 * s)) * (config.image_width // (16 * s)) == config.visual_tokens_per_chunk
+    need = characters_needed(chunk_size, chars_per_token, newline_glyph)
+    assert config.sketch_cells >= need
+    if s > 1:  # the same token grid with one merge step less has too few cells
+        smaller = VIST2Config(chunk_size=chunk_size, compression_ratio=ratio, newline_glyph=newline_glyph,
+                              merge_size=s - 1, image_height=config.image_height // s * (s - 1),
+                              image_width=config.image_width // s * (s - 1))
+        assert smaller.sketch_cells < need
+
+
+def test_default_geometry_holds_a_chunk_of_large_vocabulary_prose():
+    config = VIST2Config()
+    assert config.sketch_cells >= characters_needed(config.chunk_size, PROSE_CHARS_PER_TOKEN, config.newline_glyph)
+    assert {k: getattr(config, k) for k in ("image_height", "image_width", "merge_size")} == VIST2Config.sketch_geometry(
+        config.chunk_size, config.compression_ratio, config.patch_size)
+
+
+def test_ratio_no_sketch_can_hold_is_refused_naming_the_fix():
+    with pytest.raises(ValueError, match=r"^VIST2Config\.compression_ratio: .*Fix: use a lower compression_ratio"):
+        VIST2Config.sketch_geometry(256, 4, 16, chars_per_token=40.0)
+    assert VIST2Config.sketch_geometry(256, 2, 16, chars_per_token=40.0)["merge_size"] >= 1
+
+
+def test_sketch_too_small_for_a_tokenizer_is_refused_with_the_geometry_that_fits():
+    config = VIST2Config(image_height=128, image_width=128, merge_size=1)
+    config.check_fit(1.0)
+    with pytest.raises(ValueError, match=r"^VIST2Config\.image_height: .* holds 512 characters.*Fix: .*merge_size"):
+        config.check_fit(4.0)
 
 
 @pytest.mark.parametrize(

@@ -4,17 +4,21 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM, SiglipConfig, SiglipModel,
-                          SiglipVisionConfig, SiglipVisionModel)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM, SiglipConfig,
+                          SiglipModel, SiglipVisionConfig, SiglipVisionModel)
 
 from conftest import SAMPLE_TEXT, build_tokenizer, tiny_config
-from vist2 import VIST2ForCausalLM, VIST2Processor
+from vist2 import VIST2Config, VIST2ForCausalLM, VIST2Processor
+from vist2.configuration_vist2 import SKETCH_SETTING_KEYS, characters_needed
 from vist2.modeling_vist2 import TEXT, token_kinds
-from vist2.processing_vist2 import IGNORE_INDEX
+from vist2.processing_vist2 import IGNORE_INDEX, prose_chars_per_token
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -148,6 +152,50 @@ def test_from_backbones_keeps_pretrained_weights_and_adds_the_sketch_token(backb
     processor = VIST2Processor.from_config(model.config, model.tokenizer)
     out = model.generate(**processor(text=SAMPLE_TEXT[:150]), processor=processor, max_new_tokens=5, do_sample=False)
     assert out.shape[0] == 1
+
+
+def tiny_backbones(tokenizer):
+    torch.manual_seed(0)
+    text = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer) + 1, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    vision = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=2, patch_size=16, image_size=224))
+    return text, vision
+
+
+@pytest.mark.parametrize("name", ["byte_tokenizer", "demo_tokenizer"])
+def test_from_backbones_picks_the_cheapest_sketch_that_holds_the_tokenizers_prose(name):
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / name)
+    model = VIST2ForCausalLM.from_backbones(*tiny_backbones(tokenizer), tokenizer=tokenizer)
+    config, s = model.config, model.config.merge_size
+    assert config.chunk_size == VIST2Config().chunk_size
+    assert (config.image_height // (16 * s)) * (config.image_width // (16 * s)) == config.visual_tokens_per_chunk
+    need = characters_needed(config.chunk_size, prose_chars_per_token(tokenizer), config.newline_glyph)
+    assert config.sketch_cells >= need
+    assert s == 1 or VIST2Config(merge_size=s - 1, image_height=config.image_height // s * (s - 1),
+                                 image_width=config.image_width // s * (s - 1)).sketch_cells < need
+    assert VIST2Config().sketch_cells >= need  # the default geometry holds it too
+    processor = VIST2Processor.from_config(config, model.tokenizer)
+    batch = processor(text=(REPO / "tokenization" / "prose_sample.txt").read_text())  # held-out prose
+    assert batch["pixel_values"].shape[0] > 0 and batch["chunks_kept_as_text"].item() == 0
+
+
+def test_from_backbones_refuses_a_sketch_too_small_for_the_tokenizer():
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer")
+    small = dict(image_height=128, image_width=128, merge_size=1)  # 512 cells for ~1 000 characters
+    with pytest.raises(ValueError, match=r"^VIST2Config\.image_height: a 128x128 sketch .* holds 512 characters, but "
+                                         r"a chunk of 256 tokens .* needs \d+.*Fix: leave image_height"):
+        VIST2ForCausalLM.from_backbones(*tiny_backbones(tokenizer), tokenizer=tokenizer, **small)
+    VIST2ForCausalLM.from_backbones(*tiny_backbones(tokenizer), tokenizer=tokenizer, chunk_size=64, **{
+        **small, "compression_ratio": 1})  # the same sketch for 64 tokens holds them
+
+
+def test_demo_checkpoint_keeps_its_own_geometry():
+    saved = json.loads((REPO / "config.json").read_text())
+    config = VIST2Config.from_pretrained(REPO)
+    assert {key: getattr(config, key) for key in SKETCH_SETTING_KEYS} == {key: saved[key]
+                                                                          for key in SKETCH_SETTING_KEYS}
+    assert config.merge_size == saved["merge_size"]
 
 
 def save_model_and_processor(model, processor, folder):
