@@ -75,8 +75,7 @@ class VIST2Config(PretrainedConfig):
         chunk_size (`int`): L, text tokens per chunk.
         compression_ratio (`int`): r; a closed chunk becomes L / r visual tokens.
         merge_size (`int`, *optional*): s; the aligner concatenates s x s neighbouring patches before projecting
-            (paper: 1). The vision tower reads m x s^2 patches per chunk. `None` (with `image_height` and
-            `image_width`): the cheapest sketch that holds a chunk of English prose (`sketch_geometry`).
+            (paper: 1), so the tower reads m x s^2 patches per chunk. `None`: from `sketch_geometry`.
         sketch_token_id (`int`): placeholder id that marks visual positions in `input_ids`.
         font_path (`str`, *optional*): a TrueType font; `None` uses Pillow's built-in scalable font.
         font_size (`int`): pixel size glyphs are drawn at before being fitted into their cell.
@@ -85,7 +84,7 @@ class VIST2Config(PretrainedConfig):
         margin (`int`): blank pixels around the text block.
         foreground, background (`int`): grey levels of ink and paper (0-255).
         image_height, image_width (`int`, *optional*): sketch size; must give exactly L / r tokens after patching
-            and merging. `None`: from `sketch_geometry`.
+            and merging. `None`: the cheapest that holds a chunk of English prose (`sketch_geometry`).
         num_channels (`int`): 1 or 3 (grey replicated), as the vision tower expects.
         image_mean, image_std (`float`): pixel normalisation, `(x / 255 - mean) / std`.
         overflow_policy (`str`): what to do with a chunk that does not fit its sketch or holds characters the font
@@ -145,8 +144,7 @@ class VIST2Config(PretrainedConfig):
         geometry = {"image_height": image_height, "image_width": image_width, "merge_size": merge_size}
         if None in geometry.values() and all(isinstance(v, int) and v > 0 for v in (chunk_size, compression_ratio)):
             fitted = self.sketch_geometry(chunk_size, compression_ratio, self.vision_config.patch_size,
-                                          char_width=char_width, line_height=line_height, margin=margin,
-                                          newline_glyph=newline_glyph)
+                                          PROSE_CHARS_PER_TOKEN, char_width, line_height, margin, newline_glyph)
             image_height, image_width, merge_size = (fitted[k] if v is None else v for k, v in geometry.items())
         if vision_config is None:
             self.vision_config.image_size = image_height

@@ -11,7 +11,6 @@ setup(
     description="Global context compression with interleaved vision-text transformation, for transformers",
     packages=["vist2", "vist2.training"],
     package_dir={"vist2": "."},
-    package_data={"vist2": ["tokenization/prose_sample.txt"]},  # from_backbones sizes sketches with it
     python_requires=">=3.10",
     install_requires=[
         "transformers>=5.6.0,<6",  # exactly what passes the suite: docs/VERSIONS.md

@@ -20,8 +20,9 @@ python-docs paragraphs: the default font draws them all), which the tests render
 `VIST2ForCausalLM.from_backbones` picks.
 
 Tokenizers: the repo's byte tokenizer and 4096-BPE demo tokenizer; byte-level BPEs with Qwen2/3's pre-tokenizer
-regex trained here at large vocabularies; GPT-2's 50k BPE when `--gpt2-ranks` points at `gpt2.tiktoken` (shipped
-in the PyPI sdist of `openai-whisper`, `whisper/assets/gpt2.tiktoken`; read with `tiktoken`).
+regex trained here at 8k-32k tokens (this text holds about 32k merges at min_frequency 2: the trainer stops there);
+GPT-2's 50k BPE when `--gpt2-ranks` points at `gpt2.tiktoken` (shipped in the PyPI sdist of `openai-whisper`,
+`whisper/assets/gpt2.tiktoken`; read with `tiktoken`).
 
     python benchmarks/geometry.py --gpt2-ranks /path/to/gpt2.tiktoken --name geometry
 """
