@@ -144,7 +144,8 @@ class VIST2Config(PretrainedConfig):
         geometry = {"image_height": image_height, "image_width": image_width, "merge_size": merge_size}
         if None in geometry.values() and all(isinstance(v, int) and v > 0 for v in (chunk_size, compression_ratio)):
             fitted = self.sketch_geometry(chunk_size, compression_ratio, self.vision_config.patch_size,
-                                          PROSE_CHARS_PER_TOKEN, char_width, line_height, margin, newline_glyph)
+                                          PROSE_CHARS_PER_TOKEN, char_width, line_height, margin, newline_glyph,
+                                          merge_size if isinstance(merge_size, int) and merge_size > 0 else None)
             image_height, image_width, merge_size = (fitted[k] if v is None else v for k, v in geometry.items())
         if vision_config is None:
             self.vision_config.image_size = image_height
@@ -189,17 +190,18 @@ class VIST2Config(PretrainedConfig):
 
     @staticmethod
     def sketch_geometry(chunk_size, compression_ratio, patch_size, chars_per_token=PROSE_CHARS_PER_TOKEN, char_width=4,
-                        line_height=8, margin=0, newline_glyph="\u00ab") -> dict:
+                        line_height=8, margin=0, newline_glyph="\u00ab", merge_size=None) -> dict:
         """The cheapest sketch that holds a chunk: `{"image_height", "image_width", "merge_size"}`.
 
         The m = L / r visual tokens form the squarest grid of s x s patch blocks; the tower reads m * s^2 patches per
         chunk, so the smallest merge s whose cells hold `characters_needed` is taken (s = 1: one patch per token).
+        A given `merge_size` is kept, whether its sketch holds a chunk or not (`check_fit` tells).
         """
         m, need = max(1, chunk_size // compression_ratio), characters_needed(chunk_size, chars_per_token, newline_glyph)
         rows = max(d for d in range(1, math.isqrt(m) + 1) if m % d == 0)
-        for s in range(1, MAX_MERGE_SIZE + 1):
+        for s in [merge_size] if merge_size else range(1, MAX_MERGE_SIZE + 1):
             height, width = rows * patch_size * s, m // rows * patch_size * s
-            if _cells(height, width, char_width, line_height, margin) >= need:
+            if merge_size or _cells(height, width, char_width, line_height, margin) >= need:
                 return {"image_height": height, "image_width": width, "merge_size": s}
         raise ValueError(f"VIST2Config.compression_ratio: no sketch up to merge_size={MAX_MERGE_SIZE} has the {need} "
                          f"cells of {char_width}x{line_height} px that a chunk of {chunk_size} tokens at "

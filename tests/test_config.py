@@ -45,6 +45,13 @@ def test_default_geometry_holds_a_chunk_of_large_vocabulary_prose():
         config.chunk_size, config.compression_ratio, config.patch_size)
 
 
+@pytest.mark.parametrize("merge_size", [1, 2, 3])
+def test_geometry_left_unset_completes_the_given_merge_size(merge_size):
+    config = VIST2Config(merge_size=merge_size)
+    side = config.patch_size * merge_size
+    assert (config.image_height // side) * (config.image_width // side) == config.visual_tokens_per_chunk
+
+
 def test_ratio_no_sketch_can_hold_is_refused_naming_the_fix():
     with pytest.raises(ValueError, match=r"^VIST2Config\.compression_ratio: .*Fix: use a lower compression_ratio"):
         VIST2Config.sketch_geometry(256, 4, 16, chars_per_token=40.0)
