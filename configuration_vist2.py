@@ -221,8 +221,9 @@ class VIST2Config(PretrainedConfig):
             raise ValueError(
                 f"VIST2Config.image_height: a {self.image_height}x{self.image_width} sketch of {self.char_width}x"
                 f"{self.line_height}-px cells holds {self.sketch_cells} characters, but a chunk of {self.chunk_size} "
-                f"tokens at {chars_per_token:.2f} characters per token needs {need}: most chunks would overflow and "
-                f"be kept as text. Fix: leave image_height, image_width and merge_size unset (the fitting geometry is "
+                f"tokens at {chars_per_token:.2f} characters per token (the tokenizer's, on English prose) needs "
+                f"{need} with room for the longest: most chunks would overflow and be kept as text. Fix: leave "
+                f"image_height, image_width and merge_size unset (the fitting geometry is "
                 f"{self.fitted_geometry(chars_per_token)}), or lower chunk_size and compression_ratio together")
 
     @property
