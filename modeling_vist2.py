@@ -424,7 +424,9 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         if isinstance(cache, VIST2Cache) and cache.is_prefilled:
             return self.decode_step(input_ids, cache, logits_to_keep)
         if chunk_ids is None:
-            raise ValueError("chunk_ids is required: pass the batch VIST2Processor returns")
+            if (input_ids == self.config.sketch_token_id).any():
+                raise ValueError("chunk_ids is required: pass the batch VIST2Processor returns")
+            return self.forward_text(input_ids, attention_mask, labels, cache, use_cache, logits_to_keep, **kwargs)
         if chunk_ids.shape != input_ids.shape or (attention_mask is not None and attention_mask.shape != input_ids.shape):
             raise ValueError(f"input_ids {tuple(input_ids.shape)}, chunk_ids {tuple(chunk_ids.shape)} and attention_mask "
                              f"{None if attention_mask is None else tuple(attention_mask.shape)} must have one shape")
@@ -453,6 +455,28 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.text_stream_loss(hidden, labels, kinds, kwargs.get("num_items_in_batch"))
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: cache if use_cache else None})
+
+    def forward_text(self, input_ids, attention_mask=None, labels=None, cache=None, use_cache=None, logits_to_keep=0,
+                     **kwargs):
+        """Plain token ids, as any causal-LM client passes them, laid out by the processor as it lays out text.
+
+        With a cache (generation), the generation layout is prefilled into it and the logits are the compressed
+        sequence's. Without, the training layout runs and the logits (and the loss over `labels`) come back at the
+        caller's token positions: at each token, the logits generation would give there."""
+        processor = cache.processor if isinstance(cache, VIST2Cache) and cache.processor else self.own_processor()
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        rows = [row[keep].tolist() for row, keep in zip(input_ids, real)]
+        if use_cache or isinstance(cache, VIST2Cache):
+            layout = processor.layout_token_ids(rows).to(input_ids.device)
+            return self(**layout, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
+        layout = processor.layout_token_ids(rows, keep_closed_text=True).to(input_ids.device)
+        text = token_kinds(layout["input_ids"], layout["attention_mask"], self.config.sketch_token_id) == TEXT
+        if labels is not None:
+            layout["labels"] = torch.full_like(layout["input_ids"], -100).masked_scatter(text, labels[real])
+        out = self(**layout, **kwargs)
+        logits = out.logits.new_zeros(*input_ids.shape, out.logits.shape[-1])
+        logits[real] = out.logits[text]
+        return CausalLMOutputWithPast(loss=out.loss, logits=logits)
 
     def build_attention_mask(self, embeds, layout, cache=None):
         """The attention rule in the form the configured attention implementation takes (eager: additive float,
@@ -535,8 +559,7 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         if not closing.any():
             return None, sketched
         if cache.processor is None:
-            raise ValueError("A chunk closed during generation and must be rendered: call "
-                             "model.generate(..., processor=processor) with the model's VIST2Processor.")
+            cache.processor = self.own_processor()
         rows = closing.nonzero()[:, 0].tolist()
         images, _ = cache.processor.sketch_chunks([cache.open_tokens[b] for b in rows])
         rendered = [b for b, image in zip(rows, images) if image is not None]
@@ -593,7 +616,7 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         return self.run_language_model(embeds, positions, layout, cache, use_cache=True)
 
     @torch.no_grad()
-    def read(self, processor, text: str, prefix: str = "", sketches_per_step: int = 8) -> dict:
+    def read(self, processor=None, text="", prefix="", sketches_per_step: int = 8) -> dict:
         """Compress a long `text` into a `VIST2Cache` while streaming it, and return inputs for `generate`.
 
         The text is tokenized, rendered and encoded `sketches_per_step` chunks at a time (`processor.iter_chunks`),
@@ -603,13 +626,21 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             out = model.generate(**inputs, processor=processor, max_new_tokens=200)   # out[:, 1:] is the new text
 
         `inputs["cache"]` is the `VIST2Cache` that `generate` goes on writing into (under any transformers release).
+        `text` may be token ids (a list or a one-row tensor): leading system turns then stay the prefix, as in
+        `generate`. `processor` defaults to `own_processor()`.
         """
+        processor = self.own_processor() if processor is None else processor
         self.check_processor(processor)
         device, m = self.device, self.config.visual_tokens_per_chunk
-        prefix_ids = processor.encode(prefix)
+        if isinstance(text, torch.Tensor):
+            text = text.reshape(-1).tolist()
+        if not isinstance(text, str) and not prefix:
+            cut = processor.prefix_length(text)
+            prefix, text = text[:cut], text[cut:]
+        prefix_ids = processor.encode(prefix) if isinstance(prefix, str) else list(prefix)
         cache = VIST2Cache(config=self.config.text_config, processor=processor)
-        if not text:
-            return dict(processor(text=text, prefix=prefix).to(device), cache=cache)
+        if not len(text):
+            return dict(processor.collate([processor.encode_sample(prefix_ids, [])]).to(device), cache=cache)
         cache.kinds = torch.zeros(1, 0, dtype=torch.long, device=device)
         cache.chunk_ids, cache.memory = cache.kinds.clone(), cache.kinds.bool()
         cache.open_chunk = torch.ones(1, dtype=torch.long, device=device)
@@ -687,6 +718,28 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
                 "pixel_values": pixel_values, CACHE_KWARG: cache, "use_cache": True,
                 "logits_to_keep": kwargs.get("logits_to_keep") or 0}
 
+    def own_processor(self):
+        """The processor that lays out and renders when none is passed: the config's sketch settings and the tokenizer
+        saved with the model (its folder, or `model.tokenizer` after `from_backbones`). Built once, on first use."""
+        if getattr(self, "_own_processor", None) is None:
+            from transformers import AutoTokenizer
+
+            from .processing_vist2 import VIST2Processor
+
+            tokenizer, source = getattr(self, "tokenizer", None), self.config._name_or_path
+            if tokenizer is None:
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False) if source else None
+                except (OSError, ValueError) as error:
+                    source = f"{source} ({type(error).__name__}: {error})"
+            if tokenizer is None:
+                raise ValueError(f"VIST2 needs its tokenizer to render closed chunks, and the model has none: it was "
+                                 f"{'loaded from ' + source if source else 'built in memory'}. Fix: pass "
+                                 "processor=VIST2Processor.from_config(model.config, tokenizer) to generate() / read(), "
+                                 "or set model.tokenizer = tokenizer.")
+            self._own_processor = VIST2Processor.from_config(self.config, tokenizer)
+        return self._own_processor
+
     def check_processor(self, processor):
         mismatch = processor.settings_mismatch(self.config)
         if mismatch:
@@ -694,7 +747,8 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
                              "with VIST2Processor.from_config(model.config, tokenizer)")
 
     def generate(self, inputs=None, processor=None, prefill_chunk_size: int | None = 512, **kwargs):
-        """`GenerationMixin.generate` with a compressing cache: pass `processor=` so closed chunks can be rendered.
+        """`GenerationMixin.generate` with a compressing cache. Takes the processor's batch or plain token ids (laid out
+        here as the processor lays out text); `processor=` renders closed chunks (default: `own_processor()`).
 
         The compressed prompt is prefilled `prefill_chunk_size` entries at a time (sketches encoded block by block), so
         peak memory is the compressed cache plus one block; `None` prefills in one pass. Same logits either way."""
@@ -705,8 +759,8 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             kwargs["generation_config"] = generation_config.from_dict(generation_config.to_dict(), prefill_chunk_size=None)
         if processor is not None:
             self.check_processor(processor)
-            if kwargs.get("stop_strings") is not None:
-                kwargs.setdefault("tokenizer", processor.tokenizer)
+        if kwargs.get("stop_strings") is not None and kwargs.get("tokenizer") is None:
+            kwargs["tokenizer"] = (processor or self.own_processor()).tokenizer
         cache, legacy_cache = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
         cache = legacy_cache if cache is None else cache
         if cache is None:
@@ -715,11 +769,9 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             cache.processor = processor
         kwargs[CACHE_KWARG] = cache
         input_ids = kwargs.get("input_ids", inputs)
-        if kwargs.get("chunk_ids") is None and input_ids is not None and not cache.is_prefilled:
-            if (input_ids == self.config.sketch_token_id).any():
-                raise ValueError("chunk_ids is required when input_ids hold '<|sketch|>' placeholders: pass the whole "
-                                 "processor batch, model.generate(**processor(text=...), processor=processor)")
-            kwargs["chunk_ids"] = torch.zeros_like(input_ids)  # bare token ids: an uncompressed prefix
+        if kwargs.get("chunk_ids") is None and input_ids is not None and (input_ids == self.config.sketch_token_id).any():
+            raise ValueError("chunk_ids is required when input_ids hold '<|sketch|>' placeholders: pass the whole "
+                             "processor batch, model.generate(**processor(text=...), processor=processor)")
         kwargs.pop("chunks_kept_as_text", None)
         return super().generate(inputs, **kwargs)
 

@@ -394,14 +394,25 @@ class VIST2Processor(ProcessorMixin):
         self.last_report = [s["report"] for s in samples]
         return self.collate(samples, return_labels=return_labels)
 
-    def iter_chunks(self, text: str, piece_chars: int = 1 << 16):
-        """Stream `text` chunk by chunk: yields `(token_ids, sketch, report)` for each closed chunk (`sketch` is None
-        when the chunk is kept as text), then the open chunk as `(token_ids, None, None)`.
+    def iter_chunks(self, text, piece_chars: int = 1 << 16):
+        """Stream `text` (a string, or token ids already tokenized) chunk by chunk: yields `(token_ids, sketch, report)`
+        for each closed chunk (`sketch` is None when the chunk is kept as text), then the open chunk as
+        `(token_ids, None, None)`.
 
         Only one piece of text and one chunk are held at a time, so a book-length text costs what one chunk costs.
         Pieces end where the tokenizer's pre-tokenizer starts its last pre-token (the only one more text can change),
         so the token stream equals tokenizing the whole text at once."""
-        pending, start = [], 0
+        pending = []
+        for piece in self.token_pieces(text, piece_chars) if isinstance(text, str) else [list(map(int, text))]:
+            pending += piece
+            while len(pending) > self.chunk_size:  # the last chunk must stay open
+                chunk, pending = pending[: self.chunk_size], pending[self.chunk_size :]
+                images, reports = self.sketch_chunks([chunk])
+                yield chunk, images[0], reports[0]
+        yield pending, None, None
+
+    def token_pieces(self, text: str, piece_chars: int):
+        start = 0
         while start < len(text):
             end = min(len(text), start + piece_chars)
             while end < len(text):
@@ -410,13 +421,8 @@ class VIST2Processor(ProcessorMixin):
                     end = start + cut
                     break
                 end = min(len(text), end + piece_chars)  # one pre-token fills the piece: take more text
-            pending += self.encode(text[start:end])
+            yield self.encode(text[start:end])
             start = end
-            while len(pending) > self.chunk_size:  # the last chunk must stay open
-                chunk, pending = pending[: self.chunk_size], pending[self.chunk_size :]
-                images, reports = self.sketch_chunks([chunk])
-                yield chunk, images[0], reports[0]
-        yield pending, None, None
 
     def last_pre_token_start(self, piece: str) -> int:
         """Where the last pre-token of `piece` starts (0 when there is one, or no pre-tokenizer to ask)."""
@@ -443,20 +449,57 @@ class VIST2Processor(ProcessorMixin):
     def encode_conversation(self, messages, keep_closed_text=True, add_generation_prompt=False):
         """ChatML conversation -> one sample. Leading system messages form the prefix (never compressed); every
         later turn is compressed as it scrolls out of the open chunk. Only assistant replies carry labels."""
-        prefix, stream, trainable = [], [], []
-        for position, message in enumerate(messages):
+        token_ids, trainable = [], []
+        for message in messages:
             header = self.encode(f"<|im_start|>{message['role']}\n", allow_special_tokens=True)
             body = self.encode(message["content"]) + self.encode("<|im_end|>\n", allow_special_tokens=True)
-            if message["role"] == "system" and not stream and all(m["role"] == "system" for m in messages[:position]):
-                prefix += header + body
-                continue
-            stream += header + body
+            token_ids += header + body
             trainable += [False] * len(header) + [message["role"] == "assistant"] * len(body)
         if add_generation_prompt:
             prompt = self.encode("<|im_start|>assistant\n", allow_special_tokens=True)
-            stream += prompt
+            token_ids += prompt
             trainable += [False] * len(prompt)
-        return self.encode_sample(prefix, stream, keep_closed_text, trainable)
+        cut = self.prefix_length(token_ids)
+        return self.encode_sample(token_ids[:cut], token_ids[cut:], keep_closed_text, trainable[cut:])
+
+    def prefix_length(self, token_ids) -> int:
+        """How many leading tokens are system turns (`<|im_start|>system\n ... <|im_end|>\n`): a conversation's
+        uncompressed prefix. Found in the token ids, so a conversation tokenized elsewhere (a pipeline, an evaluation
+        harness) is laid out as `encode_conversation` lays it out; other text has no prefix."""
+        header = self.encode("<|im_start|>system\n", allow_special_tokens=True)
+        end = self.encode("<|im_end|>\n", allow_special_tokens=True)
+        ids, cut = list(token_ids), 0
+        while ids[cut : cut + len(header)] == header:
+            turn_end = next((i + len(end) for i in range(cut + len(header), len(ids)) if ids[i : i + len(end)] == end), 0)
+            if not turn_end:
+                break
+            cut = turn_end
+        return cut
+
+    def layout_token_ids(self, token_ids, keep_closed_text=False, return_labels=False) -> BatchFeature:
+        """Plain token ids (one list per sample, as any tokenizer returns them) -> the model's inputs, as `__call__`
+        lays out text: leading system turns stay as the prefix, every closed chunk after them becomes a sketch."""
+        samples = []
+        for ids in [token_ids] if token_ids and isinstance(token_ids[0], int) else token_ids:
+            cut = self.prefix_length(ids)
+            samples.append(self.encode_sample(ids[:cut], ids[cut:], keep_closed_text))
+        self.last_report = [s["report"] for s in samples]
+        return self.collate(samples, return_labels=return_labels)
+
+    def apply_chat_template(self, conversation, chat_template=None, tokenize=False, return_dict=False,
+                            return_tensors=None, **kwargs):
+        """The chat template rendered as text; with `tokenize=True`, the model's inputs, special tokens as their ids:
+        the plain token ids (the model lays them out itself), or with `return_dict=True` the laid-out batch
+        (`input_ids`, `attention_mask`, `chunk_ids`, `pixel_values`) that `model.generate(**inputs)` takes."""
+        prompt = super().apply_chat_template(conversation, chat_template=chat_template, tokenize=False, **kwargs)
+        if not tokenize:
+            return prompt
+        rows = [self.encode(text, allow_special_tokens=True) for text in ([prompt] if isinstance(prompt, str) else prompt)]
+        if return_dict:
+            return self.layout_token_ids(rows)
+        if return_tensors is None:
+            return rows[0] if isinstance(prompt, str) else rows
+        return self.tokenizer.pad({"input_ids": rows}, padding_side="left", return_tensors=return_tensors)["input_ids"]
 
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)

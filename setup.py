@@ -25,5 +25,6 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6"],
         "train": ["accelerate>=1.0", "datasets>=3.0", "tqdm", "matplotlib"],
+        "eval": ["lm-eval>=0.4.13"],  # benchmarks/lm_eval_harness.py, tests/test_clients.py
     },
 )

@@ -238,9 +238,10 @@ def test_generation_config_and_repetition_penalty_are_honoured(model, processor,
     assert len(set(new)) >= len(set(plain[0, inputs["input_ids"].shape[1]:].tolist()))
 
 
-def test_generate_without_processor_says_what_to_pass_when_a_chunk_closes(model, processor):
+def test_generate_without_processor_on_a_model_without_tokenizer_says_what_to_pass_when_a_chunk_closes(model,
+                                                                                                      processor):
     inputs = processor(text=SAMPLE_TEXT[:60])
-    with pytest.raises(ValueError, match=r"processor=processor"):
+    with pytest.raises(ValueError, match=r"Fix: pass processor=VIST2Processor.from_config\(model.config, tokenizer\)"):
         model.generate(**inputs, max_new_tokens=40, do_sample=False)
 
 

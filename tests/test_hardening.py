@@ -326,7 +326,7 @@ def test_generate_without_a_processor_is_fine_while_no_chunk_closes(model, proce
     room = processor.chunk_size - open_length
     out = model.generate(**inputs, max_new_tokens=room + 1, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + room + 1
-    with pytest.raises(ValueError, match="processor=processor"):
+    with pytest.raises(ValueError, match="built in memory. Fix: pass processor=VIST2Processor"):
         model.generate(**inputs, max_new_tokens=room + 2, do_sample=False)
 
 
