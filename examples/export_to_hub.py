@@ -23,6 +23,19 @@ processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
 inputs = processor(text=long_text, return_tensors="pt")      # closed chunks become pixel_values
 out = model.generate(**inputs, processor=processor, max_new_tokens=512)
 print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
+```
+
+Clients that tokenize for themselves get the compressed model too: plain token ids are laid out and their closed
+chunks rendered by the model (with the processor built from its config and tokenizer). In a chat, leading system
+turns stay text; later turns are compressed as they scroll out of the open chunk.
+
+```python
+from transformers import pipeline
+
+pipe = pipeline("text-generation", model=repo, trust_remote_code=True)
+print(pipe(long_text, max_new_tokens=512, do_sample=True, temperature=0.7, return_full_text=False)[0]["generated_text"])
+chat = [{{"role": "system", "content": "Answer briefly."}}, {{"role": "user", "content": long_text + "\\nSummarise."}}]
+print(pipe(chat, max_new_tokens=512)[0]["generated_text"][-1]["content"])
 ```'''
 
 CARD = """---

@@ -21,6 +21,7 @@ def saved_model(tmp_path_factory, model, processor):
     folder = tmp_path_factory.mktemp("model")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text((EXAMPLES.parent / "chat_template.jinja").read_text())
     return folder
 
 
@@ -56,10 +57,11 @@ import re, sys
 sys.modules["vist2"] = None  # only the exported folder's remote code may be used
 folder = sys.argv[1]
 card = open(folder + "/README.md").read()
-snippet = re.search(r"```python\\n(.*?)```", card, re.S).group(1).replace('repo = "someone/vist2-tiny"', f"repo = {folder!r}")
-snippet = snippet.replace("max_new_tokens=512", "max_new_tokens=24")  # the snippet as written, on a smaller budget
+snippets = "\\n".join(re.findall(r"```python\\n(.*?)```", card, re.S))  # every block, in order, as one script
+snippets = snippets.replace('repo = "someone/vist2-tiny"', f"repo = {folder!r}")
+snippets = snippets.replace("max_new_tokens=512", "max_new_tokens=24")  # the snippets as written, on a smaller budget
 long_text = open(sys.argv[2]).read()
-exec(compile(snippet, "model-card-usage", "exec"), {"long_text": long_text})
+exec(compile(snippets, "model-card-usage", "exec"), {"long_text": long_text})
 """
 
 
