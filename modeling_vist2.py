@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_vist2 import VIST2Config
 
@@ -244,7 +244,34 @@ class VIST2PreTrainedModel(PreTrainedModel):
         return super().from_pretrained(*args, **kwargs)
 
 
-class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
+class VIST2TextDecoder(nn.Module):
+    """The backbone's decoder alone, under the attribute its causal-LM class keeps it in (`model` for Qwen3 or Llama,
+    `transformer` for GPT-2): `VIST2Model`'s weights are then named as `VIST2ForCausalLM`'s, less the LM head."""
+
+    def __init__(self, text_config):
+        super().__init__()
+        decoder = AutoModel.from_config(text_config)
+        self.prefix = decoder.base_model_prefix
+        setattr(self, self.prefix, decoder)
+        self._no_split_modules = decoder._no_split_modules
+
+    def get_decoder(self):
+        return getattr(self, self.prefix)
+
+    def get_input_embeddings(self):
+        return self.get_decoder().get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.get_decoder().set_input_embeddings(value)
+
+
+class VIST2Model(VIST2PreTrainedModel):
+    """Vision tower, aligner and the backbone's decoder: the hidden states of the compressed sequence, no LM head
+    (`AutoModel`). `VIST2ForCausalLM` is this model with the backbone's head; both name their weights alike, so one
+    checkpoint loads as either."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^language_model\.lm_head\."]  # a VIST2ForCausalLM checkpoint's head
+
     def __init__(self, config: VIST2Config):
         super().__init__(config)
         if config.sketch_token_id is None:
@@ -252,74 +279,15 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
                              "(tokenization/add_special_tokens.py adds it).")
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.aligner = VIST2ModalAligner(config)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = self.build_language_model(config.text_config)
         # Whole decoder / encoder layers stay on one device under device_map="auto".
         self._no_split_modules = sorted(
             set(self.vision_tower._no_split_modules or []) | set(self.language_model._no_split_modules or [])
         )
         self.post_init()
 
-    @classmethod
-    def from_backbones(cls, text_model, vision_model, tokenizer=None, **config_kwargs):
-        """A VIST2 model from a pretrained causal LM and a pretrained SigLIP / SigLIP2 vision encoder.
-
-        `text_model` / `vision_model` are Hub ids, local folders or loaded models (a full SigLIP checkpoint
-        contributes its vision half). `tokenizer` (default: the text model's) gets `<|sketch|>` (and a pad token if
-        it lacks one) in place; the embeddings are resized to it and the aligner is fresh. The extended tokenizer is
-        kept as `model.tokenizer` for `VIST2Processor.from_config(model.config, model.tokenizer)`.
-        `config_kwargs` are `VIST2Config` settings (chunk_size, compression_ratio, image geometry, render settings).
-        Without image_height / image_width / merge_size, the sketch is the cheapest that holds a chunk of English
-        prose in this tokenizer (`VIST2Config.sketch_geometry`, at its characters per token on `PROSE_SAMPLE`); a
-        given geometry that cannot hold one is refused.
-        """
-        from transformers import AddedToken, AutoTokenizer
-
-        language_model = text_model
-        if not isinstance(language_model, PreTrainedModel):
-            language_model = AutoModelForCausalLM.from_pretrained(text_model)
-        vision_tower = vision_model
-        if not isinstance(vision_tower, PreTrainedModel):
-            vision_tower = AutoModel.from_pretrained(vision_model)
-        if hasattr(vision_tower.config, "text_config") and hasattr(vision_tower, "vision_model"):
-            # A dual text-image checkpoint (SiglipModel): keep its image tower.
-            tower = vision_tower.vision_model
-            if not isinstance(tower, PreTrainedModel):  # releases where the tower is a bare transformer
-                wrapper = AutoModel.from_config(vision_tower.config.vision_config)
-                wrapper.vision_model = tower
-                tower = wrapper
-            vision_tower = tower
-        if getattr(vision_tower.config, "vision_use_head", False) or getattr(vision_tower, "head", None) is not None:
-            # VIST2 reads patch tokens; the pooling head would be dead weight (and unused parameters break DDP).
-            headless_config = vision_tower.config.__class__(**{**vision_tower.config.to_dict(), "vision_use_head": False})
-            headless = AutoModel.from_config(headless_config).to(dtype=vision_tower.dtype)
-            weights = {k: v for k, v in vision_tower.state_dict().items() if not (k.startswith("head.") or ".head." in k)}
-            headless.load_state_dict(weights)
-            vision_tower = headless
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(text_model if isinstance(text_model, str) else text_model.name_or_path)
-        from .processing_vist2 import SKETCH_TOKEN, prose_chars_per_token
-
-        if SKETCH_TOKEN not in tokenizer.get_vocab():
-            tokenizer.add_tokens([AddedToken(SKETCH_TOKEN, special=True, normalized=False)], special_tokens=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
-            language_model.resize_token_embeddings(len(tokenizer))
-        config_kwargs.setdefault("num_channels", getattr(vision_tower.config, "num_channels", 3))
-        config_kwargs.update(text_config=language_model.config, vision_config=vision_tower.config,
-                             sketch_token_id=tokenizer.convert_tokens_to_ids(SKETCH_TOKEN))
-        config = VIST2Config(**config_kwargs)
-        chars_per_token = prose_chars_per_token(tokenizer)
-        if not {"image_height", "image_width", "merge_size"} & config_kwargs.keys():
-            config = VIST2Config(**config_kwargs, **config.fitted_geometry(chars_per_token))
-        config.check_fit(chars_per_token)
-        with torch.device("meta"):
-            model = cls(config)
-        model.vision_tower, model.language_model = vision_tower, language_model
-        model.aligner = VIST2ModalAligner(config).to(device=language_model.device, dtype=language_model.dtype)
-        model.aligner.apply(model._init_weights)
-        model.tokenizer = tokenizer
-        return model
+    def build_language_model(self, text_config):
+        return VIST2TextDecoder(text_config)
 
     # -- transformers plumbing ----------------------------------------------------------------------------------------
 
@@ -328,12 +296,6 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value):
-        self.language_model.set_output_embeddings(value)
 
     def get_decoder(self):
         return self.language_model.get_decoder()
@@ -401,32 +363,30 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         attention_mask=None,
         chunk_ids=None,
         pixel_values=None,
-        labels=None,
         cache=None,
         use_cache=None,
         read_back=None,
-        logits_to_keep=0,
         past_key_values=None,
         **kwargs,
     ):
         r"""
         input_ids (`(batch, seq)`): flat layout from `VIST2Processor`: text, and `<|sketch|>` placeholders where
-            visual tokens go. During decoding (a prefilled `VIST2Cache`), only the new tokens.
+            visual tokens go. Plain token ids (no `chunk_ids`) are laid out here as the processor lays out text.
         chunk_ids (`(batch, seq)`): 0 for the prefix, i for the text and sketch of chunk i.
         pixel_values (`(num_sketches, C, H, W)`): one sketch per run of placeholders, in order.
-        labels (`(batch, seq)`): next-token targets; the loss runs over the text stream `P c_1 c_2 ...` in order
-            (the token after the last of `c_i` is the first of `c_{i+1}`), sketches and -100 carry no label.
         read_back (`(batch,)` bool): OCR warm-up; a chunk's text also sees its own sketch.
         past_key_values: the name transformers < 5.24 gives `cache`.
+
+        Returns `last_hidden_state`, one per position of the laid-out sequence (for plain ids, of the compressed
+        sequence `P V_1 ... V_{K-1} c_K` they are laid out into).
         """
         kwargs.pop("chunks_kept_as_text", None)
         cache = past_key_values if cache is None else cache
-        if isinstance(cache, VIST2Cache) and cache.is_prefilled:
-            return self.decode_step(input_ids, cache, logits_to_keep)
         if chunk_ids is None:
             if (input_ids == self.config.sketch_token_id).any():
                 raise ValueError("chunk_ids is required: pass the batch VIST2Processor returns")
-            return self.forward_text(input_ids, attention_mask, labels, cache, use_cache, logits_to_keep, **kwargs)
+            laid_out, _ = self.lay_out(input_ids, attention_mask)
+            return self(**laid_out, cache=cache, use_cache=use_cache, read_back=read_back)
         if chunk_ids.shape != input_ids.shape or (attention_mask is not None and attention_mask.shape != input_ids.shape):
             raise ValueError(f"input_ids {tuple(input_ids.shape)}, chunk_ids {tuple(chunk_ids.shape)} and attention_mask "
                              f"{None if attention_mask is None else tuple(attention_mask.shape)} must have one shape")
@@ -450,33 +410,14 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             hidden = self.prefill_in_blocks(embeds, positions, layout, cache, block)
         else:
             hidden = self.run_language_model(embeds, positions, layout, cache, use_cache)
-        logits = self.lm_head_for(hidden, logits_to_keep)
-        loss = None
-        if labels is not None:
-            loss = self.text_stream_loss(hidden, labels, kinds, kwargs.get("num_items_in_batch"))
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: cache if use_cache else None})
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_KWARG: cache if use_cache else None})
 
-    def forward_text(self, input_ids, attention_mask=None, labels=None, cache=None, use_cache=None, logits_to_keep=0,
-                     **kwargs):
-        """Plain token ids, as any causal-LM client passes them, laid out by the processor as it lays out text.
-
-        With a cache (generation), the generation layout is prefilled into it and the logits are the compressed
-        sequence's. Without, the training layout runs and the logits (and the loss over `labels`) come back at the
-        caller's token positions: at each token, the logits generation would give there."""
-        processor = cache.processor if isinstance(cache, VIST2Cache) and cache.processor else self.own_processor()
+    def lay_out(self, input_ids, attention_mask=None, processor=None, keep_closed_text=False):
+        """Plain token ids -> the processor's batch for them, and which input positions are real (not padding)."""
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         rows = [row[keep].tolist() for row, keep in zip(input_ids, real)]
-        if use_cache or isinstance(cache, VIST2Cache):
-            layout = processor.layout_token_ids(rows).to(input_ids.device)
-            return self(**layout, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
-        layout = processor.layout_token_ids(rows, keep_closed_text=True).to(input_ids.device)
-        text = token_kinds(layout["input_ids"], layout["attention_mask"], self.config.sketch_token_id) == TEXT
-        if labels is not None:
-            layout["labels"] = torch.full_like(layout["input_ids"], -100).masked_scatter(text, labels[real])
-        out = self(**layout, **kwargs)
-        logits = out.logits.new_zeros(*input_ids.shape, out.logits.shape[-1])
-        logits[real] = out.logits[text]
-        return CausalLMOutputWithPast(loss=out.loss, logits=logits)
+        processor = self.own_processor() if processor is None else processor
+        return processor.layout_token_ids(rows, keep_closed_text).to(input_ids.device), real
 
     def build_attention_mask(self, embeds, layout, cache=None):
         """The attention rule in the form the configured attention implementation takes (eager: additive float,
@@ -527,6 +468,150 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             hidden.append(self.run_language_model(embeds[:, start:end], positions[:, start:end], seen, cache, True))
             start = end
         return torch.cat(hidden, 1)
+
+    def own_processor(self):
+        """The processor that lays out and renders when none is passed: the config's sketch settings and the tokenizer
+        saved with the model (its folder, or `model.tokenizer` after `from_backbones`). Built once, on first use."""
+        if getattr(self, "_own_processor", None) is None:
+            from transformers import AutoTokenizer
+
+            from .processing_vist2 import VIST2Processor
+
+            tokenizer, source = getattr(self, "tokenizer", None), self.config._name_or_path
+            if tokenizer is None:
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False) if source else None
+                except (OSError, ValueError) as error:
+                    source = f"{source} ({type(error).__name__}: {error})"
+            if tokenizer is None:
+                raise ValueError(f"VIST2 needs its tokenizer to render closed chunks, and the model has none: it was "
+                                 f"{'loaded from ' + source if source else 'built in memory'}. Fix: pass "
+                                 "processor=VIST2Processor.from_config(model.config, tokenizer) to generate() / read(), "
+                                 "or set model.tokenizer = tokenizer.")
+            self._own_processor = VIST2Processor.from_config(self.config, tokenizer)
+        return self._own_processor
+
+
+class VIST2ForCausalLM(VIST2Model, GenerationMixin):
+    """`VIST2Model` with the backbone's LM head: training loss along the text stream, and `generate` with a cache
+    that compresses closed chunks as it goes."""
+
+    def build_language_model(self, text_config):
+        return AutoModelForCausalLM.from_config(text_config)
+
+    @classmethod
+    def from_backbones(cls, text_model, vision_model, tokenizer=None, **config_kwargs):
+        """A VIST2 model from a pretrained causal LM and a pretrained SigLIP / SigLIP2 vision encoder.
+
+        `text_model` / `vision_model` are Hub ids, local folders or loaded models (a full SigLIP checkpoint
+        contributes its vision half). `tokenizer` (default: the text model's) gets `<|sketch|>` (and a pad token if
+        it lacks one) in place; the embeddings are resized to it and the aligner is fresh. The extended tokenizer is
+        kept as `model.tokenizer` for `VIST2Processor.from_config(model.config, model.tokenizer)`.
+        `config_kwargs` are `VIST2Config` settings (chunk_size, compression_ratio, image geometry, render settings).
+        Without image_height / image_width / merge_size, the sketch is the cheapest that holds a chunk of English
+        prose in this tokenizer (`VIST2Config.sketch_geometry`, at its characters per token on `PROSE_SAMPLE`); a
+        given geometry that cannot hold one is refused.
+        """
+        from transformers import AddedToken, AutoTokenizer
+
+        language_model = text_model
+        if not isinstance(language_model, PreTrainedModel):
+            language_model = AutoModelForCausalLM.from_pretrained(text_model)
+        vision_tower = vision_model
+        if not isinstance(vision_tower, PreTrainedModel):
+            vision_tower = AutoModel.from_pretrained(vision_model)
+        if hasattr(vision_tower.config, "text_config") and hasattr(vision_tower, "vision_model"):
+            # A dual text-image checkpoint (SiglipModel): keep its image tower.
+            tower = vision_tower.vision_model
+            if not isinstance(tower, PreTrainedModel):  # releases where the tower is a bare transformer
+                wrapper = AutoModel.from_config(vision_tower.config.vision_config)
+                wrapper.vision_model = tower
+                tower = wrapper
+            vision_tower = tower
+        if getattr(vision_tower.config, "vision_use_head", False) or getattr(vision_tower, "head", None) is not None:
+            # VIST2 reads patch tokens; the pooling head would be dead weight (and unused parameters break DDP).
+            headless_config = vision_tower.config.__class__(**{**vision_tower.config.to_dict(), "vision_use_head": False})
+            headless = AutoModel.from_config(headless_config).to(dtype=vision_tower.dtype)
+            weights = {k: v for k, v in vision_tower.state_dict().items() if not (k.startswith("head.") or ".head." in k)}
+            headless.load_state_dict(weights)
+            vision_tower = headless
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(text_model if isinstance(text_model, str) else text_model.name_or_path)
+        from .processing_vist2 import SKETCH_TOKEN, prose_chars_per_token
+
+        if SKETCH_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken(SKETCH_TOKEN, special=True, normalized=False)], special_tokens=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
+            language_model.resize_token_embeddings(len(tokenizer))
+        config_kwargs.setdefault("num_channels", getattr(vision_tower.config, "num_channels", 3))
+        config_kwargs.update(text_config=language_model.config, vision_config=vision_tower.config,
+                             sketch_token_id=tokenizer.convert_tokens_to_ids(SKETCH_TOKEN))
+        config = VIST2Config(**config_kwargs)
+        chars_per_token = prose_chars_per_token(tokenizer)
+        if not {"image_height", "image_width", "merge_size"} & config_kwargs.keys():
+            config = VIST2Config(**config_kwargs, **config.fitted_geometry(chars_per_token))
+        config.check_fit(chars_per_token)
+        with torch.device("meta"):
+            model = cls(config)
+        model.vision_tower, model.language_model = vision_tower, language_model
+        model.aligner = VIST2ModalAligner(config).to(device=language_model.device, dtype=language_model.dtype)
+        model.aligner.apply(model._init_weights)
+        model.tokenizer = tokenizer
+        return model
+
+    # -- transformers plumbing ----------------------------------------------------------------------------------------
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
+
+    # -- forward ------------------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids=None, attention_mask=None, chunk_ids=None, pixel_values=None, labels=None, cache=None,
+                use_cache=None, read_back=None, logits_to_keep=0, past_key_values=None, **kwargs):
+        r"""
+        As `VIST2Model.forward`; during decoding (a prefilled `VIST2Cache`), `input_ids` are only the new tokens.
+        labels (`(batch, seq)`): next-token targets; the loss runs over the text stream `P c_1 c_2 ...` in order
+            (the token after the last of `c_i` is the first of `c_{i+1}`), sketches and -100 carry no label.
+        """
+        kwargs.pop("chunks_kept_as_text", None)
+        cache = past_key_values if cache is None else cache
+        if isinstance(cache, VIST2Cache) and cache.is_prefilled:
+            return self.decode_step(input_ids, cache, logits_to_keep)
+        if chunk_ids is None and not (input_ids == self.config.sketch_token_id).any():
+            return self.forward_text(input_ids, attention_mask, labels, cache, use_cache, logits_to_keep, **kwargs)
+        out = super().forward(input_ids, attention_mask, chunk_ids, pixel_values, cache=cache, use_cache=use_cache,
+                              read_back=read_back)
+        loss = None
+        if labels is not None:
+            kinds = token_kinds(input_ids, attention_mask, self.config.sketch_token_id)
+            loss = self.text_stream_loss(out.last_hidden_state, labels, kinds, kwargs.get("num_items_in_batch"))
+        logits = self.lm_head_for(out.last_hidden_state, logits_to_keep)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
+
+    def forward_text(self, input_ids, attention_mask=None, labels=None, cache=None, use_cache=None, logits_to_keep=0,
+                     **kwargs):
+        """Plain token ids, as any causal-LM client passes them, laid out by the processor as it lays out text.
+
+        With a cache (generation), the generation layout is prefilled into it and the logits are the compressed
+        sequence's. Without, the training layout runs and the logits (and the loss over `labels`) come back at the
+        caller's token positions: at each token, the logits generation would give there."""
+        processor = cache.processor if isinstance(cache, VIST2Cache) else None
+        if use_cache or isinstance(cache, VIST2Cache):
+            layout, _ = self.lay_out(input_ids, attention_mask, processor)
+            return self(**layout, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
+        layout, real = self.lay_out(input_ids, attention_mask, processor, keep_closed_text=True)
+        text = token_kinds(layout["input_ids"], layout["attention_mask"], self.config.sketch_token_id) == TEXT
+        if labels is not None:
+            layout["labels"] = torch.full_like(layout["input_ids"], -100).masked_scatter(text, labels[real])
+        out = self(**layout, **kwargs)
+        logits = out.logits.new_zeros(*input_ids.shape, out.logits.shape[-1])
+        logits[real] = out.logits[text]
+        return CausalLMOutputWithPast(loss=out.loss, logits=logits)
 
     def lm_head_for(self, hidden, logits_to_keep=0):
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -718,28 +803,6 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
                 "pixel_values": pixel_values, CACHE_KWARG: cache, "use_cache": True,
                 "logits_to_keep": kwargs.get("logits_to_keep") or 0}
 
-    def own_processor(self):
-        """The processor that lays out and renders when none is passed: the config's sketch settings and the tokenizer
-        saved with the model (its folder, or `model.tokenizer` after `from_backbones`). Built once, on first use."""
-        if getattr(self, "_own_processor", None) is None:
-            from transformers import AutoTokenizer
-
-            from .processing_vist2 import VIST2Processor
-
-            tokenizer, source = getattr(self, "tokenizer", None), self.config._name_or_path
-            if tokenizer is None:
-                try:
-                    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False) if source else None
-                except (OSError, ValueError) as error:
-                    source = f"{source} ({type(error).__name__}: {error})"
-            if tokenizer is None:
-                raise ValueError(f"VIST2 needs its tokenizer to render closed chunks, and the model has none: it was "
-                                 f"{'loaded from ' + source if source else 'built in memory'}. Fix: pass "
-                                 "processor=VIST2Processor.from_config(model.config, tokenizer) to generate() / read(), "
-                                 "or set model.tokenizer = tokenizer.")
-            self._own_processor = VIST2Processor.from_config(self.config, tokenizer)
-        return self._own_processor
-
     def check_processor(self, processor):
         mismatch = processor.settings_mismatch(self.config)
         if mismatch:
@@ -776,6 +839,7 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         return super().generate(inputs, **kwargs)
 
 
-__all__ = ["VIST2PreTrainedModel", "VIST2ForCausalLM", "VIST2Cache", "VIST2ModalAligner"]
+__all__ = ["VIST2PreTrainedModel", "VIST2Model", "VIST2ForCausalLM", "VIST2Cache", "VIST2ModalAligner"]
 
+VIST2Model.register_for_auto_class("AutoModel")
 VIST2ForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -250,3 +250,49 @@ def test_remote_code_loads_in_a_process_without_the_package_and_gives_identical_
     assert torch.equal(remote["input_ids"], batch["input_ids"])
     with torch.no_grad():
         assert torch.equal(remote["logits"], model(**batch).logits)
+
+
+def test_the_base_model_gives_the_hidden_states_the_lm_head_reads(model, processor, tokenizer, training_batch):
+    from vist2 import VIST2Model
+
+    base = VIST2Model(model.config).eval()
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if "lm_head" not in k})
+    assert not any("lm_head" in name for name in base.state_dict())
+    with torch.no_grad():
+        hidden = base(**training_batch).last_hidden_state
+        torch.testing.assert_close(model.get_output_embeddings()(hidden), model(**training_batch).logits)
+        base.tokenizer = tokenizer  # plain ids are laid out into the compressed sequence, as the processor lays out text
+        plain = base(input_ids=torch.tensor([processor.encode(SAMPLE_TEXT[:300])])).last_hidden_state
+        torch.testing.assert_close(plain, base(**processor(text=SAMPLE_TEXT[:300])).last_hidden_state)
+
+
+def test_one_checkpoint_loads_as_the_base_model_or_the_causal_lm(model, tmp_path):
+    from transformers import AutoModel
+
+    from vist2 import VIST2Model
+
+    model.save_pretrained(tmp_path / "causal")
+    base, info = AutoModel.from_pretrained(tmp_path / "causal", output_loading_info=True)
+    assert isinstance(base, VIST2Model) and not isinstance(base, VIST2ForCausalLM)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    for name, weight in base.state_dict().items():
+        torch.testing.assert_close(weight, model.state_dict()[name])
+    base.save_pretrained(tmp_path / "base")
+    causal, info = AutoModelForCausalLM.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert not info["unexpected_keys"] and set(info["missing_keys"]) <= {"language_model.lm_head.weight"}
+
+
+def test_automodel_loads_the_demo_checkpoint_with_remote_code_and_no_loading_warnings():
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoProcessor
+
+    root = Path(__file__).resolve().parent.parent
+    base, info = AutoModel.from_pretrained(root, trust_remote_code=True, output_loading_info=True)
+    causal = AutoModelForCausalLM.from_pretrained(root, trust_remote_code=True)
+    assert type(base).__name__ == "VIST2Model" and not any(info[k] for k in ("missing_keys", "unexpected_keys"))
+    processor = AutoProcessor.from_pretrained(root, trust_remote_code=True)
+    inputs = processor(text=SAMPLE_TEXT[:400])
+    with torch.no_grad():
+        hidden = base.eval()(**inputs).last_hidden_state
+        torch.testing.assert_close(causal.get_output_embeddings()(hidden), causal.eval()(**inputs).logits)
