@@ -23,11 +23,13 @@ name and speaks the installed release's (`CACHE_KWARG`).
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationMixin,
+                          PreTrainedModel)
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_vist2 import VIST2Config
+from .processing_vist2 import SKETCH_TOKEN, VIST2Processor, prose_chars_per_token
 
 PAD, TEXT, SKETCH = 0, 1, 2  # token kinds
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -258,12 +260,6 @@ class VIST2TextDecoder(nn.Module):
     def get_decoder(self):
         return getattr(self, self.prefix)
 
-    def get_input_embeddings(self):
-        return self.get_decoder().get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.get_decoder().set_input_embeddings(value)
-
 
 class VIST2Model(VIST2PreTrainedModel):
     """Vision tower, aligner and the backbone's decoder: the hidden states of the compressed sequence, no LM head
@@ -292,10 +288,10 @@ class VIST2Model(VIST2PreTrainedModel):
     # -- transformers plumbing ----------------------------------------------------------------------------------------
 
     def get_input_embeddings(self):
-        return self.language_model.get_input_embeddings()
+        return self.get_decoder().get_input_embeddings()
 
     def set_input_embeddings(self, value):
-        self.language_model.set_input_embeddings(value)
+        self.get_decoder().set_input_embeddings(value)
 
     def get_decoder(self):
         return self.language_model.get_decoder()
@@ -357,18 +353,8 @@ class VIST2Model(VIST2PreTrainedModel):
 
     # -- forward ------------------------------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        chunk_ids=None,
-        pixel_values=None,
-        cache=None,
-        use_cache=None,
-        read_back=None,
-        past_key_values=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, attention_mask=None, chunk_ids=None, pixel_values=None, cache=None, use_cache=None,
+                read_back=None, past_key_values=None, **kwargs):
         r"""
         input_ids (`(batch, seq)`): flat layout from `VIST2Processor`: text, and `<|sketch|>` placeholders where
             visual tokens go. Plain token ids (no `chunk_ids`) are laid out here as the processor lays out text.
@@ -473,16 +459,11 @@ class VIST2Model(VIST2PreTrainedModel):
         """The processor that lays out and renders when none is passed: the config's sketch settings and the tokenizer
         saved with the model (its folder, or `model.tokenizer` after `from_backbones`). Built once, on first use."""
         if getattr(self, "_own_processor", None) is None:
-            from transformers import AutoTokenizer
-
-            from .processing_vist2 import VIST2Processor
-
             tokenizer, source = getattr(self, "tokenizer", None), self.config._name_or_path
-            if tokenizer is None:
-                try:
-                    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False) if source else None
-                except (OSError, ValueError) as error:
-                    source = f"{source} ({type(error).__name__}: {error})"
+            try:
+                tokenizer = tokenizer or (AutoTokenizer.from_pretrained(source, trust_remote_code=False) if source else None)
+            except (OSError, ValueError) as error:
+                source = f"{source} ({type(error).__name__}: {error})"
             if tokenizer is None:
                 raise ValueError(f"VIST2 needs its tokenizer to render closed chunks, and the model has none: it was "
                                  f"{'loaded from ' + source if source else 'built in memory'}. Fix: pass "
@@ -512,7 +493,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         prose in this tokenizer (`VIST2Config.sketch_geometry`, at its characters per token on `PROSE_SAMPLE`); a
         given geometry that cannot hold one is refused.
         """
-        from transformers import AddedToken, AutoTokenizer
+        from transformers import AddedToken
 
         language_model = text_model
         if not isinstance(language_model, PreTrainedModel):
@@ -537,8 +518,6 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             vision_tower = headless
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(text_model if isinstance(text_model, str) else text_model.name_or_path)
-        from .processing_vist2 import SKETCH_TOKEN, prose_chars_per_token
-
         if SKETCH_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_tokens([AddedToken(SKETCH_TOKEN, special=True, normalized=False)], special_tokens=True)
         if tokenizer.pad_token is None:
@@ -600,7 +579,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         With a cache (generation), the generation layout is prefilled into it and the logits are the compressed
         sequence's. Without, the training layout runs and the logits (and the loss over `labels`) come back at the
         caller's token positions: at each token, the logits generation would give there."""
-        processor = cache.processor if isinstance(cache, VIST2Cache) else None
+        processor = getattr(cache, "processor", None)
         if use_cache or isinstance(cache, VIST2Cache):
             layout, _ = self.lay_out(input_ids, attention_mask, processor)
             return self(**layout, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
@@ -823,7 +802,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if processor is not None:
             self.check_processor(processor)
         if kwargs.get("stop_strings") is not None and kwargs.get("tokenizer") is None:
-            kwargs["tokenizer"] = (processor or self.own_processor()).tokenizer
+            kwargs["tokenizer"] = (self.own_processor() if processor is None else processor).tokenizer
         cache, legacy_cache = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
         cache = legacy_cache if cache is None else cache
         if cache is None:
@@ -832,7 +811,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             cache.processor = processor
         kwargs[CACHE_KWARG] = cache
         input_ids = kwargs.get("input_ids", inputs)
-        if kwargs.get("chunk_ids") is None and input_ids is not None and (input_ids == self.config.sketch_token_id).any():
+        placeholders = input_ids is not None and (input_ids == self.config.sketch_token_id).any()
+        if kwargs.get("chunk_ids") is None and placeholders and not cache.is_prefilled:
             raise ValueError("chunk_ids is required when input_ids hold '<|sketch|>' placeholders: pass the whole "
                              "processor batch, model.generate(**processor(text=...), processor=processor)")
         kwargs.pop("chunks_kept_as_text", None)

@@ -476,7 +476,7 @@ class VIST2Processor(ProcessorMixin):
             cut = turn_end
         return cut
 
-    def layout_token_ids(self, token_ids, keep_closed_text=False, return_labels=False) -> BatchFeature:
+    def layout_token_ids(self, token_ids, keep_closed_text=False) -> BatchFeature:
         """Plain token ids (one list per sample, as any tokenizer returns them) -> the model's inputs, as `__call__`
         lays out text: leading system turns stay as the prefix, every closed chunk after them becomes a sketch."""
         samples = []
@@ -484,7 +484,7 @@ class VIST2Processor(ProcessorMixin):
             cut = self.prefix_length(ids)
             samples.append(self.encode_sample(ids[:cut], ids[cut:], keep_closed_text))
         self.last_report = [s["report"] for s in samples]
-        return self.collate(samples, return_labels=return_labels)
+        return self.collate(samples)
 
     def apply_chat_template(self, conversation, chat_template=None, tokenize=False, return_dict=False,
                             return_tensors=None, **kwargs):
