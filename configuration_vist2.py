@@ -7,8 +7,10 @@ here, so that a model and its processor provably agree (`VIST2Config.sketch_sett
 sizes a sketch to hold a chunk (`VIST2Config.sketch_geometry`).
 """
 
+import difflib
 import math
 
+from PIL import ImageFont
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
 
@@ -42,6 +44,8 @@ SKETCH_SETTING_KEYS = (
     "newline_glyph",
     "special_token_glyphs",
 )
+VIST2_KEYS = SKETCH_SETTING_KEYS + ("text_config", "vision_config", "merge_size", "sketch_token_id",
+                                    "read_back_positions")
 
 
 def _is_glyph(char) -> bool:
@@ -55,6 +59,65 @@ def _cells(height, width, char_width, line_height, margin) -> int:
 def characters_needed(chunk_size, chars_per_token, newline_glyph) -> int:
     """Cells a sketch needs for chunks of `chunk_size` tokens at `chars_per_token` (see FIT_MARGIN)."""
     return math.ceil((FIT_MARGIN if newline_glyph else FIT_MARGIN_LINE_BREAKS) * chunk_size * chars_per_token)
+
+
+def validate_sketch_settings(settings: dict, name: str):
+    """Check the settings that decide a sketch's pixels, wherever they come from (a config, a processor file).
+    `name` formats a field into the error's subject, e.g. "VIST2Config.{}"."""
+
+    def fail(field, problem, fix):
+        raise ValueError(f"{name.format(field)}: {problem}. Fix: {fix}.")
+
+    missing = [key for key in SKETCH_SETTING_KEYS if key not in settings]
+    if missing:
+        fail(missing[0], f"missing (also missing: {missing[1:]})", "build the processor with "
+             "VIST2Processor.from_config(model.config, tokenizer), which copies every sketch setting")
+    for field in ("chunk_size", "compression_ratio", "font_size", "min_font_size", "char_width", "line_height",
+                  "image_height", "image_width", "merge_size")[: 8 + ("merge_size" in settings)]:
+        value = settings[field]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            fail(field, f"must be a positive integer, got {value!r}", f"pass {field}=<positive int>")
+    L, r = settings["chunk_size"], settings["compression_ratio"]
+    if L % r:
+        fail("chunk_size", f"L={L} is not a multiple of compression_ratio r={r}",
+             f"use chunk_size={L - L % r or r} or a ratio that divides {L}")
+    if settings["num_channels"] not in (1, 3):
+        fail("num_channels", f"{settings['num_channels']!r} must be 1 or 3", "use 1 (grey) or 3 (grey replicated)")
+    margin, cell_h, cell_w = settings["margin"], settings["line_height"], settings["char_width"]
+    if not isinstance(margin, int) or margin < 0 or min(settings["image_height"] - 2 * margin - cell_h,
+                                                        settings["image_width"] - 2 * margin - cell_w) < 0:
+        fail("margin", f"margin={margin!r} leaves no room for one {cell_w}x{cell_h} cell in a "
+             f"{settings['image_height']}x{settings['image_width']} sketch", "use a smaller margin or cell")
+    if settings["min_font_size"] > settings["font_size"]:
+        fail("min_font_size", f"{settings['min_font_size']} exceeds font_size={settings['font_size']}",
+             f"use min_font_size <= {settings['font_size']}")
+    if settings["overflow_policy"] not in OVERFLOW_POLICIES:
+        fail("overflow_policy", f"unknown policy {settings['overflow_policy']!r}", f"use one of {OVERFLOW_POLICIES}")
+    newline_glyph, glyphs = settings["newline_glyph"], settings["special_token_glyphs"] or {}
+    if newline_glyph not in (None, "\n") and not _is_glyph(newline_glyph):
+        fail("newline_glyph", f"must be None, \"\\n\" or one visible character, got {newline_glyph!r}",
+             'use newline_glyph="\\n" (in line, as a mark no character has)')
+    if not isinstance(glyphs, dict) or not all(isinstance(t, str) and t and _is_glyph(g) for t, g in glyphs.items()):
+        fail("special_token_glyphs", f"must map token strings to one visible character each, got {glyphs!r}",
+             'use e.g. special_token_glyphs={"<|endoftext|>": "©"}')
+    drawn = list(glyphs.values()) + [newline_glyph] * (newline_glyph is not None)
+    if len(set(drawn)) != len(drawn):
+        fail("special_token_glyphs", f"two things drawn the same way ({drawn!r}): the sketch could not tell "
+             "them apart", "give every special token (and newline_glyph) its own character")
+    for field in ("foreground", "background"):
+        if not isinstance(settings[field], int) or not 0 <= settings[field] <= 255:
+            fail(field, f"grey level {settings[field]!r} out of range", "use an integer in 0..255")
+    for field, low in (("image_mean", -math.inf), ("image_std", 0)):
+        value = settings[field]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < math.inf:
+            fail(field, f"must be a finite number above {low}, got {value!r}", f"use e.g. {field}=0.5")
+    if settings["font_path"] is not None:
+        # The font is part of the model: a path that does not open fails here, not at the first closed chunk.
+        try:
+            ImageFont.truetype(settings["font_path"], settings["font_size"])
+        except (OSError, ValueError, TypeError) as error:
+            fail("font_path", f"cannot open {settings['font_path']!r} as a TrueType/OpenType font ({error})",
+                 "pass the path of a .ttf/.otf file that exists on this machine, or None for Pillow's built-in font")
 
 
 def _sub_config(value, default_model_type, defaults):
@@ -94,8 +157,9 @@ class VIST2Config(PretrainedConfig):
             line. Then a character's cell depends only on its place in the chunk, not on the line breaks before it,
             which a small reader finds much easier to follow, and no cell is left blank, so a sketch holds a chunk
             of prose at half the cells a page layout needs (`sketch_geometry`); `None` breaks lines as a page does.
-            Default "«". Pick a character the text rarely holds: where it does, the sketch cannot tell it from a
-            newline.
+            Default "\n": in line, as a byte mark, which no character of a text draws like. A character instead
+            (the demo checkpoint draws "«") takes one of the font's glyphs: a chunk whose text holds that character
+            (or a special token's glyph) is kept as text.
         special_token_glyphs (`dict[str, str]`, *optional*): special tokens drawn as one character each, e.g.
             `{"<|endoftext|>": "©"}`. Decoded, a special token is its whole name (13 cells for `<|endoftext|>`), which
             pushes every later character of the chunk to another cell; drawn as one glyph it takes one cell, like
@@ -103,9 +167,8 @@ class VIST2Config(PretrainedConfig):
         read_back_positions (`str`): where a chunk read back from its own sketch (OCR warm-up) sits. `"after_sketch"`:
             in the layout `P V_1 ... V_i c_i`, so that `c_i` reads `V_i` at the places where `c_{i+1}` will later
             see it. `"before_next_chunk"`: `c_i` ends right before the place of `c_{i+1}`'s first token, where a
-            text-only model holds the text that precedes the next chunk; the sketch's last cells are then the bytes
-            just before the open chunk, which finishing a word broken off at a chunk boundary needs (demo/NOTES.md,
-            "Thirteenth attempt"). Generation never reads back, so its positions are the same either way.
+            text-only model holds the text that precedes the next chunk, as finishing a word broken off at a chunk
+            boundary needs. Generation never reads back, so its positions are the same either way.
     """
 
     model_type = "vist2"
@@ -133,7 +196,7 @@ class VIST2Config(PretrainedConfig):
         image_mean=0.5,
         image_std=0.5,
         overflow_policy="keep_text",
-        newline_glyph="\u00ab",
+        newline_glyph="\n",
         special_token_glyphs=None,
         read_back_positions="after_sketch",
         **kwargs,
@@ -170,6 +233,10 @@ class VIST2Config(PretrainedConfig):
         self.newline_glyph = newline_glyph
         self.special_token_glyphs = special_token_glyphs or None
         self.read_back_positions = read_back_positions
+        for key in kwargs:  # PretrainedConfig keeps any unknown key: a misspelled setting would be silently unused
+            near = difflib.get_close_matches(key, VIST2_KEYS, n=1, cutoff=0.8)
+            if near:
+                raise ValueError(f"VIST2Config.{key}: not a VIST2 setting. Fix: did you mean {near[0]!r}?")
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_vist2()
@@ -190,7 +257,7 @@ class VIST2Config(PretrainedConfig):
 
     @staticmethod
     def sketch_geometry(chunk_size, compression_ratio, patch_size, chars_per_token=PROSE_CHARS_PER_TOKEN, char_width=4,
-                        line_height=8, margin=0, newline_glyph="\u00ab", merge_size=None) -> dict:
+                        line_height=8, margin=0, newline_glyph="\n", merge_size=None) -> dict:
         """The cheapest sketch that holds a chunk: `{"image_height", "image_width", "merge_size"}`.
 
         The m = L / r visual tokens form the squarest grid of s x s patch blocks; the tower reads m * s^2 patches per
@@ -235,15 +302,8 @@ class VIST2Config(PretrainedConfig):
         def fail(field, problem, fix):
             raise ValueError(f"VIST2Config.{field}: {problem}. Fix: {fix}.")
 
-        for field in ("chunk_size", "compression_ratio", "merge_size", "font_size", "min_font_size",
-                      "char_width", "line_height", "image_height", "image_width"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                fail(field, f"must be a positive integer, got {value!r}", f"pass {field}=<positive int>")
+        validate_sketch_settings({**self.sketch_settings, "merge_size": self.merge_size}, "VIST2Config.{}")
         L, r, s, p = self.chunk_size, self.compression_ratio, self.merge_size, self.patch_size
-        if L % r:
-            fail("chunk_size", f"L={L} is not a multiple of compression_ratio r={r}",
-                 f"use chunk_size={L - L % r or r} or a ratio that divides {L}")
         for field in ("image_height", "image_width"):
             size = getattr(self, field)
             if size % (p * s):
@@ -254,43 +314,16 @@ class VIST2Config(PretrainedConfig):
             fail("image_height", f"a {self.image_height}x{self.image_width} sketch gives {tokens} visual tokens "
                  f"(patch {p}, merge {s}) but chunk_size/compression_ratio = {L}/{r} = {self.visual_tokens_per_chunk}",
                  "choose image_height/(patch*merge) * image_width/(patch*merge) == chunk_size/compression_ratio")
-        if self.num_channels not in (1, 3) or self.num_channels != getattr(self.vision_config, "num_channels", 3):
-            fail("num_channels", f"{self.num_channels} must be 1 or 3 and equal vision_config.num_channels "
+        if self.num_channels != getattr(self.vision_config, "num_channels", 3):
+            fail("num_channels", f"{self.num_channels} must equal vision_config.num_channels "
                  f"({getattr(self.vision_config, 'num_channels', 3)})", "set both to the same value")
-        inner_h, inner_w = self.image_height - 2 * self.margin, self.image_width - 2 * self.margin
-        if self.margin < 0 or inner_h < self.line_height or inner_w < self.char_width:
-            fail("margin", f"margin={self.margin} leaves no room for one {self.char_width}x{self.line_height} cell "
-                 f"in a {self.image_height}x{self.image_width} sketch", "use a smaller margin or cell")
-        if self.min_font_size > self.font_size:
-            fail("min_font_size", f"{self.min_font_size} exceeds font_size={self.font_size}",
-                 f"use min_font_size <= {self.font_size}")
-        if self.overflow_policy not in OVERFLOW_POLICIES:
-            fail("overflow_policy", f"unknown policy {self.overflow_policy!r}", f"use one of {OVERFLOW_POLICIES}")
-        if self.newline_glyph is not None and not _is_glyph(self.newline_glyph):
-            fail("newline_glyph", f"must be one visible character or None, got {self.newline_glyph!r}",
-                 'use e.g. newline_glyph="«" (a character the font draws)')
-        glyphs = self.special_token_glyphs or {}
-        if not isinstance(glyphs, dict) or not all(isinstance(t, str) and t and _is_glyph(g) for t, g in glyphs.items()):
-            fail("special_token_glyphs", f"must map token strings to one visible character each, got {glyphs!r}",
-                 'use e.g. special_token_glyphs={"<|endoftext|>": "©"}')
-        drawn = list(glyphs.values()) + [self.newline_glyph] * (self.newline_glyph is not None)
-        if len(set(drawn)) != len(drawn):
-            fail("special_token_glyphs", f"two things drawn the same way ({drawn!r}): the sketch could not tell "
-                 "them apart", "give every special token (and newline_glyph) its own character")
         if self.read_back_positions not in READ_BACK_POSITIONS:
             fail("read_back_positions", f"unknown layout {self.read_back_positions!r}",
                  f"use one of {READ_BACK_POSITIONS}")
-        for field in ("foreground", "background"):
-            if not 0 <= getattr(self, field) <= 255:
-                fail(field, "grey level out of range", "use a value in 0..255")
         vocab_size = getattr(self.text_config, "vocab_size", None)
         if self.sketch_token_id is not None and vocab_size and not 0 <= self.sketch_token_id < vocab_size:
             fail("sketch_token_id", f"{self.sketch_token_id} is outside the text vocabulary (0..{vocab_size - 1})",
                  "use the tokenizer's <|sketch|> id and resize the embeddings to the tokenizer")
-        if isinstance(self.image_mean, bool) or not isinstance(self.image_mean, (int, float)):
-            fail("image_mean", f"must be a number, got {self.image_mean!r}", "use e.g. image_mean=0.5")
-        if isinstance(self.image_std, bool) or not isinstance(self.image_std, (int, float)) or self.image_std <= 0:
-            fail("image_std", f"must be a positive number, got {self.image_std!r}", "use e.g. image_std=0.5")
         if getattr(self.text_config, "use_sliding_window", False):
             fail("text_config", "sliding-window attention would hide sketches of early chunks",
                  "set text_config.use_sliding_window=False")

@@ -24,14 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationMixin,
-                          PreTrainedModel)
+                          LogitsProcessor, LogitsProcessorList, PreTrainedModel)
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging as hf_logging
 
 from .configuration_vist2 import VIST2Config
 from .processing_vist2 import SKETCH_TOKEN, VIST2Processor, prose_chars_per_token
 
 PAD, TEXT, SKETCH = 0, 1, 2  # token kinds
+REPORT_KEYS = ("chunks_kept_as_text", "undrawable_characters")  # what a processor call reports, not a model input
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -154,6 +156,7 @@ class VIST2Cache(DynamicCache):
         self.kinds = self.chunk_ids = self.memory = None
         self.open_tokens: list[list[int]] = []
         self.open_chunk = self.memory_length = None
+        self.reports = []  # how each chunk closed while writing was rendered (for generate's summary warning)
 
     @property
     def is_prefilled(self) -> bool:
@@ -197,16 +200,41 @@ class VIST2Cache(DynamicCache):
             index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
             layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
 
+    def select_rows(self, rows: torch.Tensor):
+        """Keep, repeat or reorder rows (beam search, `num_return_sequences`): every per-row state follows its row."""
+        if self.is_prefilled:
+            rows = rows.to(self.kinds.device)
+            self.kinds, self.chunk_ids, self.memory = self.kinds[rows], self.chunk_ids[rows], self.memory[rows]
+            self.open_chunk, self.memory_length = self.open_chunk[rows], self.memory_length[rows]
+            self.open_tokens = [list(self.open_tokens[row]) for row in rows.tolist()]
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        self.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self.select_rows(torch.arange(len(self.open_tokens)).repeat_interleave(repeats))
+
     def batch_select_indices(self, indices):
         super().batch_select_indices(indices)
-        self.kinds, self.chunk_ids, self.memory = self.kinds[indices], self.chunk_ids[indices], self.memory[indices]
-        self.open_tokens = [self.open_tokens[i] for i in indices.tolist()]
-        self.open_chunk, self.memory_length = self.open_chunk[indices], self.memory_length[indices]
+        self.select_rows(indices)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+class TokenizerIdsOnly(LogitsProcessor):
+    """Ids past the tokenizer (padded embedding rows) decode to nothing: a chunk holding one would be drawn without
+    it. Applied after beam search takes its log-probabilities, so scores stay those of the training forward."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, input_ids, scores):
+        return scores.index_fill(-1, torch.arange(self.size, scores.shape[-1], device=scores.device), -float("inf"))
 
 
 class VIST2ModalAligner(nn.Module):
@@ -337,6 +365,9 @@ class VIST2Model(VIST2PreTrainedModel):
     def embed(self, input_ids, kinds, pixel_values, sketches_per_pass=None):
         if pixel_values is not None:
             self.check_pixel_values(pixel_values)
+            if not torch.isfinite(pixel_values).all():
+                raise ValueError("pixel_values hold NaN or infinite values. Fix: pass the pixel_values VIST2Processor "
+                                 "returns (finite by construction)")
         embeds = self.get_input_embeddings()(input_ids)
         num_slots = int((kinds == SKETCH).sum())
         num_sketches = 0 if pixel_values is None else pixel_values.shape[0]
@@ -366,7 +397,8 @@ class VIST2Model(VIST2PreTrainedModel):
         Returns `last_hidden_state`, one per position of the laid-out sequence (for plain ids, of the compressed
         sequence `P V_1 ... V_{K-1} c_K` they are laid out into).
         """
-        kwargs.pop("chunks_kept_as_text", None)
+        for key in REPORT_KEYS:
+            kwargs.pop(key, None)
         cache = past_key_values if cache is None else cache
         if chunk_ids is None:
             if (input_ids == self.config.sketch_token_id).any():
@@ -376,6 +408,14 @@ class VIST2Model(VIST2PreTrainedModel):
         if chunk_ids.shape != input_ids.shape or (attention_mask is not None and attention_mask.shape != input_ids.shape):
             raise ValueError(f"input_ids {tuple(input_ids.shape)}, chunk_ids {tuple(chunk_ids.shape)} and attention_mask "
                              f"{None if attention_mask is None else tuple(attention_mask.shape)} must have one shape")
+        vocab_size = self.get_input_embeddings().num_embeddings
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
+            raise ValueError(f"input_ids hold ids outside the model's vocabulary (0..{vocab_size - 1}). Fix: use the "
+                             "tokenizer saved with the model, or model.resize_token_embeddings(len(tokenizer))")
+        if attention_mask is not None and not attention_mask.any(1).all():
+            raise ValueError(f"attention_mask: row {int((~attention_mask.any(1)).nonzero()[0])} masks every token, "
+                             "so the row has nothing to start from. Fix: drop that row, or encode it with the "
+                             "processor (an empty text gets its bos token)")
         batch = input_ids.shape[0]
         read_back = torch.zeros(batch, dtype=torch.bool, device=input_ids.device) if read_back is None else read_back.bool()
         kinds = token_kinds(input_ids, attention_mask, self.config.sketch_token_id)
@@ -594,7 +634,14 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
 
     def lm_head_for(self, hidden, logits_to_keep=0):
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        return self.get_output_embeddings()(hidden[:, kept])
+        return self.next_token_logits(hidden[:, kept])
+
+    def next_token_logits(self, hidden):
+        """The LM head, with `<|sketch|>` ruled out: written text must never hold a placeholder without a sketch
+        (the layout would break), and training and generation rule it out alike, so their logits stay equal."""
+        logits = self.get_output_embeddings()(hidden)
+        logits[..., self.config.sketch_token_id] = torch.finfo(logits.dtype).min
+        return logits
 
     def text_stream_loss(self, hidden, labels, kinds, num_items_in_batch=None):
         """Next-token loss along the text stream: sketches are skipped, not predicted."""
@@ -605,7 +652,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         targets[:, :-1] = stream_labels[:, 1:]
         picked = targets != -100
         rows, cols = picked.nonzero(as_tuple=True)
-        logits = self.get_output_embeddings()(hidden[rows, order[rows, cols]]).float()
+        logits = self.next_token_logits(hidden[rows, order[rows, cols]]).float()
         loss = F.cross_entropy(logits, targets[rows, cols], reduction="sum")
         denominator = num_items_in_batch if num_items_in_batch is not None else max(int(picked.sum()), 1)
         return loss / denominator
@@ -625,7 +672,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if cache.processor is None:
             cache.processor = self.own_processor()
         rows = closing.nonzero()[:, 0].tolist()
-        images, _ = cache.processor.sketch_chunks([cache.open_tokens[b] for b in rows])
+        images, reports = cache.processor.sketch_chunks([cache.open_tokens[b] for b in rows])
+        cache.reports += reports
         rendered = [b for b, image in zip(rows, images) if image is not None]
         visual = None
         if rendered:
@@ -680,7 +728,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         return self.run_language_model(embeds, positions, layout, cache, use_cache=True)
 
     @torch.no_grad()
-    def read(self, processor=None, text="", prefix="", sketches_per_step: int = 8) -> dict:
+    def read(self, processor=None, text="", prefix="", sketches_per_step: int = 8, progress: bool | None = None
+             ) -> dict:
         """Compress a long `text` into a `VIST2Cache` while streaming it, and return inputs for `generate`.
 
         The text is tokenized, rendered and encoded `sketches_per_step` chunks at a time (`processor.iter_chunks`),
@@ -689,7 +738,9 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             inputs = model.read(processor, book)
             out = model.generate(**inputs, processor=processor, max_new_tokens=200)   # out[:, 1:] is the new text
 
-        `inputs["cache"]` is the `VIST2Cache` that `generate` goes on writing into (under any transformers release).
+        `inputs["cache"]` is the `VIST2Cache` that `generate` goes on writing into (under any transformers release);
+        `chunks_kept_as_text` and `undrawable_characters` report the text as a processor call does (one warning).
+        `progress` shows a progress bar over the chunks (default: for texts of 100 000 characters or more).
         `text` may be token ids (a list or a one-row tensor): leading system turns then stay the prefix, as in
         `generate`. `processor` defaults to `own_processor()`.
         """
@@ -731,10 +782,13 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             cache.open_chunk -= 1  # the prefix is chunk 0
             append([(prefix_ids, None)])
         group, open_ids = [], []
-        for token_ids, sketch, report in processor.iter_chunks(text):
+        reports, chunks = [], hf_logging.tqdm(processor.iter_chunks(text), desc="VIST2 read", unit=" chunks",
+                                              disable=not (len(text) >= 100_000 if progress is None else progress))
+        for token_ids, sketch, report in chunks:
             if report is None:
                 open_ids = token_ids
                 break
+            reports.append(report)
             group.append((token_ids, sketch))
             if len(group) == sketches_per_step:
                 append(group)
@@ -749,7 +803,11 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             self.extend_cache(cache, self.get_input_embeddings()(head), kinds, cache.open_chunk[:, None].expand_as(head),
                               torch.zeros_like(head, dtype=torch.bool), positions)
         cache.open_tokens = [list(open_ids[:-1])]
-        return {"input_ids": torch.tensor([[open_ids[-1]]], device=device), "cache": cache}
+        chunks.close()
+        kept, undrawable = processor.kept_as_text(reports, stacklevel=3)  # 3: the caller, above torch.no_grad's wrapper
+        return {"input_ids": torch.tensor([[open_ids[-1]]], device=device), "cache": cache,
+                "chunks_kept_as_text": torch.tensor([kept], device=device),
+                "undrawable_characters": ["".join(undrawable)]}
 
     @torch.no_grad()
     def read_back_chunk(self, processor, chunk_token_ids, pixel_values=None, max_new_tokens=None) -> list[int]:
@@ -777,7 +835,12 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         # layout, so generate's own attention_mask / cache_position bookkeeping is not used.
         cache = past_key_values if cache is None else cache
         if isinstance(cache, VIST2Cache) and cache.is_prefilled:
+            if len(cache.open_tokens) != input_ids.shape[0]:  # a cache from `read`, for several beams or sequences
+                cache.batch_repeat_interleave(input_ids.shape[0] // len(cache.open_tokens))
             return {"input_ids": input_ids[:, -1:], CACHE_KWARG: cache, "use_cache": True}
+        if isinstance(pixel_values, (list, tuple)):  # per prompt row (see `generate`): each copy of a row gets its own
+            copies = input_ids.shape[0] // len(pixel_values)
+            pixel_values = torch.cat([row for row in pixel_values for _ in range(copies)])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "chunk_ids": chunk_ids,
                 "pixel_values": pixel_values, CACHE_KWARG: cache, "use_cache": True,
                 "logits_to_keep": kwargs.get("logits_to_keep") or 0}
@@ -787,6 +850,10 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if mismatch:
             raise ValueError(f"processor and model disagree on {mismatch} (processor, model): build the processor "
                              "with VIST2Processor.from_config(model.config, tokenizer)")
+        if len(processor.tokenizer) > self.get_input_embeddings().num_embeddings:
+            raise ValueError(f"the processor's tokenizer has {len(processor.tokenizer)} tokens but the model embeds "
+                             f"{self.get_input_embeddings().num_embeddings}. Fix: use the tokenizer saved with the "
+                             "model, or model.resize_token_embeddings(len(tokenizer))")
 
     def generate(self, inputs=None, processor=None, prefill_chunk_size: int | None = 512, **kwargs):
         """`GenerationMixin.generate` with a compressing cache. Takes the processor's batch or plain token ids (laid out
@@ -794,6 +861,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
 
         The compressed prompt is prefilled `prefill_chunk_size` entries at a time (sketches encoded block by block), so
         peak memory is the compressed cache plus one block; `None` prefills in one pass. Same logits either way."""
+        self.check_generation_mode(kwargs)
         generation_config = kwargs.get("generation_config")
         if getattr(generation_config, "prefill_chunk_size", None) is not None:
             # transformers' own chunked prefill cannot split sketches: VIST2 takes the setting and blocks it itself.
@@ -801,6 +869,9 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             kwargs["generation_config"] = generation_config.from_dict(generation_config.to_dict(), prefill_chunk_size=None)
         if processor is not None:
             self.check_processor(processor)
+            if len(processor.tokenizer) < self.get_output_embeddings().out_features:  # padded embedding rows
+                kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []),
+                                                                  TokenizerIdsOnly(len(processor.tokenizer))])
         if kwargs.get("stop_strings") is not None and kwargs.get("tokenizer") is None:
             kwargs["tokenizer"] = (self.own_processor() if processor is None else processor).tokenizer
         cache, legacy_cache = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
@@ -815,8 +886,36 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if kwargs.get("chunk_ids") is None and placeholders and not cache.is_prefilled:
             raise ValueError("chunk_ids is required when input_ids hold '<|sketch|>' placeholders: pass the whole "
                              "processor batch, model.generate(**processor(text=...), processor=processor)")
-        kwargs.pop("chunks_kept_as_text", None)
-        return super().generate(inputs, **kwargs)
+        pixel_values = kwargs.get("pixel_values")
+        if isinstance(pixel_values, torch.Tensor) and input_ids is not None and not cache.is_prefilled:
+            # generate repeats every tensor row by row for beams and num_return_sequences, but pixel_values holds
+            # sketches, not rows: split them by row, so that prepare_inputs_for_generation repeats each row's own.
+            kinds = token_kinds(input_ids, kwargs.get("attention_mask"), self.config.sketch_token_id)
+            per_row = ((kinds == SKETCH).sum(1) // self.config.visual_tokens_per_chunk).tolist()
+            if sum(per_row) == pixel_values.shape[0]:  # (otherwise forward names the mismatch)
+                kwargs["pixel_values"] = list(pixel_values.split(per_row))
+        for key in REPORT_KEYS:
+            kwargs.pop(key, None)
+        closed_before = len(cache.reports)
+        output = super().generate(inputs, **kwargs)
+        if cache.processor is not None:
+            cache.processor.kept_as_text(cache.reports[closed_before:], stacklevel=2)
+        return output
+
+    def check_generation_mode(self, kwargs):
+        """Refuse, before any work, the decoding strategies whose results would not be exact with the compressing
+        cache; greedy decoding, sampling and beam search (any `num_return_sequences`) are."""
+        base = kwargs.get("generation_config") or self.generation_config
+        config = base.from_dict(base.to_dict())
+        config.update(**kwargs)
+        mode = str(getattr(config.get_generation_mode(kwargs.get("assistant_model")), "value", ""))
+        mode = "custom_generate" if kwargs.get("custom_generate") else mode
+        if mode not in ("greedy_search", "sample", "beam_search", "beam_sample"):
+            why = ("it feeds guessed tokens and crops the cache back, which cannot undo a chunk that closed (its text "
+                   "is a sketch by then)" if mode == "assisted_generation" else "transformers runs it from custom "
+                   "code written for caches that keep every token, not for one whose closed chunks are sketches")
+            raise ValueError(f"VIST2 generate: {mode} is not supported: {why}. Fix: use greedy "
+                             "decoding, sampling or beam search (num_beams, num_return_sequences)")
 
 
 __all__ = ["VIST2PreTrainedModel", "VIST2Model", "VIST2ForCausalLM", "VIST2Cache", "VIST2ModalAligner"]

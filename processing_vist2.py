@@ -11,7 +11,6 @@ character at a fixed place on the patch grid, and runs inside the decode loop at
 """
 
 import functools
-import logging
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -22,11 +21,18 @@ from PIL import Image, ImageDraw, ImageFont
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-logger = logging.getLogger(__name__)
+from .configuration_vist2 import SKETCH_SETTING_KEYS, validate_sketch_settings
+
 
 SKETCH_TOKEN = "<|sketch|>"
-TAB_WIDTH = 4
 IGNORE_INDEX = -100
+# A byte the text holds but no character shows: a tab or carriage return, a newline drawn in line (newline_glyph="\n"),
+# a space that ends a line (blank, it would look like no space), or a byte of a character that a chunk edge splits (as
+# Python's "surrogateescape" spells it). Each is drawn as a mark of its own (its bits as blocks), never as a font glyph
+# nor as blank paper.
+SHOWN_SPACE, SHOWN_NEWLINE = "\udc20", "\udc0a"
+BYTE_MARKED = {"\t": 0x09, "\r": 0x0D, SHOWN_NEWLINE: 0x0A, SHOWN_SPACE: 0x20,
+               **{chr(0xDC00 + b): b for b in range(0x80, 0x100)}}
 # Ordinary English prose: on it a tokenizer's characters per token size the sketch of its chunks (`from_backbones`).
 PROSE_SAMPLE = (
     "The river had risen in the night, and by morning the road to the village was under water. Anna stood at "
@@ -44,7 +50,6 @@ PROSE_SAMPLE = (
     "boots by the stove, he told her that the old mill had lost its roof, that nobody had been hurt, and that "
     "the baker had promised free bread to anyone who helped clear the square once the water went down.\n"
 )
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Chunking
@@ -68,21 +73,41 @@ def prose_chars_per_token(tokenizer) -> float:
 
 @dataclass
 class SketchReport:
-    """What rendering one chunk could not do; an empty report means every character is in the sketch."""
+    """What rendering one chunk could not do; an empty report means every character is in the sketch, and no other
+    text draws the same sketch. `hidden`: a line break no pixel shows (see `wrap_into_lines`)."""
 
     overflow: bool = False
     undrawable: set = field(default_factory=set)
     font_size: int = 0
+    hidden: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.overflow and not self.undrawable
+        return not self.overflow and not self.undrawable and not self.hidden
 
 
-def _is_invisible_by_category(char: str) -> bool:
-    # Control, format, surrogate, private-use and unassigned code points have no glyph to show. U+FFFD stands for
-    # bytes of a character split across chunks (or lost before): drawing it would hide that loss.
-    return (unicodedata.category(char)[0] == "C" and char not in "\n\t\r") or char == "\ufffd"
+def check_characters(text: str, offset: int = 0):
+    """A lone surrogate (from os.fsdecode, json, ...) is not a character: name it, at its index in the caller's text
+    (`offset`: where `text` starts in it); the tokenizer would raise an opaque error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"VIST2Processor: the text holds a lone surrogate {text[error.start]!r} at index "
+                         f"{offset + error.start}, which is not a character. Fix: clean it first, e.g. "
+                         "text.encode('utf-8', 'replace').decode()") from None
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """The byte each character of a byte-level BPE vocabulary stands for (GPT-2's printable stand-ins for bytes)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+def _has_no_glyph(char: str) -> bool:
+    # Control, format, surrogate, private-use and unassigned code points have no glyph to show; whitespace other than
+    # the space would draw as a space. U+FFFD stands for bytes lost before the text reached us.
+    return (unicodedata.category(char)[0] == "C" or char.isspace() or char == "\ufffd") and char != " "
 
 
 class GlyphAtlas:
@@ -99,37 +124,53 @@ class GlyphAtlas:
         self.notdef = self._coverage("\U0010fffd")  # what the font draws for a character it lacks
         self.index = {" ": 0}
         self.glyphs = [np.full(self.cell, background, dtype=np.uint8)]
+        self.marks = {char: self._byte_mark(value) for char, value in BYTE_MARKED.items()}
+        self.reserved = {cell.tobytes() for cell in [self.glyphs[0], *self.marks.values()] if cell is not None}
         self._stacked = None
 
-    def _coverage(self, char: str) -> np.ndarray:
-        image = Image.new("L", self.canvas, 0)
-        ImageDraw.Draw(image).text((0, 0), char, fill=255, font=self.font)
-        return np.asarray(image)
+    def _coverage(self, char: str) -> np.ndarray | None:
+        """The glyph's ink on the `canvas` box, widened to hold ink that falls outside it (a comma's left bearing):
+        the cell then shows all of it. `None` if the ink reaches beyond three canvases."""
+        w, h = self.canvas
+        image = Image.new("L", (3 * w, 3 * h), 0)
+        ImageDraw.Draw(image).text((w, h), char, fill=255, font=self.font)
+        ink = np.asarray(image)
+        rows, columns = ink.any(1).nonzero()[0], ink.any(0).nonzero()[0]
+        if not rows.size:
+            return ink[h : 2 * h, w : 2 * w]
+        if rows[0] == 0 or columns[0] == 0 or rows[-1] == 3 * h - 1 or columns[-1] == 3 * w - 1:
+            return None
+        return ink[min(h, rows[0]) : max(2 * h, rows[-1] + 1), min(w, columns[0]) : max(2 * w, columns[-1] + 1)]
+
+    def _byte_mark(self, value: int) -> np.ndarray | None:
+        """A byte's 8 bits as a 4 x 2 grid of solid blocks (bit 7 top left); `None` if the cell is too small."""
+        height, width = self.cell
+        if height < 4 or width < 2:
+            return None
+        bits = np.array([(value >> (7 - i)) & 1 for i in range(8)], dtype=bool).reshape(4, 2)
+        rows, columns = np.arange(height) * 4 // height, np.arange(width) * 2 // width
+        return np.where(bits[rows][:, columns], self.foreground, self.background).astype(np.uint8)
 
     def lookup(self, char: str) -> int | None:
         """Atlas index of `char`, drawing it on first use; `None` if the font cannot draw it."""
         found = self.index.get(char)
         if found is not None or char in self.index:
             return found
-        drawable = not _is_invisible_by_category(char)
-        if drawable and not char.isspace():
+        cell = self.marks.get(char)
+        if char not in self.marks and not _has_no_glyph(char):
             try:
                 coverage = self._coverage(char)
-                drawable = coverage.any() and not np.array_equal(coverage, self.notdef)
             except (UnicodeError, ValueError, OSError):
-                drawable = False
-        if not drawable:
-            self.index[char] = None
-            return None
-        if char.isspace():
-            self.index[char] = 0
-            return 0
-        cell = Image.fromarray(coverage).resize(self.cell[::-1], Image.Resampling.BOX)
-        ink = np.asarray(cell, dtype=np.float32) / 255.0
-        grey = self.background + (self.foreground - self.background) * ink
-        self.glyphs.append(np.round(grey).astype(np.uint8))
-        self._stacked = None
-        self.index[char] = len(self.glyphs) - 1
+                coverage = None
+            if coverage is not None and not np.array_equal(coverage, self.notdef):
+                ink = np.asarray(Image.fromarray(coverage).resize(self.cell[::-1], Image.Resampling.BOX)) / 255.0
+                cell = np.round(self.background + (self.foreground - self.background) * ink).astype(np.uint8)
+                # A cell that looks like paper or like a byte mark would draw two texts alike.
+                cell = None if cell.tobytes() in self.reserved else cell
+        self.index[char] = None if cell is None else len(self.glyphs)
+        if cell is not None:
+            self.glyphs.append(cell)
+            self._stacked = None
         return self.index[char]
 
     def stacked(self) -> np.ndarray:
@@ -143,17 +184,16 @@ def glyph_atlas(font_path, font_size, cell_width, cell_height, foreground, backg
     return GlyphAtlas(font_path, font_size, cell_width, cell_height, foreground, background)
 
 
-def wrap_into_lines(text: str, columns: int, newline_glyph: str | None = None) -> list[str]:
-    """Hard-wrap at `columns` characters; newlines end a line (or are drawn as `newline_glyph`), tabs advance to the
-    next tab stop."""
-    lines = []
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+def wrap_into_lines(text: str, columns: int, newline_glyph: str | None = None) -> tuple[list[str], bool]:
+    """Hard-wrap at `columns` characters; newlines end a line (or are drawn as `newline_glyph`); a space that ends a
+    line is drawn as `SHOWN_SPACE`. Also says whether a line break would be hidden: at the end of the text, or right
+    after a full line (it looks like wrapping). Each other character takes one cell."""
     if newline_glyph:
-        text = text.replace("\n", newline_glyph)
-    for paragraph in text.split("\n"):
-        paragraph = paragraph.expandtabs(TAB_WIDTH)
-        lines += [paragraph[i : i + columns] for i in range(0, len(paragraph), columns)] or [""]
-    return lines
+        text = text.replace("\n", SHOWN_NEWLINE if newline_glyph == "\n" else newline_glyph)
+    paragraphs = [p[:-1] + SHOWN_SPACE if p.endswith(" ") else p for p in text.split("\n")]
+    hidden = text.endswith("\n") or any(p and len(p) % columns == 0 for p in paragraphs[:-1])
+    lines = [p[i : i + columns] for p in paragraphs for i in range(0, len(p), columns) or [0]]
+    return lines, hidden
 
 
 def render_chunk(text: str, settings: dict, font_size: int | None = None) -> tuple[np.ndarray, SketchReport]:
@@ -170,17 +210,16 @@ def render_chunk(text: str, settings: dict, font_size: int | None = None) -> tup
     columns, rows = (width - 2 * margin) // cell_w, (height - 2 * margin) // cell_h
     atlas = glyph_atlas(settings["font_path"], font_size, cell_w, cell_h, settings["foreground"], settings["background"])
 
-    report = SketchReport(font_size=font_size)
-    lines = wrap_into_lines(text, columns, settings.get("newline_glyph"))
+    lines, hidden = wrap_into_lines(text, columns, settings.get("newline_glyph"))
+    report = SketchReport(font_size=font_size, hidden=hidden)
+    index = {char: atlas.lookup(char) for char in set("".join(lines))}
     if lines == [""]:
         lines = []
     if len(lines) > rows:
         report.overflow = True
         lines = lines[:rows]
-    index = {char: atlas.lookup(char) for char in set(text) | set(settings.get("newline_glyph") or "")}
     report.undrawable = {char for char, found in index.items() if found is None}
     index = {char: found or 0 for char, found in index.items()}
-    index[" "] = 0
     grid = np.zeros((rows, columns), dtype=np.int64)
     for row, line in enumerate(lines):
         grid[row, : len(line)] = np.fromiter(map(index.__getitem__, line), dtype=np.int64, count=len(line))
@@ -230,8 +269,9 @@ class VIST2Processor(ProcessorMixin):
           placeholders: `P c_1 V_1 c_2 V_2 ... c_K`.
         - `attention_mask`, and `chunk_ids`: 0 for the prefix, i for the text and placeholders of chunk i.
         - `pixel_values`: `(num_closed_chunks_in_batch, C, H, W)`, in the order the placeholders appear.
-        - `chunks_kept_as_text`: per sample, closed chunks that could not be rendered and stay as text
-          (each is also logged as a warning and listed in `processor.last_report`).
+        - `chunks_kept_as_text` and `undrawable_characters`: per sample, the closed chunks that could not be rendered
+          and stay as text, and the characters no sketch could show (a string per sample). One warning per call
+          sums them up; `processor.last_report` holds each chunk's `SketchReport`.
     """
 
     tokenizer_class = "AutoTokenizer"
@@ -239,23 +279,44 @@ class VIST2Processor(ProcessorMixin):
     def __init__(self, tokenizer=None, sketch_settings=None, sketch_token_id=None, chat_template=None, **kwargs):
         if sketch_settings is None:
             raise ValueError("VIST2Processor needs sketch_settings: build it with VIST2Processor.from_config(config, tokenizer)")
+        validate_sketch_settings(sketch_settings, "VIST2Processor.sketch_settings['{}']")
         self.sketch_settings = dict(sketch_settings)
-        self.sketch_token_id = sketch_token_id
         self.last_report = []
         super().__init__(tokenizer, chat_template=chat_template, **kwargs)
-        if self.sketch_token_id is None:
-            self.sketch_token_id = self.tokenizer.convert_tokens_to_ids(SKETCH_TOKEN)
-        glyphs = self.sketch_settings.get("special_token_glyphs") or {}
-        vocab = self.tokenizer.get_vocab() if glyphs else {}
+        vocab = self.tokenizer.get_vocab()
+        if SKETCH_TOKEN not in vocab or sketch_token_id not in (None, vocab[SKETCH_TOKEN]):
+            raise ValueError(f"VIST2Processor: the tokenizer's '<|sketch|>' is {vocab.get(SKETCH_TOKEN)}, the model's "
+                             f"sketch_token_id {sketch_token_id}. Fix: use the tokenizer saved with the model, or add "
+                             "'<|sketch|>' to yours (tokenization/add_special_tokens.py) and set sketch_token_id to it")
+        self.sketch_token_id = vocab[SKETCH_TOKEN]
+        glyphs = self.sketch_settings["special_token_glyphs"] or {}
         unknown = sorted(set(glyphs) - set(vocab))
         if unknown:
             raise ValueError(f"VIST2Processor: special_token_glyphs names {unknown}, which the tokenizer does not have. "
                              "Fix: map only the tokenizer's own special tokens to glyphs")
         self.glyph_of_token_id = {vocab[token]: glyph for token, glyph in glyphs.items()}
+        # Characters that mark something else in a sketch: the same character in the text would look like them.
+        self.marks = set(glyphs.values()) | {self.sketch_settings["newline_glyph"]} - {None, "\n"}
+        decoder = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_of = byte_level_alphabet() if "ByteLevel" in repr(decoder) else None
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        changed = sorted(set(kwargs) & set(SKETCH_SETTING_KEYS))  # (ProcessorMixin would drop them without a word)
+        if changed:
+            raise ValueError(f"VIST2Processor: {changed} cannot be set on a processor: the sketch settings are part of "
+                             "the model, which only reads sketches drawn its way. Fix: load the processor as saved; to "
+                             "draw otherwise, change the model's config and train it for that")
+        return super().from_pretrained(*args, **kwargs)
 
     @classmethod
     def from_config(cls, config, tokenizer, **kwargs):
         """The processor that matches a model config (same chunking and render settings)."""
+        vocab_size = getattr(config.text_config, "vocab_size", None)
+        if vocab_size and len(tokenizer) > vocab_size:
+            raise ValueError(f"VIST2Processor: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                             f"(text_config.vocab_size) {vocab_size}. Fix: use the model's own tokenizer, or "
+                             "model.resize_token_embeddings(len(tokenizer)) before training")
         return cls(tokenizer, sketch_settings=config.sketch_settings, sketch_token_id=config.sketch_token_id, **kwargs)
 
     @property
@@ -282,10 +343,23 @@ class VIST2Processor(ProcessorMixin):
         return Image.fromarray(image, mode="L")
 
     def chunk_text(self, token_ids) -> str:
+        """A chunk's text to read or print: `sketch_text`, with bytes of a character its edges cut as U+FFFD."""
+        return self.sketch_text(token_ids).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+    def sketch_text(self, token_ids, literal_marks: set | None = None) -> str:
         """The exact text a chunk's sketch shows, with each special token of `special_token_glyphs` as its glyph;
-        training and generation both render this string."""
+        training and generation both render this string. Bytes of a character the chunk's edges cut are kept, as
+        lone surrogates (Python's "surrogateescape"), which the renderer draws as byte marks. `literal_marks`, if
+        given, collects the glyph characters (newline, special tokens) that the text itself holds."""
         def decode(ids):
-            return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            text = self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if "\ufffd" in text and self.byte_of:  # maybe a character cut by the chunk's edge: read the bytes
+                spelled = "".join(self.tokenizer.convert_ids_to_tokens(list(ids)))
+                if all(char in self.byte_of for char in spelled):
+                    text = bytes(map(self.byte_of.__getitem__, spelled)).decode("utf-8", "surrogateescape")
+            if literal_marks is not None:
+                literal_marks.update(self.marks.intersection(text))
+            return text
 
         if not self.glyph_of_token_id:
             return decode(token_ids)
@@ -299,17 +373,34 @@ class VIST2Processor(ProcessorMixin):
         return "".join(pieces + [decode(run)])
 
     def sketch_chunks(self, chunks: list[list[int]]) -> tuple[list[np.ndarray | None], list[SketchReport]]:
-        """Render closed chunks; `None` marks a chunk the policy keeps as text."""
+        """Render closed chunks; `None` marks a chunk the policy keeps as text (see `kept_as_text`)."""
         images, reports = [], []
         for token_ids in chunks:
-            image, report = render_with_policy(self.chunk_text(token_ids), self.sketch_settings)
-            if image is None:
-                what = "overflows its sketch" if report.overflow else f"has undrawable characters {sorted(report.undrawable)!r}"
-                warnings.warn(f"VIST2: a chunk {what}; it is kept as text (overflow_policy="
-                              f"{self.sketch_settings['overflow_policy']!r}).", stacklevel=2)
+            literal = set()
+            image, report = render_with_policy(self.sketch_text(token_ids, literal), self.sketch_settings)
+            if literal:
+                image, report.undrawable = None, report.undrawable | literal
             images.append(image)
             reports.append(report)
         return images, reports
+
+    def kept_as_text(self, reports: list[SketchReport], stacklevel: int | None = None) -> tuple[int, list[str]]:
+        """How many chunks of `reports` are kept as text, and the characters no sketch could show; with `stacklevel`,
+        one warning that sums them up, pointing that many frames up (the caller's own line)."""
+        kept = [report for report in reports if not report.ok]
+        undrawable = sorted(set().union(*(report.undrawable for report in kept)))
+        if kept and stacklevel:
+            problems = {f"{sum(r.overflow for r in kept)} overflow their sketch (Fix: overflow_policy='shrink_font' or "
+                        "a larger sketch when training)": any(r.overflow for r in kept),
+                        f"{sum(bool(r.undrawable) for r in kept)} hold characters no sketch of this model shows: "
+                        f"{''.join(undrawable)!r} (Fix: a font_path that draws them when training, or clean the "
+                        "text, e.g. unicodedata.normalize('NFKC', text))": bool(undrawable),
+                        f"{sum(r.hidden for r in kept)} end with a line break no pixel shows (Fix: a newline_glyph "
+                        "when training)": any(r.hidden for r in kept)}
+            summary = "; ".join(what for what, found in problems.items() if found)
+            warnings.warn(f"VIST2: {len(kept)} of {len(reports)} closed chunks are kept as text (overflow_policy="
+                          f"{self.sketch_settings['overflow_policy']!r}): {summary}.", stacklevel=stacklevel + 1)
+        return len(kept), undrawable
 
     def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
         h, w = self.sketch_settings["image_height"], self.sketch_settings["image_width"]
@@ -354,8 +445,8 @@ class VIST2Processor(ProcessorMixin):
             "chunk_ids": chunk_ids,
             "labels": labels,
             "sketches": [image for image in images if image is not None],
-            "chunks_kept_as_text": sum(image is None for image in images),
             "report": reports,
+            **dict(zip(("chunks_kept_as_text", "undrawable_characters"), self.kept_as_text(reports))),
         }
 
     def collate(self, samples: list[dict], return_labels=False) -> BatchFeature:
@@ -392,7 +483,10 @@ class VIST2Processor(ProcessorMixin):
             for t, p in zip(texts, prefixes)
         ]
         self.last_report = [s["report"] for s in samples]
-        return self.collate(samples, return_labels=return_labels)
+        self.kept_as_text([report for s in samples for report in s["report"]], stacklevel=2)
+        batch = self.collate(samples, return_labels=return_labels)
+        batch["undrawable_characters"] = ["".join(s["undrawable_characters"]) for s in samples]
+        return batch
 
     def iter_chunks(self, text, piece_chars: int = 1 << 16):
         """Stream `text` (a string, or token ids already tokenized) chunk by chunk: yields `(token_ids, sketch, report)`
@@ -416,11 +510,13 @@ class VIST2Processor(ProcessorMixin):
         while start < len(text):
             end = min(len(text), start + piece_chars)
             while end < len(text):
+                check_characters(text[start:end], offset=start)
                 cut = self.last_pre_token_start(text[start:end])
                 if cut > 0:
                     end = start + cut
                     break
                 end = min(len(text), end + piece_chars)  # one pre-token fills the piece: take more text
+            check_characters(text[start:end], offset=start)
             yield self.encode(text[start:end])
             start = end
 
@@ -436,12 +532,7 @@ class VIST2Processor(ProcessorMixin):
         become a visual placeholder, so special-token strings are split like any other text."""
         if not text:
             return []
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise ValueError(f"VIST2Processor: the text holds a lone surrogate {text[error.start]!r} at index "
-                             f"{error.start}, which is not a character. Fix: clean it first, e.g. "
-                             "text.encode('utf-8', 'replace').decode()") from None
+        check_characters(text)
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not allow_special_tokens)["input_ids"]
 
     # -- chat ---------------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ CANDIDATES = [
     ("256x256 s2 4x6", 256, 256, 2, 4, 6),
     ("384x384 s3 4x8", 384, 384, 3, 4, 8),
 ]
-NEWLINE_GLYPH = "\u00ab"  # the default newline_glyph
+NEWLINE_GLYPH = "\u00ab"  # one cell per newline, as the default newline_glyph="\n" (a byte mark) takes
 QWEN_PRETOKENIZER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")

@@ -182,7 +182,7 @@ def main(argv=None):
         while len(texts) < n:
             ids = draw(1, r, split)[0]
             text = processor.chunk_text(ids.tolist())
-            if len(td.wrap_into_lines(text, columns)) > rows:
+            if len(td.wrap_into_lines(text, columns)[0]) > rows:
                 continue
             grid = td.cell_targets(text, processor.sketch_settings)
             texts.append(ids)

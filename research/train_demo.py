@@ -167,7 +167,7 @@ def cell_targets(text: str, settings: dict) -> np.ndarray:
     columns = (settings["image_width"] - 2 * margin) // settings["char_width"]
     rows = (settings["image_height"] - 2 * margin) // settings["line_height"]
     grid = np.zeros((rows, columns), dtype=np.int64)
-    lines = wrap_into_lines(text, columns, settings.get("newline_glyph"))
+    lines, _ = wrap_into_lines(text, columns, settings.get("newline_glyph"))
     for r, line in enumerate(lines[:rows]):
         grid[r, : len(line)] = [char_class(c) for c in line]
     return grid

@@ -18,15 +18,15 @@ SAMPLE_TEXT = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", SKETCH_TOKEN]
 
 
-def build_tokenizer(vocab_size=384):
+def build_tokenizer(vocab_size=384, special_tokens=SPECIAL_TOKENS):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator([SAMPLE_TEXT], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS[1:],
+                                   bos_token="<|endoftext|>", additional_special_tokens=special_tokens[1:],
                                    clean_up_tokenization_spaces=False)
 
 

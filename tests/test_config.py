@@ -80,7 +80,7 @@ def test_sketch_too_small_for_a_tokenizer_is_refused_with_the_geometry_that_fits
         ({"read_back_positions": "before_sketch"}, "read_back_positions", "before_next_chunk"),
         ({"num_channels": 1}, "num_channels", "vision_config.num_channels"),
         ({"foreground": 300}, "foreground", "grey level"),
-        ({"newline_glyph": "\n"}, "newline_glyph", "one visible character"),
+        ({"newline_glyph": " "}, "newline_glyph", "one visible character"),
         ({"newline_glyph": "<<"}, "newline_glyph", "one visible character"),
         ({"special_token_glyphs": {"<|endoftext|>": "EOT"}}, "special_token_glyphs", "one visible character"),
         ({"special_token_glyphs": ["©"]}, "special_token_glyphs", "map token strings"),

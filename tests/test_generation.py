@@ -299,3 +299,113 @@ def test_a_conversation_with_special_tokens_drawn_as_glyphs_equals_the_training_
     logits, prefix_len, _ = training_forward_logits(drawing, processor, "", stream + generated)
     for step, step_logits in enumerate(out.logits):
         torch.testing.assert_close(step_logits[0], logits[prefix_len + len(stream) - 1 + step], atol=TOLERANCE, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several sequences per prompt: beam search and num_return_sequences are exact, other modes are refused
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ascii_no_eos(ascii_only, tokenizer):
+    return ascii_only + [tokenizer.eos_token_id]  # beams of one length: every score sums the same number of tokens
+
+
+def teacher_forced_log_probs(model, processor, prompt, generated):
+    """log p(token) of each generated token under one training forward over prompt + generated text."""
+    logits, prefix_len, _ = training_forward_logits(model, processor, "", processor.encode(prompt) + generated)
+    first = prefix_len + len(processor.encode(prompt)) - 1
+    steps = torch.log_softmax(logits[first : first + len(generated)].double(), -1)
+    return steps[torch.arange(len(generated)), generated]
+
+
+PROMPTS = [SAMPLE_TEXT[:300], SAMPLE_TEXT[100:170]]  # different closed chunks per row; both rows close more chunks
+
+
+@pytest.mark.parametrize("read", [False, True])
+def test_beam_scores_equal_the_teacher_forced_log_probabilities_across_chunk_closures(model, processor, ascii_no_eos,
+                                                                                        read):
+    prompts = PROMPTS[:1] if read else PROMPTS
+    inputs = model.read(processor, prompts[0]) if read else processor(text=prompts)
+    out = model.generate(**inputs, processor=processor, num_beams=3, num_return_sequences=3, length_penalty=0.0,
+                         max_new_tokens=36, do_sample=False, suppress_tokens=ascii_no_eos, output_scores=True,
+                         return_dict_in_generate=True)
+    width = inputs["input_ids"].shape[1]
+    assert out.sequences.shape[0] == 3 * len(prompts)
+    for row, score in enumerate(out.sequences_scores):
+        generated = out.sequences[row, width:].tolist()
+        expected = teacher_forced_log_probs(model, processor, prompts[row // 3], generated).sum()
+        torch.testing.assert_close(score.double(), expected, atol=2e-4, rtol=0)
+
+
+def test_each_returned_sample_equals_the_training_forward_of_its_own_prompt(model, processor, ascii_only):
+    inputs = processor(text=PROMPTS)
+    torch.manual_seed(0)
+    out = model.generate(**inputs, processor=processor, do_sample=True, num_return_sequences=2, max_new_tokens=36,
+                         suppress_tokens=ascii_only, return_dict_in_generate=True, output_logits=True)
+    width = inputs["input_ids"].shape[1]
+    assert len({tuple(row) for row in out.sequences[:, width:].tolist()}) == 4, "four different samples"
+    for row in range(4):
+        generated = out.sequences[row, width:].tolist()
+        stream = processor.encode(PROMPTS[row // 2])
+        logits, prefix_len, _ = training_forward_logits(model, processor, "", stream + generated)
+        for step, step_logits in enumerate(out.logits):
+            torch.testing.assert_close(step_logits[row], logits[prefix_len + len(stream) - 1 + step], atol=TOLERANCE,
+                                       rtol=0)
+
+
+@pytest.mark.parametrize("mode", [dict(assistant_model="self"), dict(prompt_lookup_num_tokens=3),
+                                  dict(penalty_alpha=0.6, top_k=4), dict(dola_layers="low"),
+                                  dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0)])
+def test_generation_modes_that_cannot_be_exact_are_refused_before_any_work(model, processor, config, mode):
+    mode = {k: model if v == "self" else v for k, v in mode.items()}
+    cache = VIST2Cache(config=config.text_config)
+    with pytest.raises(ValueError, match=r"is not supported: .*Fix: use greedy decoding, sampling or beam search"):
+        model.generate(**processor(text=SAMPLE_TEXT[:100]), processor=processor, cache=cache, max_new_tokens=5, **mode)
+    assert not cache.is_prefilled
+
+
+def test_generation_never_writes_a_sketch_placeholder(model, processor, config):
+    # However much the head favours '<|sketch|>', no step may pick it: a placeholder without a sketch breaks the layout.
+    def favour_sketch(module, args, logits):
+        logits[..., config.sketch_token_id] += 1e4
+
+    handle = model.get_output_embeddings().register_forward_hook(favour_sketch)
+    try:
+        inputs, out = generate(model, processor, SAMPLE_TEXT[:100], max_new_tokens=40)
+        generated = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        assert config.sketch_token_id not in generated
+        logits, prefix_len, _ = training_forward_logits(model, processor, "", processor.encode(SAMPLE_TEXT[:100]))
+    finally:
+        handle.remove()
+    assert (logits.argmax(-1) != config.sketch_token_id).all(), "the training forward rules it out alike"
+
+
+def test_chunks_kept_as_text_while_writing_are_summed_up_in_one_warning_at_the_callers_line(model, processor):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        out = model.generate(**processor(text=SAMPLE_TEXT[:100]), processor=processor, max_new_tokens=80,
+                             do_sample=False, return_dict_in_generate=True)  # random weights write undrawable bytes
+    kept = sum(not report.ok for report in out[CACHE_KWARG].reports)
+    caught = [w for w in caught if "kept as text" in str(w.message)]
+    assert kept >= 2 and len(caught) == 1 and caught[0].filename == __file__
+    assert f"{kept} of {len(out[CACHE_KWARG].reports)} closed chunks are kept as text" in str(caught[0].message)
+
+
+def test_generation_never_writes_an_id_the_tokenizer_cannot_decode(tokenizer, processor):
+    from vist2 import VIST2Config, VIST2ForCausalLM
+
+    padded = VIST2ForCausalLM(VIST2Config.tiny(vocab_size=len(tokenizer) + 64,  # embeddings padded past the tokenizer
+                                               sketch_token_id=processor.sketch_token_id)).eval()
+    def favour_padding(module, args, logits):
+        logits[..., len(tokenizer):] += 1e4
+
+    handle = padded.get_output_embeddings().register_forward_hook(favour_padding)
+    try:
+        out = padded.generate(**processor(text=SAMPLE_TEXT[:100]), processor=processor, max_new_tokens=20,
+                              do_sample=False)
+    finally:
+        handle.remove()
+    assert int(out.max()) < len(tokenizer)

@@ -9,6 +9,7 @@ Part 2 feeds the model inputs that are wrong in one way each and checks that the
 Part 3 checks that streaming a long text chunk by chunk gives what processing it at once gives.
 """
 
+import functools
 import math
 import os
 import warnings
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vist2 import VIST2Config, VIST2ForCausalLM, VIST2Processor, split_into_chunks
-from vist2.processing_vist2 import TAB_WIDTH, glyph_atlas, normalize_sketches, render_with_policy
+from vist2.processing_vist2 import glyph_atlas, normalize_sketches, render_with_policy
 
 # Deterministic in CI; set VIST2_HYPOTHESIS_RANDOM=1 to explore new examples locally.
 PROPERTY = settings(max_examples=30, deadline=None, derandomize=not os.environ.get("VIST2_HYPOTHESIS_RANDOM"),
@@ -69,13 +70,11 @@ def atlas_for(settings_, font_size):
 
 
 def expected_overflow(text, settings_, font_size):
-    """An independent count of the wrapped lines a chunk needs: newline-separated paragraphs, tabs to stops of 4."""
+    """An independent count of the wrapped lines a chunk needs: newline-separated paragraphs, one cell a character."""
     _, _, columns, rows = cell_geometry(settings_, font_size)
     if text == "":
         return False
-    paragraphs = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    lines = sum(max(1, math.ceil(len(p.expandtabs(TAB_WIDTH)) / columns)) for p in paragraphs)
-    return lines > rows
+    return sum(max(1, math.ceil(len(p) / columns)) for p in text.split("\n")) > rows
 
 
 WORDS = sorted(set(SAMPLE_TEXT.split())) + ["\n", "\t", "  ", "\r\n"]
@@ -144,19 +143,17 @@ def check_sample(processor, text, prefix):
             assert in_layout == chunk
             continue
         chunk_report = report[index - 1]
-        shown = processor.chunk_text(chunk)
+        shown = processor.sketch_text(chunk)
         atlas = atlas_for(settings_, chunk_report.font_size)
         # The report names exactly the characters the font cannot draw, and overflow exactly when lines run out.
-        assert chunk_report.undrawable == {c for c in set(shown) if atlas.lookup(c) is None}
+        assert chunk_report.undrawable == {c for c in set(shown) - {"\n"} if atlas.lookup(c) is None}
         assert chunk_report.overflow == expected_overflow(shown, settings_, chunk_report.font_size)
         if chunk_report.ok:
             # Rendered: the sketch replaces the text, so it must show every character of the chunk's bytes, whole.
             assert in_layout == [sketch_id] * m
-            raw = token_bytes(tokenizer, chunk)
-            assert raw.decode("utf-8", errors="replace") == shown
-            assert shown.encode("utf-8") == raw, (
-                f"chunk {index} is rendered but its tokens end inside a character: the sketch shows {shown!r}")
-            assert all(atlas.lookup(c) is not None for c in shown)
+            # Bytes of a character cut by the chunk's edges are shown as byte marks (surrogateescape), not lost.
+            assert shown.encode("utf-8", "surrogateescape") == token_bytes(tokenizer, chunk)
+            assert all(atlas.lookup(c) is not None for c in set(shown) - {"\n"})
             image, _ = render_with_policy(shown, settings_)
             expected = normalize_sketches(image[None], settings_)[0]
             assert torch.equal(batch["pixel_values"][rendered], expected)
@@ -166,11 +163,15 @@ def check_sample(processor, text, prefix):
     assert batch["pixel_values"].shape[0] == rendered
     kept = sum(not r.ok for r in report)
     assert int(batch["chunks_kept_as_text"][0]) == kept
-    assert len(kept_warnings) == kept, "one warning per chunk kept as text"
-    for message, chunk_report in zip((str(w.message) for w in kept_warnings), (r for r in report if not r.ok)):
-        # The warning names the problem: the overflow, or exactly the characters the font cannot draw.
-        assert ("overflows its sketch" in message if chunk_report.overflow
-                else repr(sorted(chunk_report.undrawable)) in message), message
+    assert len(kept_warnings) == (kept > 0), "one warning per call sums up the chunks kept as text"
+    undrawable = "".join(sorted(set().union(*(r.undrawable for r in report))))
+    assert batch["undrawable_characters"] == [undrawable]
+    if kept:  # the warning names the problems: overflow, exactly the characters no sketch shows, hidden line breaks
+        message = str(kept_warnings[0].message)
+        assert f"{kept} of {len(report)} closed chunks are kept as text" in message
+        assert ("overflow their sketch" in message) == any(r.overflow for r in report)
+        assert (repr(undrawable) in message) == bool(undrawable)
+        assert ("line break no pixel shows" in message) == any(r.hidden for r in report if not r.ok)
 
     # The training layout holds every text token, in order, whatever was rendered.
     with warnings.catch_warnings():
@@ -192,11 +193,19 @@ def test_shrink_font_policy_keeps_the_same_promises(shrink_processor, text):
     check_sample(shrink_processor, text, "")
 
 
-def test_a_character_split_by_a_chunk_boundary_is_not_rendered_as_a_replacement_glyph(truetype_processor):
-    # A chunk ending inside a multi-byte character decodes to U+FFFD, which DejaVu can draw: rendering it would lose
-    # the character silently. The chunk must be reported and kept as text instead.
-    text = "a" * 15 + "“quoted” " + "plain words " * 6  # the 16th token is the first byte of “
-    check_sample(truetype_processor, text, "")
+@pytest.mark.parametrize("font", ["builtin", "truetype"])
+def test_a_character_split_by_a_chunk_edge_is_drawn_as_its_bytes_not_kept_as_text(processor, truetype_processor,
+                                                                                   font):
+    # A byte-level tokenizer may cut a character between two chunks; decoded alone, each half is U+FFFD. Each chunk's
+    # sketch shows the bytes it holds (byte marks) instead, so neither chunk is kept as text for that.
+    processor = truetype_processor if font == "truetype" else processor
+    text = "a" * 15 + "“q” " + "plain " * 3 + "a" * 15 + "é and words"  # chunk edges split “ and é
+    ids = processor.encode(text)
+    cut = [processor.sketch_text(ids[i : i + 16]) for i in (0, 16)]
+    assert cut[0].endswith("\udce2") and cut[1].startswith("\udc80\udc9c"), "“ is cut after its first byte"
+    images, reports = processor.sketch_chunks(split_into_chunks(ids, 16)[:-1])
+    assert all(report.ok for report in reports) and all(image is not None for image in images)
+    check_sample(processor, text, "")
 
 
 @PROPERTY
@@ -431,3 +440,92 @@ def test_streamed_tokens_equal_the_whole_text_with_the_demo_tokenizer(demo_proce
     streamed = [t for ids, _, _ in demo_processor.iter_chunks(text, piece_chars=piece_chars) for t in ids]
     assert demo_processor.chunk_text(streamed) == text
     assert streamed == demo_processor.encode(text)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Part 4: bad settings and inputs are named at the earliest point, with the fix
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("font", ["missing", "not a font"])
+def test_a_font_path_that_does_not_open_is_named_when_the_config_and_processor_are_built(tokenizer, tmp_path, font):
+    path = tmp_path / "font.ttf"
+    if font == "not a font":
+        path.write_text("plain text, not a font")
+    with pytest.raises(ValueError, match=r"^VIST2Config\.font_path: cannot open .*font.ttf.*Fix: "):
+        tiny_config(tokenizer, font_path=str(path))
+    settings_ = dict(tiny_config(tokenizer).sketch_settings, font_path=str(path))
+    with pytest.raises(ValueError, match=r"^VIST2Processor\.sketch_settings\['font_path'\]: cannot open .*Fix: "):
+        VIST2Processor(tokenizer, sketch_settings=settings_)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda s: s.pop("image_mean"), "image_mean"), (lambda s: s.update(char_width=0), "char_width"),
+    (lambda s: s.update(margin=40), "margin"), (lambda s: s.update(image_std=float("nan")), "image_std"),
+    (lambda s: s.update(overflow_policy="wrap"), "overflow_policy"), (lambda s: s.update(newline_glyph="ab"),
+                                                                       "newline_glyph"),
+])
+def test_processor_sketch_settings_are_validated_when_it_is_built(processor, edit, field):
+    settings_ = dict(processor.sketch_settings)
+    edit(settings_)
+    with pytest.raises(ValueError, match=rf"^VIST2Processor\.sketch_settings\['{field}'\]: .*Fix: "):
+        VIST2Processor(processor.tokenizer, sketch_settings=settings_)
+
+
+def test_a_misspelled_config_key_is_named_with_the_setting_it_resembles():
+    with pytest.raises(ValueError, match=r"^VIST2Config\.chunk_sise: not a VIST2 setting\. Fix: did you mean 'chunk_si"):
+        VIST2Config.tiny(chunk_sise=32)
+    with pytest.raises(ValueError, match="did you mean 'newline_glyph'"):
+        VIST2Config.tiny(newline_glyf="«")
+
+
+def test_a_processor_kwarg_that_would_draw_otherwise_than_the_model_is_refused(processor, tmp_path):
+    from transformers import AutoProcessor
+
+    processor.save_pretrained(tmp_path)
+    auto = functools.partial(AutoProcessor.from_pretrained, trust_remote_code=True)
+    for load in (VIST2Processor.from_pretrained, auto):
+        with pytest.raises(ValueError, match=r"\['font_path'\] cannot be set on a processor: .*part of the model"):
+            load(str(tmp_path), font_path="/some/other/font.ttf")
+
+
+def test_a_tokenizer_without_the_sketch_token_is_named(config):
+    from conftest import SPECIAL_TOKENS, build_tokenizer
+
+    plain = build_tokenizer(special_tokens=SPECIAL_TOKENS[:-1])
+    with pytest.raises(ValueError, match=r"tokenizer's '<\|sketch\|>' is None.*Fix: use the tokenizer saved with"):
+        VIST2Processor.from_config(config, plain)
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_named(tokenizer, processor):
+    small = VIST2Config.tiny(vocab_size=256, sketch_token_id=processor.sketch_token_id)
+    with pytest.raises(ValueError, match=r"tokenizer has 384 tokens but the model's vocabulary .* 256.*Fix: "):
+        VIST2Processor.from_config(small, tokenizer)
+    model = VIST2ForCausalLM(small).eval()
+    with pytest.raises(ValueError, match=r"tokenizer has 384 tokens but the model embeds 256.*Fix: "):
+        model.generate(**processor(text="hello"), processor=processor, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"input_ids hold ids outside the model's vocabulary \(0\.\.255\).*Fix: "):
+        model(**processor(text=SAMPLE_TEXT[:300]))
+
+
+def test_a_row_whose_attention_mask_is_all_zero_is_named(model, processor):
+    batch = processor(text=[SAMPLE_TEXT[:300], "short"])
+    batch["attention_mask"][1] = 0
+    with pytest.raises(ValueError, match=r"attention_mask: row 1 masks every token.*Fix: "):
+        model(**batch)
+    with pytest.raises(ValueError, match=r"attention_mask: row 1 masks every token"):
+        model.generate(**batch, processor=processor, max_new_tokens=2)
+
+
+def test_pixel_values_holding_nan_are_named(model, batch):
+    pixels = batch["pixel_values"].clone()
+    pixels[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"pixel_values hold NaN or infinite values.*Fix: "):
+        model(**dict(batch, pixel_values=pixels))
+
+
+def test_a_lone_surrogate_met_while_reading_is_named_at_its_index_in_the_whole_text(model, processor, monkeypatch):
+    text = SAMPLE_TEXT[:500] + "\ud800" + SAMPLE_TEXT[:100]  # far beyond the first streamed piece
+    monkeypatch.setattr(processor, "iter_chunks", lambda t: VIST2Processor.iter_chunks(processor, t, piece_chars=97))
+    with pytest.raises(ValueError, match=r"lone surrogate '\\ud800' at index 500,"):
+        model.read(processor, text)

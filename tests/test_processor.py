@@ -1,5 +1,6 @@
 """VIST2Processor: chunking, layout, batching, reports, chat, persistence."""
 
+import warnings
 
 import pytest
 import torch
@@ -133,7 +134,8 @@ def test_processor_round_trips_through_save_and_load(processor, tmp_path):
     assert loaded.sketch_token_id == processor.sketch_token_id
     first = processor(text=SAMPLE_TEXT[:200])
     second = loaded(text=SAMPLE_TEXT[:200])
-    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(v, second[k]) if isinstance(v, torch.Tensor) else v == second[k] for k, v in first.items())
 
 
 def test_processor_settings_that_disagree_with_the_model_config_are_detected(processor, tokenizer):
@@ -145,3 +147,39 @@ def test_processor_settings_that_disagree_with_the_model_config_are_detected(pro
 def test_batch_decode_drops_special_tokens_when_asked(processor, tokenizer):
     ids = processor.encode("hello") + [tokenizer.eos_token_id]
     assert processor.batch_decode([ids], skip_special_tokens=True) == ["hello"]
+
+
+UNDRAWABLE_TEXT = ("plain words " * 3 + "中文 ") * 8  # several chunks hold characters the built-in font lacks
+
+
+def kept_as_text_warnings(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own filter: it shows a warning once per place it points at
+        result = call()
+    return result, [w for w in caught if "kept as text" in str(w.message)]
+
+
+def test_a_call_reports_its_chunks_kept_as_text_in_one_warning_at_the_callers_line(processor):
+    batch, caught = kept_as_text_warnings(lambda: processor(text=[UNDRAWABLE_TEXT, SAMPLE_TEXT[:300]]))
+    kept = batch["chunks_kept_as_text"].tolist()
+    assert kept[0] >= 5 and kept[1] == 0 and batch["undrawable_characters"] == ["中文", ""]
+    assert len(caught) == 1 and caught[0].filename == __file__
+    closed = sum(len(report) for report in processor.last_report)
+    assert f"{kept[0]} of {closed} closed chunks are kept as text" in str(caught[0].message)
+    assert "'中文'" in str(caught[0].message) and "Fix: " in str(caught[0].message)
+
+
+def test_read_returns_the_report_of_a_processor_call_in_one_warning_at_the_callers_line(model, processor):
+    inputs, caught = kept_as_text_warnings(lambda: model.read(processor, UNDRAWABLE_TEXT, sketches_per_step=3))
+    batch, _ = kept_as_text_warnings(lambda: processor(text=UNDRAWABLE_TEXT))
+    assert inputs["chunks_kept_as_text"].tolist() == batch["chunks_kept_as_text"].tolist() != [0]
+    assert inputs["undrawable_characters"] == batch["undrawable_characters"] == ["中文"]
+    assert len(caught) == 1 and caught[0].filename == __file__
+
+
+def test_read_shows_a_progress_bar_unless_turned_off(model, processor, capsys):
+    model.read(processor, SAMPLE_TEXT[:400], progress=True)
+    assert "VIST2 read" in capsys.readouterr().err
+    model.read(processor, SAMPLE_TEXT[:400], progress=False)
+    model.read(processor, SAMPLE_TEXT[:400])  # short texts show none by default
+    assert "VIST2 read" not in capsys.readouterr().err

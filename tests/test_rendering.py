@@ -1,17 +1,21 @@
 """The sketch renderer: a deterministic pure function that never loses text silently."""
 
+import functools
 import hashlib
+import string
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vist2 import VIST2Config, render_chunk
 from vist2.processing_vist2 import render_with_policy, wrap_into_lines
 
 SETTINGS = VIST2Config.tiny().sketch_settings
-HOSTILE = {
+HOSTILE_TEXT = {
     "emoji": "ok 😀🚀 done",
     "cjk": "中文文本 and text",
     "rtl": "שלום עולם مرحبا",
@@ -55,20 +59,27 @@ def test_different_text_gives_different_pixels():
     assert digest("first text") != digest("other text")
 
 
-def test_empty_and_whitespace_only_text_render_blank_without_problems():
-    for text in ["", "   ", "\n\n\t"]:
-        image, report = render_chunk(text, SETTINGS)
-        assert report.ok and (image == SETTINGS["background"]).all()
+def test_empty_text_renders_blank_and_a_line_break_no_pixel_shows_is_reported():
+    image, report = render_chunk("", SETTINGS)
+    assert report.ok and (image == SETTINGS["background"]).all()
+    for text in ["\n\n", "end\n", "a" * 16 + "\nb"]:  # 16 columns: a full line, then a break (looks like wrapping)
+        assert render_chunk(text, SETTINGS)[1].hidden, f"{text!r} draws like another text"
+    assert not render_chunk("mid space\nand\n\nbreaks", SETTINGS)[1].hidden
+
+
+@pytest.mark.parametrize("text, alike", [("end ", "end"), ("   ", ""), ("line \nnext", "line\nnext")])
+def test_a_space_that_ends_a_line_is_drawn_as_a_mark(text, alike):
+    image, report = render_chunk(text, SETTINGS)
+    assert report.ok and not np.array_equal(image, render_chunk(alike, SETTINGS)[0])
 
 
 def test_lines_wrap_at_the_column_limit_and_break_at_newlines():
-    assert wrap_into_lines("abcdefg\nhi", 3) == ["abc", "def", "g", "hi"]
-    assert wrap_into_lines("a\tb", 8) == ["a   b"]
-    assert wrap_into_lines("a\r\nb\rc", 8) == ["a", "b", "c"]
+    assert wrap_into_lines("abcdefg\nhi", 3) == (["abc", "def", "g", "hi"], False)
+    assert wrap_into_lines("a\tb\r\nc", 8) == (["a\tb\r", "c"], False)  # a tab and a CR take one (marked) cell
 
 
 def test_newline_glyph_keeps_the_text_on_one_line_with_the_glyph_in_the_newlines_cell():
-    assert wrap_into_lines("ab\ncd\r\ne", 8, newline_glyph="«") == ["ab«cd«e"]
+    assert wrap_into_lines("ab\ncd\r\ne", 8, newline_glyph="«") == (["ab«cd\r«e"], False)
     inline = {**SETTINGS, "newline_glyph": "«"}
     cell_w, cell_h = SETTINGS["char_width"], SETTINGS["line_height"]
     broken, _ = render_chunk("ab\ncd", SETTINGS)
@@ -86,9 +97,9 @@ def test_a_newline_glyph_the_font_cannot_draw_is_reported():
     assert image is None and report.undrawable == {"\u21b5"}
 
 
-@pytest.mark.parametrize("kind", sorted(HOSTILE))
+@pytest.mark.parametrize("kind", sorted(HOSTILE_TEXT))
 def test_hostile_text_is_reported_not_silently_dropped(kind):
-    text = HOSTILE[kind]
+    text = HOSTILE_TEXT[kind]
     image, report = render_with_policy(text, SETTINGS)
     assert image is None, "a chunk that cannot be drawn in full must be kept as text"
     assert not report.ok
@@ -105,7 +116,7 @@ def test_undrawable_characters_are_listed_even_beyond_an_overflow():
 
 def test_shrink_policy_fits_overflowing_text_with_a_smaller_font():
     settings = dict(SETTINGS, overflow_policy="shrink_font")
-    text = "word " * 30  # 150 characters: more than the 128 cells at full size
+    text = "word " * 30 + "end"  # 153 characters: more than the 128 cells at full size
     assert render_chunk(text, SETTINGS)[1].overflow
     image, report = render_with_policy(text, settings)
     assert image is not None and report.ok and report.font_size < SETTINGS["font_size"]
@@ -131,3 +142,116 @@ def test_a_configured_truetype_font_file_is_used(tmp_path):
 def test_a_missing_font_file_raises():
     with pytest.raises(OSError):
         render_chunk("text", dict(SETTINGS, font_path="/nonexistent/font.ttf"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Injective: a sketch drawn (report ok) reads back to exactly its chunk's text; anything else is reported
+# ---------------------------------------------------------------------------------------------------------------------
+
+WHITESPACE = "\t\r\n\x0b\x0c\x1c\x1d\x1e\x1f\x85\u00a0\u1680\u2000\u2007\u200a\u2028\u2029\u202f\u205f\u3000"
+INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\x00\x07\x1b\u00ad"
+DRAWN = "ab .0,W/\\;x«©»±⁄\t\r\n"  # drawn by the built-in font (some as marks, some only where no mark is them)
+HOSTILE = WHITESPACE + INVISIBLE + "\u0301\u0308\u20dd\ufffdéñ中😀<|>"  # not drawn, or cut into bytes at an edge
+ALPHABET = DRAWN + HOSTILE
+
+
+def read_sketch(image, settings, chars):
+    """An independent reading of a sketch: each cell is looked up among the cells of `chars` (and the byte marks);
+    rows lose their trailing blanks; a row that is not full ends with a newline, unless it is the last one."""
+    from vist2.processing_vist2 import BYTE_MARKED, SHOWN_NEWLINE, SHOWN_SPACE, glyph_atlas
+
+    atlas = glyph_atlas(settings["font_path"], settings["font_size"], settings["char_width"], settings["line_height"],
+                        settings["foreground"], settings["background"])
+    table = {}
+    for char in {*chars, *string.printable.strip(), *BYTE_MARKED, " ", *(settings["newline_glyph"] or "")}:
+        if atlas.lookup(char) is not None:
+            table.setdefault(atlas.glyphs[atlas.lookup(char)].tobytes(), set()).add(char)
+    h, w, margin = settings["line_height"], settings["char_width"], settings["margin"]
+    rows, columns = (settings["image_height"] - 2 * margin) // h, (settings["image_width"] - 2 * margin) // w
+    cells = image[margin : margin + rows * h, margin : margin + columns * w].reshape(rows, h, columns, w)
+    lines = []
+    for row in range(rows):
+        found = [table.get(cells[row, :, column].tobytes(), set()) for column in range(columns)]
+        if any(len(chars) != 1 for chars in found):
+            return None  # a cell no character draws, or one that two characters draw alike
+        lines.append("".join(next(iter(chars)) for chars in found).rstrip(" "))
+    while lines and not lines[-1]:
+        lines.pop()
+    text = "".join(line + "\n" * (i + 1 < len(lines) and len(line) < columns) for i, line in enumerate(lines))
+    text = text.replace(SHOWN_SPACE, " ").replace(SHOWN_NEWLINE, "\n")  # a space that ends a line, a newline mark
+    return text.replace(settings["newline_glyph"], "\n") if settings["newline_glyph"] else text
+
+
+@pytest.fixture(scope="module", params=["page", "demo glyphs", "newline mark"])
+def any_processor(request, tokenizer):
+    from conftest import tiny_config
+
+    from vist2 import VIST2Processor
+
+    settings_ = {"page": {}, "demo glyphs": dict(newline_glyph="«", special_token_glyphs={"<|endoftext|>": "©"}),
+                 "newline mark": dict(newline_glyph="\n")}[request.param]
+    config = tiny_config(tokenizer, **settings_)
+    return VIST2Processor.from_config(config, tokenizer)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.builds(lambda text, inserts: functools.reduce(lambda t, i: t[: i[0]] + i[1] + t[i[0] :], inserts, text),
+                      st.text(st.sampled_from(DRAWN), max_size=30),
+                      st.lists(st.tuples(st.integers(0, 30), st.sampled_from(HOSTILE)), max_size=2)),
+       special=st.booleans())
+def test_a_sketch_drawn_reads_back_to_exactly_its_chunk_text(any_processor, text, special):
+    # Every chunk is drawn so that no other text draws the same sketch, or it is reported (and kept as text): cut bytes,
+    # whitespace variants, invisible characters, combining marks and the glyph characters themselves included.
+    ids = any_processor.encode(text)[:16]
+    ids = ids[:-1] + [any_processor.tokenizer.eos_token_id] if special and ids else ids
+    (image,), (report,) = any_processor.sketch_chunks([ids])
+    if report.ok:
+        assert read_sketch(image, any_processor.sketch_settings, ALPHABET) == any_processor.sketch_text(ids)
+
+
+@pytest.mark.parametrize("text, other", [
+    ("a\r\nb", "a\nb"), ("a\rb", "a\nb"), ("a\u2028b", "a b"), ("a\u2029b", "a b"), ("a\u00a0b", "a b"),
+    ("a\u3000b", "a b"), ("a\tb", "a   b"), ("ab ", "ab"), ("ab  ", "ab "), ("ab\n", "ab"), ("a \nb", "a\nb"),
+    ("a" * 16 + "\nb", "a" * 16 + "b"),
+])
+def test_texts_that_would_draw_alike_are_not_both_drawn(text, other):
+    first, second = render_with_policy(text, SETTINGS), render_with_policy(other, SETTINGS)
+    assert first[0] is None or second[0] is None or not np.array_equal(first[0], second[0])
+    assert (first[0] is None) == (not first[1].ok)
+
+
+def test_a_glyph_character_in_the_text_is_reported_not_drawn_like_the_mark(tokenizer):
+    from conftest import tiny_config
+
+    from vist2 import VIST2Processor
+
+    config = tiny_config(tokenizer, newline_glyph="«", special_token_glyphs={"<|endoftext|>": "©"})
+    processor = VIST2Processor.from_config(config, tokenizer)
+    for literal in ("x « y", "x © y"):  # a literal « would draw like a newline, © like <|endoftext|>
+        (image,), (report,) = processor.sketch_chunks([processor.encode(literal)])
+        assert image is None and report.undrawable == set(literal[2])
+    (image,), (report,) = processor.sketch_chunks([processor.encode("x\ny") + [tokenizer.eos_token_id]])
+    assert report.ok and image is not None, "the marks themselves are drawn"
+
+
+def test_every_glyph_keeps_all_its_ink_in_its_cell():
+    from PIL import Image, ImageDraw
+
+    from vist2.processing_vist2 import glyph_atlas
+
+    for size, cell in [(12, (4, 8)), (16, (8, 16))]:  # the tiny test geometry and the demo checkpoint's
+        atlas = glyph_atlas(None, size, *cell, 0, 255)
+        for char in map(chr, range(0x21, 0x3000)):
+            if atlas.lookup(char) is None:
+                continue
+            free = Image.new("L", (8 * size, 8 * size), 0)
+            ImageDraw.Draw(free).text((4 * size, 4 * size), char, fill=255, font=atlas.font)
+            assert atlas._coverage(char).sum() == np.asarray(free).sum(), f"{char!r} loses ink outside its cell"
+
+
+def test_the_default_font_draws_no_two_characters_alike():
+    from vist2.processing_vist2 import BYTE_MARKED, glyph_atlas
+
+    atlas = glyph_atlas(None, 12, 4, 8, 0, 255)
+    drawn = [c for c in list(map(chr, range(0x20, 0x3000))) + list(BYTE_MARKED) if atlas.lookup(c) is not None]
+    assert len({atlas.glyphs[atlas.lookup(c)].tobytes() for c in drawn}) == len(drawn) > 100
