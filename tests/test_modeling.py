@@ -260,7 +260,7 @@ def test_the_base_model_gives_the_hidden_states_the_lm_head_reads(model, process
     assert not any("lm_head" in name for name in base.state_dict())
     with torch.no_grad():
         hidden = base(**training_batch).last_hidden_state
-        torch.testing.assert_close(model.get_output_embeddings()(hidden), model(**training_batch).logits)
+        torch.testing.assert_close(model.next_token_logits(hidden), model(**training_batch).logits)
         base.tokenizer = tokenizer  # plain ids are laid out into the compressed sequence, as the processor lays out text
         plain = base(input_ids=torch.tensor([processor.encode(SAMPLE_TEXT[:300])])).last_hidden_state
         torch.testing.assert_close(plain, base(**processor(text=SAMPLE_TEXT[:300])).last_hidden_state)
@@ -295,4 +295,4 @@ def test_automodel_loads_the_demo_checkpoint_with_remote_code_and_no_loading_war
     inputs = processor(text=SAMPLE_TEXT[:400])
     with torch.no_grad():
         hidden = base.eval()(**inputs).last_hidden_state
-        torch.testing.assert_close(causal.get_output_embeddings()(hidden), causal.eval()(**inputs).logits)
+        torch.testing.assert_close(causal.next_token_logits(hidden), causal.eval()(**inputs).logits)
