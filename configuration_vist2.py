@@ -25,24 +25,9 @@ FIT_MARGIN, FIT_MARGIN_LINE_BREAKS, PROSE_CHARS_PER_TOKEN, MAX_MERGE_SIZE = 1.3,
 
 # Settings that decide which tokens form a chunk and which pixels its sketch has.
 SKETCH_SETTING_KEYS = (
-    "chunk_size",
-    "compression_ratio",
-    "font_path",
-    "font_size",
-    "min_font_size",
-    "char_width",
-    "line_height",
-    "margin",
-    "foreground",
-    "background",
-    "image_height",
-    "image_width",
-    "num_channels",
-    "image_mean",
-    "image_std",
-    "overflow_policy",
-    "newline_glyph",
-    "special_token_glyphs",
+    "chunk_size", "compression_ratio", "font_path", "font_size", "min_font_size", "char_width", "line_height", "margin",
+    "foreground", "background", "image_height", "image_width", "num_channels", "image_mean", "image_std",
+    "overflow_policy", "newline_glyph", "special_token_glyphs",
 )
 VIST2_KEYS = SKETCH_SETTING_KEYS + ("text_config", "vision_config", "merge_size", "sketch_token_id",
                                     "read_back_positions")
@@ -73,8 +58,8 @@ def validate_sketch_settings(settings: dict, name: str):
         fail(missing[0], f"missing (also missing: {missing[1:]})", "build the processor with "
              "VIST2Processor.from_config(model.config, tokenizer), which copies every sketch setting")
     for field in ("chunk_size", "compression_ratio", "font_size", "min_font_size", "char_width", "line_height",
-                  "image_height", "image_width", "merge_size")[: 8 + ("merge_size" in settings)]:
-        value = settings[field]
+                  "image_height", "image_width", "merge_size"):
+        value = settings.get(field, 1)  # merge_size: only a config has it
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             fail(field, f"must be a positive integer, got {value!r}", f"pass {field}=<positive int>")
     L, r = settings["chunk_size"], settings["compression_ratio"]
