@@ -51,9 +51,7 @@ PROSE_SAMPLE = (
     "the baker had promised free bread to anyone who helped clear the square once the water went down.\n"
 )
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Chunking
-# ---------------------------------------------------------------------------------------------------------------------
+# -- Chunking ----------------------------------------------------------------------------------------------------------
 
 
 def split_into_chunks(token_ids: list[int], chunk_size: int) -> list[list[int]]:
@@ -66,9 +64,7 @@ def prose_chars_per_token(tokenizer) -> float:
     return len(PROSE_SAMPLE) / len(tokenizer(PROSE_SAMPLE, add_special_tokens=False)["input_ids"])
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Sketch renderer
-# ---------------------------------------------------------------------------------------------------------------------
+# -- Sketch renderer ---------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -179,9 +175,7 @@ class GlyphAtlas:
         return self._stacked
 
 
-@functools.lru_cache(maxsize=32)
-def glyph_atlas(font_path, font_size, cell_width, cell_height, foreground, background) -> GlyphAtlas:
-    return GlyphAtlas(font_path, font_size, cell_width, cell_height, foreground, background)
+glyph_atlas = functools.lru_cache(maxsize=32)(GlyphAtlas)  # one atlas per font, size, cell and colours
 
 
 def wrap_into_lines(text: str, columns: int, newline_glyph: str | None = None) -> tuple[list[str], bool]:
@@ -213,8 +207,6 @@ def render_chunk(text: str, settings: dict, font_size: int | None = None) -> tup
     lines, hidden = wrap_into_lines(text, columns, settings.get("newline_glyph"))
     report = SketchReport(font_size=font_size, hidden=hidden)
     index = {char: atlas.lookup(char) for char in set("".join(lines))}
-    if lines == [""]:
-        lines = []
     if len(lines) > rows:
         report.overflow = True
         lines = lines[:rows]
@@ -255,9 +247,7 @@ def normalize_sketches(images: np.ndarray, settings: dict) -> torch.Tensor:
     return pixels
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Processor
-# ---------------------------------------------------------------------------------------------------------------------
+# -- Processor ---------------------------------------------------------------------------------------------------------
 
 
 class VIST2Processor(ProcessorMixin):
@@ -506,26 +496,20 @@ class VIST2Processor(ProcessorMixin):
         yield pending, None, None
 
     def token_pieces(self, text: str, piece_chars: int):
+        pre_tokenizer = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
         start = 0
         while start < len(text):
             end = min(len(text), start + piece_chars)
             while end < len(text):
                 check_characters(text[start:end], offset=start)
-                cut = self.last_pre_token_start(text[start:end])
-                if cut > 0:
+                cut = pre_tokenizer.pre_tokenize_str(text[start:end])[-1][1][0] if pre_tokenizer else 0
+                if cut > 0:  # end the piece where its last pre-token starts
                     end = start + cut
                     break
                 end = min(len(text), end + piece_chars)  # one pre-token fills the piece: take more text
             check_characters(text[start:end], offset=start)
             yield self.encode(text[start:end])
             start = end
-
-    def last_pre_token_start(self, piece: str) -> int:
-        """Where the last pre-token of `piece` starts (0 when there is one, or no pre-tokenizer to ask)."""
-        pre_tokenizer = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
-        if pre_tokenizer is None:
-            return 0
-        return pre_tokenizer.pre_tokenize_str(piece)[-1][1][0]
 
     def encode(self, text, allow_special_tokens=False) -> list[int]:
         """Token ids of `text`. User text never produces special tokens: a literal "<|sketch|>" in a document must not
@@ -591,12 +575,6 @@ class VIST2Processor(ProcessorMixin):
         if return_tensors is None:
             return rows[0] if isinstance(prompt, str) else rows
         return self.tokenizer.pad({"input_ids": rows}, padding_side="left", return_tensors=return_tensors)["input_ids"]
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
 
     @property
     def model_input_names(self):
