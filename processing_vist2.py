@@ -149,9 +149,8 @@ class GlyphAtlas:
 
     def lookup(self, char: str) -> int | None:
         """Atlas index of `char`, drawing it on first use; `None` if the font cannot draw it."""
-        found = self.index.get(char)
-        if found is not None or char in self.index:
-            return found
+        if char in self.index:
+            return self.index[char]
         cell = self.marks.get(char)
         if char not in self.marks and not _has_no_glyph(char):
             try:
