@@ -97,6 +97,8 @@ def check_layout(kinds, chunk_ids, visual_tokens_per_chunk):
         sketches = per_chunk_count(chunk_ids, kinds == SKETCH).gather(1, chunk_ids)
         problems[f"a chunk whose '<|sketch|>' count is not 0 or {visual_tokens_per_chunk}"] = (
             (sketches != 0) & (sketches != visual_tokens_per_chunk) & real)
+    if not torch.stack(list(problems.values())).any():  # one synchronisation when the layout is sound
+        return
     for problem, where in problems.items():
         if where.any():
             row, column = where.nonzero()[0].tolist()
@@ -135,65 +137,82 @@ def vist2_mask_function(kinds, chunk_ids, memory, read_back):
     return allowed
 
 
+def sketch_reach(kinds, chunk_ids):
+    """The last entry each entry may see in the generation layout `P V_1 ... V_{i-1} c_i`: itself, or for a sketch
+    token the last token of its sketch. There, every entry before a query is memory or its own chunk's earlier text,
+    so the attention rule reduces to `key <= reach[query]` (padding aside): causal, each sketch's block filled in."""
+    length = kinds.shape[1]
+    index = torch.arange(length, device=kinds.device).expand_as(kinds)
+    same_chunk_next = chunk_ids[:, 1:] == chunk_ids[:, :-1]
+    same_sketch_next = F.pad((kinds[:, 1:] == SKETCH) & (kinds[:, :-1] == SKETCH) & same_chunk_next, (0, 1))
+    return torch.where(same_sketch_next, length, index).flip(1).cummin(1).values.flip(1)
+
+
+def generation_mask_function(reach, live=None, first_query=0):
+    """The rule of the generation layout as a mask function: query `q` (flat index; `reach[:, q - first_query]`) sees
+    every key up to its reach; a dead key (`live` False: padding, a cut chunk, an unused slot) is seen by no live query,
+    and a dead query sees keys up to itself, so no softmax row is empty. `live` None: no entry is dead."""
+
+    def allowed(batch_idx, head_idx, q_idx, kv_idx):
+        seen = kv_idx <= reach[batch_idx, q_idx - first_query]
+        return seen if live is None else seen & (live[batch_idx, kv_idx] | ~live[batch_idx, q_idx])
+
+    return allowed
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The compressing KV cache
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 class VIST2Cache(DynamicCache):
-    """A `DynamicCache` that also records the layout of its entries, so closed chunks can be cut out of it.
+    """A `DynamicCache` that knows where each row's open chunk is, so a closed chunk's text can be cut out of it.
 
-    Per row it tracks the open chunk's token ids (to render them when the chunk closes), its chunk index, and how
-    many memory entries precede it (its first position). Rows are left-padded with `PAD` entries.
+    Generation only appends to the layout `P V_1 ... V_{i-1} c_i`, rows left-padded, the open chunk last. So the cache
+    keeps per row: which entries are live (`live`, None while no row holds padding), how many (`entries`), the open
+    chunk's index (`open_chunk`), its length (`open_length`), its token ids (the last L fed, `recent`) and the next
+    entry's position (`next_position`). `entries` and `open_length` live on the host: every step adds one token per
+    row, so the host knows them without asking the device; the token ids stay on the device until a chunk closes.
     """
 
-    def __init__(self, config=None, processor=None, prefill_chunk_size: int | None = 512):
+    def __init__(self, config=None, processor=None, prefill_chunk_size: int | str | None = "auto"):
         super().__init__(config=config)
         self.processor = processor
-        # The prompt is prefilled this many layout entries at a time (None: in one pass): peak memory then holds one
-        # block's activations and attention mask beside the compressed cache, never the whole prompt's.
+        # Entries per language-model pass of the prefill: "auto" sizes passes by a memory budget, None makes one pass.
         self.prefill_chunk_size = prefill_chunk_size
-        self.kinds = self.chunk_ids = self.memory = None
-        self.open_tokens: list[list[int]] = []
-        self.open_chunk = self.memory_length = None
+        self.live = self.recent = self.next_position = self.open_chunk = None
+        self.entries: list[int] = []
+        self.open_length: list[int] = []
+        self.prefix_length: list[int] = []  # of the prompt: its uncompressed prefix (chunk 0)
         self.reports = []  # how each chunk closed while writing was rendered (for generate's summary warning)
 
     @property
     def is_prefilled(self) -> bool:
-        return self.kinds is not None
+        return self.recent is not None
 
     def entries_per_row(self) -> torch.Tensor:
         """Live (non-padding) entries each row holds."""
-        return (self.kinds != PAD).sum(1)
+        return torch.tensor(self.entries)
 
-    def record_prefill(self, kinds, chunk_ids, memory, input_ids):
-        if ((kinds == TEXT) & ~memory & (per_chunk_count(chunk_ids, kinds == SKETCH).gather(1, chunk_ids) > 0)).any():
-            raise ValueError("generate() takes the generation layout, in which closed chunks are sketches only: "
-                             "call the processor without keep_closed_text=True.")
-        # The last chunk is open if it is text without a sketch (the prefix, chunk 0, never is).
-        last_chunk = chunk_ids.masked_fill(kinds == PAD, 0).max(1).values
-        last_has_sketch = per_chunk_count(chunk_ids, kinds == SKETCH).gather(1, last_chunk[:, None])[:, 0] > 0
-        self.open_chunk = torch.where((last_chunk > 0) & ~last_has_sketch, last_chunk, last_chunk + 1)
-        open_mask = (chunk_ids == self.open_chunk[:, None]) & (kinds == TEXT)
-        self.kinds, self.chunk_ids, self.memory = kinds, chunk_ids, memory & ~open_mask
-        self.open_tokens = [row[mask].tolist() for row, mask in zip(input_ids, open_mask)]
-        self.memory_length = self.memory.sum(1)
-
-    def append_layout(self, kinds, chunk_ids, memory):
-        self.kinds = torch.cat([self.kinds, kinds], 1)
-        self.chunk_ids = torch.cat([self.chunk_ids, chunk_ids], 1)
-        self.memory = torch.cat([self.memory, memory], 1)
+    def begin(self, input_ids, kinds, chunk_ids, next_position, chunk_size: int):
+        """Take over a prompt in the generation layout (rows left-padded, the last chunk open unless it is a sketch)."""
+        last_chunk = chunk_ids[:, -1]  # rows are left-padded: the last column is real
+        self.open_chunk = torch.where((last_chunk > 0) & (kinds[:, -1] == TEXT), last_chunk, last_chunk + 1)
+        is_open = (chunk_ids == self.open_chunk[:, None]) & (kinds == TEXT)
+        live = kinds != PAD
+        counts = torch.stack([is_open.sum(1), live.sum(1), (live & (chunk_ids == 0)).sum(1)]).tolist()
+        self.open_length, self.entries, self.prefix_length = counts
+        self.live = None if min(self.entries) == kinds.shape[1] else live
+        # The open chunk's text ends every row, so its tokens are the row's last ones.
+        self.recent = F.pad(input_ids[:, -chunk_size:], (max(0, chunk_size - input_ids.shape[1]), 0))
+        self.next_position = next_position
 
     def compact(self):
-        """Physically drop `PAD` entries (cut chunks, unused slots) and left-align every row."""
-        keep = self.kinds != PAD
-        length = int(keep.sum(1).max())
-        # Stable sort puts each row's kept entries last, in order; the first `length` columns from the end survive.
-        order = torch.sort(keep.int(), dim=1, stable=True).indices[:, -length:]
-        kept = keep.gather(1, order)
-        self.kinds = self.kinds.gather(1, order).masked_fill(~kept, PAD)
-        self.chunk_ids = self.chunk_ids.gather(1, order).masked_fill(~kept, 0)
-        self.memory = self.memory.gather(1, order) & kept
+        """Physically drop dead entries (cut chunks, unused slots): rows stay left-padded, in order."""
+        length = max(self.entries)
+        # A stable sort puts each row's live entries last, in order; the last `length` columns survive.
+        order = torch.sort(self.live.int(), dim=1, stable=True).indices[:, -length:]
+        self.live = None if min(self.entries) == length else self.live.gather(1, order)
         for layer in self.layers:
             if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
                 continue
@@ -203,10 +222,13 @@ class VIST2Cache(DynamicCache):
     def select_rows(self, rows: torch.Tensor):
         """Keep, repeat or reorder rows (beam search, `num_return_sequences`): every per-row state follows its row."""
         if self.is_prefilled:
-            rows = rows.to(self.kinds.device)
-            self.kinds, self.chunk_ids, self.memory = self.kinds[rows], self.chunk_ids[rows], self.memory[rows]
-            self.open_chunk, self.memory_length = self.open_chunk[rows], self.memory_length[rows]
-            self.open_tokens = [list(self.open_tokens[row]) for row in rows.tolist()]
+            rows = rows.to(self.recent.device)
+            self.recent, self.open_chunk = self.recent[rows], self.open_chunk[rows]
+            self.next_position = self.next_position[rows]
+            self.live = None if self.live is None else self.live[rows]
+            listed = rows.tolist()
+            self.entries, self.open_length = [self.entries[i] for i in listed], [self.open_length[i] for i in listed]
+            self.prefix_length = [self.prefix_length[i] for i in listed] if self.prefix_length else []
 
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)
@@ -214,7 +236,7 @@ class VIST2Cache(DynamicCache):
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        self.select_rows(torch.arange(len(self.open_tokens)).repeat_interleave(repeats))
+        self.select_rows(torch.arange(len(self.entries)).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices):
         super().batch_select_indices(indices)
@@ -333,11 +355,6 @@ class VIST2Model(VIST2PreTrainedModel):
             raise ValueError(f"pixel_values must be a float tensor of shape (num_sketches, {', '.join(map(str, expected))}),"
                              f" got {tuple(pixel_values.shape)} {pixel_values.dtype}: pass what VIST2Processor returns")
 
-    def sketches_per_encoder_pass(self, block: int) -> int:
-        """As many sketches as hold `block` patches: the vision tower's activations then match a prefill block's."""
-        patch_rows, patch_columns = self.aligner.grid
-        return max(1, block // (patch_rows * patch_columns))
-
     def encode_sketches(self, pixel_values):
         """`(n, C, H, W)` sketches -> `(n, m, hidden)` visual tokens."""
         cfg = self.config
@@ -347,10 +364,12 @@ class VIST2Model(VIST2PreTrainedModel):
         if cfg.vision_config.model_type == "siglip2_vision_model":
             p, n = cfg.patch_size, pixel_values.shape[0]
             patches = pixel_values.reshape(n, cfg.num_channels, h, p, w, p).permute(0, 2, 4, 3, 5, 1)
+            spatial_shapes = torch.full((n, 2), h, device=pixel_values.device)  # filled on the device: no host copy
+            spatial_shapes[:, 1] = w
             outputs = self.vision_tower(
                 pixel_values=patches.reshape(n, h * w, p * p * cfg.num_channels),
                 pixel_attention_mask=torch.ones(n, h * w, dtype=torch.long, device=pixel_values.device),
-                spatial_shapes=torch.tensor([[h, w]] * n, device=pixel_values.device),
+                spatial_shapes=spatial_shapes,
             )
         else:
             native = getattr(cfg.vision_config, "image_size", None)
@@ -416,26 +435,23 @@ class VIST2Model(VIST2PreTrainedModel):
             raise ValueError(f"attention_mask: row {int((~attention_mask.any(1)).nonzero()[0])} masks every token, "
                              "so the row has nothing to start from. Fix: drop that row, or encode it with the "
                              "processor (an empty text gets its bos token)")
-        batch = input_ids.shape[0]
-        read_back = torch.zeros(batch, dtype=torch.bool, device=input_ids.device) if read_back is None else read_back.bool()
         kinds = token_kinds(input_ids, attention_mask, self.config.sketch_token_id)
         chunk_ids = chunk_ids.masked_fill(kinds == PAD, 0).long()
         check_layout(kinds, chunk_ids, self.config.visual_tokens_per_chunk)
         memory = memory_flags(kinds, chunk_ids)
+        before = self.config.chunk_size if self.config.read_back_positions == "before_next_chunk" else 0
+        read_back = None if read_back is None else read_back.bool()
+        positions = layout_position_ids(kinds, chunk_ids, memory, read_back, before)
         if use_cache and cache is None:
             cache = VIST2Cache(config=self.config.text_config)
         if isinstance(cache, VIST2Cache):
-            cache.record_prefill(kinds, chunk_ids, memory, input_ids)
-
-        block = cache.prefill_chunk_size if isinstance(cache, VIST2Cache) else None
-        embeds = self.embed(input_ids, kinds, pixel_values, block and self.sketches_per_encoder_pass(block))
-        before = self.config.chunk_size if self.config.read_back_positions == "before_next_chunk" else 0
-        positions = layout_position_ids(kinds, chunk_ids, memory, read_back, before)
-        layout = (kinds, chunk_ids, memory, read_back)
-        if block:
-            hidden = self.prefill_in_blocks(embeds, positions, layout, cache, block)
+            hidden = self.prefill(cache, input_ids, kinds, chunk_ids, memory, read_back, positions, pixel_values)
         else:
-            hidden = self.run_language_model(embeds, positions, layout, cache, use_cache)
+            if read_back is None:
+                read_back = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            embeds = self.embed(input_ids, kinds, pixel_values)
+            mask = self.build_attention_mask(embeds, vist2_mask_function(kinds, chunk_ids, memory, read_back), cache)
+            hidden = self.run_language_model(embeds, positions, mask, cache, use_cache)
         return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_KWARG: cache if use_cache else None})
 
     def lay_out(self, input_ids, attention_mask=None, processor=None, keep_closed_text=False):
@@ -445,19 +461,19 @@ class VIST2Model(VIST2PreTrainedModel):
         processor = self.own_processor() if processor is None else processor
         return processor.layout_token_ids(rows, keep_closed_text).to(input_ids.device), real
 
-    def build_attention_mask(self, embeds, layout, cache=None):
-        """The attention rule in the form the configured attention implementation takes (eager: additive float,
-        sdpa: boolean, flex: a BlockMask that skips fully masked blocks)."""
-        mask_function = vist2_mask_function(*layout)
+    def build_attention_mask(self, embeds, mask_function, cache=None):
+        """A mask function over flat indices in the form the configured attention implementation takes (sdpa: boolean,
+        eager: additive float, flex: a BlockMask that skips fully masked blocks); the queries are the last
+        `embeds.shape[1]` entries, after those `cache` holds."""
         implementation = self.config.text_config._attn_implementation
         if implementation in ("sdpa", "eager"):
-            # The rule is elementwise, so one broadcast call builds the whole (batch, 1, q, kv) mask; transformers'
-            # generic path would vmap it pair by pair, which dominated decode time.
-            kinds = layout[0]
-            batch, kv_length, q_length = kinds.shape[0], kinds.shape[1], embeds.shape[1]
-            rows = torch.arange(batch, device=kinds.device)[:, None, None, None]
-            keys = torch.arange(kv_length, device=kinds.device)
-            queries = keys[kv_length - q_length :][None, None, :, None]  # queries are the last q_length entries
+            # The rules are elementwise, so one broadcast call builds the whole (batch, 1, q, kv) mask; transformers'
+            # generic path would vmap it pair by pair.
+            batch, q_length = embeds.shape[:2]
+            kv_length = q_length + (cache.get_seq_length() if cache is not None else 0)
+            rows = torch.arange(batch, device=embeds.device)[:, None, None, None]
+            keys = torch.arange(kv_length, device=embeds.device)
+            queries = keys[kv_length - q_length :][None, None, :, None]
             allowed = mask_function(rows, None, queries, keys[None, None, None, :])
             if implementation == "sdpa":
                 return allowed
@@ -474,26 +490,53 @@ class VIST2Model(VIST2PreTrainedModel):
             **{CACHE_KWARG: cache},
         )
 
-    def run_language_model(self, embeds, positions, layout, cache, use_cache):
+    def run_language_model(self, embeds, positions, attention_mask, cache, use_cache=True):
         outputs = self.get_decoder()(
             inputs_embeds=embeds,
-            attention_mask=self.build_attention_mask(embeds, layout, cache),
+            attention_mask=attention_mask,
             position_ids=positions,
             use_cache=bool(use_cache),
             **{CACHE_KWARG: cache},
         )
         return outputs.last_hidden_state
 
-    def prefill_in_blocks(self, embeds, positions, layout, cache: VIST2Cache, block: int):
-        """Run the prompt through the language model `block` entries at a time, appending to `cache`. Exact: each
-        query sees the cache of every earlier block plus its own block, under the same rule and positions."""
-        kinds, chunk_ids, memory, read_back = layout
+    def prefill_passes(self, setting, keys: int, device) -> tuple[int, int | None]:
+        """(entries per language-model pass, sketches per vision-tower pass) of a prefill whose queries see up to `keys`
+        entries. `setting` is `prefill_chunk_size`: an int (that many entries, and as many sketches as hold that many
+        patches), None (one pass of each) or "auto": passes as large as a budget for their transient tensors allows --
+        4 GiB on an accelerator, where each pass costs hundreds of kernel launches (at Qwen3-0.6B / SigLIP2-base shapes
+        a 128k-token prompt still prefills in one pass of each), 8 MiB on a CPU, where compute hides the launches and
+        small passes keep the peak near the compressed cache."""
+        patches = self.aligner.grid[0] * self.aligner.grid[1]
+        if setting is None:
+            return max(keys, 1), None
+        if setting != "auto":
+            return setting, max(1, setting // patches)
+        budget, size = (8 << 20 if torch.device(device).type == "cpu" else 4 << 30), self.dtype.itemsize
+        text, vision = self.config.text_config, self.config.vision_config
+        # One entry of a pass: its mask row and the attention kernel's additive copy, and its MLP activations.
+        per_entry = keys * (1 + size) + 4 * getattr(text, "intermediate_size", 4 * text.hidden_size) * size
+        per_sketch = patches * 4 * getattr(vision, "intermediate_size", 4 * vision.hidden_size) * size
+        return max(1, budget // per_entry), max(1, budget // per_sketch)
+
+    def prefill(self, cache: VIST2Cache, input_ids, kinds, chunk_ids, memory, read_back, positions, pixel_values):
+        """Run a prompt in the generation layout into `cache`, in as few passes as `prefill_passes` allows. Exact
+        whatever the passes: a block ends only where no earlier query sees a later key."""
+        # Text that is not memory is the text of a chunk with a sketch: the training layout.
+        if (read_back is not None and read_back.any()) or ((kinds == TEXT) & ~memory).any():
+            raise ValueError("generate() takes the generation layout, in which closed chunks are sketches only: "
+                             "call the processor without keep_closed_text=True (and the model without read_back).")
+        length = kinds.shape[1]
+        block, sketches_per_pass = self.prefill_passes(cache.prefill_chunk_size, length, input_ids.device)
+        embeds = self.embed(input_ids, kinds, pixel_values, sketches_per_pass)
+        cache.begin(input_ids, kinds, chunk_ids, positions[:, -1:] + 1, self.config.chunk_size)
+        mask_function = generation_mask_function(sketch_reach(kinds, chunk_ids), cache.live)
         hidden, start = [], 0
-        for end in prefill_block_ends(kinds, chunk_ids, block):
-            seen = (kinds[:, :end], chunk_ids[:, :end], memory[:, :end], read_back)
-            hidden.append(self.run_language_model(embeds[:, start:end], positions[:, start:end], seen, cache, True))
+        for end in prefill_block_ends(kinds, chunk_ids, block) if block < length else [length]:
+            mask = self.build_attention_mask(embeds[:, start:end], mask_function, cache)
+            hidden.append(self.run_language_model(embeds[:, start:end], positions[:, start:end], mask, cache))
             start = end
-        return torch.cat(hidden, 1)
+        return torch.cat(hidden, 1) if len(hidden) > 1 else hidden[0]
 
     def own_processor(self):
         """The processor that lays out and renders when none is passed: the config's sketch settings and the tokenizer
@@ -659,81 +702,95 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
 
     # -- generation ---------------------------------------------------------------------------------------------------
 
-    def close_full_chunks(self, cache: VIST2Cache):
-        """Rows whose open chunk holds L tokens close it: render, encode, cut its text from the cache. Returns the
-        visual tokens of the rendered chunks and which rows they belong to; a chunk the policy keeps as text stays in
-        the cache as memory instead."""
-        device, m, L = cache.kinds.device, self.config.visual_tokens_per_chunk, self.config.chunk_size
-        batch = len(cache.open_tokens)
-        closing = torch.tensor([len(tokens) == L for tokens in cache.open_tokens], device=device)
-        sketched = torch.zeros(batch, dtype=torch.bool, device=device)
-        if not closing.any():
-            return None, sketched
-        if cache.processor is None:
-            cache.processor = self.own_processor()
-        rows = closing.nonzero()[:, 0].tolist()
-        images, reports = cache.processor.sketch_chunks([cache.open_tokens[b] for b in rows])
-        cache.reports += reports
-        rendered = [b for b, image in zip(rows, images) if image is not None]
-        visual = None
-        if rendered:
-            visual = self.encode_sketches(cache.processor.pixel_values([i for i in images if i is not None]).to(device))
-            sketched[rendered] = True
-        open_entries = (cache.chunk_ids == cache.open_chunk[:, None]) & (cache.kinds == TEXT)
-        kept = closing & ~sketched
-        cache.memory |= open_entries & kept[:, None]
-        cache.kinds = cache.kinds.masked_fill(open_entries & sketched[:, None], PAD)
-        cache.compact()
-        open_length = torch.tensor([len(t) for t in cache.open_tokens], device=device)
-        cache.memory_length = cache.memory_length + torch.where(sketched, m, 0) + torch.where(kept, open_length, 0)
-        cache.open_chunk = cache.open_chunk + closing.long()
-        cache.open_tokens = [[] if closing[b] else cache.open_tokens[b] for b in range(batch)]
-        return visual, sketched
+    def extend_cache(self, cache: VIST2Cache, input_ids, chunk_ids, pixel_values=None):
+        """Append chunks in the generation layout to a one-row cache without padding (`read`): every entry they add
+        sees all the cache holds."""
+        kinds = token_kinds(input_ids, None, self.config.sketch_token_id)
+        chunk_ids = chunk_ids - chunk_ids[:, :1]  # the rule compares these entries' chunks only with each other
+        cached, length = cache.get_seq_length(), input_ids.shape[1]
+        positions = layout_position_ids(kinds, chunk_ids, memory_flags(kinds, chunk_ids)) + cache.next_position
+        _, sketches_per_pass = self.prefill_passes(cache.prefill_chunk_size, cached + length, input_ids.device)
+        embeds = self.embed(input_ids, kinds, pixel_values, sketches_per_pass)
+        reach = sketch_reach(kinds, chunk_ids) + cached
+        mask = self.build_attention_mask(embeds, generation_mask_function(reach, None, cached), cache)
+        self.run_language_model(embeds, positions, mask, cache)
+        cache.next_position = positions[:, -1:] + 1
+        cache.entries = [cache.entries[0] + length]
 
     def decode_step(self, input_ids, cache: VIST2Cache, logits_to_keep=0):
-        """Feed one new token per row, after closing full chunks; sketches of just-closed chunks go in the same pass."""
-        device, m = input_ids.device, self.config.visual_tokens_per_chunk
-        batch = input_ids.shape[0]
-        visual, sketched = self.close_full_chunks(cache)
-        token_embeds = self.get_input_embeddings()(input_ids)
-        open_length = torch.tensor([len(t) for t in cache.open_tokens], device=device)
-        kinds = torch.full((batch, 1), TEXT, device=device)
-        chunks = cache.open_chunk[:, None]
-        positions = (cache.memory_length + open_length)[:, None]
-        memory = torch.zeros(batch, 1, dtype=torch.bool, device=device)
-        embeds = token_embeds
-        if visual is not None:
-            slots = torch.zeros(batch, m, token_embeds.shape[-1], dtype=token_embeds.dtype, device=device)
-            slots[sketched] = visual.to(slots.dtype)
-            slot_kinds = torch.where(sketched[:, None], SKETCH, PAD).expand(-1, m)
-            slot_positions = (cache.memory_length - m)[:, None] + torch.arange(m, device=device)
-            embeds = torch.cat([slots, token_embeds], 1)
-            kinds = torch.cat([slot_kinds, kinds], 1)
-            chunks = torch.cat([(cache.open_chunk - 1)[:, None].expand(-1, m), chunks], 1)
-            positions = torch.cat([slot_positions.clamp(min=0), positions], 1)
-            memory = torch.cat([slot_kinds == SKETCH, memory], 1)
-
-        hidden = self.extend_cache(cache, embeds, kinds, chunks, memory, positions)
-        for b in range(batch):
-            cache.open_tokens[b].append(int(input_ids[b, -1]))
-        if visual is not None:
-            cache.compact()
+        """Feed one new token per row. Where no open chunk is full, the step is the backbone's own: the token continues
+        its chunk at the next position and sees every live entry, so there is no host-device synchronisation and,
+        without padding, no attention mask at all. Otherwise `close_chunks` runs in the same pass."""
+        token = input_ids[:, -1:]
+        if self.config.chunk_size in cache.open_length:
+            hidden = self.close_chunks(cache, token)
+        else:
+            embeds, mask = self.get_input_embeddings()(token), None
+            if cache.live is not None:  # padding: the token sees the live entries (and itself)
+                live = cache.live = torch.cat([cache.live, torch.ones_like(token, dtype=torch.bool)], 1)
+                mask = self.build_attention_mask(embeds, lambda batch, head, query, key: live[batch, key], cache)
+            hidden = self.run_language_model(embeds, cache.next_position, mask, cache)
+            cache.next_position = cache.next_position + 1
+            cache.entries = [n + 1 for n in cache.entries]
+            cache.open_length = [n + 1 for n in cache.open_length]
+        cache.recent = torch.cat([cache.recent[:, 1:], token], 1)
         return CausalLMOutputWithPast(logits=self.lm_head_for(hidden, logits_to_keep or 1), **{CACHE_KWARG: cache})
 
-    def extend_cache(self, cache: VIST2Cache, embeds, kinds, chunk_ids, memory, positions):
-        """Append entries of the given layout to the cache, running the language model over them."""
-        cache.append_layout(kinds, chunk_ids, memory)
-        no_read_back = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
-        layout = (cache.kinds, cache.chunk_ids, cache.memory, no_read_back)
-        return self.run_language_model(embeds, positions, layout, cache, use_cache=True)
+    def close_chunks(self, cache: VIST2Cache, token):
+        """A step in which some rows' open chunks hold L tokens: render and encode them (one tower pass), run each
+        sketch (m entries, in its chunk's place) and the new token in one language-model pass, then cut the chunks'
+        text from the cache (one compaction). A chunk the policy keeps as text stays, as memory."""
+        L, m = self.config.chunk_size, self.config.visual_tokens_per_chunk
+        batch, device = token.shape[0], token.device
+        if cache.processor is None:
+            cache.processor = self.own_processor()
+        closing = [length == L for length in cache.open_length]
+        rows = [b for b in range(batch) if closing[b]]
+        images, reports = cache.processor.sketch_chunks(cache.recent[rows].tolist())
+        cache.reports += reports
+        sketched = [False] * batch
+        for b, image in zip(rows, images):
+            sketched[b] = image is not None
+        is_sketched = torch.tensor(sketched, device=device)
+        slots = m if any(sketched) else 0
+        # The step's entries: each sketched chunk's m visual tokens (unused slots in other rows), then the token, which
+        # opens the next chunk in closing rows; laid out by the same rule as a prompt.
+        slot_ids = torch.where(is_sketched, self.config.sketch_token_id, 0)[:, None].expand(batch, slots)
+        ids = torch.cat([slot_ids, token], 1)
+        live = torch.cat([is_sketched[:, None].expand(batch, slots), torch.ones_like(token, dtype=torch.bool)], 1)
+        kinds = token_kinds(ids, live, self.config.sketch_token_id)
+        next_chunk = cache.open_chunk + torch.tensor(closing, device=device)
+        chunk_ids = torch.cat([cache.open_chunk[:, None].expand(batch, slots), next_chunk[:, None]], 1)
+        positions = layout_position_ids(kinds, chunk_ids, memory_flags(kinds, chunk_ids))
+        positions = positions + cache.next_position - L * is_sketched[:, None]  # a sketch takes its chunk's place
+        # A sketched chunk's text, the row's last L entries, is dead from this step on.
+        cached = cache.get_seq_length()
+        old = cache.live if cache.live is not None else torch.ones(batch, cached, dtype=torch.bool, device=device)
+        cache.live = torch.cat([old[:, : cached - L], old[:, cached - L :] & ~is_sketched[:, None], live], 1)
+        pixels = cache.processor.pixel_values([image for image in images if image is not None]) if slots else None
+        pixels = pixels if pixels is None else pixels.to(device)
+        embeds = self.embed(ids, kinds, pixels)
+        reach = sketch_reach(kinds, chunk_ids) + cached
+        mask = self.build_attention_mask(embeds, generation_mask_function(reach, cache.live, cached), cache)
+        hidden = self.run_language_model(embeds, positions, mask, cache)
+        cache.next_position = positions[:, -1:] + 1
+        cache.entries = [n + 1 + (m - L) * s for n, s in zip(cache.entries, sketched)]
+        cache.open_length = [1 if c else n + 1 for n, c in zip(cache.open_length, closing)]
+        cache.open_chunk = next_chunk
+        if slots:
+            cache.compact()
+        elif min(cache.entries) == max(cache.entries) == cache.live.shape[1]:
+            cache.live = None
+        return hidden
 
     @torch.no_grad()
-    def read(self, processor=None, text="", prefix="", sketches_per_step: int = 8, progress: bool | None = None
-             ) -> dict:
+    def read(self, processor=None, text="", prefix="", sketches_per_step: int | None = None,
+             progress: bool | None = None) -> dict:
         """Compress a long `text` into a `VIST2Cache` while streaming it, and return inputs for `generate`.
 
-        The text is tokenized, rendered and encoded `sketches_per_step` chunks at a time (`processor.iter_chunks`),
-        so memory holds the compressed cache and one group of sketches, never the whole text as pixels or KV::
+        The text is tokenized, rendered and encoded a group of chunks at a time (`processor.iter_chunks`), so memory
+        holds the compressed cache and one group, never the whole text as pixels or KV. A group is at least 8 chunks, more
+        where the prefill's memory budget allows (`prefill_passes`), or `sketches_per_step` chunks::
 
             inputs = model.read(processor, book)
             out = model.generate(**inputs, processor=processor, max_new_tokens=200)   # out[:, 1:] is the new text
@@ -746,7 +803,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         """
         processor = self.own_processor() if processor is None else processor
         self.check_processor(processor)
-        device, m = self.device, self.config.visual_tokens_per_chunk
+        device, L, m = self.device, self.config.chunk_size, self.config.visual_tokens_per_chunk
         if isinstance(text, torch.Tensor):
             text = text.reshape(-1).tolist()
         if not isinstance(text, str) and not prefix:
@@ -756,53 +813,44 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         cache = VIST2Cache(config=self.config.text_config, processor=processor)
         if not len(text):
             return dict(processor.collate([processor.encode_sample(prefix_ids, [])]).to(device), cache=cache)
-        cache.kinds = torch.zeros(1, 0, dtype=torch.long, device=device)
-        cache.chunk_ids, cache.memory = cache.kinds.clone(), cache.kinds.bool()
-        cache.open_chunk = torch.ones(1, dtype=torch.long, device=device)
-        cache.memory_length = torch.zeros(1, dtype=torch.long, device=device)
+        cache.live, cache.entries, cache.open_length, cache.prefix_length = None, [0], [0], [len(prefix_ids)]
+        cache.next_position = torch.zeros(1, 1, dtype=torch.long, device=device)
 
-        def append(blocks):  # blocks: [(token_ids, sketch or None)] of closed chunks, in order
-            kinds, chunks, tokens, images = [], [], [], []
-            for token_ids, sketch in blocks:
-                size = m if sketch is not None else len(token_ids)
-                kinds += [SKETCH if sketch is not None else TEXT] * size
-                tokens += [self.config.sketch_token_id] * m if sketch is not None else list(token_ids)
-                chunks += [int(cache.open_chunk)] * size
-                images += [sketch] if sketch is not None else []
-                cache.open_chunk += 1
+        def append(chunks):  # [(chunk index, token ids, sketch or None)], in order
+            ids, chunk_ids, sketches = [], [], [sketch for _, _, sketch in chunks if sketch is not None]
+            for index, token_ids, sketch in chunks:
+                entries = processor.chunk_layout(index, token_ids, sketch is not None)
+                ids, chunk_ids = ids + entries[0], chunk_ids + entries[1]
+            pixels = processor.pixel_values(sketches).to(device) if sketches else None
             as_tensor = lambda values: torch.tensor([values], device=device)  # noqa: E731
-            kinds, chunks = as_tensor(kinds), as_tensor(chunks)
-            pixels = processor.pixel_values(images).to(device) if images else None
-            embeds = self.embed(as_tensor(tokens), kinds, pixels, self.sketches_per_encoder_pass(m * sketches_per_step))
-            positions = cache.memory_length + torch.arange(kinds.shape[1], device=device)[None]
-            self.extend_cache(cache, embeds, kinds, chunks, kinds != PAD, positions)
-            cache.memory_length += kinds.shape[1]
+            self.extend_cache(cache, as_tensor(ids), as_tensor(chunk_ids), pixels)
+
+        def group_size():  # at least 8: each language-model pass also copies the cache (transformers' cache update)
+            block, _ = self.prefill_passes(cache.prefill_chunk_size, cache.get_seq_length() + m, device)
+            return sketches_per_step or max(8, block // m)
 
         if prefix_ids:
-            cache.open_chunk -= 1  # the prefix is chunk 0
-            append([(prefix_ids, None)])
-        group, open_ids = [], []
+            append([(0, prefix_ids, None)])
+        group, open_ids, size = [], [], group_size()
         reports, chunks = [], hf_logging.tqdm(processor.iter_chunks(text), desc="VIST2 read", unit=" chunks",
                                               disable=not (len(text) >= 100_000 if progress is None else progress))
-        for token_ids, sketch, report in chunks:
+        for index, (token_ids, sketch, report) in enumerate(chunks, start=1):
             if report is None:
-                open_ids = token_ids
+                open_ids, open_index = token_ids, index
                 break
             reports.append(report)
-            group.append((token_ids, sketch))
-            if len(group) == sketches_per_step:
+            group.append((index, token_ids, sketch))
+            if len(group) == size:
                 append(group)
-                group = []
+                group, size = [], group_size()
         if group:
             append(group)
         # Feed the open chunk but its last token, which generate feeds as its first input.
         if len(open_ids) > 1:
-            head = torch.tensor([open_ids[:-1]], device=device)
-            kinds = torch.full_like(head, TEXT)
-            positions = cache.memory_length + torch.arange(head.shape[1], device=device)[None]
-            self.extend_cache(cache, self.get_input_embeddings()(head), kinds, cache.open_chunk[:, None].expand_as(head),
-                              torch.zeros_like(head, dtype=torch.bool), positions)
-        cache.open_tokens = [list(open_ids[:-1])]
+            append([(open_index, open_ids[:-1], None)])
+        cache.open_chunk = torch.tensor([open_index], device=device)
+        cache.open_length = [len(open_ids) - 1]
+        cache.recent = F.pad(torch.tensor([open_ids[:-1]], dtype=torch.long, device=device), (L - len(open_ids) + 1, 0))
         chunks.close()
         kept, undrawable = processor.kept_as_text(reports, stacklevel=3)  # 3: the caller, above torch.no_grad's wrapper
         return {"input_ids": torch.tensor([[open_ids[-1]]], device=device), "cache": cache,
@@ -835,8 +883,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         # layout, so generate's own attention_mask / cache_position bookkeeping is not used.
         cache = past_key_values if cache is None else cache
         if isinstance(cache, VIST2Cache) and cache.is_prefilled:
-            if len(cache.open_tokens) != input_ids.shape[0]:  # a cache from `read`, for several beams or sequences
-                cache.batch_repeat_interleave(input_ids.shape[0] // len(cache.open_tokens))
+            if len(cache.entries) != input_ids.shape[0]:  # a cache from `read`, for several beams or sequences
+                cache.batch_repeat_interleave(input_ids.shape[0] // len(cache.entries))
             return {"input_ids": input_ids[:, -1:], CACHE_KWARG: cache, "use_cache": True}
         if isinstance(pixel_values, (list, tuple)):  # per prompt row (see `generate`): each copy of a row gets its own
             copies = input_ids.shape[0] // len(pixel_values)
@@ -855,12 +903,12 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                              f"{self.get_input_embeddings().num_embeddings}. Fix: use the tokenizer saved with the "
                              "model, or model.resize_token_embeddings(len(tokenizer))")
 
-    def generate(self, inputs=None, processor=None, prefill_chunk_size: int | None = 512, **kwargs):
+    def generate(self, inputs=None, processor=None, prefill_chunk_size: int | str | None = "auto", **kwargs):
         """`GenerationMixin.generate` with a compressing cache. Takes the processor's batch or plain token ids (laid out
         here as the processor lays out text); `processor=` renders closed chunks (default: `own_processor()`).
 
-        The compressed prompt is prefilled `prefill_chunk_size` entries at a time (sketches encoded block by block), so
-        peak memory is the compressed cache plus one block; `None` prefills in one pass. Same logits either way."""
+        The compressed prompt is prefilled in as few passes as memory allows (`prefill_chunk_size="auto"`, see
+        `prefill_passes`); an int prefills that many entries per pass, `None` everything in one pass. Same logits."""
         self.check_generation_mode(kwargs)
         generation_config = kwargs.get("generation_config")
         if getattr(generation_config, "prefill_chunk_size", None) is not None:

@@ -405,7 +405,6 @@ class VIST2Processor(ProcessorMixin):
         The prefix is given context, never a target.
         """
         prefix_ids, stream_ids = list(prefix_ids), list(stream_ids)
-        visual_tokens_per_chunk = self.visual_tokens_per_chunk
         if not prefix_ids and not stream_ids:
             if self.tokenizer.bos_token_id is None:
                 raise ValueError("VIST2Processor: empty prompt. Pass some text or a prefix (the tokenizer has no "
@@ -417,17 +416,12 @@ class VIST2Processor(ProcessorMixin):
         label_chunks = split_into_chunks(trainable, self.chunk_size)
         images, reports = self.sketch_chunks(chunks[:-1])
         for index, (chunk, keep) in enumerate(zip(chunks, label_chunks), start=1):
-            chunk_labels = [t if k else IGNORE_INDEX for t, k in zip(chunk, keep)]
-            is_open = index == len(chunks)
-            sketch = None if is_open else images[index - 1]
-            if is_open or sketch is None or keep_closed_text:
-                input_ids += chunk
-                chunk_ids += [index] * len(chunk)
-                labels += chunk_labels
-            if sketch is not None:
-                input_ids += [self.sketch_token_id] * visual_tokens_per_chunk
-                chunk_ids += [index] * visual_tokens_per_chunk
-                labels += [IGNORE_INDEX] * visual_tokens_per_chunk
+            sketched = index < len(chunks) and images[index - 1] is not None  # the last chunk is open
+            ids, ids_chunks, text_length = self.chunk_layout(index, chunk, sketched, keep_closed_text)
+            input_ids += ids
+            chunk_ids += ids_chunks
+            labels += [t if k else IGNORE_INDEX for t, k in zip(chunk[:text_length], keep)]
+            labels += [IGNORE_INDEX] * (len(ids) - text_length)
         labels[0] = IGNORE_INDEX  # nothing predicts the first token: keeps Trainer's num_items_in_batch exact
         return {
             "input_ids": input_ids,
@@ -437,6 +431,16 @@ class VIST2Processor(ProcessorMixin):
             "report": reports,
             **dict(zip(("chunks_kept_as_text", "undrawable_characters"), self.kept_as_text(reports))),
         }
+
+    def chunk_layout(self, index: int, token_ids, sketched: bool, keep_text: bool = False):
+        """The layout rule: the entries chunk `index` contributes to a sequence, as `(input_ids, chunk_ids, text_length)`.
+        Its text comes first when the chunk is open, kept as text (no sketch) or `keep_text` (training's
+        `P c_1 V_1 ...`), then its sketch's `visual_tokens_per_chunk` placeholders when it has one. Samples, the model's
+        streaming `read` and its decoding all lay chunks out through this rule (the model derives kinds and positions
+        from the ids and chunk ids)."""
+        text = list(token_ids) if keep_text or not sketched else []
+        ids = text + [self.sketch_token_id] * (self.visual_tokens_per_chunk if sketched else 0)
+        return ids, [index] * len(ids), len(text)
 
     def collate(self, samples: list[dict], return_labels=False) -> BatchFeature:
         """Left-pad encoded samples into a batch (the model derives positions from the layout, not from padding)."""

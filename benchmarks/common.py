@@ -23,6 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+try:
+    import vist2  # noqa: E402, F401
+except ImportError:  # a checkout not installed (an offline GPU machine): the repository root is the package
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location("vist2", REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    sys.modules["vist2"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["vist2"])
+
 from vist2.configuration_vist2 import VIST2Config  # noqa: E402
 from vist2.processing_vist2 import SKETCH_TOKEN, VIST2Processor  # noqa: E402
 
@@ -288,7 +297,8 @@ class Phases:
     `stage` is "prefill" until the first token is out, then "decode". Phases nest: time is charged to the innermost.
     """
 
-    def __init__(self, sample_every: float = 0.002):
+    def __init__(self, sample_every: float = 0.002, clock=time.perf_counter):
+        self.clock = clock  # time.thread_time: CPU time of this thread, which a shared machine's load does not inflate
         self.stage = "prefill"
         self.stack: list[str] = []
         self.time: dict[tuple[str, str], float] = {}
@@ -298,18 +308,23 @@ class Phases:
         self._stop = threading.Event()
         self._thread = None
         self._undo = []
+        self.sync = None  # called at each phase boundary when set (a GPU's torch.cuda.synchronize)
 
     def current(self) -> str:
         return self.stack[-1] if self.stack else "other"
 
     @contextlib.contextmanager
     def phase(self, name: str):
+        if self.sync is not None:
+            self.sync()
         self.stack.append(name)
-        start = time.perf_counter()
+        start = self.clock()
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - start
+            if self.sync is not None:
+                self.sync()
+            elapsed = self.clock() - start
             self.stack.pop()
             key = (self.stage, name)
             self.time[key] = self.time.get(key, 0.0) + elapsed
@@ -482,6 +497,10 @@ def machine_description() -> dict:
     return {
         "lscpu": lines,
         "nproc": run(["nproc"]),
+        "gpu": ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                if torch.cuda.is_available() else []),
+        "nvidia_smi": run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])
+        if torch.cuda.is_available() else "",
         "free_g": run(["free", "-g"]).splitlines()[:2],
         "python": platform.python_version(),
         "torch": torch.__version__,

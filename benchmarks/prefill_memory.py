@@ -57,6 +57,8 @@ def run_case(context: int, mode: str, size: int | None, ratio: int) -> dict:
         kwargs = dict(max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         if mode != "baseline":
             kwargs.update(processor=processor, prefill_chunk_size=size if mode == "generate" else None)
+            if mode == "generate" and size == "auto":
+                kwargs.pop("prefill_chunk_size")
         with torch.inference_mode():
             return model.generate(**inputs, **kwargs)
 
@@ -77,8 +79,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--ratio", type=int, default=4, choices=sorted(common.GEOMETRY))
-    parser.add_argument("--blocks", nargs="+", default=["none", "2048", "1024", "512", "256"],
-                        help="prefill_chunk_size values for generate(**processor(text)); 'none' = one pass")
+    parser.add_argument("--blocks", nargs="+", default=["auto", "none", "2048", "1024", "512", "256"],
+                        help="prefill_chunk_size values for generate(**processor(text)); 'none' = one pass, 'auto' = "
+                             "the default (sized by a memory budget)")
     parser.add_argument("--read-groups", type=int, nargs="*", default=[16, 8], help="sketches_per_step of model.read")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -88,7 +91,8 @@ def main(argv=None):
 
     cases = []
     for context in args.contexts:
-        plan = [("baseline", None)] + [("generate", None if b == "none" else int(b)) for b in args.blocks]
+        blocks = [None if b == "none" else b if b == "auto" else int(b) for b in args.blocks]
+        plan = [("baseline", None)] + [("generate", b) for b in blocks]
         plan += [("read", g) for g in args.read_groups]
         for mode, size in plan:
             spec = json.dumps({"context": context, "mode": mode, "size": size, "ratio": args.ratio})

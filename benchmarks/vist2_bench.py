@@ -43,7 +43,7 @@ WORKER_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESH
 
 
 def core_fingerprint() -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted((HERE.parent / "vist2").glob("*.py"))}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(HERE.parent.glob("*_vist2.py"))}
 
 
 def model_label(ratio, variant=None) -> str:
@@ -86,7 +86,8 @@ def run_case(case: dict) -> dict:
     config = common.build_config(case["preset"], ratio or 4, tokenizer, case.get("chunk_size", common.CHUNK_SIZE))
     torch.manual_seed(0)
     rss_start = common.rss_bytes()
-    model = VIST2ForCausalLM(config).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # initialised where it runs: a 0.6B model's random init on a host takes minutes
+        model = VIST2ForCausalLM(config).to(dtype=dtype).eval()
     processor = VIST2Processor.from_config(config, tokenizer)
     if not is_vist2:
         model = model.language_model  # the text-only backbone, same weights; the vision tower is dropped
@@ -129,7 +130,10 @@ def run_case(case: dict) -> dict:
     generate(resume_inputs(warm), ids[2 * L + 1 : 2 * L + 5], 4)
     del warm
 
-    phases = common.Phases()
+    # "thread": CPU seconds of this (one-threaded) process's main thread, which other jobs on a shared machine do not
+    # inflate as they do wall time; a GPU's time is wall time.
+    clock = time.thread_time if case.get("clock") == "thread" else time.perf_counter
+    phases = common.Phases(clock=clock)
     kept = {"prefill": 0, "decode": 0}
     rendered = {"prefill": 0, "decode": 0}
     original_sketch = processor.sketch_chunks
@@ -167,8 +171,13 @@ def run_case(case: dict) -> dict:
     count_flops = case.get("flops", True)
     prefill_flops = {}
     last = None
-    for repeat in range(case.get("repeats", 1)):
+    repeats = case.get("repeats", 1)
+    for repeat in range(repeats):
         phases.reset()
+        # On a GPU kernels run asynchronously: phase times need a synchronisation at each phase boundary, which slows
+        # the run down, so with repeats the first run is the profiled one and the others are timed without it.
+        profiled = device.type != "cuda" or repeats == 1 or repeat == 0
+        phases.sync = sync if device.type == "cuda" and profiled else None
         for stage in kept:
             kept[stage] = rendered[stage] = 0
         last = None
@@ -181,23 +190,23 @@ def run_case(case: dict) -> dict:
         counter = common.flop_counter() if count_flops and repeat == 0 else None
         phases.start_sampling()
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         with counter if counter is not None else contextlib.nullcontext():
             with phases.phase("inputs"):
                 inputs = make_inputs(prompt_ids)
             first = generate(inputs, continuation[:1], 1)
             sync()
-            t_first = time.perf_counter()
+            t_first = clock()
         if counter is not None:
             prefill_flops.update(common.flops_by_part(counter))
         phases.stage = "decode"
         entries = [common.kv_cache_entries(first[CACHE_KWARG])]  # cache size after each forward (FLOP sums)
         sizes = common.StepRecorder(lambda cache=first[CACHE_KWARG]: common.kv_cache_entries(cache))
-        t_decode = time.perf_counter()
+        t_decode = clock()
         out = generate(resume_inputs(first), continuation[1:], new_tokens - 1, streamer=sizes) \
             if new_tokens > 1 else first
         sync()
-        t_end = time.perf_counter()
+        t_end = clock()
         phases.stop_sampling()
         generated = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
         cache = out[CACHE_KWARG]
@@ -214,6 +223,7 @@ def run_case(case: dict) -> dict:
             "decode_tok_s": (new_tokens - 1) / (t_end - t_decode) if new_tokens > 1 else None,
             "phases": phase_times,
             "flop_counter_in_prefill": counter is not None,
+            "profiled": profiled,
             "loadavg": os.getloadavg(),
         }
         runs.append(run)
@@ -234,6 +244,7 @@ def run_case(case: dict) -> dict:
     sampled_peak = max((p.get("peak_rss", 0) for run in runs for stage in run["phases"].values() for p in stage.values()),
                        default=0)
     best = min(runs, key=lambda run: run["total_s"])
+    timed = [run for run in runs if not run["profiled"]] or runs  # on a GPU with repeats: runs without phase syncs
     result.update({
         "case": {k: v for k, v in case.items() if k != "data"},
         "model": model_label(ratio, case.get("variant")),
@@ -245,10 +256,10 @@ def run_case(case: dict) -> dict:
         "peak_rss": peak if peak_reset else max(peak, sampled_peak),
         "peak_rss_reset": peak_reset,
         "peak_delta": (peak if peak_reset else max(peak, sampled_peak)) - rss_loaded,
-        "ttft_s": min(run["ttft_s"] for run in runs),
-        "decode_tok_s": max(run["decode_tok_s"] or 0 for run in runs),
+        "ttft_s": min(run["ttft_s"] for run in timed),
+        "decode_tok_s": max(run["decode_tok_s"] or 0 for run in timed),
         "runs": runs,
-        "best_run_phases": best["phases"],
+        "best_run_phases": min((run for run in runs if run["profiled"]), key=lambda run: run["total_s"])["phases"],
     })
     if device.type == "cuda":
         result["cuda_peak_delta"] = torch.cuda.max_memory_allocated() - cuda_loaded
@@ -263,8 +274,8 @@ def run_case(case: dict) -> dict:
         started = time.perf_counter()
         m = config.visual_tokens_per_chunk
         cache = last[CACHE_KWARG]
-        open_tokens = getattr(cache, "open_tokens", None)
-        window_tokens = (L - len(open_tokens[0]) + 2 if open_tokens else L + 2) if is_vist2 else 3
+        open_length = getattr(cache, "open_length", None)
+        window_tokens = (L - open_length[0] + 2 if open_length else L + 2) if is_vist2 else 3
         forced = ids[context + new_tokens : context + new_tokens + window_tokens]
         counter = common.flop_counter()
         recorder = common.StepRecorder(lambda: (common.flops_by_part(counter), common.kv_cache_entries(cache)))
@@ -317,7 +328,7 @@ def run_all(args) -> dict:
                 case = dict(preset=args.preset, context=context, new_tokens=args.new_tokens, ratio=ratio,
                             variant=variant, repeats=args.repeats, flops=not args.no_flops, threads=args.threads,
                             device=args.device, dtype=args.dtype, chunk_size=args.chunk_size,
-                            read_group=args.read_group, data=str(data))
+                            read_group=args.read_group, clock=args.clock, data=str(data))
                 case_file, out_file = Path(tmp, "case.json"), Path(tmp, "out.json")
                 case_file.write_text(json.dumps(case))
                 load_before = os.getloadavg()
@@ -401,7 +412,7 @@ def _share(case, stage, names=("render", "normalize", "encode")):
 def metrics(case) -> dict:
     return {
         "kv": case["kv_bytes"],
-        "mem": case["peak_delta"],
+        "mem": case.get("cuda_peak_delta", case["peak_delta"]),  # on a GPU: its memory, above the weights
         "mem_total": case["peak_rss"],
         "prefill_flops": _prefill_flops(case),
         "decode_flops": _decode_flops_per_token(case),
@@ -471,9 +482,12 @@ def write_markdown(results, path: Path):
               f"Run {r['started']} to {r.get('finished', '?')}. Every (model, context) case ran in a fresh subprocess, "
               "interleaved per context (baseline, then VIST2 r=4, r=2, r=8); the baseline is `model.language_model` "
               "of the same model (same weights), reading the same prompt token ids and generating the same forced "
-              "continuation (greedy, same `max_new_tokens`).", ""]
+              "continuation (greedy, same `max_new_tokens`)."
+              + (" Times are CPU seconds of each case's main thread (`--clock thread`), not wall time."
+                 if r["args"].get("clock") == "thread" else ""), ""]
     m = r["machine"]
-    lines += ["## Machine", "", "```"] + m["lscpu"] + [f"nproc: {m['nproc']}"] + m["free_g"] + [
+    gpus = [f"GPU: {m['nvidia_smi'] or ', '.join(m['gpu'])}"] if m.get("gpu") else []
+    lines += ["## Machine", "", "```"] + gpus + m["lscpu"] + [f"nproc: {m['nproc']}"] + m["free_g"] + [
         f"python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
         f"torch threads {m['torch_threads']}, {m['platform']}", "```", ""]
     t = r["text"]
@@ -494,7 +508,8 @@ def write_markdown(results, path: Path):
     rows = summary_rows(r)
     lines += ["## Results", "",
               "Ratios in parentheses are VIST2 / baseline (memory, FLOPs) or speed-ups (TTFT, decode). "
-              "KV = bytes of all keys and values in the cache after generation. Peak Δ = peak RSS during the timed "
+              "KV = bytes of all keys and values in the cache after generation. Peak Δ = on a GPU, its peak allocated "
+              "memory above the loaded model's; on a CPU, peak RSS during the timed "
               "generation minus RSS after model load and warm-up (VmHWM reset); peak total = whole-process peak. "
               "FLOPs from `torch.utils.flop_counter` (attention counted as the kernel computes it: every pair of a masked call, the triangle of a causal one; see `common.sdpa_flops`); "
               "total = prefill + all decode steps. TTFT = building inputs (VIST2: chunking, rendering, "
@@ -651,7 +666,11 @@ def main(argv=None):
                         help="also run these ratios as 'vist2-rN-read': the prompt goes in through the core's "
                              "streaming model.read(processor, text) (tokenized, rendered, encoded and cached group "
                              "by group) instead of generate(**processor(text)); then the same generate()")
-    parser.add_argument("--read-group", type=int, default=8, help="sketches_per_step of model.read (the core default)")
+    parser.add_argument("--read-group", type=int, default=None,
+                        help="sketches_per_step of model.read (default: the model's, sized by its memory budget)")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="thread: time CPU cases in CPU seconds of the main thread (with --threads 1), which a "
+                             "shared machine's load does not inflate")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: the preset's")
     parser.add_argument("--name", default=None, help="results/<name>.{json,md,png} (default: the preset)")

@@ -9,7 +9,8 @@ from conftest import SAMPLE_TEXT, tiny_config
 from vist2 import VIST2ForCausalLM
 from transformers import DynamicCache
 
-from vist2.modeling_vist2 import layout_position_ids, memory_flags, prefill_block_ends, token_kinds
+from vist2.modeling_vist2 import (PAD, generation_mask_function, layout_position_ids, memory_flags,
+                                  prefill_block_ends, sketch_reach, token_kinds, vist2_mask_function)
 
 L, M = 16, 4  # tiny preset: chunk size and visual tokens per chunk
 
@@ -109,8 +110,8 @@ def test_model_mask_and_positions_equal_the_brute_force_rule(models, config, see
     before_next_chunk = layout_position_ids(kinds, chunk_ids, memory, read_back, L)
     layout = (kinds, chunk_ids, memory, read_back)
     embeds = torch.zeros(len(rows), input_ids.shape[1], config.text_config.hidden_size)
-    eager = models["eager"].build_attention_mask(embeds, layout)
-    sdpa = models["sdpa"].build_attention_mask(embeds, layout)
+    eager = models["eager"].build_attention_mask(embeds, vist2_mask_function(*layout))
+    sdpa = models["sdpa"].build_attention_mask(embeds, vist2_mask_function(*layout))
     for b, row in enumerate(rows):
         expected = torch.tensor(brute_force_allowed(row, bool(read_back[b])))
         assert torch.equal(sdpa[b, 0], expected)
@@ -135,7 +136,8 @@ def test_mask_of_the_last_queries_over_a_cache_equals_the_brute_force_rows(model
     for layer in range(config.text_config.num_hidden_layers):
         past = torch.zeros(3, 1, width - q_length, 8)
         cache.update(past, past, layer)
-    mask = models["sdpa"].build_attention_mask(torch.zeros(3, q_length, config.text_config.hidden_size), layout, cache)
+    mask = models["sdpa"].build_attention_mask(torch.zeros(3, q_length, config.text_config.hidden_size),
+                                               vist2_mask_function(*layout), cache)
     for b, row in enumerate(rows):
         expected = torch.tensor(brute_force_allowed(row, False))[width - q_length :]
         assert torch.equal(mask[b, 0], expected)
@@ -242,3 +244,23 @@ def test_read_back_positions_change_only_what_a_read_back_chunk_computes(tokeniz
             logits[layout] = [model(**batch, read_back=torch.tensor([flag])).logits for flag in (False, True)]
     torch.testing.assert_close(logits["after_sketch"][0], logits["before_next_chunk"][0])
     assert not torch.allclose(logits["after_sketch"][1], logits["before_next_chunk"][1])
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_in_the_generation_layout_the_rule_is_causal_with_each_sketch_filled_in(config, seed):
+    """Generation never keeps a closed chunk's text beside its sketch, so every entry before a query is visible to it
+    and a sketch sees its whole sketch: `key <= reach[query]` equals the full rule there (padding aside)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(3):
+        row = [t for t in random_layout(rng, config.sketch_token_id)]
+        chunks_with_sketch = {t[1] for t in row if t[0] == "sketch"}
+        rows.append([t for t in row if not (t[0] == "text" and t[1] in chunks_with_sketch)] or row)
+    rows, input_ids, attention_mask, chunk_ids = left_padded_batch(rows)
+    kinds = token_kinds(input_ids, attention_mask, config.sketch_token_id)
+    full = vist2_mask_function(kinds, chunk_ids, memory_flags(kinds, chunk_ids), torch.zeros(3, dtype=torch.bool))
+    fast = generation_mask_function(sketch_reach(kinds, chunk_ids), kinds != PAD)
+    index = torch.arange(input_ids.shape[1])
+    rows_index, queries, keys = torch.arange(3)[:, None, None], index[None, :, None], index[None, None, :]
+    real = (kinds != PAD)[:, :, None]  # a padding query's row is never used
+    assert torch.equal(full(rows_index, None, queries, keys) & real, fast(rows_index, None, queries, keys) & real)

@@ -207,3 +207,29 @@ def test_prefill_memory_case_reports_the_peak_of_inputs_and_prefill(mode, size):
     case = prefill_memory.run_case(context=600, mode=mode, size=size, ratio=4)
     assert case["mode"] == mode and case["context"] == 600
     assert 0 <= case["inputs_peak_mib"] <= case["peak_mib"]
+
+
+def test_op_counter_counts_each_dispatched_operator_and_can_skip_attention():
+    from benchmarks.op_count import OpCounter, count_ops
+
+    a, b = torch.ones(3), torch.ones(3)
+    total, names, result = count_ops(lambda: (a + b).mul(2).sum(), skip_attention=False)
+    assert total == 3 and names == {"add": 1, "mul": 1, "sum": 1} and float(result) == 12.0
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8)
+    with OpCounter(skip_attention=True) as counter:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, k)
+    assert out.shape == (1, 2, 5, 8) and counter.total >= 1
+    assert any(name.startswith("_scaled_dot_product") for name in counter.counts)
+
+
+def test_an_accelerator_prefills_the_qwen3_preset_in_one_pass_of_each_model_and_a_cpu_in_blocks():
+    """32k tokens at r = 4 are about 8.4k entries: one language-model and one tower pass on a GPU (each pass costs
+    hundreds of kernel launches), blocks on a CPU (where compute hides launches and memory is scarcer)."""
+    tokenizer = common.load_tokenizer()
+    with torch.device("meta"):
+        model = VIST2ForCausalLM(common.build_config("qwen3-0.6b", 4, tokenizer)).to(torch.bfloat16)
+    entries = 32768 // 4 + 256
+    block, sketches = model.prefill_passes("auto", entries, "cuda")
+    assert block >= entries and sketches >= 32768 // 256
+    assert model.prefill_passes("auto", entries, "cpu")[0] < entries
+    assert model.prefill_passes(None, entries, "cpu") == (entries, None)

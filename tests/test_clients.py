@@ -233,7 +233,7 @@ def test_the_pipeline_answers_chat_messages_with_the_system_turn_as_the_prefix(p
                               suppress_tokens=ascii_only)[0, inputs["input_ids"].shape[1] :]
     assert reply["content"] == chat_processor.decode(expected, skip_special_tokens=True)
     system_turn = chat_processor.encode("<|im_start|>system\nAnswer briefly.<|im_end|>\n", allow_special_tokens=True)
-    assert int((cache.chunk_ids[0] == 0).sum()) == len(system_turn), "the system turn is the uncompressed prefix"
+    assert cache.prefix_length[0] == len(system_turn), "the system turn is the uncompressed prefix"
 
 
 # -- lm-evaluation-harness ---------------------------------------------------------------------------------------------

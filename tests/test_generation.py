@@ -115,15 +115,15 @@ def test_a_prefill_in_blocks_gives_the_tokens_and_logits_of_one_pass(model, proc
 
 def test_a_generation_config_prefill_chunk_size_sets_the_prefill_blocks(model, processor, ascii_only, monkeypatch):
     blocks = []
-    prefill_in_blocks = model.prefill_in_blocks
-    monkeypatch.setattr(model, "prefill_in_blocks", lambda *args: blocks.append(args[-1]) or prefill_in_blocks(*args))
+    prefill_passes = model.prefill_passes
+    monkeypatch.setattr(model, "prefill_passes", lambda *args: blocks.append(args[0]) or prefill_passes(*args))
     inputs = processor(text=SAMPLE_TEXT[:400])
     config = GenerationConfig(max_new_tokens=10, do_sample=False, prefill_chunk_size=5)
     out = model.generate(**inputs, processor=processor, generation_config=config, suppress_tokens=ascii_only)
     assert blocks == [5] and config.prefill_chunk_size == 5  # the caller's config is not changed
     one_pass = model.generate(**inputs, processor=processor, max_new_tokens=10, do_sample=False,
                               prefill_chunk_size=None, suppress_tokens=ascii_only)
-    assert out.tolist() == one_pass.tolist() and blocks == [5]
+    assert out.tolist() == one_pass.tolist() and blocks == [5, None]
 
 
 class CacheProbe(LogitsProcessor):
@@ -409,3 +409,38 @@ def test_generation_never_writes_an_id_the_tokenizer_cannot_decode(tokenizer, pr
     finally:
         handle.remove()
     assert int(out.max()) < len(tokenizer)
+
+
+@pytest.mark.parametrize("texts", [[SAMPLE_TEXT[:100]], [SAMPLE_TEXT[:100], SAMPLE_TEXT[:30]]])  # no padding; padding
+def test_a_decode_step_that_closes_no_chunk_never_waits_for_the_device(model, processor, monkeypatch, texts):
+    """On a GPU a read-back (`.item()`, `.tolist()`, `int(tensor)`, a bool of a tensor) stalls the host until every
+    queued kernel has run; a step that only continues its chunk must not do one."""
+    from benchmarks.op_count import OpCounter
+
+    inputs = processor(text=texts)
+    with torch.no_grad():
+        first = model(**inputs, use_cache=True, logits_to_keep=1)
+    cache = first[CACHE_KWARG]
+    assert max(cache.open_length) < model.config.chunk_size - 2
+    token = first.logits[:, -1].argmax(-1, keepdim=True)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("tolist() in a decode step"))
+    with OpCounter() as counter, torch.no_grad():
+        for _ in range(2):
+            token = model(input_ids=token, **{CACHE_KWARG: cache}).logits[:, -1].argmax(-1, keepdim=True)
+    read_backs = {"_local_scalar_dense", "item", "is_nonzero", "nonzero"} & set(counter.counts)
+    assert not read_backs, read_backs
+
+
+def test_a_decode_step_dispatches_about_the_operators_of_the_backbones_step(model, processor):
+    """Dispatched operators are kernel launches on a GPU, where a model this size is launch-bound."""
+    from benchmarks.op_count import count_ops
+
+    inputs = processor(text=SAMPLE_TEXT[:100])
+    with torch.no_grad():
+        first = model(**inputs, use_cache=True, logits_to_keep=1)
+        token = first.logits[:, -1].argmax(-1, keepdim=True)
+        vist2, _, _ = count_ops(lambda: model(input_ids=token, **{CACHE_KWARG: first[CACHE_KWARG]}, logits_to_keep=1))
+        ids = torch.tensor([processor.encode(SAMPLE_TEXT[:100])])
+        past = model.language_model(input_ids=ids, use_cache=True)[CACHE_KWARG]
+        backbone, _, _ = count_ops(lambda: model.language_model(input_ids=token, **{CACHE_KWARG: past}, logits_to_keep=1))
+    assert vist2 <= 1.1 * backbone

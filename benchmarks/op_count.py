@@ -1,0 +1,187 @@
+"""A deterministic CPU gauge of GPU launch overhead: aten operators dispatched by VIST2 and by its backbone.
+
+    python benchmarks/op_count.py --contexts 8192 32768 --name op-count
+
+On a GPU every dispatched aten operator is (at most) one kernel launch, and a model this size is launch-bound: the
+host spends longer issuing kernels than the GPU spends running them. The number of operators does not depend on the
+widths of the layers, only on their count and on the code, so this script builds the `qwen3-0.6b` preset's layer
+counts (28 decoder layers, 12 vision layers) at tiny widths and counts, with a `TorchDispatchMode`:
+
+- prefill + first token: `generate(**inputs, max_new_tokens=1)` over the first `context` tokens of the benchmark text
+  (inputs built beforehand: the processor's work is host work), its passes sized as on an accelerator for the
+  full-width preset (`prefill_passes`), which is what a GPU runs;
+- a decode step that closes no chunk, and one that closes a chunk: differences of resumed `generate` calls (one
+  generate call's own fixed work cancels out).
+
+Attention kernels are counted but not computed (their output is left uninitialised), so 32k contexts run on a laptop;
+their values never decide the control flow here (the continuation is forced). Writes `benchmarks/results/<name>.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+
+ATTENTION_OPS = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"}
+TINY_WIDTHS = {  # layer counts stay the preset's; only the widths shrink
+    "text": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32),
+    "vision": dict(hidden_size=32, intermediate_size=64, num_attention_heads=2),
+}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten operator dispatched while active, by name (`counts`) and in all (`total`).
+
+    `skip_attention`: fused attention kernels are counted but return uninitialised outputs of the right shape instead
+    of running (the count is the same; the work, quadratic in the context, is skipped)."""
+
+    def __init__(self, skip_attention: bool = False):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.skip_attention = skip_attention
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] += 1
+        if self.skip_attention and name in ATTENTION_OPS:
+            return skipped_attention(func, args, kwargs or {})
+        return func(*args, **(kwargs or {}))
+
+
+def skipped_attention(func, args, kwargs):
+    """Outputs of a fused attention op without computing it: the output like the query (values' head size), and the
+    auxiliary outputs (log-sum-exp and the like) as empty tensors, which nothing downstream reads at inference."""
+    query, value = args[0], args[2]
+    output = query.new_empty(*query.shape[:-1], value.shape[-1])
+    if func.overloadpacket.__name__ == "_scaled_dot_product_flash_attention_for_cpu":
+        return output, query.new_empty(query.shape[:-1], dtype=torch.float32)
+    results = func._schema.returns
+    return (output,) + tuple(query.new_empty(0) for _ in results[1:]) if len(results) > 1 else output
+
+
+def count_ops(fn, skip_attention=True) -> tuple[int, collections.Counter, object]:
+    """(total operators, per-name counts, fn's result) of running `fn()`."""
+    with OpCounter(skip_attention=skip_attention) as counter:
+        result = fn()
+    return counter.total, counter.counts, result
+
+
+def build(ratio: int):
+    from vist2 import VIST2ForCausalLM, VIST2Processor
+
+    tokenizer = common.load_tokenizer()
+    config = common.build_config("qwen3-0.6b", ratio, tokenizer)
+    config.text_config.update({**TINY_WIDTHS["text"], "vocab_size": len(tokenizer)})
+    config.vision_config.update(TINY_WIDTHS["vision"])
+    config.text_config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = VIST2ForCausalLM(config).eval()
+    # Passes as an accelerator sizes them for the full-width preset: what a GPU runs, counted here.
+    with torch.device("meta"):
+        full_width = VIST2ForCausalLM(common.build_config("qwen3-0.6b", ratio, tokenizer)).to(torch.bfloat16)
+    model.prefill_passes = lambda setting, keys, device: full_width.prefill_passes(setting, keys, "cuda")
+    return model, VIST2Processor.from_config(config, tokenizer), tokenizer
+
+
+def measure(model, processor, tokenizer, ids, context, is_vist2, cache_kwarg) -> dict:
+    """Operators of prefill + first token, of a decode step closing a chunk and of one closing none."""
+    from transformers import LogitsProcessorList
+
+    L = model.config.chunk_size
+    lm = model if is_vist2 else model.language_model
+    extra = {"processor": processor} if is_vist2 else {}
+    fed = context  # tokens fed so far, including the one generate is about to feed
+
+    def generate(inputs, n):
+        start = inputs.pop("start")  # where the forced continuation starts in `ids`
+        processors = LogitsProcessorList([common.ForceTokens(ids[start : start + n], inputs["input_ids"].shape[1])])
+        with torch.inference_mode():
+            return lm.generate(**inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               logits_processor=processors, return_dict_in_generate=True, pad_token_id=0)
+
+    def resume(out, start):
+        seq = out.sequences
+        return {"input_ids": seq, "attention_mask": torch.ones_like(seq), cache_kwarg: out[cache_kwarg], "start": start}
+
+    prompt = ids[:context]
+    inputs = common.vist2_inputs(processor, prompt) if is_vist2 else common.baseline_inputs(prompt)
+    inputs = dict(inputs, start=context)
+    prefill, names, out = count_ops(lambda: generate(inputs, 1))
+    # The prompt's last chunk is open and holds L tokens when context is a multiple of L: the first token fed closes
+    # it. Then plain steps follow (checked below against the tokens fed).
+    assert context % L == 0, "contexts are multiples of the chunk size, so the first decode step closes a chunk"
+    closing_call, _, out = count_ops(lambda: generate(resume(out, fed + 1), 1))
+    plain_call, _, out = count_ops(lambda: generate(resume(out, fed + 2), 1))
+    two_plain, _, out = count_ops(lambda: generate(resume(out, fed + 3), 2))
+    plain = two_plain - plain_call
+    overhead = plain_call - plain
+    return {"context": context, "model": "vist2" if is_vist2 else "baseline", "prefill_first_token": prefill,
+            "decode_step": plain, "decode_step_closing": closing_call - overhead, "generate_call_overhead": overhead,
+            "top_ops_prefill": dict(names.most_common(12)), "generated_ok": out.sequences.shape[1] > 0}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--ratio", type=int, default=4, choices=sorted(common.GEOMETRY))
+    parser.add_argument("--name", default="op-count")
+    args = parser.parse_args(argv)
+
+    from vist2.modeling_vist2 import CACHE_KWARG
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, processor, tokenizer = build(args.ratio)
+    ids, _ = common.benchmark_token_ids(tokenizer, max(args.contexts) + 16)
+    rows = []
+    for context in args.contexts:
+        for is_vist2 in (False, True):
+            row = measure(model, processor, tokenizer, ids, context, is_vist2, CACHE_KWARG)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "top_ops_prefill"}), flush=True)
+    write(rows, args)
+
+
+def write(rows, args):
+    command = "python benchmarks/op_count.py " + " ".join(sys.argv[1:])
+    results = {"command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+               "machine": common.machine_description(), "ratio": args.ratio, "widths": TINY_WIDTHS, "rows": rows}
+    out = HERE / "results" / f"{args.name}.json"
+    out.write_text(json.dumps(results, indent=1))
+    lines = [f"# Dispatched aten operators: VIST2 r = {args.ratio} against its backbone", "", "```", command, "```", "",
+             f"{results['date']}; torch {results['machine']['torch']}, transformers "
+             f"{results['machine']['transformers']}. The `qwen3-0.6b` preset's layer counts (28 decoder, 12 vision "
+             "layers) at tiny widths; counts do not depend on widths or on the machine.", "",
+             "| context | model | prefill + first token | decode step, no chunk closes | decode step closing a chunk |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        base = next(r for r in rows if r["context"] == row["context"] and r["model"] == "baseline")
+
+        def cell(key):
+            ratio = "" if row is base else f" ({row[key] / base[key]:.2f}x)"
+            return f"{row[key]}{ratio}"
+
+        lines.append(f"| {row['context']} | {row['model']} | {cell('prefill_first_token')} | {cell('decode_step')} | "
+                     f"{cell('decode_step_closing')} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
