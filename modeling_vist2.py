@@ -84,19 +84,19 @@ def layout_position_ids(kinds, chunk_ids, memory, read_back=None, read_back_befo
 def check_layout(kinds, chunk_ids, visual_tokens_per_chunk):
     """Reject layouts the rule is not defined for, naming the row and chunk: chunk ids must not decrease, the prefix
     (chunk 0) holds no sketch, a chunk holds 0 or m placeholders, after its text."""
-    real = kinds != PAD
-    same_chunk = chunk_ids[:, 1:] == chunk_ids[:, :-1]
+    real, chunk, previous = kinds != PAD, chunk_ids[:, 1:], chunk_ids[:, :-1]
+    same_chunk = chunk == previous
     problems = {
         "a negative chunk id": (chunk_ids < 0) & real,
-        "a chunk id lower than the one before it": F.pad((chunk_ids[:, 1:] < chunk_ids[:, :-1]) & real[:, 1:], (1, 0)),
+        "a chunk id lower than the one before it": F.pad((chunk < previous) & real[:, 1:], (1, 0)),
         "a '<|sketch|>' in the prefix (chunk 0)": (kinds == SKETCH) & (chunk_ids == 0),
         "text after its chunk's '<|sketch|>' run": F.pad(same_chunk & (kinds[:, 1:] == TEXT) & (kinds[:, :-1] == SKETCH),
                                                          (1, 0)),
     }
-    if not problems["a negative chunk id"].any():
-        sketches = per_chunk_count(chunk_ids, kinds == SKETCH).gather(1, chunk_ids)
-        problems[f"a chunk whose '<|sketch|>' count is not 0 or {visual_tokens_per_chunk}"] = (
-            (sketches != 0) & (sketches != visual_tokens_per_chunk) & real)
+    counted = chunk_ids.clamp(min=0)  # (a negative id is reported above)
+    sketches = per_chunk_count(counted, kinds == SKETCH).gather(1, counted)
+    problems[f"a chunk whose '<|sketch|>' count is not 0 or {visual_tokens_per_chunk}"] = (
+        (sketches != 0) & (sketches != visual_tokens_per_chunk) & real)
     if not torch.stack(list(problems.values())).any():  # one synchronisation when the layout is sound
         return
     for problem, where in problems.items():
@@ -141,10 +141,9 @@ def sketch_reach(kinds, chunk_ids):
     """The last entry each entry may see in the generation layout `P V_1 ... V_{i-1} c_i`: itself, or for a sketch
     token the last token of its sketch. There, every entry before a query is memory or its own chunk's earlier text,
     so the attention rule reduces to `key <= reach[query]` (padding aside): causal, each sketch's block filled in."""
-    length = kinds.shape[1]
-    index = torch.arange(length, device=kinds.device).expand_as(kinds)
-    same_chunk_next = chunk_ids[:, 1:] == chunk_ids[:, :-1]
-    same_sketch_next = F.pad((kinds[:, 1:] == SKETCH) & (kinds[:, :-1] == SKETCH) & same_chunk_next, (0, 1))
+    length, sketch = kinds.shape[1], kinds == SKETCH
+    same_sketch_next = F.pad(sketch[:, 1:] & sketch[:, :-1] & (chunk_ids[:, 1:] == chunk_ids[:, :-1]), (0, 1))
+    index = torch.arange(length, device=kinds.device)
     return torch.where(same_sketch_next, length, index).flip(1).cummin(1).values.flip(1)
 
 
@@ -200,11 +199,13 @@ class VIST2Cache(DynamicCache):
         self.open_chunk = torch.where((last_chunk > 0) & (kinds[:, -1] == TEXT), last_chunk, last_chunk + 1)
         is_open = (chunk_ids == self.open_chunk[:, None]) & (kinds == TEXT)
         live = kinds != PAD
-        counts = torch.stack([is_open.sum(1), live.sum(1), (live & (chunk_ids == 0)).sum(1)]).tolist()
+        counts = torch.stack([is_open, live, live & (chunk_ids == 0)]).sum(2).tolist()
         self.open_length, self.entries, self.prefix_length = counts
         self.live = None if min(self.entries) == kinds.shape[1] else live
         # The open chunk's text ends every row, so its tokens are the row's last ones.
-        self.recent = F.pad(input_ids[:, -chunk_size:], (max(0, chunk_size - input_ids.shape[1]), 0))
+        self.recent = input_ids[:, -chunk_size:]
+        if input_ids.shape[1] < chunk_size:
+            self.recent = F.pad(self.recent, (chunk_size - input_ids.shape[1], 0))
         self.next_position = next_position
 
     def compact(self):
@@ -436,7 +437,8 @@ class VIST2Model(VIST2PreTrainedModel):
                              "so the row has nothing to start from. Fix: drop that row, or encode it with the "
                              "processor (an empty text gets its bos token)")
         kinds = token_kinds(input_ids, attention_mask, self.config.sketch_token_id)
-        chunk_ids = chunk_ids.masked_fill(kinds == PAD, 0).long()
+        chunk_ids = chunk_ids.masked_fill(kinds == PAD, 0)
+        chunk_ids = chunk_ids if chunk_ids.dtype == torch.long else chunk_ids.long()
         check_layout(kinds, chunk_ids, self.config.visual_tokens_per_chunk)
         memory = memory_flags(kinds, chunk_ids)
         before = self.config.chunk_size if self.config.read_back_positions == "before_next_chunk" else 0
