@@ -1,7 +1,6 @@
-"""Fidelity of the demo VIST2 on held-out text, with the wrong-image control (issue 6, item 2).
+"""Fidelity of the demo VIST2 on held-out text, with the wrong-image control.
 
-    python examples/evaluate_demo.py --model demo/vist2-demo --text-only demo/text-only-baseline \\
-        --json demo/eval_results.json
+    python research/evaluate_demo.py --model . --text-only research/text-only-baseline --json research/eval_results.json
 
 Measures, on held-out windows `c_1 c_2` of the stdlib-docstring corpus (documents never trained on):
 (a) read-back: greedy reconstruction of c_1 from its own sketch V_1 (layout `c_1 V_1`, read-back visibility; the
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "research"))
 sys.path.insert(0, str(REPO))
 
 
@@ -58,7 +57,7 @@ def heldout_samples(processor, config, tokenizer, n=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for window in windows:
-            sample = td.make_sample(processor, window, config)
+            sample = td.make_sample(processor, window)
             if sample is not None:
                 sample["window"] = [int(t) for t in window]
                 samples.append(sample)
@@ -86,7 +85,7 @@ def read_back_logits(model, processor, text, pixels):
 
 def write_results(results, script, argv, path=None):
     """Print the results as JSON, with the command that produced them, and write them to `path` if given."""
-    results["command"] = f"python examples/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["command"] = f"python research/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
     text = json.dumps(results, indent=2)
     print(text)
     if path:
@@ -171,7 +170,7 @@ def read_back_leak(nll_of_c1, samples, L):
     """`(n, L - 1)`: the probability given at c_2's byte j to c_1's byte j (NaN where the two are equal), what reading
     the sketch back would write there. Under the layout contract a chunk read back from its sketch (`P V_1 c_1`) and
     the chunk after it (`P V_1 c_2`) see the same sketch at the same positions, so only the bytes written so far tell
-    the two apart (demo/NOTES.md, "Twelfth attempt")."""
+    the two apart."""
     differs = chunk_tokens(samples, L, 1)[:, 1:] != chunk_tokens(samples, L, 2)[:, 1:]
     return torch.where(differs, (-nll_of_c1).exp(), torch.nan)
 
@@ -263,13 +262,13 @@ def evaluate(model_dir, text_only_dir=None, n_ppl=None, n_readback=256, batch=32
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="demo/vist2-demo")
-    parser.add_argument("--text-only", default="demo/text-only-baseline")
+    parser.add_argument("--model", default=".", help="the VIST2 checkpoint (default: the repository root, run from there)")
+    parser.add_argument("--text-only", default="research/text-only-baseline",
+                        help="the same-size text-only control, with the same tokenizer")
     parser.add_argument("--n-ppl", type=int, default=None,
-                        help="held-out windows scored for perplexity (default: all of them; 256 until the fourteenth "
-                             "attempt, whose run RP3 gave 1.142x on those and 1.159x on all 423)")
+                        help="held-out windows scored for perplexity (default: all of them, 423)")
     parser.add_argument("--n-readback", type=int, default=256,
-                        help="held-out chunks read back (64 until the eleventh attempt: a point of noise between runs)")
+                        help="held-out chunks read back")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
-"""The committed demo checkpoint (demo/vist2-demo) and the demo evaluation's metric functions.
+"""The committed demo checkpoint (the repository root), the recipe that trains it and the evaluation's metrics.
 
-The checkpoint is committed; `bash demo/reproduce.sh demo` reproduces it (see demo/NOTES.md). A missing
-checkpoint is a failure, not a skip.
+`bash research/reproduce.sh demo` reproduces the checkpoint (research/README.md). A missing checkpoint is a failure,
+not a skip.
 """
 
 import importlib.util
@@ -13,11 +13,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / "demo" / "vist2-demo"
+DEMO = REPO  # the checkout is the model repo
+CONTROL = REPO / "research" / "text-only-baseline"
+RESEARCH = REPO / "research"
 
 
 def load_example(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, RESEARCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -47,7 +49,7 @@ def test_char_accuracy_counts_edits(evaluate_demo):
 
 @pytest.mark.parametrize("newline_glyph", [None, "«"])
 def test_cell_targets_match_the_renderer(newline_glyph):
-    """The auxiliary loss's per-cell labels are exactly where the renderer draws ink."""
+    """The encoder stage's per-cell labels are exactly where the renderer draws ink."""
     train_demo = load_example("train_demo")
     from transformers import AutoTokenizer
 
@@ -62,8 +64,13 @@ def test_cell_targets_match_the_renderer(newline_glyph):
     cells = image.reshape(grid.shape[0], config.line_height, grid.shape[1], config.char_width)
     has_ink = (cells < settings["background"]).any(axis=(1, 3))
     assert ((grid != 0) == has_ink).all()
-    patches = train_demo.grid_to_units(grid, config, config.patch_size)
-    assert patches.shape == ((config.image_height // 16) * (config.image_width // 16), 2)
+    tokens = train_demo.grid_to_units(grid, config, config.patch_size * config.merge_size)
+    assert tokens.shape == (processor_tokens(config), 32)  # one row of 4 x 8 cells per visual token
+
+
+def processor_tokens(config):
+    return (config.image_height // (config.patch_size * config.merge_size)) * (
+        config.image_width // (config.patch_size * config.merge_size))
 
 
 def test_ratio_interval_of_a_constant_gap_is_that_gap(evaluate_demo):
@@ -90,7 +97,7 @@ def demo_model():
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     if not (DEMO / "config.json").exists():
-        pytest.fail(f"{DEMO} is missing: run bash demo/reproduce.sh demo (demo/NOTES.md)")
+        pytest.fail(f"{DEMO} holds no checkpoint: run bash research/reproduce.sh demo (research/README.md)")
     model = AutoModelForCausalLM.from_pretrained(DEMO, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(DEMO, trust_remote_code=True)
     return model, processor
@@ -124,64 +131,6 @@ def test_demo_checkpoint_generates_across_a_chunk_boundary(demo_model):
     assert isinstance(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])[0], str)
 
 
-@pytest.mark.parametrize("encoder", ["oracle", "cells"])
-def test_readback_oracle_diagnostic_runs_and_logs_right_and_wrong(tmp_path, encoder):
-    """examples/readback_oracle.py (demo/NOTES.md, "Third attempt"): two steps through the real VIST2 forward."""
-    oracle = load_example("readback_oracle")
-    log = tmp_path / "log.jsonl"
-    ratio = "1" if encoder == "oracle" else "4"
-    threads = torch.get_num_threads()
-    try:
-        oracle.main(["--encoder", encoder, "--ratio", ratio, "--data", "chars", "--steps", "2", "--batch-size", "2",
-                     "--eval-every", "1", "--log", str(log)])
-    finally:
-        torch.set_num_threads(threads)
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert records[0]["m"] == 8 and records[0]["L"] == 8 * int(ratio)
-    assert [r["step"] for r in records[1:]] == [0, 1]
-    assert all(0 <= r["tf_acc"] <= 1 and 0 <= r["tf_acc_wrong"] <= 1 for r in records[1:])
-
-
-def test_readback_oracle_trains_the_merge_and_saves_an_encoder(tmp_path):
-    """examples/readback_oracle.py --encoder-steps (demo/NOTES.md, "Fourth attempt"): tower + aligner on the glyph head."""
-    oracle = load_example("readback_oracle")
-    log, out = tmp_path / "log.jsonl", tmp_path / "enc"
-    threads = torch.get_num_threads()
-    try:
-        oracle.main(["--encoder", "vision", "--init", str(DEMO), "--data", "chars", "--encoder-steps", "2",
-                     "--encoder-batch", "2", "--aligner-init-std", "0.3", "--head-prior-init", "--aligner-lr", "1e-4",
-                     "--eval-every", "1", "--log", str(log), "--save", str(out)])
-    finally:
-        torch.set_num_threads(threads)
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert records[0]["stage"] == "encoder"
-    assert [r["encoder_step"] for r in records[1:]] == [0, 1]
-    assert all(0 <= r["heldout_char_acc"] <= 1 and 0 <= r["saturated"] <= 1 for r in records[1:])
-    assert (out / "model.safetensors").exists() and (out / "glyph_heads.pt").exists()
-
-
-@pytest.mark.parametrize("stage", [["--aligner-steps", "2", "--steps", "2", "--batch-size", "2"],
-                                   ["--patch-probe-steps", "2"]])
-def test_readback_oracle_frozen_vision_stages_run_and_log(tmp_path, stage):
-    """examples/readback_oracle.py --encoder vision (demo/NOTES.md, "Third attempt"): cached patch features of the
-    frozen tower, then an aligner-only stage and read-back, or a linear patch probe."""
-    oracle = load_example("readback_oracle")
-    log = tmp_path / "log.jsonl"
-    threads = torch.get_num_threads()
-    try:
-        oracle.main(["--encoder", "vision", "--init", str(DEMO), "--ratio", "4", "--data", "chars", "--pool-size", "16",
-                     "--eval-every", "1", "--log", str(log), *stage])
-    finally:
-        torch.set_num_threads(threads)
-    records = [json.loads(line) for line in log.read_text().splitlines()][1:]
-    if "--patch-probe-steps" in stage:
-        assert [r["patch_probe_step"] for r in records] == [0, 1]
-        assert all(0 <= r["heldout_ink_acc"] <= 1 for r in records)
-    else:
-        assert [r["step"] for r in records if "step" in r] == [0, 1]
-        assert all(0 <= r["tf_acc"] <= 1 and 0 <= r["token_ink_acc"] <= 1 for r in records if "step" in r)
-
-
 def run_train_demo(args):
     threads = torch.get_num_threads()
     try:
@@ -190,74 +139,78 @@ def run_train_demo(args):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("options", [["--chunk-sampling", "first"], ["--chunk-sampling", "any"],
-                                     ["--text-token-weight", "1"]])
-def test_train_demo_encoder_stage_saves_the_encoder_and_its_glyph_heads(tmp_path, options):
-    """`train_demo.py --encoder-steps` (the recipe's first stage): tower + aligner on the glyph-cell loss, no LM."""
-    log, out = tmp_path / "log.jsonl", tmp_path / "enc"
+BYTES = str(REPO / "tokenization" / "byte_tokenizer")
+
+
+def run_encoder_stage(folder, *options):
     run_train_demo(["--encoder-steps", "2", "--encoder-batch", "2", "--data", "corpus", "--aligner-init-std", "0.3",
                     "--head-prior-init", "--aligner-lr", "1e-4", "--eval-every", "1", "--warmup", "1",
-                    "--log", str(log), "--out", str(out), *options])
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+                    "--log", str(folder / "encoder.jsonl"), "--out", str(folder / "encoder"), *options])
+
+
+@pytest.mark.parametrize("options", [["--chunk-sampling", "first"], ["--chunk-sampling", "any"]])
+def test_encoder_stage_logs_held_out_character_accuracy_and_saves_the_encoder(tmp_path, options):
+    """Stage 1: tower + aligner on the glyph-cell loss, no LM."""
+    run_encoder_stage(tmp_path, *options)
+    records = [json.loads(line) for line in (tmp_path / "encoder.jsonl").read_text().splitlines()]
     assert [r["encoder_step"] for r in records[1:]] == [0, 1]
     assert all(0 <= r["heldout_char_acc"] <= 1 for r in records[1:])
-    assert (out / "model.safetensors").exists() and (out / "glyph_heads.pt").exists()
-    text_tokens = "--text-token-weight" in options
-    assert (out / "text_token_head.pt").exists() == text_tokens
-    assert all(("heldout_text_token_acc" in r) == text_tokens for r in records[1:])
+    assert (tmp_path / "encoder" / "model.safetensors").exists()
 
 
-def test_text_token_head_reads_visual_token_j_as_text_tokens_jr_to_jr_plus_r_minus_1():
-    """`--text-token-weight`: visual token j stands for the r text tokens t_{jr} ... t_{jr+r-1} of its chunk."""
-    from transformers import AutoTokenizer
-
-    train_demo = load_example("train_demo")
-    config = train_demo.demo_config(AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer"))
-    head = train_demo.TextTokenHead(config)
-    r, vocab, m = head.r, head.vocab, train_demo.CHUNK // head.r
-    ids = torch.randint(vocab, (1, m * r))
-    visual_tokens = torch.eye(m, config.text_config.hidden_size)[None]  # visual token j = unit vector e_j
-    with torch.no_grad():
-        head.proj.weight.zero_()
-        head.proj.bias.zero_()
-        for j in range(m):
-            for k in range(r):
-                head.proj.weight[k * vocab + ids[0, j * r + k], j] = 30.0
-    loss, accuracy = head.scores(visual_tokens, ids)
-    assert accuracy == 1.0 and loss.item() < 1e-3
-    assert head.scores(visual_tokens, ids.roll(1, dims=1))[1] < 0.1
-
-
-@pytest.mark.parametrize("data", [[], ["--chunk-sampling", "any", "--mix-chars", "0.5"],
-                                  ["--tokenizer", str(REPO / "tokenization" / "byte_tokenizer")],
-                                  ["--window-chunks", "3"], ["--mix-chars", "0.5", "--chars-newlines", "0.1"],
-                                  ["--mix-chars", "0.5", "--chars-layout", "corpus+eos", "--newline-glyph", "«",
-                                   "--separator-glyph", "©", "--readback-noise", "0.1", "--lm-rows", "0.5",
-                                   "--boundary-weight", "0.5", "--tail-weight", "0.5", "--overlap-rows", "0.5"]])
-def test_train_demo_reader_stage_keeps_the_frozen_encoder_and_trains_a_fresh_lm(tmp_path, data):
-    """`train_demo.py --init-encoder DIR --freeze vision+aligner` (the recipe's second stage)."""
+def test_read_back_warm_up_keeps_the_frozen_encoder_and_trains_a_byte_level_lm(tmp_path):
+    """Stage 2: the encoder frozen, a fresh LM of the byte tokenizer's vocabulary reads back random characters."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    run_train_demo(["--encoder-steps", "1", "--encoder-batch", "2", "--warmup", "1", "--eval-every", "1",
-                    "--log", str(tmp_path / "enc.jsonl"), "--out", str(tmp_path / "enc")])
+    run_encoder_stage(tmp_path)
+    log, out = tmp_path / "warmup.jsonl", tmp_path / "warmup"
+    run_train_demo(["--tokenizer", BYTES, "--readback-only", "--init", str(tmp_path / "encoder"), "--freeze",
+                    "vision+aligner", "--data", "chars", "--steps", "2", "--batch-size", "2", "--warmup", "1",
+                    "--eval-every", "1", "--log-every", "1", "--log", str(log), "--out", str(out)])
+    encoder, warm = load_file(str(tmp_path / "encoder" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(value, encoder[name]) for name, value in warm.items()
+               if name.startswith(("vision_tower.", "aligner.")))
+    assert warm["language_model.model.embed_tokens.weight"].shape[0] == len(AutoTokenizer.from_pretrained(out)) == 260
+    records = [json.loads(line) for line in log.read_text().splitlines()][1:]
+    assert all(0 <= r[f"{probe}_tf_acc{which}"] <= 1
+               for r in records for probe in ("random", "heldout") for which in ("", "_wrong"))
+
+
+@pytest.fixture(scope="module")
+def warm_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("warm")
+    run_encoder_stage(folder)
+    run_train_demo(["--tokenizer", BYTES, "--readback-only", "--init", str(folder / "encoder"), "--freeze",
+                    "vision+aligner", "--data", "chars", "--steps", "1", "--batch-size", "2", "--warmup", "1",
+                    "--eval-every", "1", "--log", str(folder / "warmup.jsonl"), "--out", str(folder / "warmup")])
+    return folder / "warmup"
+
+
+@pytest.mark.parametrize("options", [
+    ["--freeze", "vision+aligner", "--chunk-sampling", "any", "--mix-chars", "0.5"],
+    ["--freeze", "vision+aligner", "--mix-chars", "0.5", "--chars-newlines", "0.1"],
+    ["--mix-chars", "0.5", "--chars-layout", "corpus+eos", "--newline-glyph", "«", "--separator-glyph", "©",
+     "--readback-noise", "0.1", "--overlap-rows", "0.5", "--read-back-positions", "before_next_chunk"]])
+def test_reader_stage_goes_on_from_its_init_and_saves_its_sketch_settings(tmp_path, warm_checkpoint, options):
+    """Stages 3-18: `c_1 V_1 c_2` windows; a frozen encoder stays as it was; the glyph and read-back settings a stage
+    trains with are saved in its checkpoint's config."""
+    from safetensors.torch import load_file
+
     log, out = tmp_path / "log.jsonl", tmp_path / "reader"
-    run_train_demo(["--init-encoder", str(tmp_path / "enc"), "--freeze", "vision+aligner", "--aux-weight", "0",
-                    "--aux-only-steps", "0", "--steps", "2", "--batch-size", "2", "--warmup", "1", "--eval-every", "1",
-                    "--log-every", "1", "--log", str(log), "--out", str(out), *data])
-    encoder, reader = load_file(str(tmp_path / "enc" / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    for name, value in reader.items():
-        if name.startswith(("vision_tower.", "aligner.")):
-            assert torch.equal(value, encoder[name]), name
-    lm = [n for n in reader if n.startswith("language_model.")]
-    assert any(reader[n].shape != encoder[n].shape or not torch.equal(reader[n], encoder[n]) for n in lm)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    assert reader["language_model.model.embed_tokens.weight"].shape[0] == len(tokenizer)
-    if "--tokenizer" in data:  # the LM takes the reader's vocabulary, the encoder is the demo tokenizer's run
-        assert len(tokenizer) == 260
+    run_train_demo(["--tokenizer", BYTES, "--init", str(warm_checkpoint), "--steps", "2", "--batch-size", "2",
+                    "--warmup", "1", "--eval-every", "1", "--log-every", "1", "--log", str(log), "--out", str(out),
+                    *options])
+    init, reader = load_file(str(warm_checkpoint / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    encoder_kept = all(torch.equal(value, init[name]) for name, value in reader.items()
+                       if name.startswith(("vision_tower.", "aligner.")))
+    assert encoder_kept == ("vision+aligner" in options)
+    assert any(not torch.equal(reader[n], init[n]) for n in reader if n.startswith("language_model."))
     saved = json.loads((out / "config.json").read_text())
-    assert saved.get("newline_glyph") == ("«" if "--newline-glyph" in data else None)
-    assert saved.get("special_token_glyphs") == ({"<|endoftext|>": "©"} if "--separator-glyph" in data else None)
+    assert saved.get("newline_glyph") == ("«" if "--newline-glyph" in options else None)
+    assert saved.get("special_token_glyphs") == ({"<|endoftext|>": "©"} if "--separator-glyph" in options else None)
+    assert saved["read_back_positions"] == ("before_next_chunk" if "--read-back-positions" in options
+                                            else "after_sketch")
     records = [json.loads(line) for line in log.read_text().splitlines()][1:]
     assert all(0 <= r[f"{probe}_tf_acc{which}"] <= 1
                for r in records for probe in ("heldout", "chars", "layout") for which in ("", "_wrong"))
@@ -272,29 +225,41 @@ def test_random_character_row_reads_back_c1_and_predicts_nothing_after_it():
     from vist2 import VIST2Processor
 
     train_demo = load_example("train_demo")
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer")
-    config = train_demo.demo_config(tokenizer)
-    processor = VIST2Processor.from_config(config, tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(BYTES)
+    processor = VIST2Processor.from_config(train_demo.demo_config(tokenizer), tokenizer)
     draw = train_demo.chunk_sampler(tokenizer, "chars", train_demo.random_token_pool(tokenizer, "chars"))
     chars = draw(1, random.Random(0))[0].tolist()
-    sample = train_demo.make_sample(processor, chars + [tokenizer.eos_token_id], config,
+    sample = train_demo.make_sample(processor, chars + [tokenizer.eos_token_id],
                                     trainable=[True] * train_demo.CHUNK + [False])
     m = processor.visual_tokens_per_chunk
     assert sample["input_ids"] == chars + [processor.sketch_token_id] * m + [tokenizer.eos_token_id]
     assert sample["labels"] == [-100] + chars[1:] + [-100] * (m + 1)
-    assert len(sample["sketches"]) == 1 and len(sample["token_targets"]) == 1
+    assert len(sample["sketches"]) == 1
+
+
+def recipe():
+    """research/reproduce.sh's training and evaluation commands, split into arguments, for its default output."""
+    import shlex
+
+    script = (RESEARCH / "reproduce.sh").read_text().replace("\\\n", " ")
+    variables = {"$BYTES": "tokenization/byte_tokenizer", "$BUILD": "research/build", "$LOGS": "research/build/logs"}
+    commands = []
+    for line in script.splitlines():
+        line = line.strip()
+        if line.startswith("python research/"):
+            for name, value in variables.items():
+                line = line.replace(name, value)
+            commands.append(shlex.split(line))
+    return commands
 
 
 def test_reproduce_script_commands_parse_with_the_current_scripts():
-    """demo/reproduce.sh is the one command that rebuilds the checkpoint: every flag it passes must still exist."""
-    import shlex
-
-    script = (REPO / "demo" / "reproduce.sh").read_text().replace("\\\n", " ")
-    variables = dict(line.split("=", 1) for line in script.splitlines() if line.startswith("BYTES="))
-    commands = [shlex.split(line.replace('"$OUT', '"demo').replace('"$BYTES"', variables["BYTES"]))
-                for line in script.splitlines() if line.startswith("python examples/")]
-    *trainings, evaluate = commands
-    assert [c[1] for c in commands] == ["examples/train_demo.py"] * len(trainings) + ["examples/evaluate_demo.py"]
+    """research/reproduce.sh is the one command that rebuilds the checkpoint: every flag it passes must exist, and its
+    stages must chain."""
+    commands = recipe()
+    trainings = [c for c in commands if c[1] == "research/train_demo.py"]
+    evaluations = [c for c in commands if c[1] == "research/evaluate_demo.py"]
+    assert len(trainings) + len(evaluations) == len(commands) and len(evaluations) == 2  # into build/, or the root
     train_demo = load_example("train_demo")
     runs = [train_demo.parse_args(c[2:]) for c in trainings]
     vist2, text_only = [r for r in runs if not r.text_only], [r for r in runs if r.text_only]
@@ -303,7 +268,7 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     assert [r.init for r in readers] == [warmup.out] + [r.out for r in readers[:-1]]  # each stage goes on from the last
     assert [r.init for r in text_only] == [None] + [r.out for r in text_only[:-1]]
     assert len({run.tokenizer for run in runs[1:]}) == 1 and (REPO / readers[-1].tokenizer).is_dir()
-    assert len(readers) == len(text_only)
+    assert len(readers) == len(text_only) == 16
     for reader, control in zip(readers, text_only):  # the control gets the same LM steps, stage by stage
         assert ((control.steps, control.batch_size, control.chunk_sampling, control.lr, control.warmup) ==
                 (reader.steps, reader.batch_size, reader.chunk_sampling, reader.lr, reader.warmup))
@@ -313,11 +278,23 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
         assert glyphs[-1] and glyphs == sorted(glyphs, key=bool) and len(set(filter(None, glyphs))) == 1
     positions = [r.read_back_positions for r in readers]  # the layout a stage's checkpoint was trained on is kept
     assert positions == sorted(positions, key=lambda p: p == "before_next_chunk")
-    seeds = [r.seed for r in readers]  # stages 1-10 ran with seed 0 and replayed their windows; each later one draws anew
+    seeds = [r.seed for r in readers]  # stages 3-10 ran with seed 0 and replayed their windows; each later one draws anew
     fresh_seeds = seeds[next(i for i, seed in enumerate(seeds) if seed):]
     assert all(fresh_seeds) and len(fresh_seeds) == len(set(fresh_seeds)) >= 4
-    assert evaluate[evaluate.index("--model") + 1] == readers[-1].out
-    assert evaluate[evaluate.index("--text-only") + 1] == text_only[-1].out
+    build = evaluations[-1]
+    assert build[build.index("--model") + 1] == readers[-1].out
+    assert build[build.index("--text-only") + 1] == text_only[-1].out
+    logs = {Path(r.log).name for r in runs}
+    assert logs == {p.name for p in (RESEARCH / "logs").glob("training_log.*.jsonl")}  # the committed logs, no other
+
+
+def test_committed_checkpoint_has_the_sketch_settings_of_the_recipes_last_stage():
+    runs = [load_example("train_demo").parse_args(c[2:]) for c in recipe() if c[1] == "research/train_demo.py"]
+    last = [r for r in runs if not r.text_only][-1]
+    config = json.loads((DEMO / "config.json").read_text())
+    assert config["newline_glyph"] == last.newline_glyph
+    assert config["special_token_glyphs"] == {"<|endoftext|>": last.separator_glyph}
+    assert config["read_back_positions"] == last.read_back_positions
 
 
 @pytest.mark.parametrize("sampling", ["first", "any"])
@@ -364,7 +341,7 @@ def test_corpus_token_streams_are_cached_per_tokenizer(tmp_path):
 
 
 def test_evaluation_reports_each_measure_with_its_wrong_image_control(evaluate_demo):
-    results = evaluate_demo.evaluate(DEMO, REPO / "demo" / "text-only-baseline", n_ppl=4, n_readback=2, batch=4)
+    results = evaluate_demo.evaluate(DEMO, CONTROL, n_ppl=4, n_readback=2, batch=4)
     read_back, perplexity = results["read_back"], results["perplexity_c2"]
     assert read_back["n"] == 2 and results["n_ppl"] == 4
     assert all(0 <= read_back[k] <= 1 for k in ("char_accuracy", "char_accuracy_special_tokens_as_names",
@@ -388,7 +365,7 @@ def test_evaluation_reports_each_measure_with_its_wrong_image_control(evaluate_d
 def test_perplexity_by_byte_bands_averages_to_the_whole_chunks_perplexity(evaluate_demo):
     import math
 
-    results = evaluate_demo.evaluate(DEMO, REPO / "demo" / "text-only-baseline", n_ppl=4, n_readback=1, batch=4)
+    results = evaluate_demo.evaluate(DEMO, CONTROL, n_ppl=4, n_readback=1, batch=4)
     bands = results["perplexity_c2_by_byte"]
     assert [(a, b) for a, b in evaluate_demo.BYTE_BANDS] == [(2, 4), (5, 8), (9, 16), (17, 32)]
     for measure, perplexity in results["perplexity_c2"].items():
@@ -433,7 +410,7 @@ def test_evaluation_refuses_a_text_only_control_with_another_tokenizer(evaluate_
     from transformers import AutoTokenizer
 
     control = tmp_path / "control"
-    shutil.copytree(REPO / "demo" / "text-only-baseline", control)
+    shutil.copytree(CONTROL, control)
     other = "demo_tokenizer" if len(AutoTokenizer.from_pretrained(DEMO)) == 260 else "byte_tokenizer"
     AutoTokenizer.from_pretrained(REPO / "tokenization" / other).save_pretrained(control)
     with pytest.raises(ValueError, match="another tokenizer"):
@@ -473,47 +450,12 @@ def test_corpus_layout_keeps_the_chunks_whitespace_in_place_and_draws_every_othe
     assert row != train_demo.with_corpus_layout(template, whitespace, pool, random.Random(1))
 
 
-def test_a_window_of_k_chunks_holds_k_minus_1_sketches_each_read_back_and_a_last_open_chunk():
-    """`--window-chunks K`: `c_1 V_1 c_2 V_2 ... c_K`; every closed chunk's text is a read-back target."""
-    import random
-
-    from transformers import AutoTokenizer
-
-    from vist2 import VIST2Processor
-
-    train_demo = load_example("train_demo")
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "byte_tokenizer")
-    config = train_demo.demo_config(tokenizer)
-    processor = VIST2Processor.from_config(config, tokenizer)
-    L, m = train_demo.CHUNK, processor.visual_tokens_per_chunk
-    window = train_demo.chunk_sampler(tokenizer, "corpus", [], 4 * L)(1, random.Random(3), "heldout")[0].tolist()
-    sample = train_demo.make_sample(processor, window, config)
-    chunks = [window[i : i + L] for i in range(0, 4 * L, L)]
-    sketch = [processor.sketch_token_id] * m
-    assert sample["input_ids"] == chunks[0] + sketch + chunks[1] + sketch + chunks[2] + sketch + chunks[3]
-    assert len(sample["sketches"]) == len(sample["token_targets"]) == 3
-    assert [label for label in sample["labels"] if label != -100] == window[1:]
-
-
-@pytest.mark.parametrize("chunks", [2, 4])
-def test_chunk_sampler_draws_whole_windows_of_the_length_asked(chunks):
-    import random
-
-    from transformers import AutoTokenizer
-
-    train_demo = load_example("train_demo")
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "byte_tokenizer")
-    windows = {tuple(w) for w in train_demo.corpus_windows(tokenizer, "train", chunks).tolist()}
-    drawn = train_demo.chunk_sampler(tokenizer, "corpus", [], chunks * train_demo.CHUNK)(8, random.Random(0))
-    assert drawn.shape == (8, chunks * train_demo.CHUNK) and all(tuple(w) in windows for w in drawn.tolist())
-
-
 def test_text_only_control_continues_from_init(tmp_path):
     """`--text-only --init DIR` (reproduce.sh's last control stage) starts from DIR's weights, not from scratch."""
     from safetensors.torch import load_file
 
     common = ["--text-only", "--tokenizer", str(REPO / "tokenization" / "byte_tokenizer"), "--steps", "1",
-              "--batch-size", "2", "--aux-only-steps", "0", "--warmup", "1", "--log-every", "1"]
+              "--batch-size", "2", "--warmup", "1", "--log-every", "1"]
     run_train_demo([*common, "--out", str(tmp_path / "first"), "--log", str(tmp_path / "first.jsonl")])
     run_train_demo([*common, "--init", str(tmp_path / "first"), "--lr", "0", "--out", str(tmp_path / "next"),
                     "--log", str(tmp_path / "next.jsonl")])
@@ -524,7 +466,7 @@ def test_text_only_control_continues_from_init(tmp_path):
 
 def test_readback_noise_replaces_only_the_read_back_text_in_a_copy_of_the_inputs():
     """`--readback-noise P`: the text of chunks read back from their sketches gets random inputs at rate P; sketches,
-    padding, the open chunk and rows without read-back (`--lm-rows`) stay as they are, and so does the batch (its
+    padding, the open chunk and rows without read-back stay as they are, and so does the batch (its
     labels keep the true text)."""
     import random
 
@@ -537,8 +479,8 @@ def test_readback_noise_replaces_only_the_read_back_text_in_a_copy_of_the_inputs
     config = train_demo.demo_config(tokenizer)
     processor = VIST2Processor.from_config(config, tokenizer)
     draw = train_demo.chunk_sampler(tokenizer, "corpus", [], 3 * train_demo.CHUNK)
-    samples = [train_demo.make_sample(processor, w, config) for w in draw(64, random.Random(0), "heldout").numpy()]
-    batch, _, _ = train_demo.make_batch(processor, [s for s in samples if s is not None])
+    samples = [train_demo.make_sample(processor, w) for w in draw(64, random.Random(0), "heldout").numpy()]
+    batch = train_demo.make_batch(processor, [s for s in samples if s is not None])
     pool = list(range(200, 210))
     sketch_id, original = processor.sketch_token_id, batch["input_ids"].clone()
     read_back_rows = torch.arange(len(original)) % 2 == 0
@@ -558,106 +500,9 @@ def test_readback_noise_replaces_only_the_read_back_text_in_a_copy_of_the_inputs
     assert torch.equal(noise(0.0), original) and torch.equal(batch["input_ids"], original)
 
 
-def test_lm_rows_are_the_first_corpus_rows_and_random_character_rows_always_read_back():
-    """`--lm-rows F`: that fraction of the corpus rows run with read-back off; random-character rows have nothing to
-    language-model, so they always read back."""
-    read_back_rows = load_example("train_demo").read_back_rows
-    assert read_back_rows(16, 2, 0.5).tolist() == [False] * 7 + [True] * 9
-    assert read_back_rows(16, 2, 0.0).all() and read_back_rows(4, 0, 1.0).tolist() == [False] * 4
-    assert read_back_rows(16, 4, 1.0).tolist() == [False] * 12 + [True] * 4
-
-
-def test_boundary_loss_scores_the_open_chunks_bytes_after_its_first_and_nothing_else():
-    """`--boundary-weight`: the loss on bytes 2..n+1 of the open chunk, predicted from inside that chunk."""
-    import torch.nn.functional as F
-
-    train_demo = load_example("train_demo")
-    # two rows: `c_1 (3 tokens) V_1 (2) c_2 (4)`, and a left-padded row whose open chunk is one unlabelled token
-    chunk_ids = torch.tensor([[1, 1, 1, 1, 1, 2, 2, 2, 2], [0, 0, 0, 1, 1, 1, 1, 1, 2]])
-    labels = torch.tensor([[-100, 5, 6, -100, -100, 7, 8, 9, 10], [-100] * 4 + [5, 6, -100, -100, -100]])
-    logits = torch.randn(2, 9, 12)
-    expected = F.cross_entropy(logits[0, [5, 6]], torch.tensor([8, 9]))  # bytes 2 and 3 of c_2, from bytes 1 and 2
-    assert torch.allclose(train_demo.boundary_loss(logits, labels, chunk_ids, 2), expected)
-    every_later_byte = F.cross_entropy(logits[0, [5, 6, 7]], torch.tensor([8, 9, 10]))
-    assert torch.allclose(train_demo.boundary_loss(logits, labels, chunk_ids, 10), every_later_byte)
-    assert train_demo.boundary_loss(logits[1:], labels[1:], chunk_ids[1:], 2).item() == 0
-
-
 def test_overlap_window_starts_c2_that_many_tokens_before_the_end_of_c1():
     train_demo = load_example("train_demo")
     L = train_demo.CHUNK
     window = train_demo.with_overlap(np.arange(2 * L), 3)
     assert window.shape == (2 * L,) and window[:L].tolist() == list(range(L))
     assert window[L:].tolist() == list(range(L - 3, 2 * L - 3))
-
-
-def test_tail_heads_name_the_last_bytes_of_the_latest_sketch_each_chunk_sees():
-    """`--tail-weight`: from the first bytes of a chunk, the last bytes of the sketch it sees last: its own when it is
-    read back, the previous chunk's otherwise; a chunk that sees no sketch is not asked."""
-    tail_heads = load_example("train_demo").TailHeads(hidden_size=8, vocab_size=50, tail=2, positions=3)
-    S = 49  # the sketch placeholder: `c_1 (4) V_1 (2) c_2 (4)`
-    ids = torch.tensor([[1, 2, 3, 4, S, S, 5, 6, 7, 8]])
-    chunk_ids = torch.tensor([[1, 1, 1, 1, 1, 1, 2, 2, 2, 2]])
-    rows, columns, tails = tail_heads.targets(ids, chunk_ids, torch.tensor([True]), S)
-    assert columns.tolist() == [0, 1, 2, 6, 7, 8] and tails.tolist() == [[3, 4]] * 6 and rows.tolist() == [0] * 6
-    rows, columns, tails = tail_heads.targets(ids, chunk_ids, torch.tensor([False]), S)
-    assert columns.tolist() == [6, 7, 8] and tails.tolist() == [[3, 4]] * 3
-    assert len(tail_heads.targets(ids[:, :4], chunk_ids[:, :4], torch.tensor([True]), S)[0]) == 0
-
-
-def test_tail_heads_loss_is_the_cross_entropy_of_each_named_byte():
-    import torch.nn.functional as F
-
-    tail_heads = load_example("train_demo").TailHeads(hidden_size=8, vocab_size=50, tail=2, positions=3)
-    hidden = torch.randn(1, 10, 8)
-    targets = (torch.tensor([0, 0]), torch.tensor([6, 7]), torch.tensor([[3, 4], [3, 4]]))
-    logits = tail_heads.proj(hidden[0, [6, 7]]).view(2, 2, 50)
-    expected = F.cross_entropy(logits.reshape(4, 50), torch.tensor([3, 4, 3, 4]))
-    assert torch.allclose(tail_heads.loss(hidden, targets), expected)
-    assert tail_heads.loss(hidden, (torch.tensor([], dtype=torch.long),) * 3).item() == 0
-
-
-@pytest.fixture(scope="module")
-def diagnose_reader():
-    return load_example("diagnose_reader")
-
-
-def test_reader_diagnosis_shifts_c2_to_start_inside_c1_and_keeps_c1_and_its_sketch(diagnose_reader):
-    L = 32
-    samples = [{"window": list(range(2 * L)), "sketches": ["V_1"]}]
-    shifted = diagnose_reader.overlapping(samples, 4)[0]
-    assert shifted["window"] == list(range(L)) + list(range(L - 4, 2 * L - 4))
-    assert shifted["sketches"] == ["V_1"] and samples[0]["window"] == list(range(2 * L))
-
-
-def test_random_inputs_keep_the_first_token_and_draw_the_others_from_the_pool_at_the_given_rate(diagnose_reader):
-    tokens = torch.zeros(200, 32, dtype=torch.long)
-    pool = [7, 8, 9]
-    same = diagnose_reader.with_random_inputs(tokens, 0.0, pool, torch.Generator().manual_seed(0))
-    assert torch.equal(same, tokens)
-    every = diagnose_reader.with_random_inputs(tokens, 1.0, pool, torch.Generator().manual_seed(0))
-    assert (every[:, 0] == 0).all() and set(every[:, 1:].unique().tolist()) == set(pool)
-    half = diagnose_reader.with_random_inputs(tokens, 0.5, pool, torch.Generator().manual_seed(0))
-    assert 0.45 < (half[:, 1:] != 0).float().mean().item() < 0.55
-
-
-def test_a_visual_token_is_blank_where_no_sketch_draws_under_it(diagnose_reader):
-    white = np.full((8, 12), 255, dtype=np.uint8)  # 2 x 3 visual tokens of 4 x 4 pixels
-    inked = white.copy()
-    inked[5, 9] = 0  # under token (1, 2), the last one
-    assert diagnose_reader.blank_visual_tokens([white, inked], 4, 255) == [1.0] * 5 + [0.5]
-
-
-def test_reader_diagnosis_reports_each_probe_with_the_wrong_sketch(diagnose_reader):
-    results = diagnose_reader.diagnose(DEMO, n=8, batch=4)
-    assert len(results["blank_fraction_by_visual_token"]) == 8
-    tails = results["tail_accuracy_by_overlap"]
-    assert list(tails) == [str(k) for k in diagnose_reader.TAIL_OVERLAPS]
-    assert all(set(v) == {"right_sketch", "wrong_sketch"} and all(0 <= a <= 1 for a in v.values())
-               for v in tails.values())
-    noisy = results["read_back_accuracy_with_random_inputs"]
-    assert list(noisy) == [str(f) for f in diagnose_reader.INPUT_NOISE]
-    clean = noisy["0.0"]
-    # the committed checkpoint reads its own sketch, far better than another text's
-    right, wrong = (np.mean(list(clean[k].values())) for k in ("right_sketch", "wrong_sketch"))
-    assert right > 0.9 and right > wrong + 0.2

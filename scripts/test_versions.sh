@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the VIST2 test suite against given transformers releases, one fresh virtual environment per release.
 #
-#   scripts/test_versions.sh 5.0.0 5.23.0                 # full suite (python -m pytest -q tests)
+#   scripts/test_versions.sh 5.0.0 5.23.0                 # full suite (python -m pytest -q --rootdir=tests tests research)
 #   VIST2_TESTS="tests/test_generation.py tests/test_modeling.py" scripts/test_versions.sh 5.1.0   # a subset
 #   scripts/test_versions.sh --declared                   # the bounds setup.py declares: oldest allowed + newest on PyPI
 #   scripts/test_versions.sh --oldest                     # only the lower bound (CI: the main run covers the newest)
@@ -16,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="${VIST2_VENV_ROOT:-/tmp/vist2-venvs}"
-TESTS="${VIST2_TESTS:-tests}"
+TESTS="${VIST2_TESTS:-tests research}"
 TORCH="${VIST2_TORCH:-torch==2.13.0}"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$ROOT/logs"
@@ -78,7 +78,7 @@ for version in "${versions[@]}"; do
     # shellcheck disable=SC2086  # TESTS is a list of paths
     # A hang (e.g. a streamer waiting on a generate thread that died) must not stall the whole matrix.
     HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_MODULES_CACHE="$venv/hf_modules" \
-        timeout "${VIST2_TIMEOUT:-1800}" "$venv/bin/python" -m pytest -q -p no:cacheprovider $TESTS >>"$log" 2>&1
+        timeout "${VIST2_TIMEOUT:-1800}" "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir=tests $TESTS >>"$log" 2>&1
     rc=$?
     [ $rc -eq 124 ] && echo "TIMEOUT after ${VIST2_TIMEOUT:-1800}s" >>"$log"
     tail_line=$(grep -E '(passed|failed|error|TIMEOUT)' "$log" | tail -n 1)

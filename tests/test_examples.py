@@ -42,7 +42,7 @@ def test_text_only_cache_size_counts_keys_and_values_of_every_layer(model):
 
 def test_export_writes_a_hub_ready_folder_with_a_model_card(saved_model, tmp_path):
     fidelity = tmp_path / "fidelity.json"
-    fidelity.write_text('{"read-back character accuracy": "0.5", "command": "python examples/evaluate_demo.py"}')
+    fidelity.write_text('{"read-back character accuracy": "0.5", "command": "python research/evaluate_demo.py"}')
     out = export_to_hub.export(saved_model, tmp_path / "hub", "someone/vist2-tiny", fidelity, None)
     names = {p.name for p in out.iterdir()}
     assert {"README.md", "config.json", "model.safetensors", "configuration_vist2.py", "modeling_vist2.py",
