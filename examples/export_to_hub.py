@@ -4,7 +4,8 @@ processor config and a model card; optionally push it.
     python examples/export_to_hub.py --model path/to/checkpoint --out dist/vist2-demo
     python examples/export_to_hub.py --model path/to/checkpoint --out dist/vist2-demo --push --repo-id you/vist2-demo
 
-Numbers in the card come only from measurement files (`--fidelity`, `--efficiency`); a missing file is said so.
+Numbers in the card come only from measurement files (`--fidelity`: research/eval_results.json by default, `--efficiency`:
+the committed benchmark run benchmarks/results/cpu-small.json); a missing file is said so.
 """
 
 import argparse
@@ -106,10 +107,52 @@ def fidelity_section(path: Path | None) -> str:
     return text + (f"\n\nReproduce with `{command}`." if command else "")
 
 
-def efficiency_section(path: Path | None) -> str:
+def efficiency_section(path: Path | None, ratio: int | None = None) -> str:
+    """The card's efficiency numbers, from a benchmark run (`benchmarks/vist2_bench.py` writes its JSON): VIST2
+    against its own text-only backbone, in the same run, at the checkpoint's compression ratio, with the command and
+    the machine. A markdown file is taken as written; a missing file is said so."""
     if path is None or not path.exists():
         return "Not measured for this checkpoint."
-    return path.read_text().strip()
+    if path.suffix != ".json":
+        return path.read_text().strip()
+    run = json.loads(path.read_text())
+    cases = {(c["case"]["context"], c["model"]): c for c in run["cases"] if "error" not in c}
+    rows, measured = [], []
+    for (context, name), case in sorted(cases.items()):
+        base = cases.get((context, "baseline"))
+        if name == "baseline" or base is None or (ratio is not None and case["case"].get("ratio") != ratio):
+            continue
+        total_flops = [c.get("flops", {}).get("total", {}).get("total") for c in (case, base)]
+        flops = f"{total_flops[0] / total_flops[1]:.1%}" if all(total_flops) else "not counted"
+        measured += [case, base]
+        rows.append(f"| {context} | {name} | {case['kv_bytes'] / base['kv_bytes']:.1%} | "
+                    f"{case['peak_delta'] / base['peak_delta']:.1%} | {flops} | "
+                    f"{base['ttft_s'] / case['ttft_s']:.2f}x | {case['decode_tok_s'] / base['decode_tok_s']:.2f}x |")
+    if not rows:
+        return f"Not measured at compression ratio {ratio} (`{path}` has other ratios)."
+    machine = run["machine"]
+    cpu = next((line.split(":", 1)[1].strip() for line in machine.get("lscpu", []) if line.startswith("Model name")),
+               "unknown CPU")
+    device = run["args"].get("device", "cpu")
+    params = max(c.get("params", 0) for c in measured)
+    load = [c["loadavg_before"][0] for c in measured if c.get("loadavg_before")]
+    load = f", load average {min(load):.1f}-{max(load):.1f} before its cases" if load else ""
+    return "\n".join([
+        f"Measured against the text-only backbone of the same model, on the same tokens, in one run of "
+        f"`{run['command']}` ({run['started']}); preset `{run['args'].get('preset')}`, a model of "
+        f"{params / 1e6:.1f}M parameters with chunks of {run['args'].get('chunk_size')} tokens: the costs depend "
+        "on the architecture and the sketch geometry, not on the weights. Ratios are VIST2 / backbone (KV cache after "
+        "generation, peak memory of the generation, FLOPs of prefill + decode) or speed-ups (time to first token, "
+        f"decode tokens/s), {run['args'].get('new_tokens')} generated tokens. `-read` rows read the prompt with "
+        "`model.read` instead of `processor(text=...)`.",
+        "",
+        "| context (tokens) | model | KV cache | peak memory | FLOPs | first token | decode speed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        f"Machine: {cpu}, {machine.get('nproc', '?')} {device.upper()} cores{load}; Python {machine.get('python')}, "
+        f"torch {machine.get('torch')}, transformers {machine.get('transformers')}.",
+    ])
 
 
 def count(module) -> str:
@@ -147,7 +190,7 @@ def build_card(model, repo_id: str, fidelity: Path | None, efficiency: Path | No
         vocab_size=config.text_config.vocab_size,
         vision_params=count(model.vision_tower),
         fidelity=fidelity_section(fidelity),
-        efficiency=efficiency_section(efficiency),
+        efficiency=efficiency_section(efficiency, config.compression_ratio),
     )
 
 
@@ -161,19 +204,22 @@ def export(model_dir, out_dir, repo_id, fidelity=None, efficiency=None):
     return out
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=".", help="a saved VIST2 checkpoint (default: the demo model at the repository root)")
     parser.add_argument("--out", default="dist/vist2-demo")
     parser.add_argument("--repo-id", default="vist2/vist2-demo")
     parser.add_argument("--fidelity", type=Path, default=Path("research/eval_results.json"),
                         help="JSON of fidelity metrics, as research/evaluate_demo.py writes it")
-    parser.add_argument("--efficiency", type=Path, default=Path("benchmarks/results/summary.md"),
-                        help="markdown with efficiency numbers")
+    parser.add_argument("--efficiency", type=Path, default=Path("benchmarks/results/cpu-small.json"),
+                        help="a benchmarks/vist2_bench.py run's JSON (or a markdown summary) for the efficiency section")
     parser.add_argument("--push", action="store_true", help="upload to --repo-id (needs a Hugging Face token)")
     parser.add_argument("--private", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_args(argv)
     out = export(args.model, args.out, args.repo_id, args.fidelity, args.efficiency)
     print(f"Hub-ready folder: {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     if args.push:

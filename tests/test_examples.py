@@ -1,5 +1,6 @@
 """The example scripts users run: generate from a long text, export to the Hub."""
 
+import json
 import re
 import subprocess
 import sys
@@ -50,6 +51,39 @@ def test_export_writes_a_hub_ready_folder_with_a_model_card(saved_model, tmp_pat
     card = (out / "README.md").read_text()
     assert "library_name: transformers" in card and "| read-back character accuracy | 0.5 |" in card
     assert "Efficiency\n\nNot measured" in card
+
+
+def benchmark_case(context, model, ratio, kv, peak, flops, ttft, decode):
+    return {"case": {"context": context, "ratio": ratio}, "model": model, "params": 2_000_000, "kv_bytes": kv,
+            "peak_delta": peak, "flops": {"total": {"total": flops}}, "ttft_s": ttft, "decode_tok_s": decode,
+            "loadavg_before": [1.5, 1.0, 1.0]}
+
+
+def test_efficiency_section_compares_the_checkpoints_ratio_with_its_backbone_and_names_command_and_machine(tmp_path):
+    run = {"command": "python benchmarks/vist2_bench.py --name tiny", "started": "2026-12-01T10:00:00",
+           "args": {"preset": "tiny", "chunk_size": 64, "new_tokens": 32, "device": "cpu"},
+           "machine": {"lscpu": ["Model name:   Some CPU"], "nproc": "8", "python": "3.11", "torch": "2.13",
+                       "transformers": "5.25.0"},
+           "cases": [benchmark_case(4096, "baseline", None, 400, 1000, 200, 6.0, 10.0),
+                     benchmark_case(4096, "vist2-r4", 4, 100, 300, 50, 2.0, 25.0),
+                     benchmark_case(4096, "vist2-r8", 8, 60, 200, 30, 1.0, 30.0)]}
+    results = tmp_path / "bench.json"
+    results.write_text(json.dumps(run))
+    section = export_to_hub.efficiency_section(results, ratio=4)
+    assert "| 4096 | vist2-r4 | 25.0% | 30.0% | 25.0% | 3.00x | 2.50x |" in section
+    assert "vist2-r8" not in section  # another compression ratio than the checkpoint's
+    assert "`python benchmarks/vist2_bench.py --name tiny`" in section and "Some CPU, 8 CPU cores" in section
+    assert "transformers 5.25.0" in section
+    assert "Not measured at compression ratio 2" in export_to_hub.efficiency_section(results, ratio=2)
+
+
+def test_export_fills_the_cards_efficiency_section_from_the_committed_benchmark_run(saved_model, tmp_path):
+    committed = EXAMPLES.parent / export_to_hub.parse_args([]).efficiency  # the default, from the repository root
+    assert committed.exists(), committed
+    out = export_to_hub.export(saved_model, tmp_path / "hub", "someone/vist2-tiny", None, committed)
+    card = (out / "README.md").read_text()
+    efficiency = card.split("## Efficiency\n\n")[1].split("\n## ")[0]
+    assert "Not measured" not in efficiency and "| 32768 | vist2-r4 |" in efficiency and "Machine:" in efficiency
 
 
 USAGE_RUNNER = """
