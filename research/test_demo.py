@@ -18,7 +18,7 @@ CONTROL = REPO / "research" / "text-only-baseline"
 RESEARCH = REPO / "research"
 
 
-def load_example(name):
+def load_script(name):
     spec = importlib.util.spec_from_file_location(name, RESEARCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -27,7 +27,7 @@ def load_example(name):
 
 @pytest.fixture(scope="module")
 def evaluate_demo():
-    return load_example("evaluate_demo")
+    return load_script("evaluate_demo")
 
 
 def test_char_accuracy_identical_is_one(evaluate_demo):
@@ -50,7 +50,7 @@ def test_char_accuracy_counts_edits(evaluate_demo):
 @pytest.mark.parametrize("newline_glyph", [None, "«"])
 def test_cell_targets_match_the_renderer(newline_glyph):
     """The encoder stage's per-cell labels are exactly where the renderer draws ink."""
-    train_demo = load_example("train_demo")
+    train_demo = load_script("train_demo")
     from transformers import AutoTokenizer
 
     from vist2.processing_vist2 import render_chunk
@@ -134,7 +134,7 @@ def test_demo_checkpoint_generates_across_a_chunk_boundary(demo_model):
 def run_train_demo(args):
     threads = torch.get_num_threads()
     try:
-        load_example("train_demo").main(args)
+        load_script("train_demo").main(args)
     finally:
         torch.set_num_threads(threads)
 
@@ -224,7 +224,7 @@ def test_random_character_row_reads_back_c1_and_predicts_nothing_after_it():
 
     from vist2 import VIST2Processor
 
-    train_demo = load_example("train_demo")
+    train_demo = load_script("train_demo")
     tokenizer = AutoTokenizer.from_pretrained(BYTES)
     processor = VIST2Processor.from_config(train_demo.demo_config(tokenizer), tokenizer)
     draw = train_demo.chunk_sampler(tokenizer, "chars", train_demo.random_token_pool(tokenizer, "chars"))
@@ -260,7 +260,7 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     trainings = [c for c in commands if c[1] == "research/train_demo.py"]
     evaluations = [c for c in commands if c[1] == "research/evaluate_demo.py"]
     assert len(trainings) + len(evaluations) == len(commands) and len(evaluations) == 2  # into build/, or the root
-    train_demo = load_example("train_demo")
+    train_demo = load_script("train_demo")
     runs = [train_demo.parse_args(c[2:]) for c in trainings]
     vist2, text_only = [r for r in runs if not r.text_only], [r for r in runs if r.text_only]
     encoder, warmup, *readers = vist2
@@ -289,7 +289,7 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
 
 
 def test_committed_checkpoint_has_the_sketch_settings_of_the_recipes_last_stage():
-    runs = [load_example("train_demo").parse_args(c[2:]) for c in recipe() if c[1] == "research/train_demo.py"]
+    runs = [load_script("train_demo").parse_args(c[2:]) for c in recipe() if c[1] == "research/train_demo.py"]
     last = [r for r in runs if not r.text_only][-1]
     config = json.loads((DEMO / "config.json").read_text())
     assert config["newline_glyph"] == last.newline_glyph
@@ -304,7 +304,7 @@ def test_chunk_sampler_draws_window_starts_or_chunks_at_any_offset(sampling):
 
     from transformers import AutoTokenizer
 
-    train_demo = load_example("train_demo")
+    train_demo = load_script("train_demo")
     tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer")
     windows = train_demo.corpus_windows(tokenizer, "train")
     stream = windows.reshape(-1).tolist()
@@ -329,7 +329,7 @@ def test_corpus_token_streams_are_cached_per_tokenizer(tmp_path):
     """`--tokenizer`: a cached stream of one vocabulary is never served to another."""
     from transformers import AutoTokenizer
 
-    train_demo = load_example("train_demo")
+    train_demo = load_script("train_demo")
     demo, byte = (AutoTokenizer.from_pretrained(REPO / "tokenization" / name) for name in ("demo_tokenizer",
                                                                                             "byte_tokenizer"))
     first = train_demo.corpus_windows(demo, "heldout", cache_dir=tmp_path)
@@ -420,7 +420,7 @@ def test_evaluation_refuses_a_text_only_control_with_another_tokenizer(evaluate_
 def test_random_newlines_replace_characters_at_the_given_rate_and_draw_nothing_at_zero():
     import random
 
-    train_demo = load_example("train_demo")
+    train_demo = load_script("train_demo")
     ids, rng = list(range(1000, 5000)), random.Random(0)
     state = rng.getstate()
     assert train_demo.with_random_newlines(ids, 10, 0.0, rng) == ids and rng.getstate() == state
@@ -432,7 +432,7 @@ def test_random_newlines_replace_characters_at_the_given_rate_and_draw_nothing_a
 def test_layout_keeps_spaces_tabs_and_newlines_and_the_document_separator_only_when_asked():
     from transformers import AutoTokenizer
 
-    train_demo = load_example("train_demo")
+    train_demo = load_script("train_demo")
     tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "byte_tokenizer")
     whitespace = {tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in " \n\t"}
     assert train_demo.layout_token_ids(tokenizer, separators=False) == whitespace
@@ -442,7 +442,7 @@ def test_layout_keeps_spaces_tabs_and_newlines_and_the_document_separator_only_w
 def test_corpus_layout_keeps_the_chunks_whitespace_in_place_and_draws_every_other_token_from_the_pool():
     import random
 
-    train_demo = load_example("train_demo")
+    train_demo = load_script("train_demo")
     template, whitespace, pool = [5, 1, 6, 7, 2, 2, 8, 1], {1, 2}, list(range(100, 200))
     row = train_demo.with_corpus_layout(template, whitespace, pool, random.Random(0))
     assert [i for i, t in enumerate(row) if t in whitespace] == [i for i, t in enumerate(template) if t in whitespace]
@@ -474,7 +474,7 @@ def test_readback_noise_replaces_only_the_read_back_text_in_a_copy_of_the_inputs
 
     from vist2 import VIST2Processor
 
-    train_demo = load_example("train_demo")
+    train_demo = load_script("train_demo")
     tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "byte_tokenizer")
     config = train_demo.demo_config(tokenizer)
     processor = VIST2Processor.from_config(config, tokenizer)
@@ -501,7 +501,7 @@ def test_readback_noise_replaces_only_the_read_back_text_in_a_copy_of_the_inputs
 
 
 def test_overlap_window_starts_c2_that_many_tokens_before_the_end_of_c1():
-    train_demo = load_example("train_demo")
+    train_demo = load_script("train_demo")
     L = train_demo.CHUNK
     window = train_demo.with_overlap(np.arange(2 * L), 3)
     assert window.shape == (2 * L,) and window[:L].tolist() == list(range(L))
