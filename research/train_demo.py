@@ -76,7 +76,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config  # noq
 from vist2 import VIST2Config, VIST2ForCausalLM, VIST2Processor  # noqa: E402
 from vist2.processing_vist2 import wrap_into_lines  # noqa: E402
 CHUNK = 32
-NUM_CLASSES = 96  # 0 = blank / whitespace, 1..94 = printable ASCII 33..126, 95 = any other drawable character
+NUM_CLASSES = 96  # 0 = blank (a space), 1..94 = printable ASCII 33..126, 95 = any other drawn cell (glyph or byte mark)
 
 
 def load_build_corpus():
@@ -136,7 +136,7 @@ def corpus_windows(tokenizer, split: str, window_chunks: int = 2, cache_dir: Pat
 
 
 def char_class(char: str) -> int:
-    if char.isspace():
+    if char == " ":  # the only character drawn without ink: tabs, carriage returns and the like are byte marks
         return 0
     code = ord(char)
     return code - 32 if 33 <= code <= 126 else NUM_CLASSES - 1
