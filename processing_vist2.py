@@ -33,6 +33,9 @@ IGNORE_INDEX = -100
 SHOWN_SPACE, SHOWN_NEWLINE = "\udc20", "\udc0a"
 BYTE_MARKED = {"\t": 0x09, "\r": 0x0D, SHOWN_NEWLINE: 0x0A, SHOWN_SPACE: 0x20,
                **{chr(0xDC00 + b): b for b in range(0x80, 0x100)}}
+# Scripts whose letters look alike (Latin a, Cyrillic а, Greek ο...): where a font draws two of them as the same cell,
+# the first in this order keeps the cell and the other is reported instead of drawn, so no two texts draw alike.
+LOOKALIKE_REPERTOIRE = "".join(map(chr, [*range(0x21, 0x7F), *range(0xA1, 0x250), *range(0x370, 0x530)]))
 # Ordinary English prose: on it a tokenizer's characters per token size the sketch of its chunks (`from_backbones`).
 PROSE_SAMPLE = (
     "The river had risen in the night, and by morning the road to the village was under water. Anna stood at "
@@ -123,6 +126,7 @@ class GlyphAtlas:
         self.marks = {char: self._byte_mark(value) for char, value in BYTE_MARKED.items()}
         self.reserved = {cell.tobytes() for cell in [self.glyphs[0], *self.marks.values()] if cell is not None}
         self._stacked = None
+        self._lookalikes = None  # cell bytes -> the first character of LOOKALIKE_REPERTOIRE drawn as that cell
 
     def _coverage(self, char: str) -> np.ndarray | None:
         """The glyph's ink on the `canvas` box, widened to hold ink that falls outside it (a comma's left bearing):
@@ -147,21 +151,40 @@ class GlyphAtlas:
         rows, columns = np.arange(height) * 4 // height, np.arange(width) * 2 // width
         return np.where(bits[rows][:, columns], self.foreground, self.background).astype(np.uint8)
 
+    def _draw(self, char: str) -> np.ndarray | None:
+        """The font's glyph for `char` box-filtered into a cell; `None` if the font lacks it or it looks like paper or
+        like a byte mark (two texts would draw alike)."""
+        try:
+            coverage = self._coverage(char)
+        except (UnicodeError, ValueError, OSError):
+            return None
+        if coverage is None or np.array_equal(coverage, self.notdef):
+            return None
+        ink = np.asarray(Image.fromarray(coverage).resize(self.cell[::-1], Image.Resampling.BOX)) / 255.0
+        cell = np.round(self.background + (self.foreground - self.background) * ink).astype(np.uint8)
+        return None if cell.tobytes() in self.reserved else cell
+
+    def looks_like_another(self, char: str, cell: np.ndarray) -> bool:
+        """Whether a character before `char` in `LOOKALIKE_REPERTOIRE` (or any of it, for a character outside it) draws
+        the same cell. Decided over the whole repertoire at once, so the answer does not depend on which characters
+        were drawn before: rendering stays a pure function of the text."""
+        if self._lookalikes is None:
+            self._lookalikes = {}
+            for other in LOOKALIKE_REPERTOIRE:
+                drawn = self._draw(other)
+                if drawn is not None:
+                    self._lookalikes.setdefault(drawn.tobytes(), other)
+        return self._lookalikes.get(cell.tobytes(), char) != char
+
     def lookup(self, char: str) -> int | None:
-        """Atlas index of `char`, drawing it on first use; `None` if the font cannot draw it."""
+        """Atlas index of `char`, drawing it on first use; `None` if the font cannot draw it apart from every other
+        character."""
         if char in self.index:
             return self.index[char]
         cell = self.marks.get(char)
         if char not in self.marks and not _has_no_glyph(char):
-            try:
-                coverage = self._coverage(char)
-            except (UnicodeError, ValueError, OSError):
-                coverage = None
-            if coverage is not None and not np.array_equal(coverage, self.notdef):
-                ink = np.asarray(Image.fromarray(coverage).resize(self.cell[::-1], Image.Resampling.BOX)) / 255.0
-                cell = np.round(self.background + (self.foreground - self.background) * ink).astype(np.uint8)
-                # A cell that looks like paper or like a byte mark would draw two texts alike.
-                cell = None if cell.tobytes() in self.reserved else cell
+            cell = self._draw(char)
+            cell = None if cell is None or self.looks_like_another(char, cell) else cell
         self.index[char] = None if cell is None else len(self.glyphs)
         if cell is not None:
             self.glyphs.append(cell)

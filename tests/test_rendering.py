@@ -2,6 +2,7 @@
 
 import functools
 import hashlib
+import os
 import string
 import subprocess
 import sys
@@ -255,3 +256,17 @@ def test_the_default_font_draws_no_two_characters_alike():
     atlas = glyph_atlas(None, 12, 4, 8, 0, 255)
     drawn = [c for c in list(map(chr, range(0x20, 0x3000))) + list(BYTE_MARKED) if atlas.lookup(c) is not None]
     assert len({atlas.glyphs[atlas.lookup(c)].tobytes() for c in drawn}) == len(drawn) > 100
+
+
+@pytest.mark.parametrize("cell", [(4, 8), (8, 16)])
+def test_a_font_that_draws_two_letters_alike_draws_only_the_first_and_reports_the_other(cell):
+    """DejaVu Sans draws Latin "a" and Cyrillic "а" (and "o" and Greek "ο") as one shape: two texts would draw alike."""
+    import matplotlib
+
+    font = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
+    settings = {**SETTINGS, "font_path": font, "char_width": cell[0], "line_height": cell[1]}
+    for latin, lookalike in (("a", "\u0430"), ("o", "\u03bf")):
+        drawn, reported = render_with_policy(f"x{latin}y", settings), render_with_policy(f"x{lookalike}y", settings)
+        assert drawn[1].ok and drawn[0] is not None, "the first of the repertoire keeps its glyph"
+        assert reported[0] is None and reported[1].undrawable == {lookalike}
+    assert render_with_policy("x\u00e9y", settings)[1].ok, "a letter no other draws alike is drawn"
