@@ -46,11 +46,12 @@ TOKENIZER_DIR = REPO / "tokenization" / "demo_tokenizer"
 # ~970 characters (max ~1250), so the sketch must hold ~1250 cells: the pixel budget, not the ratio, sets the image.
 #   r = 2: m = 128 = (256/32) * (512/32)  -> 256 x 512 sketch, 4 x 8 px cells, 128 cols x 32 rows
 #   r = 4: m =  64 = (256/32) * (256/32)  -> 256 x 256 sketch, 4 x 8 px cells,  64 cols x 32 rows (the default)
-#   r = 8: m =  32 = (128/32) * (256/32)  -> 128 x 256 sketch, 3 x 6 px cells,  85 cols x 21 rows
+#   r = 8: m =  32 = (128/32) * (256/32)  -> 128 x 256 sketch, 4 x 6 px cells,  64 cols x 21 rows
+#          (3 px wide cells would hold more, but the built-in font then draws `{` and `}` alike: reported, kept as text)
 GEOMETRY = {
     2: dict(image_height=256, image_width=512, char_width=4, line_height=8, merge_size=2),
     4: dict(image_height=256, image_width=256, char_width=4, line_height=8, merge_size=2),
-    8: dict(image_height=128, image_width=256, char_width=3, line_height=6, merge_size=2),
+    8: dict(image_height=128, image_width=256, char_width=4, line_height=6, merge_size=2),
 }
 CHUNK_SIZE = 256
 

@@ -41,7 +41,7 @@ SETTINGS = {
                                         merge_size=2, compression_ratio=2),
     "256x256, 4x8 cells (r=4 benchmark)": dict(common.GEOMETRY[4], compression_ratio=4),
     "256x512, 4x8 cells (r=2 benchmark)": dict(common.GEOMETRY[2], compression_ratio=2),
-    "128x256, 3x6 cells (r=8 benchmark)": dict(common.GEOMETRY[8], compression_ratio=8),
+    "128x256, 4x6 cells (r=8 benchmark)": dict(common.GEOMETRY[8], compression_ratio=8),
 }
 
 
