@@ -670,21 +670,12 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         cache.live, cache.entries, cache.open_length, cache.prefix_length = None, [0], [0], [len(prefix_ids)]
         cache.next_position = torch.zeros(1, 1, dtype=torch.long, device=device)
 
-        def append(chunks):  # [(chunk index, token ids, sketch or None)], in order
-            ids, chunk_ids, sketches = [], [], [sketch for _, _, sketch in chunks if sketch is not None]
-            for index, token_ids, sketch in chunks:
-                entries = processor.chunk_layout(index, token_ids, sketch is not None)
-                ids, chunk_ids = ids + entries[0], chunk_ids + entries[1]
-            pixels = processor.pixel_values(sketches).to(device) if sketches else None
-            as_tensor = lambda values: torch.tensor([values], device=device)  # noqa: E731
-            self.extend_cache(cache, as_tensor(ids), as_tensor(chunk_ids), pixels)
-
         def group_size():  # at least 8: each language-model pass also copies the cache (transformers' cache update)
             block, _ = self.prefill_passes(cache.prefill_chunk_size, cache.get_seq_length() + m, device)
             return sketches_per_step or max(8, block // m)
 
         if prefix_ids:
-            append([(0, prefix_ids, None)])
+            self.extend_cache(cache, processor, [(0, prefix_ids, None)])
         group, open_ids, size = [], [], group_size()
         reports, chunks = [], hf_logging.tqdm(processor.iter_chunks(text), desc="VIST2 read", unit=" chunks",
                                               disable=not (len(text) >= 100_000 if progress is None else progress))
@@ -695,13 +686,13 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             reports.append(report)
             group.append((index, token_ids, sketch))
             if len(group) == size:
-                append(group)
+                self.extend_cache(cache, processor, group)
                 group, size = [], group_size()
         if group:
-            append(group)
+            self.extend_cache(cache, processor, group)
         # Feed the open chunk but its last token, which generate feeds as its first input.
         if len(open_ids) > 1:
-            append([(open_index, open_ids[:-1], None)])
+            self.extend_cache(cache, processor, [(open_index, open_ids[:-1], None)])
         cache.open_chunk = torch.tensor([open_index], device=device)
         cache.open_length = [len(open_ids) - 1]
         cache.recent = F.pad(torch.tensor([open_ids[:-1]], dtype=torch.long, device=device), (L - len(open_ids) + 1, 0))
@@ -915,8 +906,9 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         sketched = [drawn.get(b) is not None for b in range(batch)]
         is_sketched = torch.tensor(sketched, device=device)
         slots = m if any(sketched) else 0
-        # The step's entries: each sketched chunk's m visual tokens (unused slots in other rows), then the token, which
-        # opens the next chunk in closing rows; laid out by the same rule as a prompt.
+        # The step's entries: what `VIST2Processor.chunk_layout` adds for a closing chunk whose text is already cached
+        # (its m placeholders if sketched; unused slots in other rows), then the token, which opens the next chunk in
+        # closing rows. Built on the device, as the hot path needs; kinds and positions come from the same rule.
         slot_ids = torch.where(is_sketched, self.config.sketch_token_id, 0)[:, None].expand(batch, slots)
         ids = torch.cat([slot_ids, token], 1)
         live = torch.cat([is_sketched[:, None].expand(batch, slots), torch.ones_like(token, dtype=torch.bool)], 1)
@@ -952,9 +944,17 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         cache.next_position = positions[:, -1:] + 1
         return hidden
 
-    def extend_cache(self, cache: VIST2Cache, input_ids, chunk_ids, pixel_values=None):
-        """Append chunks in the generation layout to a one-row cache without padding (`read`): every entry they add
-        sees all the cache holds."""
+    def extend_cache(self, cache: VIST2Cache, processor, chunks):
+        """Append `chunks` (`[(chunk index, token ids, sketch or None)]`, in order), laid out by the processor's rule,
+        to a one-row cache without padding (`read`): every entry they add sees all the cache holds."""
+        ids, chunk_ids = [], []
+        for index, token_ids, sketch in chunks:
+            entries = processor.chunk_layout(index, token_ids, sketch is not None)
+            ids, chunk_ids = ids + entries[0], chunk_ids + entries[1]
+        sketches = [sketch for _, _, sketch in chunks if sketch is not None]
+        device = cache.next_position.device
+        pixel_values = processor.pixel_values(sketches).to(device) if sketches else None
+        input_ids, chunk_ids = torch.tensor([ids], device=device), torch.tensor([chunk_ids], device=device)
         kinds = token_kinds(input_ids, None, self.config.sketch_token_id)
         chunk_ids = chunk_ids - chunk_ids[:, :1]  # the rule compares these entries' chunks only with each other
         length, keys = input_ids.shape[1], cache.get_seq_length() + input_ids.shape[1]
