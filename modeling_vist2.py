@@ -228,8 +228,8 @@ class VIST2Cache(DynamicCache):
             self.next_position = self.next_position[rows]
             self.live = None if self.live is None else self.live[rows]
             listed = rows.tolist()
-            self.entries, self.open_length = [self.entries[i] for i in listed], [self.open_length[i] for i in listed]
-            self.prefix_length = [self.prefix_length[i] for i in listed] if self.prefix_length else []
+            self.entries, self.open_length, self.prefix_length = (
+                [values[i] for i in listed] for values in (self.entries, self.open_length, self.prefix_length))
 
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)
@@ -336,16 +336,66 @@ class VIST2Model(VIST2PreTrainedModel):
     def build_language_model(self, text_config):
         return VIST2TextDecoder(text_config)
 
-    # -- transformers plumbing ----------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, chunk_ids=None, pixel_values=None, cache=None, use_cache=None,
+                read_back=None, past_key_values=None, **kwargs):
+        r"""
+        input_ids (`(batch, seq)`): flat layout from `VIST2Processor`: text, and `<|sketch|>` placeholders where
+            visual tokens go. Plain token ids (no `chunk_ids`) are laid out here as the processor lays out text.
+        chunk_ids (`(batch, seq)`): 0 for the prefix, i for the text and sketch of chunk i.
+        pixel_values (`(num_sketches, C, H, W)`): one sketch per run of placeholders, in order.
+        read_back (`(batch,)` bool): OCR warm-up; a chunk's text also sees its own sketch.
+        past_key_values: the name transformers < 5.24 gives `cache`.
 
-    def get_input_embeddings(self):
-        return self.get_decoder().get_input_embeddings()
+        Returns `last_hidden_state`, one per position of the laid-out sequence (for plain ids, of the compressed
+        sequence `P V_1 ... V_{K-1} c_K` they are laid out into).
+        """
+        cache = past_key_values if cache is None else cache
+        if chunk_ids is None:
+            if (input_ids == self.config.sketch_token_id).any():
+                raise ValueError("chunk_ids is required: pass the batch VIST2Processor returns")
+            laid_out, _ = self.lay_out(input_ids, attention_mask)
+            return self(**laid_out, cache=cache, use_cache=use_cache, read_back=read_back)
+        self.check_inputs(input_ids, attention_mask, chunk_ids)
+        kinds = token_kinds(input_ids, attention_mask, self.config.sketch_token_id)
+        chunk_ids = chunk_ids.masked_fill(kinds == PAD, 0)
+        chunk_ids = chunk_ids if chunk_ids.dtype == torch.long else chunk_ids.long()
+        check_layout(kinds, chunk_ids, self.config.visual_tokens_per_chunk)
+        memory = memory_flags(kinds, chunk_ids)
+        before = self.config.chunk_size if self.config.read_back_positions == "before_next_chunk" else 0
+        read_back = None if read_back is None else read_back.bool()
+        positions = layout_position_ids(kinds, chunk_ids, memory, read_back, before)
+        if use_cache and cache is None:
+            cache = VIST2Cache(config=self.config.text_config)
+        if isinstance(cache, VIST2Cache):
+            hidden = self.prefill(cache, input_ids, kinds, chunk_ids, memory, read_back, positions, pixel_values)
+        else:
+            if read_back is None:
+                read_back = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            embeds = self.embed(input_ids, kinds, pixel_values)
+            mask = self.build_attention_mask(embeds, vist2_mask_function(kinds, chunk_ids, memory, read_back), cache)
+            hidden = self.run_language_model(embeds, positions, mask, cache, use_cache)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_KWARG: cache if use_cache else None})
 
-    def set_input_embeddings(self, value):
-        self.get_decoder().set_input_embeddings(value)
+    def check_inputs(self, input_ids, attention_mask, chunk_ids):
+        """Refuse what no processor call returns: shapes that differ, ids the model cannot embed, an empty row."""
+        if chunk_ids.shape != input_ids.shape or (attention_mask is not None and attention_mask.shape != input_ids.shape):
+            raise ValueError(f"input_ids {tuple(input_ids.shape)}, chunk_ids {tuple(chunk_ids.shape)} and attention_mask "
+                             f"{None if attention_mask is None else tuple(attention_mask.shape)} must have one shape")
+        vocab_size = self.get_input_embeddings().num_embeddings
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
+            raise ValueError(f"input_ids hold ids outside the model's vocabulary (0..{vocab_size - 1}). Fix: use the "
+                             "tokenizer saved with the model, or model.resize_token_embeddings(len(tokenizer))")
+        if attention_mask is not None and not attention_mask.any(1).all():
+            raise ValueError(f"attention_mask: row {int((~attention_mask.any(1)).nonzero()[0])} masks every token, "
+                             "so the row has nothing to start from. Fix: drop that row, or encode it with the "
+                             "processor (an empty text gets its bos token)")
 
-    def get_decoder(self):
-        return self.language_model.get_decoder()
+    def lay_out(self, input_ids, attention_mask=None, processor=None, keep_closed_text=False):
+        """Plain token ids -> the processor's batch for them, and which input positions are real (not padding)."""
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        rows = [row[keep].tolist() for row, keep in zip(input_ids, real)]
+        processor = self.own_processor() if processor is None else processor
+        return processor.layout_token_ids(rows, keep_closed_text).to(input_ids.device), real
 
     # -- sketches -----------------------------------------------------------------------------------------------------
 
@@ -402,66 +452,7 @@ class VIST2Model(VIST2PreTrainedModel):
             embeds = embeds.masked_scatter((kinds == SKETCH)[..., None], visual)
         return embeds
 
-    # -- forward ------------------------------------------------------------------------------------------------------
-
-    def forward(self, input_ids=None, attention_mask=None, chunk_ids=None, pixel_values=None, cache=None, use_cache=None,
-                read_back=None, past_key_values=None, **kwargs):
-        r"""
-        input_ids (`(batch, seq)`): flat layout from `VIST2Processor`: text, and `<|sketch|>` placeholders where
-            visual tokens go. Plain token ids (no `chunk_ids`) are laid out here as the processor lays out text.
-        chunk_ids (`(batch, seq)`): 0 for the prefix, i for the text and sketch of chunk i.
-        pixel_values (`(num_sketches, C, H, W)`): one sketch per run of placeholders, in order.
-        read_back (`(batch,)` bool): OCR warm-up; a chunk's text also sees its own sketch.
-        past_key_values: the name transformers < 5.24 gives `cache`.
-
-        Returns `last_hidden_state`, one per position of the laid-out sequence (for plain ids, of the compressed
-        sequence `P V_1 ... V_{K-1} c_K` they are laid out into).
-        """
-        for key in REPORT_KEYS:
-            kwargs.pop(key, None)
-        cache = past_key_values if cache is None else cache
-        if chunk_ids is None:
-            if (input_ids == self.config.sketch_token_id).any():
-                raise ValueError("chunk_ids is required: pass the batch VIST2Processor returns")
-            laid_out, _ = self.lay_out(input_ids, attention_mask)
-            return self(**laid_out, cache=cache, use_cache=use_cache, read_back=read_back)
-        if chunk_ids.shape != input_ids.shape or (attention_mask is not None and attention_mask.shape != input_ids.shape):
-            raise ValueError(f"input_ids {tuple(input_ids.shape)}, chunk_ids {tuple(chunk_ids.shape)} and attention_mask "
-                             f"{None if attention_mask is None else tuple(attention_mask.shape)} must have one shape")
-        vocab_size = self.get_input_embeddings().num_embeddings
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
-            raise ValueError(f"input_ids hold ids outside the model's vocabulary (0..{vocab_size - 1}). Fix: use the "
-                             "tokenizer saved with the model, or model.resize_token_embeddings(len(tokenizer))")
-        if attention_mask is not None and not attention_mask.any(1).all():
-            raise ValueError(f"attention_mask: row {int((~attention_mask.any(1)).nonzero()[0])} masks every token, "
-                             "so the row has nothing to start from. Fix: drop that row, or encode it with the "
-                             "processor (an empty text gets its bos token)")
-        kinds = token_kinds(input_ids, attention_mask, self.config.sketch_token_id)
-        chunk_ids = chunk_ids.masked_fill(kinds == PAD, 0)
-        chunk_ids = chunk_ids if chunk_ids.dtype == torch.long else chunk_ids.long()
-        check_layout(kinds, chunk_ids, self.config.visual_tokens_per_chunk)
-        memory = memory_flags(kinds, chunk_ids)
-        before = self.config.chunk_size if self.config.read_back_positions == "before_next_chunk" else 0
-        read_back = None if read_back is None else read_back.bool()
-        positions = layout_position_ids(kinds, chunk_ids, memory, read_back, before)
-        if use_cache and cache is None:
-            cache = VIST2Cache(config=self.config.text_config)
-        if isinstance(cache, VIST2Cache):
-            hidden = self.prefill(cache, input_ids, kinds, chunk_ids, memory, read_back, positions, pixel_values)
-        else:
-            if read_back is None:
-                read_back = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            embeds = self.embed(input_ids, kinds, pixel_values)
-            mask = self.build_attention_mask(embeds, vist2_mask_function(kinds, chunk_ids, memory, read_back), cache)
-            hidden = self.run_language_model(embeds, positions, mask, cache, use_cache)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_KWARG: cache if use_cache else None})
-
-    def lay_out(self, input_ids, attention_mask=None, processor=None, keep_closed_text=False):
-        """Plain token ids -> the processor's batch for them, and which input positions are real (not padding)."""
-        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        rows = [row[keep].tolist() for row, keep in zip(input_ids, real)]
-        processor = self.own_processor() if processor is None else processor
-        return processor.layout_token_ids(rows, keep_closed_text).to(input_ids.device), real
+    # -- the language model --------------------------------------------------------------------------------------------
 
     def build_attention_mask(self, embeds, mask_function, cache=None):
         """A mask function over flat indices in the form the configured attention implementation takes (sdpa: boolean,
@@ -557,6 +548,17 @@ class VIST2Model(VIST2PreTrainedModel):
             self._own_processor = VIST2Processor.from_config(self.config, tokenizer)
         return self._own_processor
 
+    # -- transformers plumbing ----------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self):
+        return self.get_decoder().get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.get_decoder().set_input_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
 
 class VIST2ForCausalLM(VIST2Model, GenerationMixin):
     """`VIST2Model` with the backbone's LM head: training loss along the text stream, and `generate` with a cache
@@ -565,76 +567,6 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
     def build_language_model(self, text_config):
         return AutoModelForCausalLM.from_config(text_config)
 
-    @classmethod
-    def from_backbones(cls, text_model, vision_model, tokenizer=None, **config_kwargs):
-        """A VIST2 model from a pretrained causal LM and a pretrained SigLIP / SigLIP2 vision encoder.
-
-        `text_model` / `vision_model` are Hub ids, local folders or loaded models (a full SigLIP checkpoint
-        contributes its vision half). `tokenizer` (default: the text model's) gets `<|sketch|>` (and a pad token if
-        it lacks one) in place; the embeddings are resized to it and the aligner is fresh. The extended tokenizer is
-        kept as `model.tokenizer` for `VIST2Processor.from_config(model.config, model.tokenizer)`.
-        `config_kwargs` are `VIST2Config` settings (chunk_size, compression_ratio, image geometry, render settings).
-        Without image_height / image_width / merge_size, the sketch is the cheapest that holds a chunk of English
-        prose in this tokenizer (`VIST2Config.sketch_geometry`, at its characters per token on `PROSE_SAMPLE`); a
-        given geometry that cannot hold one is refused.
-        """
-        from transformers import AddedToken
-
-        language_model = text_model
-        if not isinstance(language_model, PreTrainedModel):
-            language_model = AutoModelForCausalLM.from_pretrained(text_model)
-        vision_tower = vision_model
-        if not isinstance(vision_tower, PreTrainedModel):
-            vision_tower = AutoModel.from_pretrained(vision_model)
-        if hasattr(vision_tower.config, "text_config") and hasattr(vision_tower, "vision_model"):
-            # A dual text-image checkpoint (SiglipModel): keep its image tower.
-            tower = vision_tower.vision_model
-            if not isinstance(tower, PreTrainedModel):  # releases where the tower is a bare transformer
-                wrapper = AutoModel.from_config(vision_tower.config.vision_config)
-                wrapper.vision_model = tower
-                tower = wrapper
-            vision_tower = tower
-        if getattr(vision_tower.config, "vision_use_head", False) or getattr(vision_tower, "head", None) is not None:
-            # VIST2 reads patch tokens; the pooling head would be dead weight (and unused parameters break DDP).
-            headless_config = vision_tower.config.__class__(**{**vision_tower.config.to_dict(), "vision_use_head": False})
-            headless = AutoModel.from_config(headless_config).to(dtype=vision_tower.dtype)
-            weights = {k: v for k, v in vision_tower.state_dict().items() if not (k.startswith("head.") or ".head." in k)}
-            headless.load_state_dict(weights)
-            vision_tower = headless
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(text_model if isinstance(text_model, str) else text_model.name_or_path)
-        if SKETCH_TOKEN not in tokenizer.get_vocab():
-            tokenizer.add_tokens([AddedToken(SKETCH_TOKEN, special=True, normalized=False)], special_tokens=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
-            language_model.resize_token_embeddings(len(tokenizer))
-        config_kwargs.setdefault("num_channels", getattr(vision_tower.config, "num_channels", 3))
-        config_kwargs.update(text_config=language_model.config, vision_config=vision_tower.config,
-                             sketch_token_id=tokenizer.convert_tokens_to_ids(SKETCH_TOKEN))
-        config = VIST2Config(**config_kwargs)
-        chars_per_token = prose_chars_per_token(tokenizer)
-        if not {"image_height", "image_width", "merge_size"} & config_kwargs.keys():
-            config = VIST2Config(**config_kwargs, **config.fitted_geometry(chars_per_token))
-        config.check_fit(chars_per_token)
-        with torch.device("meta"):
-            model = cls(config)
-        model.vision_tower, model.language_model = vision_tower, language_model
-        model.aligner = VIST2ModalAligner(config).to(device=language_model.device, dtype=language_model.dtype)
-        model.aligner.apply(model._init_weights)
-        model.tokenizer = tokenizer
-        return model
-
-    # -- transformers plumbing ----------------------------------------------------------------------------------------
-
-    def get_output_embeddings(self):
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value):
-        self.language_model.set_output_embeddings(value)
-
-    # -- forward ------------------------------------------------------------------------------------------------------
-
     def forward(self, input_ids=None, attention_mask=None, chunk_ids=None, pixel_values=None, labels=None, cache=None,
                 use_cache=None, read_back=None, logits_to_keep=0, past_key_values=None, **kwargs):
         r"""
@@ -642,7 +574,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         labels (`(batch, seq)`): next-token targets; the loss runs over the text stream `P c_1 c_2 ...` in order
             (the token after the last of `c_i` is the first of `c_{i+1}`), sketches and -100 carry no label.
         """
-        kwargs.pop("chunks_kept_as_text", None)
+        for key in REPORT_KEYS:
+            kwargs.pop(key, None)
         cache = past_key_values if cache is None else cache
         if isinstance(cache, VIST2Cache) and cache.is_prefilled:
             return self.decode_step(input_ids, cache, logits_to_keep)
@@ -656,254 +589,6 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             loss = self.text_stream_loss(out.last_hidden_state, labels, kinds, kwargs.get("num_items_in_batch"))
         logits = self.lm_head_for(out.last_hidden_state, logits_to_keep)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
-
-    def forward_text(self, input_ids, attention_mask=None, labels=None, cache=None, use_cache=None, logits_to_keep=0,
-                     **kwargs):
-        """Plain token ids, as any causal-LM client passes them, laid out by the processor as it lays out text.
-
-        With a cache (generation), the generation layout is prefilled into it and the logits are the compressed
-        sequence's. Without, the training layout runs and the logits (and the loss over `labels`) come back at the
-        caller's token positions: at each token, the logits generation would give there."""
-        processor = getattr(cache, "processor", None)
-        if use_cache or isinstance(cache, VIST2Cache):
-            layout, _ = self.lay_out(input_ids, attention_mask, processor)
-            return self(**layout, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
-        layout, real = self.lay_out(input_ids, attention_mask, processor, keep_closed_text=True)
-        text = token_kinds(layout["input_ids"], layout["attention_mask"], self.config.sketch_token_id) == TEXT
-        if labels is not None:
-            layout["labels"] = torch.full_like(layout["input_ids"], -100).masked_scatter(text, labels[real])
-        out = self(**layout, **kwargs)
-        logits = out.logits.new_zeros(*input_ids.shape, out.logits.shape[-1])
-        logits[real] = out.logits[text]
-        return CausalLMOutputWithPast(loss=out.loss, logits=logits)
-
-    def lm_head_for(self, hidden, logits_to_keep=0):
-        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        return self.next_token_logits(hidden[:, kept])
-
-    def next_token_logits(self, hidden):
-        """The LM head, with `<|sketch|>` ruled out: written text must never hold a placeholder without a sketch
-        (the layout would break), and training and generation rule it out alike, so their logits stay equal."""
-        logits = self.get_output_embeddings()(hidden)
-        logits[..., self.config.sketch_token_id] = torch.finfo(logits.dtype).min
-        return logits
-
-    def text_stream_loss(self, hidden, labels, kinds, num_items_in_batch=None):
-        """Next-token loss along the text stream: sketches are skipped, not predicted."""
-        is_text = kinds == TEXT
-        order = torch.sort((~is_text).int(), dim=1, stable=True).indices  # text positions first, in flat order
-        stream_labels = labels.gather(1, order).masked_fill(~is_text.gather(1, order), -100)
-        targets = torch.full_like(stream_labels, -100)
-        targets[:, :-1] = stream_labels[:, 1:]
-        picked = targets != -100
-        rows, cols = picked.nonzero(as_tuple=True)
-        logits = self.next_token_logits(hidden[rows, order[rows, cols]]).float()
-        loss = F.cross_entropy(logits, targets[rows, cols], reduction="sum")
-        denominator = num_items_in_batch if num_items_in_batch is not None else max(int(picked.sum()), 1)
-        return loss / denominator
-
-    # -- generation ---------------------------------------------------------------------------------------------------
-
-    def extend_cache(self, cache: VIST2Cache, input_ids, chunk_ids, pixel_values=None):
-        """Append chunks in the generation layout to a one-row cache without padding (`read`): every entry they add
-        sees all the cache holds."""
-        kinds = token_kinds(input_ids, None, self.config.sketch_token_id)
-        chunk_ids = chunk_ids - chunk_ids[:, :1]  # the rule compares these entries' chunks only with each other
-        cached, length = cache.get_seq_length(), input_ids.shape[1]
-        positions = layout_position_ids(kinds, chunk_ids, memory_flags(kinds, chunk_ids)) + cache.next_position
-        _, sketches_per_pass = self.prefill_passes(cache.prefill_chunk_size, cached + length, input_ids.device)
-        embeds = self.embed(input_ids, kinds, pixel_values, sketches_per_pass)
-        reach = sketch_reach(kinds, chunk_ids) + cached
-        mask = self.build_attention_mask(embeds, generation_mask_function(reach, None, cached), cache)
-        self.run_language_model(embeds, positions, mask, cache)
-        cache.next_position = positions[:, -1:] + 1
-        cache.entries = [cache.entries[0] + length]
-
-    def decode_step(self, input_ids, cache: VIST2Cache, logits_to_keep=0):
-        """Feed one new token per row. Where no open chunk is full, the step is the backbone's own: the token continues
-        its chunk at the next position and sees every live entry, so there is no host-device synchronisation and,
-        without padding, no attention mask at all. Otherwise `close_chunks` runs in the same pass."""
-        token = input_ids[:, -1:]
-        if self.config.chunk_size in cache.open_length:
-            hidden = self.close_chunks(cache, token)
-        else:
-            embeds, mask = self.get_input_embeddings()(token), None
-            if cache.live is not None:  # padding: the token sees the live entries (and itself)
-                live = cache.live = torch.cat([cache.live, torch.ones_like(token, dtype=torch.bool)], 1)
-                mask = self.build_attention_mask(embeds, lambda batch, head, query, key: live[batch, key], cache)
-            hidden = self.run_language_model(embeds, cache.next_position, mask, cache)
-            cache.next_position = cache.next_position + 1
-            cache.entries = [n + 1 for n in cache.entries]
-            cache.open_length = [n + 1 for n in cache.open_length]
-        cache.recent = torch.cat([cache.recent[:, 1:], token], 1)
-        return CausalLMOutputWithPast(logits=self.lm_head_for(hidden, logits_to_keep or 1), **{CACHE_KWARG: cache})
-
-    def close_chunks(self, cache: VIST2Cache, token):
-        """A step in which some rows' open chunks hold L tokens: render and encode them (one tower pass), run each
-        sketch (m entries, in its chunk's place) and the new token in one language-model pass, then cut the chunks'
-        text from the cache (one compaction). A chunk the policy keeps as text stays, as memory."""
-        L, m = self.config.chunk_size, self.config.visual_tokens_per_chunk
-        batch, device = token.shape[0], token.device
-        if cache.processor is None:
-            cache.processor = self.own_processor()
-        closing = [length == L for length in cache.open_length]
-        rows = [b for b in range(batch) if closing[b]]
-        images, reports = cache.processor.sketch_chunks(cache.recent[rows].tolist())
-        cache.reports += reports
-        sketched = [False] * batch
-        for b, image in zip(rows, images):
-            sketched[b] = image is not None
-        is_sketched = torch.tensor(sketched, device=device)
-        slots = m if any(sketched) else 0
-        # The step's entries: each sketched chunk's m visual tokens (unused slots in other rows), then the token, which
-        # opens the next chunk in closing rows; laid out by the same rule as a prompt.
-        slot_ids = torch.where(is_sketched, self.config.sketch_token_id, 0)[:, None].expand(batch, slots)
-        ids = torch.cat([slot_ids, token], 1)
-        live = torch.cat([is_sketched[:, None].expand(batch, slots), torch.ones_like(token, dtype=torch.bool)], 1)
-        kinds = token_kinds(ids, live, self.config.sketch_token_id)
-        next_chunk = cache.open_chunk + torch.tensor(closing, device=device)
-        chunk_ids = torch.cat([cache.open_chunk[:, None].expand(batch, slots), next_chunk[:, None]], 1)
-        positions = layout_position_ids(kinds, chunk_ids, memory_flags(kinds, chunk_ids))
-        positions = positions + cache.next_position - L * is_sketched[:, None]  # a sketch takes its chunk's place
-        # A sketched chunk's text, the row's last L entries, is dead from this step on.
-        cached = cache.get_seq_length()
-        old = cache.live if cache.live is not None else torch.ones(batch, cached, dtype=torch.bool, device=device)
-        cache.live = torch.cat([old[:, : cached - L], old[:, cached - L :] & ~is_sketched[:, None], live], 1)
-        pixels = cache.processor.pixel_values([image for image in images if image is not None]) if slots else None
-        pixels = pixels if pixels is None else pixels.to(device)
-        embeds = self.embed(ids, kinds, pixels)
-        reach = sketch_reach(kinds, chunk_ids) + cached
-        mask = self.build_attention_mask(embeds, generation_mask_function(reach, cache.live, cached), cache)
-        hidden = self.run_language_model(embeds, positions, mask, cache)
-        cache.next_position = positions[:, -1:] + 1
-        cache.entries = [n + 1 + (m - L) * s for n, s in zip(cache.entries, sketched)]
-        cache.open_length = [1 if c else n + 1 for n, c in zip(cache.open_length, closing)]
-        cache.open_chunk = next_chunk
-        if slots:
-            cache.compact()
-        elif min(cache.entries) == max(cache.entries) == cache.live.shape[1]:
-            cache.live = None
-        return hidden
-
-    @torch.no_grad()
-    def read(self, processor=None, text="", prefix="", sketches_per_step: int | None = None,
-             progress: bool | None = None) -> dict:
-        """Compress a long `text` into a `VIST2Cache` while streaming it, and return inputs for `generate`.
-
-        The text is tokenized, rendered and encoded a group of chunks at a time (`processor.iter_chunks`), so memory
-        holds the compressed cache and one group, never the whole text as pixels or KV. A group is at least 8 chunks, more
-        where the prefill's memory budget allows (`prefill_passes`), or `sketches_per_step` chunks::
-
-            inputs = model.read(processor, book)
-            out = model.generate(**inputs, processor=processor, max_new_tokens=200)   # out[:, 1:] is the new text
-
-        `inputs["cache"]` is the `VIST2Cache` that `generate` goes on writing into (under any transformers release);
-        `chunks_kept_as_text` and `undrawable_characters` report the text as a processor call does (one warning).
-        `progress` shows a progress bar over the chunks (default: for texts of 100 000 characters or more).
-        `text` may be token ids (a list or a one-row tensor): leading system turns then stay the prefix, as in
-        `generate`. `processor` defaults to `own_processor()`.
-        """
-        processor = self.own_processor() if processor is None else processor
-        self.check_processor(processor)
-        device, L, m = self.device, self.config.chunk_size, self.config.visual_tokens_per_chunk
-        if isinstance(text, torch.Tensor):
-            text = text.reshape(-1).tolist()
-        if not isinstance(text, str) and not prefix:
-            cut = processor.prefix_length(text)
-            prefix, text = text[:cut], text[cut:]
-        prefix_ids = processor.encode(prefix) if isinstance(prefix, str) else list(prefix)
-        cache = VIST2Cache(config=self.config.text_config, processor=processor)
-        if not len(text):
-            return dict(processor.collate([processor.encode_sample(prefix_ids, [])]).to(device), cache=cache)
-        cache.live, cache.entries, cache.open_length, cache.prefix_length = None, [0], [0], [len(prefix_ids)]
-        cache.next_position = torch.zeros(1, 1, dtype=torch.long, device=device)
-
-        def append(chunks):  # [(chunk index, token ids, sketch or None)], in order
-            ids, chunk_ids, sketches = [], [], [sketch for _, _, sketch in chunks if sketch is not None]
-            for index, token_ids, sketch in chunks:
-                entries = processor.chunk_layout(index, token_ids, sketch is not None)
-                ids, chunk_ids = ids + entries[0], chunk_ids + entries[1]
-            pixels = processor.pixel_values(sketches).to(device) if sketches else None
-            as_tensor = lambda values: torch.tensor([values], device=device)  # noqa: E731
-            self.extend_cache(cache, as_tensor(ids), as_tensor(chunk_ids), pixels)
-
-        def group_size():  # at least 8: each language-model pass also copies the cache (transformers' cache update)
-            block, _ = self.prefill_passes(cache.prefill_chunk_size, cache.get_seq_length() + m, device)
-            return sketches_per_step or max(8, block // m)
-
-        if prefix_ids:
-            append([(0, prefix_ids, None)])
-        group, open_ids, size = [], [], group_size()
-        reports, chunks = [], hf_logging.tqdm(processor.iter_chunks(text), desc="VIST2 read", unit=" chunks",
-                                              disable=not (len(text) >= 100_000 if progress is None else progress))
-        for index, (token_ids, sketch, report) in enumerate(chunks, start=1):
-            if report is None:
-                open_ids, open_index = token_ids, index
-                break
-            reports.append(report)
-            group.append((index, token_ids, sketch))
-            if len(group) == size:
-                append(group)
-                group, size = [], group_size()
-        if group:
-            append(group)
-        # Feed the open chunk but its last token, which generate feeds as its first input.
-        if len(open_ids) > 1:
-            append([(open_index, open_ids[:-1], None)])
-        cache.open_chunk = torch.tensor([open_index], device=device)
-        cache.open_length = [len(open_ids) - 1]
-        cache.recent = F.pad(torch.tensor([open_ids[:-1]], dtype=torch.long, device=device), (L - len(open_ids) + 1, 0))
-        chunks.close()
-        kept, undrawable = processor.kept_as_text(reports, stacklevel=3)  # 3: the caller, above torch.no_grad's wrapper
-        return {"input_ids": torch.tensor([[open_ids[-1]]], device=device), "cache": cache,
-                "chunks_kept_as_text": torch.tensor([kept], device=device),
-                "undrawable_characters": ["".join(undrawable)]}
-
-    @torch.no_grad()
-    def read_back_chunk(self, processor, chunk_token_ids, pixel_values=None, max_new_tokens=None) -> list[int]:
-        """Transcribe a chunk from its sketch (the OCR warm-up's read-back visibility), greedily, given its first token.
-
-        `pixel_values` substitutes another sketch (the control that shows the model reads); by default the chunk's own.
-        The first token is given because no position before a chunk may see that chunk's sketch."""
-        if pixel_values is None:
-            images, reports = processor.sketch_chunks([chunk_token_ids])
-            if images[0] is None:
-                raise ValueError(f"this chunk cannot be rendered ({reports[0]}); pick a chunk the font can draw")
-            pixel_values = processor.pixel_values(images)
-        pixel_values = pixel_values.to(self.device)
-        m, tokens = self.config.visual_tokens_per_chunk, [int(chunk_token_ids[0])]
-        for _ in range((max_new_tokens or len(chunk_token_ids)) - 1):
-            input_ids = torch.tensor([tokens + [self.config.sketch_token_id] * m], device=self.device)
-            logits = self(input_ids=input_ids, chunk_ids=torch.ones_like(input_ids), pixel_values=pixel_values,
-                          read_back=torch.ones(1, dtype=torch.bool, device=self.device)).logits
-            tokens.append(int(logits[0, len(tokens) - 1].argmax()))
-        return tokens
-
-    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, chunk_ids=None,
-                                      pixel_values=None, past_key_values=None, **kwargs):
-        # Public override point of GenerationMixin: after prefill only the newest token goes in; the cache keeps the
-        # layout, so generate's own attention_mask / cache_position bookkeeping is not used.
-        cache = past_key_values if cache is None else cache
-        if isinstance(cache, VIST2Cache) and cache.is_prefilled:
-            if len(cache.entries) != input_ids.shape[0]:  # a cache from `read`, for several beams or sequences
-                cache.batch_repeat_interleave(input_ids.shape[0] // len(cache.entries))
-            return {"input_ids": input_ids[:, -1:], CACHE_KWARG: cache, "use_cache": True}
-        if isinstance(pixel_values, (list, tuple)):  # per prompt row (see `generate`): each copy of a row gets its own
-            copies = input_ids.shape[0] // len(pixel_values)
-            pixel_values = torch.cat([row for row in pixel_values for _ in range(copies)])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "chunk_ids": chunk_ids,
-                "pixel_values": pixel_values, CACHE_KWARG: cache, "use_cache": True,
-                "logits_to_keep": kwargs.get("logits_to_keep") or 0}
-
-    def check_processor(self, processor):
-        mismatch = processor.settings_mismatch(self.config)
-        if mismatch:
-            raise ValueError(f"processor and model disagree on {mismatch} (processor, model): build the processor "
-                             "with VIST2Processor.from_config(model.config, tokenizer)")
-        if len(processor.tokenizer) > self.get_input_embeddings().num_embeddings:
-            raise ValueError(f"the processor's tokenizer has {len(processor.tokenizer)} tokens but the model embeds "
-                             f"{self.get_input_embeddings().num_embeddings}. Fix: use the tokenizer saved with the "
-                             "model, or model.resize_token_embeddings(len(tokenizer))")
 
     def generate(self, inputs=None, processor=None, prefill_chunk_size: int | str | None = "auto", **kwargs):
         """`GenerationMixin.generate` with a compressing cache. Takes the processor's batch or plain token ids (laid out
@@ -952,6 +637,199 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             cache.processor.kept_as_text(cache.reports[closed_before:], stacklevel=2)
         return output
 
+    @torch.no_grad()
+    def read(self, processor=None, text="", prefix="", sketches_per_step: int | None = None,
+             progress: bool | None = None) -> dict:
+        """Compress a long `text` into a `VIST2Cache` while streaming it, and return inputs for `generate`.
+
+        The text is tokenized, rendered and encoded a group of chunks at a time (`processor.iter_chunks`), so memory
+        holds the compressed cache and one group, never the whole text as pixels or KV. A group is at least 8 chunks, more
+        where the prefill's memory budget allows (`prefill_passes`), or `sketches_per_step` chunks::
+
+            inputs = model.read(processor, book)
+            out = model.generate(**inputs, processor=processor, max_new_tokens=200)   # out[:, 1:] is the new text
+
+        `inputs["cache"]` is the `VIST2Cache` that `generate` goes on writing into (under any transformers release);
+        `chunks_kept_as_text` and `undrawable_characters` report the text as a processor call does (one warning).
+        `progress` shows a progress bar over the chunks (default: for texts of 100 000 characters or more).
+        `text` may be token ids (a list or a one-row tensor): leading system turns then stay the prefix, as in
+        `generate`. `processor` defaults to `own_processor()`.
+        """
+        processor = self.own_processor() if processor is None else processor
+        self.check_processor(processor)
+        device, L, m = self.device, self.config.chunk_size, self.config.visual_tokens_per_chunk
+        if isinstance(text, torch.Tensor):
+            text = text.reshape(-1).tolist()
+        if not isinstance(text, str) and not prefix:
+            cut = processor.prefix_length(text)
+            prefix, text = text[:cut], text[cut:]
+        prefix_ids = processor.encode(prefix) if isinstance(prefix, str) else list(prefix)
+        cache = VIST2Cache(config=self.config.text_config, processor=processor)
+        if not len(text):
+            return dict(processor.collate([processor.encode_sample(prefix_ids, [])]).to(device), cache=cache)
+        cache.live, cache.entries, cache.open_length, cache.prefix_length = None, [0], [0], [len(prefix_ids)]
+        cache.next_position = torch.zeros(1, 1, dtype=torch.long, device=device)
+
+        def group_size():  # at least 8: each language-model pass also copies the cache (transformers' cache update)
+            block, _ = self.prefill_passes(cache.prefill_chunk_size, cache.get_seq_length() + m, device)
+            return sketches_per_step or max(8, block // m)
+
+        if prefix_ids:
+            self.extend_cache(cache, processor, [(0, prefix_ids, None)])
+        group, open_ids, size = [], [], group_size()
+        reports, chunks = [], hf_logging.tqdm(processor.iter_chunks(text), desc="VIST2 read", unit=" chunks",
+                                              disable=not (len(text) >= 100_000 if progress is None else progress))
+        for index, (token_ids, sketch, report) in enumerate(chunks, start=1):
+            if report is None:
+                open_ids, open_index = token_ids, index
+                break
+            reports.append(report)
+            group.append((index, token_ids, sketch))
+            if len(group) == size:
+                self.extend_cache(cache, processor, group)
+                group, size = [], group_size()
+        if group:
+            self.extend_cache(cache, processor, group)
+        # Feed the open chunk but its last token, which generate feeds as its first input.
+        if len(open_ids) > 1:
+            self.extend_cache(cache, processor, [(open_index, open_ids[:-1], None)])
+        cache.open_chunk = torch.tensor([open_index], device=device)
+        cache.open_length = [len(open_ids) - 1]
+        cache.recent = F.pad(torch.tensor([open_ids[:-1]], dtype=torch.long, device=device), (L - len(open_ids) + 1, 0))
+        chunks.close()
+        kept, undrawable = processor.kept_as_text(reports, stacklevel=3)  # 3: the caller, above torch.no_grad's wrapper
+        return {"input_ids": torch.tensor([[open_ids[-1]]], device=device), "cache": cache,
+                "chunks_kept_as_text": torch.tensor([kept], device=device),
+                "undrawable_characters": ["".join(undrawable)]}
+
+    @torch.no_grad()
+    def read_back_chunk(self, processor, chunk_token_ids, pixel_values=None, max_new_tokens=None) -> list[int]:
+        """Transcribe a chunk from its sketch (the OCR warm-up's read-back visibility), greedily, given its first token.
+
+        `pixel_values` substitutes another sketch (the control that shows the model reads); by default the chunk's own.
+        The first token is given because no position before a chunk may see that chunk's sketch."""
+        if pixel_values is None:
+            images, reports = processor.sketch_chunks([chunk_token_ids])
+            if images[0] is None:
+                raise ValueError(f"this chunk cannot be rendered ({reports[0]}); pick a chunk the font can draw")
+            pixel_values = processor.pixel_values(images)
+        pixel_values = pixel_values.to(self.device)
+        m, tokens = self.config.visual_tokens_per_chunk, [int(chunk_token_ids[0])]
+        for _ in range((max_new_tokens or len(chunk_token_ids)) - 1):
+            input_ids = torch.tensor([tokens + [self.config.sketch_token_id] * m], device=self.device)
+            logits = self(input_ids=input_ids, chunk_ids=torch.ones_like(input_ids), pixel_values=pixel_values,
+                          read_back=torch.ones(1, dtype=torch.bool, device=self.device)).logits
+            tokens.append(int(logits[0, len(tokens) - 1].argmax()))
+        return tokens
+
+    @classmethod
+    def from_backbones(cls, text_model, vision_model, tokenizer=None, **config_kwargs):
+        """A VIST2 model from a pretrained causal LM and a pretrained SigLIP / SigLIP2 vision encoder.
+
+        `text_model` / `vision_model` are Hub ids, local folders or loaded models (a full SigLIP checkpoint
+        contributes its vision half). `tokenizer` (default: the text model's) gets `<|sketch|>` (and a pad token if
+        it lacks one) in place; the embeddings are resized to it and the aligner is fresh. The extended tokenizer is
+        kept as `model.tokenizer` for `VIST2Processor.from_config(model.config, model.tokenizer)`.
+        `config_kwargs` are `VIST2Config` settings (chunk_size, compression_ratio, image geometry, render settings).
+        Without image_height / image_width / merge_size, the sketch is the cheapest that holds a chunk of English
+        prose in this tokenizer (`VIST2Config.sketch_geometry`, at its characters per token on `PROSE_SAMPLE`); a
+        given geometry that cannot hold one is refused.
+        """
+        from transformers import AddedToken
+
+        language_model, vision_tower = text_model, vision_model
+        if not isinstance(text_model, PreTrainedModel):
+            language_model = AutoModelForCausalLM.from_pretrained(text_model)
+        if not isinstance(vision_model, PreTrainedModel):
+            vision_tower = AutoModel.from_pretrained(vision_model)
+        if hasattr(vision_tower.config, "text_config") and hasattr(vision_tower, "vision_model"):
+            # A dual text-image checkpoint (SiglipModel): keep its image tower.
+            tower = vision_tower.vision_model
+            if not isinstance(tower, PreTrainedModel):  # releases where the tower is a bare transformer
+                wrapper = AutoModel.from_config(vision_tower.config.vision_config)
+                wrapper.vision_model = tower
+                tower = wrapper
+            vision_tower = tower
+        if getattr(vision_tower.config, "vision_use_head", False) or getattr(vision_tower, "head", None) is not None:
+            # VIST2 reads patch tokens; the pooling head would be dead weight (and unused parameters break DDP).
+            headless_config = vision_tower.config.__class__(**{**vision_tower.config.to_dict(), "vision_use_head": False})
+            headless = AutoModel.from_config(headless_config).to(dtype=vision_tower.dtype)
+            weights = {k: v for k, v in vision_tower.state_dict().items() if not (k.startswith("head.") or ".head." in k)}
+            headless.load_state_dict(weights)
+            vision_tower = headless
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(text_model if isinstance(text_model, str) else text_model.name_or_path)
+        if SKETCH_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken(SKETCH_TOKEN, special=True, normalized=False)], special_tokens=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
+            language_model.resize_token_embeddings(len(tokenizer))
+        config_kwargs.setdefault("num_channels", getattr(vision_tower.config, "num_channels", 3))
+        config_kwargs.update(text_config=language_model.config, vision_config=vision_tower.config,
+                             sketch_token_id=tokenizer.convert_tokens_to_ids(SKETCH_TOKEN))
+        config = VIST2Config(**config_kwargs)
+        chars_per_token = prose_chars_per_token(tokenizer)
+        if not {"image_height", "image_width", "merge_size"} & config_kwargs.keys():
+            config = VIST2Config(**config_kwargs, **config.fitted_geometry(chars_per_token))
+        config.check_fit(chars_per_token)
+        with torch.device("meta"):
+            model = cls(config)
+        model.vision_tower, model.language_model = vision_tower, language_model
+        model.aligner = VIST2ModalAligner(config).to(device=language_model.device, dtype=language_model.dtype)
+        model.aligner.apply(model._init_weights)
+        model.tokenizer = tokenizer
+        return model
+
+    # -- training: plain ids, the head, the loss -----------------------------------------------------------------------
+
+    def forward_text(self, input_ids, attention_mask=None, labels=None, cache=None, use_cache=None, logits_to_keep=0,
+                     **kwargs):
+        """Plain token ids, as any causal-LM client passes them, laid out by the processor as it lays out text.
+
+        With a cache (generation), the generation layout is prefilled into it and the logits are the compressed
+        sequence's. Without, the training layout runs and the logits (and the loss over `labels`) come back at the
+        caller's token positions: at each token, the logits generation would give there."""
+        processor = getattr(cache, "processor", None)
+        if use_cache or isinstance(cache, VIST2Cache):
+            layout, _ = self.lay_out(input_ids, attention_mask, processor)
+            return self(**layout, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
+        layout, real = self.lay_out(input_ids, attention_mask, processor, keep_closed_text=True)
+        text = token_kinds(layout["input_ids"], layout["attention_mask"], self.config.sketch_token_id) == TEXT
+        if labels is not None:
+            layout["labels"] = torch.full_like(layout["input_ids"], -100).masked_scatter(text, labels[real])
+        out = self(**layout, **kwargs)
+        logits = out.logits.new_zeros(*input_ids.shape, out.logits.shape[-1])
+        logits[real] = out.logits[text]
+        return CausalLMOutputWithPast(loss=out.loss, logits=logits)
+
+    def lm_head_for(self, hidden, logits_to_keep=0):
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return self.next_token_logits(hidden[:, kept])
+
+    def next_token_logits(self, hidden):
+        """The LM head, with `<|sketch|>` ruled out: written text must never hold a placeholder without a sketch
+        (the layout would break), and training and generation rule it out alike, so their logits stay equal."""
+        logits = self.get_output_embeddings()(hidden)
+        logits[..., self.config.sketch_token_id] = torch.finfo(logits.dtype).min
+        return logits
+
+    def text_stream_loss(self, hidden, labels, kinds, num_items_in_batch=None):
+        """Next-token loss along the text stream: sketches are skipped, not predicted."""
+        is_text = kinds == TEXT
+        order = torch.sort((~is_text).int(), dim=1, stable=True).indices  # text positions first, in flat order
+        stream_labels = labels.gather(1, order).masked_fill(~is_text.gather(1, order), -100)
+        targets = torch.full_like(stream_labels, -100)
+        targets[:, :-1] = stream_labels[:, 1:]
+        picked = targets != -100
+        rows, cols = picked.nonzero(as_tuple=True)
+        logits = self.next_token_logits(hidden[rows, order[rows, cols]]).float()
+        loss = F.cross_entropy(logits, targets[rows, cols], reduction="sum")
+        denominator = num_items_in_batch if num_items_in_batch is not None else max(int(picked.sum()), 1)
+        return loss / denominator
+
+    # -- generation machinery: checks, decode steps, closing chunks, read's prefill ------------------------------------
+
     def check_generation_mode(self, kwargs):
         """Refuse, before any work, the decoding strategies whose results would not be exact with the compressing
         cache; greedy decoding, sampling and beam search (any `num_return_sequences`) are."""
@@ -966,6 +844,133 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                    "code written for caches that keep every token, not for one whose closed chunks are sketches")
             raise ValueError(f"VIST2 generate: {mode} is not supported: {why}. Fix: use greedy "
                              "decoding, sampling or beam search (num_beams, num_return_sequences)")
+
+    def check_processor(self, processor):
+        mismatch = processor.settings_mismatch(self.config)
+        if mismatch:
+            raise ValueError(f"processor and model disagree on {mismatch} (processor, model): build the processor "
+                             "with VIST2Processor.from_config(model.config, tokenizer)")
+        if len(processor.tokenizer) > self.get_input_embeddings().num_embeddings:
+            raise ValueError(f"the processor's tokenizer has {len(processor.tokenizer)} tokens but the model embeds "
+                             f"{self.get_input_embeddings().num_embeddings}. Fix: use the tokenizer saved with the "
+                             "model, or model.resize_token_embeddings(len(tokenizer))")
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, chunk_ids=None,
+                                      pixel_values=None, past_key_values=None, **kwargs):
+        # Public override point of GenerationMixin: after prefill only the newest token goes in; the cache keeps the
+        # layout, so generate's own attention_mask / cache_position bookkeeping is not used.
+        cache = past_key_values if cache is None else cache
+        if isinstance(cache, VIST2Cache) and cache.is_prefilled:
+            if len(cache.entries) != input_ids.shape[0]:  # a cache from `read`, for several beams or sequences
+                cache.batch_repeat_interleave(input_ids.shape[0] // len(cache.entries))
+            return {"input_ids": input_ids[:, -1:], CACHE_KWARG: cache, "use_cache": True}
+        if isinstance(pixel_values, (list, tuple)):  # per prompt row (see `generate`): each copy of a row gets its own
+            copies = input_ids.shape[0] // len(pixel_values)
+            pixel_values = torch.cat([row for row in pixel_values for _ in range(copies)])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "chunk_ids": chunk_ids,
+                "pixel_values": pixel_values, CACHE_KWARG: cache, "use_cache": True,
+                "logits_to_keep": kwargs.get("logits_to_keep") or 0}
+
+    def decode_step(self, input_ids, cache: VIST2Cache, logits_to_keep=0):
+        """Feed one new token per row. Where no open chunk is full, the step is the backbone's own: the token continues
+        its chunk at the next position and sees every live entry, so there is no host-device synchronisation and,
+        without padding, no attention mask at all. Otherwise `close_chunks` runs in the same pass."""
+        token = input_ids[:, -1:]
+        if self.config.chunk_size in cache.open_length:
+            hidden = self.close_chunks(cache, token)
+        else:
+            embeds, mask = self.get_input_embeddings()(token), None
+            if cache.live is not None:  # padding: the token sees the live entries (and itself)
+                live = cache.live = torch.cat([cache.live, torch.ones_like(token, dtype=torch.bool)], 1)
+                mask = self.build_attention_mask(embeds, lambda batch, head, query, key: live[batch, key], cache)
+            hidden = self.run_language_model(embeds, cache.next_position, mask, cache)
+            cache.next_position = cache.next_position + 1
+            cache.entries = [n + 1 for n in cache.entries]
+            cache.open_length = [n + 1 for n in cache.open_length]
+        cache.recent = torch.cat([cache.recent[:, 1:], token], 1)
+        return CausalLMOutputWithPast(logits=self.lm_head_for(hidden, logits_to_keep or 1), **{CACHE_KWARG: cache})
+
+    def close_chunks(self, cache: VIST2Cache, token):
+        """A step in which some rows' open chunks hold L tokens: render and encode them (one tower pass), run each
+        sketch (m entries, in its chunk's place) and the new token in one language-model pass, then cut the chunks'
+        text from the cache (one compaction). A chunk the policy keeps as text stays, as memory."""
+        L, m = self.config.chunk_size, self.config.visual_tokens_per_chunk
+        batch, device = token.shape[0], token.device
+        if cache.processor is None:
+            cache.processor = self.own_processor()
+        closing = [length == L for length in cache.open_length]
+        rows = [b for b in range(batch) if closing[b]]
+        images, reports = cache.processor.sketch_chunks(cache.recent[rows].tolist())
+        cache.reports += reports
+        drawn = dict(zip(rows, images))
+        sketched = [drawn.get(b) is not None for b in range(batch)]
+        is_sketched = torch.tensor(sketched, device=device)
+        slots = m if any(sketched) else 0
+        # The step's entries: what `VIST2Processor.chunk_layout` adds for a closing chunk whose text is already cached
+        # (its m placeholders if sketched; unused slots in other rows), then the token, which opens the next chunk in
+        # closing rows. Built on the device, as the hot path needs; kinds and positions come from the same rule.
+        slot_ids = torch.where(is_sketched, self.config.sketch_token_id, 0)[:, None].expand(batch, slots)
+        ids = torch.cat([slot_ids, token], 1)
+        live = torch.cat([is_sketched[:, None].expand(batch, slots), torch.ones_like(token, dtype=torch.bool)], 1)
+        kinds = token_kinds(ids, live, self.config.sketch_token_id)
+        next_chunk = cache.open_chunk + torch.tensor(closing, device=device)
+        chunk_ids = torch.cat([cache.open_chunk[:, None].expand(batch, slots), next_chunk[:, None]], 1)
+        positions = layout_position_ids(kinds, chunk_ids, memory_flags(kinds, chunk_ids))
+        positions = positions + cache.next_position - L * is_sketched[:, None]  # a sketch takes its chunk's place
+        # A sketched chunk's text, the row's last L entries, is dead from this step on.
+        cached = cache.get_seq_length()
+        old = cache.live if cache.live is not None else torch.ones(batch, cached, dtype=torch.bool, device=device)
+        cache.live = torch.cat([old[:, : cached - L], old[:, cached - L :] & ~is_sketched[:, None], live], 1)
+        sketches = [image for image in images if image is not None]
+        pixels = cache.processor.pixel_values(sketches).to(device) if slots else None
+        embeds = self.embed(ids, kinds, pixels)
+        hidden = self.run_after_cache(cache, embeds, kinds, chunk_ids, positions, cache.live)
+        cache.entries = [n + 1 + (m - L) * s for n, s in zip(cache.entries, sketched)]
+        cache.open_length = [1 if c else n + 1 for n, c in zip(cache.open_length, closing)]
+        cache.open_chunk = next_chunk
+        if slots:
+            cache.compact()
+        elif min(cache.entries) == max(cache.entries) == cache.live.shape[1]:
+            cache.live = None
+        return hidden
+
+    def run_after_cache(self, cache: VIST2Cache, embeds, kinds, chunk_ids, positions, live=None):
+        """Run entries in the generation layout after all `cache` holds: each sees the cache's live entries and, by
+        the rule, the new entries up to its reach."""
+        cached = cache.get_seq_length()
+        reach = sketch_reach(kinds, chunk_ids) + cached
+        mask = self.build_attention_mask(embeds, generation_mask_function(reach, live, cached), cache)
+        hidden = self.run_language_model(embeds, positions, mask, cache)
+        cache.next_position = positions[:, -1:] + 1
+        return hidden
+
+    def extend_cache(self, cache: VIST2Cache, processor, chunks):
+        """Append `chunks` (`[(chunk index, token ids, sketch or None)]`, in order), laid out by the processor's rule,
+        to a one-row cache without padding (`read`): every entry they add sees all the cache holds."""
+        ids, chunk_ids = [], []
+        for index, token_ids, sketch in chunks:
+            entries = processor.chunk_layout(index, token_ids, sketch is not None)
+            ids, chunk_ids = ids + entries[0], chunk_ids + entries[1]
+        sketches = [sketch for _, _, sketch in chunks if sketch is not None]
+        device = cache.next_position.device
+        pixel_values = processor.pixel_values(sketches).to(device) if sketches else None
+        input_ids, chunk_ids = torch.tensor([ids], device=device), torch.tensor([chunk_ids], device=device)
+        kinds = token_kinds(input_ids, None, self.config.sketch_token_id)
+        chunk_ids = chunk_ids - chunk_ids[:, :1]  # the rule compares these entries' chunks only with each other
+        length, keys = input_ids.shape[1], cache.get_seq_length() + input_ids.shape[1]
+        positions = layout_position_ids(kinds, chunk_ids, memory_flags(kinds, chunk_ids)) + cache.next_position
+        _, sketches_per_pass = self.prefill_passes(cache.prefill_chunk_size, keys, input_ids.device)
+        embeds = self.embed(input_ids, kinds, pixel_values, sketches_per_pass)
+        self.run_after_cache(cache, embeds, kinds, chunk_ids, positions)
+        cache.entries = [cache.entries[0] + length]
+
+    # -- transformers plumbing ----------------------------------------------------------------------------------------
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
 
 
 __all__ = ["VIST2PreTrainedModel", "VIST2Model", "VIST2ForCausalLM", "VIST2Cache", "VIST2ModalAligner"]
