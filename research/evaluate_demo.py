@@ -29,23 +29,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "research"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "examples"))
 
-
-def levenshtein(a: str, b: str) -> int:
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
-def char_accuracy(predicted: str, reference: str) -> float:
-    """1 - edit distance / reference length, floored at 0 (1.0 = identical)."""
-    if not reference:
-        return 1.0 if not predicted else 0.0
-    return max(0.0, 1.0 - levenshtein(predicted, reference) / len(reference))
+from quickstart import char_accuracy  # noqa: E402  (the quickstart's measure: both report one number)
 
 
 def heldout_samples(processor, config, tokenizer, n=None):
