@@ -372,14 +372,19 @@ def train_encoder(args, model, heads, processor, config, draw, rng, log_path, sa
     print(f"saved to {save}", flush=True)
 
 
-def encoder_stage(args):
+def fresh_model(args):
+    """The stage's tokenizer and a freshly initialised demo model, seeded, on the stage's threads."""
     import warnings
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    model = VIST2ForCausalLM(demo_config(tokenizer, args.newline_glyph, args.separator_glyph))
+    return tokenizer, VIST2ForCausalLM(demo_config(tokenizer, args.newline_glyph, args.separator_glyph))
+
+
+def encoder_stage(args):
+    tokenizer, model = fresh_model(args)
     processor = VIST2Processor.from_config(model.config, tokenizer)
     draw = chunk_sampler(tokenizer, args.data, random_token_pool(tokenizer, args.data), sampling=args.chunk_sampling)
     train_encoder(args, model, GlyphHeads(model.config), processor, model.config, draw, random.Random(args.seed),
@@ -462,14 +467,8 @@ def load_weights(model, folder):
 
 
 def train_readback(args):
-    import warnings
-
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    tokenizer, model = fresh_model(args)
     rng = random.Random(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    model = VIST2ForCausalLM(demo_config(tokenizer, args.newline_glyph, args.separator_glyph))
     if args.init:
         load_weights(model, args.init)
     model.tie_weights()
