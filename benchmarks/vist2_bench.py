@@ -304,7 +304,9 @@ def run_case(case: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def run_all(args) -> dict:
+def run_all(args, path: Path) -> dict:
+    """Runs every case; `path` holds the results so far after each case, so a run cut short keeps what it measured
+    (`--report-only path` writes its report)."""
     tokenizer = common.load_tokenizer()
     need = max(args.contexts) + args.new_tokens + args.chunk_size + 8  # + the FLOP window
     ids, text_info = common.benchmark_token_ids(tokenizer, need)
@@ -342,6 +344,7 @@ def run_all(args) -> dict:
                     results["cases"].append({"case": {k: v for k, v in case.items() if k != "data"},
                                              "model": model_label(ratio, variant),
                                              "error": proc.stderr[-2000:]})
+                    path.write_text(json.dumps(results, indent=1))
                     continue
                 result = json.loads(out_file.read_text())
                 result["wall_s"] = wall
@@ -351,6 +354,7 @@ def run_all(args) -> dict:
                 print(f"[{label}] {wall:.0f}s ttft={result['ttft_s']:.2f}s decode={result['decode_tok_s']:.1f} tok/s "
                       f"kv={result['kv_bytes'] / 2**20:.1f}MiB peakΔ={result['peak_delta'] / 2**20:.0f}MiB "
                       f"load={load_before[0]:.2f}", flush=True)
+                path.write_text(json.dumps(results, indent=1))
     results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     return results
 
@@ -689,9 +693,8 @@ def main(argv=None):
     else:
         if args.chunk_size != common.CHUNK_SIZE:
             raise SystemExit("GEOMETRY is sized for chunk_size 256; adjust common.GEOMETRY before changing it")
-        results = run_all(args)
-        RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"{args.name or args.preset}.json"
+        results = run_all(args, path)
         path.write_text(json.dumps(results, indent=1))
     write_markdown(results, path.with_suffix(".md"))
     write_plot(results, path.with_suffix(".png"))
