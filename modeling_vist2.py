@@ -342,7 +342,7 @@ class VIST2Model(VIST2PreTrainedModel):
         input_ids (`(batch, seq)`): flat layout from `VIST2Processor`: text, and `<|sketch|>` placeholders where
             visual tokens go. Plain token ids (no `chunk_ids`) are laid out here as the processor lays out text.
         chunk_ids (`(batch, seq)`): 0 for the prefix, i for the text and sketch of chunk i.
-        pixel_values (`(num_sketches, C, H, W)`): one sketch per run of placeholders, in order.
+        pixel_values (`(num_sketches, H, W)` uint8): one sketch per run of placeholders, in order.
         read_back (`(batch,)` bool): OCR warm-up; a chunk's text also sees its own sketch.
         past_key_values: the name transformers < 5.24 gives `cache`.
 
@@ -401,16 +401,19 @@ class VIST2Model(VIST2PreTrainedModel):
 
     def check_pixel_values(self, pixel_values):
         cfg = self.config
-        expected = (cfg.num_channels, cfg.image_height, cfg.image_width)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected or not pixel_values.is_floating_point():
-            raise ValueError(f"pixel_values must be a float tensor of shape (num_sketches, {', '.join(map(str, expected))}),"
-                             f" got {tuple(pixel_values.shape)} {pixel_values.dtype}: pass what VIST2Processor returns")
+        if pixel_values.ndim != 3 or tuple(pixel_values.shape[1:]) != (cfg.image_height, cfg.image_width) or \
+                pixel_values.dtype != torch.uint8:
+            raise ValueError(f"pixel_values must be uint8 sketches of shape (num_sketches, {cfg.image_height}, "
+                             f"{cfg.image_width}), got {tuple(pixel_values.shape)} {pixel_values.dtype}: pass what "
+                             "VIST2Processor returns")
 
     def encode_sketches(self, pixel_values):
-        """`(n, C, H, W)` sketches -> `(n, m, hidden)` visual tokens."""
+        """`(n, H, W)` uint8 sketches -> `(n, m, hidden)` visual tokens."""
         cfg = self.config
         self.check_pixel_values(pixel_values)
-        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        # Normalised here, on the model's device, one tower pass at a time: the sketches travel as 1 byte per pixel.
+        grey = (pixel_values.to(torch.float32) / 255 - cfg.image_mean) / cfg.image_std
+        pixel_values = grey.to(self.vision_tower.dtype)[:, None].expand(-1, cfg.num_channels, -1, -1)
         h, w = cfg.image_height // cfg.patch_size, cfg.image_width // cfg.patch_size
         if cfg.vision_config.model_type == "siglip2_vision_model":
             p, n = cfg.patch_size, pixel_values.shape[0]
@@ -435,9 +438,6 @@ class VIST2Model(VIST2PreTrainedModel):
     def embed(self, input_ids, kinds, pixel_values, sketches_per_pass=None):
         if pixel_values is not None:
             self.check_pixel_values(pixel_values)
-            if not torch.isfinite(pixel_values).all():
-                raise ValueError("pixel_values hold NaN or infinite values. Fix: pass the pixel_values VIST2Processor "
-                                 "returns (finite by construction)")
         embeds = self.get_input_embeddings()(input_ids)
         num_slots = int((kinds == SKETCH).sum())
         num_sketches = 0 if pixel_values is None else pixel_values.shape[0]

@@ -308,7 +308,7 @@ def train_encoder(args, model, heads, processor, config, draw, rng, log_path, sa
         return processor.pixel_values([it[1] for it in items]), torch.from_numpy(np.stack([it[2] for it in items]))
 
     def tokens(pixels):
-        return aligner(vision(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state)
+        return model.encode_sketches(pixels)
 
     def scores(tok, targets):
         return cell_scores(heads.token(tok), targets)

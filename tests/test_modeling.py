@@ -86,12 +86,21 @@ def test_attention_flags_are_honest(model):
 
 def test_invalid_pixel_values_name_the_fix(model, processor):
     batch = processor(text=SAMPLE_TEXT[:300])
-    with pytest.raises(ValueError, match="pixel_values must be a float tensor of shape"):
+    with pytest.raises(ValueError, match="pixel_values must be uint8 sketches of shape"):
         model(**dict(batch, pixel_values=batch["pixel_values"][:, :1]))
     with pytest.raises(ValueError, match="from the same processor call"):
         model(**dict(batch, pixel_values=batch["pixel_values"][:1]))
     with pytest.raises(ValueError, match="must have one shape"):
         model(**dict(batch, chunk_ids=batch["chunk_ids"][:, 1:]))
+
+
+def test_sketches_are_normalised_by_the_model_as_the_config_says(model, processor, config):
+    sketches = processor(text=SAMPLE_TEXT[:300])["pixel_values"]
+    assert sketches.dtype == torch.uint8 and sketches.shape[1:] == (config.image_height, config.image_width)
+    grey = (sketches.float() / 255 - config.image_mean) / config.image_std
+    pixels = grey[:, None].expand(-1, config.num_channels, -1, -1)
+    expected = model.aligner(model.vision_tower(pixel_values=pixels).last_hidden_state)
+    torch.testing.assert_close(model.encode_sketches(sketches), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("text_model_type", ["llama", "qwen3"])

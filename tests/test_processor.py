@@ -20,7 +20,7 @@ def test_closed_chunks_become_sketch_placeholders_and_the_open_chunk_stays_text(
     closed = (len(stream) - 1) // config.chunk_size
     batch = processor(text=SAMPLE_TEXT[:300])
     ids, chunks = batch["input_ids"][0], batch["chunk_ids"][0]
-    assert batch["pixel_values"].shape == (closed, 3, config.image_height, config.image_width)
+    assert batch["pixel_values"].shape == (closed, config.image_height, config.image_width)
     assert int((ids == config.sketch_token_id).sum()) == closed * config.visual_tokens_per_chunk
     open_tokens = ids[chunks == closed + 1].tolist()
     assert open_tokens == stream[closed * config.chunk_size :]

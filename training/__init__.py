@@ -512,7 +512,7 @@ class ConversationDataset(Dataset):
 class VIST2DataCollator:
     """Samples (or lists of samples, one per packed window, or `PendingWindow`s) -> the batch the model takes.
 
-    Left-pads, normalises the uint8 sketches into `pixel_values`, puts -100 on sketches and padding, and adds a
+    Left-pads, stacks the uint8 sketches into `pixel_values`, puts -100 on sketches and padding, and adds a
     `read_back` flag per sample (`VIST2Trainer` replaces it with the curriculum's draw while training).
     """
 
