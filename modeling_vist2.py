@@ -674,9 +674,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             block, _ = self.prefill_passes(cache.prefill_chunk_size, cache.get_seq_length() + m, device)
             return sketches_per_step or max(8, block // m)
 
-        if prefix_ids:
-            self.extend_cache(cache, processor, [(0, prefix_ids, None)])
-        group, open_ids, size = [], [], group_size()
+        group, open_ids, size = ([(0, prefix_ids, None)] if prefix_ids else []), [], group_size()
         reports, chunks = [], hf_logging.tqdm(processor.iter_chunks(text), desc="VIST2 read", unit=" chunks",
                                               disable=not (len(text) >= 100_000 if progress is None else progress))
         for index, (token_ids, sketch, report) in enumerate(chunks, start=1):
@@ -685,14 +683,13 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                 break
             reports.append(report)
             group.append((index, token_ids, sketch))
-            if len(group) == size:
+            if len(group) >= size:
                 self.extend_cache(cache, processor, group)
                 group, size = [], group_size()
+        # The open chunk but its last token (generate feeds that one) goes in the last group's pass: one pass fewer.
+        group += [(open_index, open_ids[:-1], None)] if len(open_ids) > 1 else []
         if group:
             self.extend_cache(cache, processor, group)
-        # Feed the open chunk but its last token, which generate feeds as its first input.
-        if len(open_ids) > 1:
-            self.extend_cache(cache, processor, [(open_index, open_ids[:-1], None)])
         cache.open_chunk = torch.tensor([open_index], device=device)
         cache.open_length = [len(open_ids) - 1]
         cache.recent = F.pad(torch.tensor([open_ids[:-1]], dtype=torch.long, device=device), (L - len(open_ids) + 1, 0))

@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 timeout "${BENCH_TIMEOUT:-500}" python3 benchmarks/vist2_bench.py --preset qwen3-0.6b --device cuda \
-  --contexts 8192 32768 --new-tokens 256 --ratios 4 --read-ratios 4 --no-flops --threads 0 --repeats 2 \
+  --contexts 8192 32768 --new-tokens 256 --ratios 4 --read-ratios 4 --no-flops --threads 0 --repeats 2 --malloc default --profile \
   --name "$name" "$@"
 status=$?
 [ -f "benchmarks/results/$name.json" ] && python3 benchmarks/vist2_bench.py --report-only "benchmarks/results/$name.json"

@@ -15,6 +15,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.vist2_bench import WORKER_ENV  # noqa: E402
+from benchmarks.vist2_bench import MALLOC_TRIM  # noqa: E402
 
 MiB = 2**20
 
@@ -97,7 +98,7 @@ def main(argv=None):
         for mode, size in plan:
             spec = json.dumps({"context": context, "mode": mode, "size": size, "ratio": args.ratio})
             out = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True,
-                                 env=WORKER_ENV, check=True)
+                                 env=dict(os.environ, **MALLOC_TRIM), check=True)
             case = json.loads(out.stdout.strip().splitlines()[-1])
             cases.append(case)
             print(f"{context:6d} {mode:8s} {str(size):5s} inputs {case['inputs_peak_mib']:7.1f} MiB  "

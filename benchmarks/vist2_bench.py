@@ -37,9 +37,12 @@ from benchmarks import common  # noqa: E402
 
 RESULTS = HERE / "results"
 # glibc adapts its mmap threshold upwards after large frees, after which freed tensors stay resident and peak RSS
-# depends on allocation history (the same computation measured 119 or 177 MiB). A fixed 64 KiB threshold returns
-# every large tensor to the OS when freed, so peak RSS follows live memory. Same setting for every case.
-WORKER_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+# depends on allocation history (the same computation measured 119 or 177 MiB). `--malloc trim` (the default) fixes a
+# 64 KiB threshold, which returns every large tensor to the OS when freed, so peak RSS follows live memory; same
+# setting for every case. Each large allocation then page-faults afresh, which costs CPU time (the most for a model
+# that runs many small passes: VIST2's 8k first token on cpu-small takes 1.6x as long, the backbone's 1.15x), so
+# time-to-first-token comparisons run with `--malloc default`, the allocator every user process gets.
+MALLOC_TRIM = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
 def core_fingerprint() -> dict:
@@ -265,6 +268,12 @@ def run_case(case: dict) -> dict:
         result["cuda_peak_delta"] = torch.cuda.max_memory_allocated() - cuda_loaded
     phases.unwrap()
     processor.sketch_chunks = original_sketch
+    if case.get("profile"):
+        try:  # a profiler that fails here must not lose the case's measurements
+            result["profile"] = profile_first_token(lambda: generate(make_inputs(prompt_ids), continuation[:1], 1),
+                                                    sync)
+        except Exception as error:  # noqa: BLE001
+            result["profile_error"] = repr(error)
 
     if count_flops:
         # Decode FLOPs: continue the last timed generation with the counter on, up to and just past the next chunk
@@ -299,6 +308,29 @@ def run_case(case: dict) -> dict:
     return result
 
 
+def profile_first_token(run, sync) -> dict:
+    """One more prefill + first token under torch.profiler: wall time, and on a GPU the kernels it ran, how long they
+    kept the GPU busy and how many launch calls the host made (the launch-bound share is wall minus busy)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        run()
+        sync()
+        wall = time.perf_counter() - started
+    rows = prof.key_averages()
+    kernels = [row for row in rows if row.device_type == DeviceType.CUDA]
+    launches = sum(row.count for row in rows if row.key in ("cudaLaunchKernel", "cudaLaunchKernelExC",
+                                                            "cuLaunchKernel", "cuLaunchKernelEx"))
+    busy = sum(getattr(row, "self_device_time_total", 0) for row in kernels) / 1e6
+    return {"wall_s": wall, "kernels": sum(row.count for row in kernels), "kernel_launch_calls": launches,
+            "gpu_busy_s": busy, "top_kernels": {row.key[:80]: row.count for row in
+                                                sorted(kernels, key=lambda r: -r.count)[:8]}}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------------
@@ -330,13 +362,14 @@ def run_all(args, path: Path) -> dict:
                 case = dict(preset=args.preset, context=context, new_tokens=args.new_tokens, ratio=ratio,
                             variant=variant, repeats=args.repeats, flops=not args.no_flops, threads=args.threads,
                             device=args.device, dtype=args.dtype, chunk_size=args.chunk_size,
-                            read_group=args.read_group, clock=args.clock, data=str(data))
+                            read_group=args.read_group, clock=args.clock, profile=args.profile, data=str(data))
                 case_file, out_file = Path(tmp, "case.json"), Path(tmp, "out.json")
                 case_file.write_text(json.dumps(case))
                 load_before = os.getloadavg()
                 started = time.perf_counter()
                 proc = subprocess.run([sys.executable, __file__, "--worker", str(case_file), "--worker-out",
-                                       str(out_file)], capture_output=True, text=True, env=WORKER_ENV)
+                                       str(out_file)], capture_output=True, text=True,
+                                      env=dict(os.environ, **(MALLOC_TRIM if args.malloc == "trim" else {})))
                 wall = time.perf_counter() - started
                 label = f"ctx={context} {model_label(ratio, variant)}"
                 if proc.returncode != 0:
@@ -577,6 +610,15 @@ def write_markdown(results, path: Path):
                          f"{f.get('aligner', 0) / 1e9:.3f} | {f.get('language_model', 0) / 1e9:.2f} | "
                          f"{f.get('total', 0) / 1e9:.2f} |")
     lines.append("")
+    profiled = [(context, model, case["profile"]) for context, model, case, _, _ in rows if case.get("profile")]
+    if profiled:
+        lines += ["## One prefill + first token under torch.profiler (`--profile`)", "",
+                  "Kernels the GPU ran, how long they kept it busy, and the host's kernel launch calls; wall time "
+                  "minus busy time is what the host cost beyond the GPU's work (launches, Python, the processor).", "",
+                  "| context | model | wall s | GPU busy s | kernels | launch calls |", "|---|---|---|---|---|---|"]
+        lines += [f"| {context} | {model} | {p['wall_s']:.3f} | {p['gpu_busy_s']:.3f} | {p['kernels']} | "
+                  f"{p['kernel_launch_calls']} |" for context, model, p in profiled]
+        lines.append("")
     lines += ["## Sanity", "", "| context | model | prompt layout tokens | KV entries | pixel_values MiB | "
               "generated == forced | chunks rendered (prefill / decode) | wall s |", "|---|---|---|---|---|---|---|---|"]
     for context, model, case, _, _ in rows:
@@ -675,6 +717,10 @@ def main(argv=None):
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
                         help="thread: time CPU cases in CPU seconds of the main thread (with --threads 1), which a "
                              "shared machine's load does not inflate")
+    parser.add_argument("--malloc", choices=("trim", "default"), default="trim",
+                        help="trim: peak RSS is live memory (slower allocations); default: the usual glibc allocator")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one prefill + first token (kernels, GPU busy time, launch calls)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: the preset's")
     parser.add_argument("--name", default=None, help="results/<name>.{json,md,png} (default: the preset)")
