@@ -314,8 +314,12 @@ def profile_first_token(run, sync) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     with profile(activities=activities) as prof:
         started = time.perf_counter()
         run()
@@ -327,6 +331,7 @@ def profile_first_token(run, sync) -> dict:
                                                             "cuLaunchKernel", "cuLaunchKernelEx"))
     busy = sum(getattr(row, "self_device_time_total", 0) for row in kernels) / 1e6
     return {"wall_s": wall, "kernels": sum(row.count for row in kernels), "kernel_launch_calls": launches,
+            "prefill_peak_delta": torch.cuda.max_memory_allocated() - before if cuda else None,
             "gpu_busy_s": busy, "top_kernels": {row.key[:80]: row.count for row in
                                                 sorted(kernels, key=lambda r: -r.count)[:8]}}
 
@@ -615,9 +620,12 @@ def write_markdown(results, path: Path):
         lines += ["## One prefill + first token under torch.profiler (`--profile`)", "",
                   "Kernels the GPU ran, how long they kept it busy, and the host's kernel launch calls; wall time "
                   "minus busy time is what the host cost beyond the GPU's work (launches, Python, the processor).", "",
-                  "| context | model | wall s | GPU busy s | kernels | launch calls |", "|---|---|---|---|---|---|"]
-        lines += [f"| {context} | {model} | {p['wall_s']:.3f} | {p['gpu_busy_s']:.3f} | {p['kernels']} | "
-                  f"{p['kernel_launch_calls']} |" for context, model, p in profiled]
+                  "| context | model | wall s | GPU busy s | kernels | launch calls | GPU peak of this prefill MiB |",
+                  "|---|---|---|---|---|---|---|"]
+        for context, model, p in profiled:
+            peak = p.get("prefill_peak_delta")
+            lines.append(f"| {context} | {model} | {p['wall_s']:.3f} | {p['gpu_busy_s']:.3f} | {p['kernels']} | "
+                         f"{p['kernel_launch_calls']} | {_fmt(peak and peak / MiB, '.0f')} |")
         lines.append("")
     lines += ["## Sanity", "", "| context | model | prompt layout tokens | KV entries | pixel_values MiB | "
               "generated == forced | chunks rendered (prefill / decode) | wall s |", "|---|---|---|---|---|---|---|---|"]
