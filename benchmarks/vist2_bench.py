@@ -270,8 +270,17 @@ def run_case(case: dict) -> dict:
     processor.sketch_chunks = original_sketch
     if case.get("profile"):
         try:  # a profiler that fails here must not lose the case's measurements
-            result["profile"] = profile_first_token(lambda: generate(make_inputs(prompt_ids), continuation[:1], 1),
-                                                    sync)
+            first = [None]
+
+            def prefill():
+                first[0] = generate(make_inputs(prompt_ids), continuation[:1], 1)
+
+            result["profile"] = profile_run(prefill, sync)
+            # Decode: 16 steps that close no chunk (the prompt ends on a chunk boundary, so the step after the first
+            # token closes one; it runs unprofiled), per step.
+            after = generate(resume_inputs(first[0]), continuation[1:2], 1)
+            steps = profile_run(lambda: generate(resume_inputs(after), continuation[2:18], 16), sync)
+            result["profile_decode_step"] = {k: v / 16 for k, v in steps.items() if isinstance(v, (int, float))}
         except Exception as error:  # noqa: BLE001
             result["profile_error"] = repr(error)
 
@@ -308,9 +317,9 @@ def run_case(case: dict) -> dict:
     return result
 
 
-def profile_first_token(run, sync) -> dict:
-    """One more prefill + first token under torch.profiler: wall time, and on a GPU the kernels it ran, how long they
-    kept the GPU busy and how many launch calls the host made (the launch-bound share is wall minus busy)."""
+def profile_run(run, sync) -> dict:
+    """`run()` under torch.profiler: wall time, and on a GPU the kernels it ran, how long they kept the GPU busy, how
+    many launch calls the host made (the launch-bound share is wall minus busy) and the GPU peak above the start."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -331,7 +340,7 @@ def profile_first_token(run, sync) -> dict:
                                                             "cuLaunchKernel", "cuLaunchKernelEx"))
     busy = sum(getattr(row, "self_device_time_total", 0) for row in kernels) / 1e6
     return {"wall_s": wall, "kernels": sum(row.count for row in kernels), "kernel_launch_calls": launches,
-            "prefill_peak_delta": torch.cuda.max_memory_allocated() - before if cuda else None,
+            "peak_delta": torch.cuda.max_memory_allocated() - before if cuda else None,
             "gpu_busy_s": busy, "top_kernels": {row.key[:80]: row.count for row in
                                                 sorted(kernels, key=lambda r: -r.count)[:8]}}
 
@@ -615,17 +624,22 @@ def write_markdown(results, path: Path):
                          f"{f.get('aligner', 0) / 1e9:.3f} | {f.get('language_model', 0) / 1e9:.2f} | "
                          f"{f.get('total', 0) / 1e9:.2f} |")
     lines.append("")
-    profiled = [(context, model, case["profile"]) for context, model, case, _, _ in rows if case.get("profile")]
+    profiled = [(context, model, case) for context, model, case, _, _ in rows if case.get("profile")]
     if profiled:
-        lines += ["## One prefill + first token under torch.profiler (`--profile`)", "",
+        lines += ["## Under torch.profiler (`--profile`): one prefill + first token, and decode steps", "",
                   "Kernels the GPU ran, how long they kept it busy, and the host's kernel launch calls; wall time "
                   "minus busy time is what the host cost beyond the GPU's work (launches, Python, the processor).", "",
-                  "| context | model | wall s | GPU busy s | kernels | launch calls | GPU peak of this prefill MiB |",
-                  "|---|---|---|---|---|---|---|"]
-        for context, model, p in profiled:
-            peak = p.get("prefill_peak_delta")
-            lines.append(f"| {context} | {model} | {p['wall_s']:.3f} | {p['gpu_busy_s']:.3f} | {p['kernels']} | "
-                         f"{p['kernel_launch_calls']} | {_fmt(peak and peak / MiB, '.0f')} |")
+                  "| context | model | what | wall ms | GPU busy ms | kernels | launch calls | GPU peak above start "
+                  "MiB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for context, model, case in profiled:
+            for what, p in (("prefill + first token", case["profile"]),
+                            ("decode step (mean of 16)", case.get("profile_decode_step"))):
+                if p:
+                    peak = p.get("peak_delta")
+                    lines.append(f"| {context} | {model} | {what} | {1e3 * p['wall_s']:.1f} | "
+                                 f"{1e3 * p['gpu_busy_s']:.1f} | {p['kernels']:.0f} | {p['kernel_launch_calls']:.0f} | "
+                                 f"{_fmt(peak and peak / MiB, '.0f')} |")
         lines.append("")
     lines += ["## Sanity", "", "| context | model | prompt layout tokens | KV entries | pixel_values MiB | "
               "generated == forced | chunks rendered (prefill / decode) | wall s |", "|---|---|---|---|---|---|---|---|"]
