@@ -261,23 +261,6 @@ class VIST2Config(PretrainedConfig):
                          f"{compression_ratio}). Fix: use a lower compression_ratio or smaller cells (char_width, "
                          "line_height)")
 
-    def fitted_geometry(self, chars_per_token: float) -> dict:
-        """`sketch_geometry` for this config's chunks and cells, at a tokenizer's characters per token."""
-        return self.sketch_geometry(self.chunk_size, self.compression_ratio, self.patch_size, chars_per_token,
-                                    self.char_width, self.line_height, self.margin, self.newline_glyph)
-
-    def check_fit(self, chars_per_token: float):
-        """Refuse a sketch too small for chunks of a tokenizer: each would overflow and be kept as text."""
-        need = characters_needed(self.chunk_size, chars_per_token, self.newline_glyph)
-        if self.sketch_cells < need:
-            raise ValueError(
-                f"VIST2Config.image_height: a {self.image_height}x{self.image_width} sketch of {self.char_width}x"
-                f"{self.line_height}-px cells holds {self.sketch_cells} characters, but a chunk of {self.chunk_size} "
-                f"tokens at {chars_per_token:.2f} characters per token (the tokenizer's, on English prose) needs "
-                f"{need} with room for the longest: most chunks would overflow and be kept as text. Fix: leave "
-                f"image_height, image_width and merge_size unset (the fitting geometry is "
-                f"{self.fitted_geometry(chars_per_token)}), or lower chunk_size and compression_ratio together")
-
     @property
     def sketch_settings(self) -> dict:
         """Everything that decides a chunk's tokens and pixels; a processor must carry the same values."""
@@ -312,27 +295,6 @@ class VIST2Config(PretrainedConfig):
         if getattr(self.text_config, "use_sliding_window", False):
             fail("text_config", "sliding-window attention would hide sketches of early chunks",
                  "set text_config.use_sliding_window=False")
-
-    @classmethod
-    def tiny(cls, vocab_size=512, sketch_token_id=None, text_model_type="qwen3", **overrides):
-        """A few-thousand-parameter model for tests: L=16, r=4, 2x2 merge of 16 px patches on 64x64 sketches."""
-        text = {
-            "model_type": text_model_type, "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-            "max_position_embeddings": 4096, "tie_word_embeddings": False,
-        }
-        vision = {
-            "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "patch_size": 16, "image_size": 64, "num_channels": 3, "vision_use_head": False,
-        }
-        settings = dict(
-            text_config=text, vision_config=vision, chunk_size=16, compression_ratio=4, merge_size=2,
-            sketch_token_id=vocab_size - 1 if sketch_token_id is None else sketch_token_id,
-            font_size=12, min_font_size=6, char_width=4, line_height=8, image_height=64, image_width=64,
-            newline_glyph=None,
-        )
-        settings.update(overrides)
-        return cls(**settings)
 
 
 __all__ = ["VIST2Config"]

@@ -30,7 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import logging as hf_logging
 
 from .configuration_vist2 import VIST2Config
-from .processing_vist2 import SKETCH_TOKEN, VIST2Processor, prose_chars_per_token
+from .processing_vist2 import VIST2Processor
 
 PAD, TEXT, SKETCH = 0, 1, 2  # token kinds
 REPORT_KEYS = ("chunks_kept_as_text", "undrawable_characters")  # what a processor call reports, not a model input
@@ -698,85 +698,6 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         return {"input_ids": torch.tensor([[open_ids[-1]]], device=device), "cache": cache,
                 "chunks_kept_as_text": torch.tensor([kept], device=device),
                 "undrawable_characters": ["".join(undrawable)]}
-
-    @torch.no_grad()
-    def read_back_chunk(self, processor, chunk_token_ids, pixel_values=None, max_new_tokens=None) -> list[int]:
-        """Transcribe a chunk from its sketch (the OCR warm-up's read-back visibility), greedily, given its first token.
-
-        `pixel_values` substitutes another sketch (the control that shows the model reads); by default the chunk's own.
-        The first token is given because no position before a chunk may see that chunk's sketch."""
-        if pixel_values is None:
-            images, reports = processor.sketch_chunks([chunk_token_ids])
-            if images[0] is None:
-                raise ValueError(f"this chunk cannot be rendered ({reports[0]}); pick a chunk the font can draw")
-            pixel_values = processor.pixel_values(images)
-        pixel_values = pixel_values.to(self.device)
-        m, tokens = self.config.visual_tokens_per_chunk, [int(chunk_token_ids[0])]
-        for _ in range((max_new_tokens or len(chunk_token_ids)) - 1):
-            input_ids = torch.tensor([tokens + [self.config.sketch_token_id] * m], device=self.device)
-            logits = self(input_ids=input_ids, chunk_ids=torch.ones_like(input_ids), pixel_values=pixel_values,
-                          read_back=torch.ones(1, dtype=torch.bool, device=self.device)).logits
-            tokens.append(int(logits[0, len(tokens) - 1].argmax()))
-        return tokens
-
-    @classmethod
-    def from_backbones(cls, text_model, vision_model, tokenizer=None, **config_kwargs):
-        """A VIST2 model from a pretrained causal LM and a pretrained SigLIP / SigLIP2 vision encoder.
-
-        `text_model` / `vision_model` are Hub ids, local folders or loaded models (a full SigLIP checkpoint
-        contributes its vision half). `tokenizer` (default: the text model's) gets `<|sketch|>` (and a pad token if
-        it lacks one) in place; the embeddings are resized to it and the aligner is fresh. The extended tokenizer is
-        kept as `model.tokenizer` for `VIST2Processor.from_config(model.config, model.tokenizer)`.
-        `config_kwargs` are `VIST2Config` settings (chunk_size, compression_ratio, image geometry, render settings).
-        Without image_height / image_width / merge_size, the sketch is the cheapest that holds a chunk of English
-        prose in this tokenizer (`VIST2Config.sketch_geometry`, at its characters per token on `PROSE_SAMPLE`); a
-        given geometry that cannot hold one is refused.
-        """
-        from transformers import AddedToken
-
-        language_model, vision_tower = text_model, vision_model
-        if not isinstance(text_model, PreTrainedModel):
-            language_model = AutoModelForCausalLM.from_pretrained(text_model)
-        if not isinstance(vision_model, PreTrainedModel):
-            vision_tower = AutoModel.from_pretrained(vision_model)
-        if hasattr(vision_tower.config, "text_config") and hasattr(vision_tower, "vision_model"):
-            # A dual text-image checkpoint (SiglipModel): keep its image tower.
-            tower = vision_tower.vision_model
-            if not isinstance(tower, PreTrainedModel):  # releases where the tower is a bare transformer
-                wrapper = AutoModel.from_config(vision_tower.config.vision_config)
-                wrapper.vision_model = tower
-                tower = wrapper
-            vision_tower = tower
-        if getattr(vision_tower.config, "vision_use_head", False) or getattr(vision_tower, "head", None) is not None:
-            # VIST2 reads patch tokens; the pooling head would be dead weight (and unused parameters break DDP).
-            headless_config = vision_tower.config.__class__(**{**vision_tower.config.to_dict(), "vision_use_head": False})
-            headless = AutoModel.from_config(headless_config).to(dtype=vision_tower.dtype)
-            weights = {k: v for k, v in vision_tower.state_dict().items() if not (k.startswith("head.") or ".head." in k)}
-            headless.load_state_dict(weights)
-            vision_tower = headless
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(text_model if isinstance(text_model, str) else text_model.name_or_path)
-        if SKETCH_TOKEN not in tokenizer.get_vocab():
-            tokenizer.add_tokens([AddedToken(SKETCH_TOKEN, special=True, normalized=False)], special_tokens=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
-            language_model.resize_token_embeddings(len(tokenizer))
-        config_kwargs.setdefault("num_channels", getattr(vision_tower.config, "num_channels", 3))
-        config_kwargs.update(text_config=language_model.config, vision_config=vision_tower.config,
-                             sketch_token_id=tokenizer.convert_tokens_to_ids(SKETCH_TOKEN))
-        config = VIST2Config(**config_kwargs)
-        chars_per_token = prose_chars_per_token(tokenizer)
-        if not {"image_height", "image_width", "merge_size"} & config_kwargs.keys():
-            config = VIST2Config(**config_kwargs, **config.fitted_geometry(chars_per_token))
-        config.check_fit(chars_per_token)
-        with torch.device("meta"):
-            model = cls(config)
-        model.vision_tower, model.language_model = vision_tower, language_model
-        model.aligner = VIST2ModalAligner(config).to(device=language_model.device, dtype=language_model.dtype)
-        model.aligner.apply(model._init_weights)
-        model.tokenizer = tokenizer
-        return model
 
     # -- training: plain ids, the head, the loss -----------------------------------------------------------------------
 

@@ -36,35 +36,12 @@ BYTE_MARKED = {"\t": 0x09, "\r": 0x0D, SHOWN_NEWLINE: 0x0A, SHOWN_SPACE: 0x20,
 # Scripts whose letters look alike (Latin a, Cyrillic а, Greek ο...): where a font draws two of them as the same cell,
 # the first in this order keeps the cell and the other is reported instead of drawn, so no two texts draw alike.
 LOOKALIKE_REPERTOIRE = "".join(map(chr, [*range(0x21, 0x7F), *range(0xA1, 0x250), *range(0x370, 0x530)]))
-# Ordinary English prose: on it a tokenizer's characters per token size the sketch of its chunks (`from_backbones`).
-PROSE_SAMPLE = (
-    "The river had risen in the night, and by morning the road to the village was under water. Anna stood at "
-    "the window for a long time, watching the brown current carry branches, fence posts and once a whole "
-    "chicken coop past the garden wall. Her father had gone out before dawn to help the neighbours move their "
-    "animals to higher ground, and he had not come back yet. She made tea, because that was what her mother "
-    "would have done, and set out two cups on the kitchen table.\nFloods like this one are not rare in the "
-    "valley. The soil on the hills is thin, and when heavy rain falls for several days in a row, most of it "
-    "runs straight into the streams instead of sinking into the ground. Engineers have proposed dams, new "
-    "channels and wider bridges, but every plan costs more than the county can raise, and the arguments at the "
-    "council meetings usually end where they began. In the meantime, families keep sandbags in their sheds and "
-    "move their furniture upstairs whenever the forecast turns grey.\nBy noon the water had stopped rising. A "
-    "boat came down the flooded lane with two men in it, and one of them was her father, soaked to the waist "
-    "and laughing at something the other had said. He waved when he saw her at the window. Later, drying his "
-    "boots by the stove, he told her that the old mill had lost its roof, that nobody had been hurt, and that "
-    "the baker had promised free bread to anyone who helped clear the square once the water went down.\n"
-)
-
 # -- Chunking ----------------------------------------------------------------------------------------------------------
 
 
 def split_into_chunks(token_ids: list[int], chunk_size: int) -> list[list[int]]:
     """Cut a token stream into chunks of `chunk_size`; the last one (the open chunk) may be shorter."""
     return [list(token_ids[i : i + chunk_size]) for i in range(0, len(token_ids), chunk_size)]
-
-
-def prose_chars_per_token(tokenizer) -> float:
-    """Characters per token of `tokenizer` on English prose: what sizes a sketch for its chunks."""
-    return len(PROSE_SAMPLE) / len(tokenizer(PROSE_SAMPLE, add_special_tokens=False)["input_ids"])
 
 
 # -- Sketch renderer ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ are measured on the held-out fifth only, documents joined by blank lines as one 
 
 `--write-prose-sample` writes tokenization/prose_sample.txt (the first 16 000 characters of ASCII held-out
 python-docs paragraphs: the default font draws them all), which the tests render with the geometry
-`VIST2ForCausalLM.from_backbones` picks.
+`vist2.training.from_backbones` picks.
 
 Tokenizers: the repo's byte tokenizer and 4096-BPE demo tokenizer; byte-level BPEs with Qwen2/3's pre-tokenizer
 regex trained here at 8k-32k tokens (this text holds about 32k merges at min_frequency 2: the trainer stops there);
@@ -48,7 +48,8 @@ from common import (  # noqa: E402
 
 from vist2.configuration_vist2 import FIT_MARGIN, FIT_MARGIN_LINE_BREAKS, VIST2Config  # noqa: E402
 from vist2.modeling_vist2 import VIST2ForCausalLM  # noqa: E402
-from vist2.processing_vist2 import PROSE_SAMPLE, wrap_into_lines  # noqa: E402
+from vist2.processing_vist2 import wrap_into_lines  # noqa: E402
+from vist2.training.models import PROSE_SAMPLE  # noqa: E402
 
 CHUNK_SIZE, RATIO, PATCH = 256, 4, 16
 # (label, image_height, image_width, merge_size, char_width, line_height); m = 64 visual tokens for each.
@@ -328,7 +329,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['tokenizer']} | {r['corpus']} | " + " | ".join(
                 f"{100 * r[key][label]:.1f} %" for label in labels) + " |")
     lines += ["", "## The geometry from_backbones picks (L = 256, r = 4, 4x8-px cells, newline glyph)", "",
-              "Characters per token on `processing_vist2.PROSE_SAMPLE` (1 444 characters of narrative and expository "
+              "Characters per token on `vist2.training.models.PROSE_SAMPLE` (1 444 characters of narrative and expository "
               f"English) and `VIST2Config.sketch_geometry` at that rate (FIT_MARGIN {result['fit_margin']}).", "",
               "| tokenizer | chars/token on PROSE_SAMPLE | sketch | merge s |", "|---|---|---|---|"]
     for name, g in result["from_backbones"].items():

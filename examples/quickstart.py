@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
+from vist2.training import read_back_chunk
+
 from generate import cache_bytes, text_only_cache_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,11 +71,11 @@ def main(argv=None):
     # 3. Read one chunk back from its sketch alone.
     chunk = next(c for c, r in zip(closed, processor.last_report[0]) if r.ok)
     original = processor.chunk_text(chunk)
-    read = processor.chunk_text(model.read_back_chunk(processor, chunk))
+    read = processor.chunk_text(read_back_chunk(model, processor, chunk))
     accuracy = char_accuracy(read, original)
     # The control: the same read-back from another chunk's sketch. A model that reads does far worse here.
     other = processor.pixel_values([processor.sketch_chunks([closed[-1]])[0][0]])
-    control = processor.chunk_text(model.read_back_chunk(processor, chunk, pixel_values=other))
+    control = processor.chunk_text(read_back_chunk(model, processor, chunk, pixel_values=other))
     control_accuracy = char_accuracy(control, original)
     print(f"\n--- a chunk ---\n{original}\n--- read back from its sketch (character accuracy {accuracy:.0%}; "
           f"from another chunk's sketch: {control_accuracy:.0%}) ---\n{read}")

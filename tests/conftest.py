@@ -5,9 +5,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from vist2.configuration_vist2 import VIST2Config
 from vist2.modeling_vist2 import VIST2ForCausalLM
 from vist2.processing_vist2 import SKETCH_TOKEN, VIST2Processor
+from vist2.training import tiny_config as tiny_vist2_config
 
 SAMPLE_TEXT = (
     "Global context compression renders every finished chunk of text into a small sketch image. "
@@ -36,8 +36,8 @@ def tokenizer():
 
 
 def tiny_config(tokenizer, **overrides):
-    return VIST2Config.tiny(vocab_size=len(tokenizer), sketch_token_id=tokenizer.convert_tokens_to_ids(SKETCH_TOKEN),
-                            **overrides)
+    return tiny_vist2_config(vocab_size=len(tokenizer), sketch_token_id=tokenizer.convert_tokens_to_ids(SKETCH_TOKEN),
+                             **overrides)
 
 
 @pytest.fixture(scope="session")

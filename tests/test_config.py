@@ -5,10 +5,12 @@ from transformers import AutoConfig
 
 from vist2 import VIST2Config
 from vist2.configuration_vist2 import PROSE_CHARS_PER_TOKEN, characters_needed
+from vist2.training import tiny_config
+from vist2.training.models import check_fit
 
 
 def test_visual_tokens_per_chunk_is_chunk_size_over_compression_ratio():
-    config = VIST2Config.tiny(chunk_size=16, compression_ratio=4)
+    config = tiny_config(chunk_size=16, compression_ratio=4)
     assert config.visual_tokens_per_chunk == 4
 
 
@@ -60,9 +62,9 @@ def test_ratio_no_sketch_can_hold_is_refused_naming_the_fix():
 
 def test_sketch_too_small_for_a_tokenizer_is_refused_with_the_geometry_that_fits():
     config = VIST2Config(image_height=128, image_width=128, merge_size=1)
-    config.check_fit(1.0)
+    check_fit(config, 1.0)
     with pytest.raises(ValueError, match=r"^VIST2Config\.image_height: .* holds 512 characters.*Fix: .*merge_size"):
-        config.check_fit(4.0)
+        check_fit(config, 4.0)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +92,7 @@ def test_sketch_too_small_for_a_tokenizer_is_refused_with_the_geometry_that_fits
 )
 def test_invalid_setting_raises_value_error_naming_field_and_fix(overrides, field, fix):
     with pytest.raises(ValueError) as error:
-        VIST2Config.tiny(**overrides)
+        tiny_config(**overrides)
     message = str(error.value)
     assert message.startswith(f"VIST2Config.{field}:")
     assert fix in message and "Fix:" in message
@@ -98,11 +100,11 @@ def test_invalid_setting_raises_value_error_naming_field_and_fix(overrides, fiel
 
 def test_sliding_window_backbone_is_rejected():
     with pytest.raises(ValueError, match="VIST2Config.text_config: sliding-window"):
-        VIST2Config.tiny(text_config={"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 8})
+        tiny_config(text_config={"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 8})
 
 
 def test_config_round_trips_through_save_and_load(tmp_path):
-    config = VIST2Config.tiny(margin=4, overflow_policy="shrink_font", foreground=20, newline_glyph="«",
+    config = tiny_config(margin=4, overflow_policy="shrink_font", foreground=20, newline_glyph="«",
                               special_token_glyphs={"<|endoftext|>": "©"})
     config.save_pretrained(tmp_path)
     loaded = VIST2Config.from_pretrained(tmp_path)
@@ -113,6 +115,6 @@ def test_config_round_trips_through_save_and_load(tmp_path):
 
 
 def test_saved_config_names_remote_code_in_auto_map(tmp_path):
-    VIST2Config.tiny().save_pretrained(tmp_path)
+    tiny_config().save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).model_type == "vist2"
     assert '"AutoConfig": "configuration_vist2.VIST2Config"' in (tmp_path / "config.json").read_text()

@@ -100,10 +100,10 @@ exec(compile(snippets, "model-card-usage", "exec"), {"long_text": long_text})
 
 
 def test_model_card_says_how_newlines_and_special_tokens_are_drawn():
-    from vist2 import VIST2Config
+    from vist2.training import tiny_config
 
-    plain = VIST2Config.tiny()
-    inline = VIST2Config.tiny(newline_glyph="«", special_token_glyphs={"<|endoftext|>": "©"})
+    plain = tiny_config()
+    inline = tiny_config(newline_glyph="«", special_token_glyphs={"<|endoftext|>": "©"})
     assert export_to_hub.drawing_of_newlines_and_special_tokens(plain) == "a newline starts a new line"
     assert (export_to_hub.drawing_of_newlines_and_special_tokens(inline) ==
             "newlines drawn in line as `«`, `<|endoftext|>` drawn as `©`")

@@ -395,10 +395,11 @@ def test_chunks_kept_as_text_while_writing_are_summed_up_in_one_warning_at_the_c
 
 
 def test_generation_never_writes_an_id_the_tokenizer_cannot_decode(tokenizer, processor):
-    from vist2 import VIST2Config, VIST2ForCausalLM
+    from vist2 import VIST2ForCausalLM
+    from vist2.training import tiny_config
 
-    padded = VIST2ForCausalLM(VIST2Config.tiny(vocab_size=len(tokenizer) + 64,  # embeddings padded past the tokenizer
-                                               sketch_token_id=processor.sketch_token_id)).eval()
+    padded = VIST2ForCausalLM(tiny_config(vocab_size=len(tokenizer) + 64,  # embeddings padded past the tokenizer
+                                          sketch_token_id=processor.sketch_token_id)).eval()
     def favour_padding(module, args, logits):
         logits[..., len(tokenizer):] += 1e4
 

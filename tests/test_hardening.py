@@ -20,8 +20,9 @@ from conftest import SAMPLE_TEXT, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vist2 import VIST2Config, VIST2ForCausalLM, VIST2Processor, split_into_chunks
+from vist2 import VIST2ForCausalLM, VIST2Processor, split_into_chunks
 from vist2.processing_vist2 import glyph_atlas, render_with_policy
+from vist2.training import tiny_config as tiny_vist2_config
 
 # Deterministic in CI; set VIST2_HYPOTHESIS_RANDOM=1 to explore new examples locally.
 PROPERTY = settings(max_examples=30, deadline=None, derandomize=not os.environ.get("VIST2_HYPOTHESIS_RANDOM"),
@@ -370,19 +371,19 @@ def test_every_geometry_the_config_accepts_runs_the_encoder(tokenizer, geometry)
 ])
 def test_geometry_the_encoder_cannot_produce_is_rejected_with_a_fix(merge_size, image_height, image_width, field):
     with pytest.raises(ValueError, match=rf"^VIST2Config\.{field}: .*Fix: "):
-        VIST2Config.tiny(merge_size=merge_size, image_height=image_height, image_width=image_width)
+        tiny_vist2_config(merge_size=merge_size, image_height=image_height, image_width=image_width)
 
 
 @pytest.mark.parametrize("sketch_token_id", [999, -5])
 def test_a_sketch_token_outside_the_vocabulary_is_rejected(sketch_token_id):
     with pytest.raises(ValueError, match=r"^VIST2Config\.sketch_token_id: .*Fix: "):
-        VIST2Config.tiny(vocab_size=384, sketch_token_id=sketch_token_id)
+        tiny_vist2_config(vocab_size=384, sketch_token_id=sketch_token_id)
 
 
 @pytest.mark.parametrize("field, value", [("image_std", 0.0), ("image_std", -1.0), ("image_mean", "0.5")])
 def test_pixel_normalisation_settings_are_validated(field, value):
     with pytest.raises(ValueError, match=rf"^VIST2Config\.{field}: .*Fix: "):
-        VIST2Config.tiny(**{field: value})
+        tiny_vist2_config(**{field: value})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -478,9 +479,9 @@ def test_processor_sketch_settings_are_validated_when_it_is_built(processor, edi
 
 def test_a_misspelled_config_key_is_named_with_the_setting_it_resembles():
     with pytest.raises(ValueError, match=r"^VIST2Config\.chunk_sise: not a VIST2 setting\. Fix: did you mean 'chunk_si"):
-        VIST2Config.tiny(chunk_sise=32)
+        tiny_vist2_config(chunk_sise=32)
     with pytest.raises(ValueError, match="did you mean 'newline_glyph'"):
-        VIST2Config.tiny(newline_glyf="«")
+        tiny_vist2_config(newline_glyf="«")
 
 
 def test_a_processor_kwarg_that_would_draw_otherwise_than_the_model_is_refused(processor, tmp_path):
@@ -502,7 +503,7 @@ def test_a_tokenizer_without_the_sketch_token_is_named(config):
 
 
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_named(tokenizer, processor):
-    small = VIST2Config.tiny(vocab_size=256, sketch_token_id=processor.sketch_token_id)
+    small = tiny_vist2_config(vocab_size=256, sketch_token_id=processor.sketch_token_id)
     with pytest.raises(ValueError, match=r"tokenizer has 384 tokens but the model's vocabulary .* 256.*Fix: "):
         VIST2Processor.from_config(small, tokenizer)
     model = VIST2ForCausalLM(small).eval()

@@ -16,7 +16,9 @@ from conftest import SAMPLE_TEXT, build_tokenizer, tiny_config
 from vist2 import VIST2Config, VIST2ForCausalLM, VIST2Processor
 from vist2.configuration_vist2 import SKETCH_SETTING_KEYS, characters_needed
 from vist2.modeling_vist2 import TEXT, token_kinds
-from vist2.processing_vist2 import IGNORE_INDEX, prose_chars_per_token
+from vist2.processing_vist2 import IGNORE_INDEX
+from vist2.training import from_backbones
+from vist2.training.models import prose_chars_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,7 +149,7 @@ GEOMETRY = dict(chunk_size=16, compression_ratio=4, merge_size=2, image_height=6
 
 @pytest.mark.parametrize("vision", ["vision", "siglip"])
 def test_from_backbones_keeps_pretrained_weights_and_adds_the_sketch_token(backbone_folders, vision):
-    model = VIST2ForCausalLM.from_backbones(str(backbone_folders / "text"), str(backbone_folders / vision), **GEOMETRY)
+    model = from_backbones(str(backbone_folders / "text"), str(backbone_folders / vision), **GEOMETRY)
     text = Qwen3ForCausalLM.from_pretrained(backbone_folders / "text")
     assert torch.equal(model.language_model.model.layers[1].mlp.up_proj.weight, text.model.layers[1].mlp.up_proj.weight)
     reference_vision = (SiglipVisionModel.from_pretrained(backbone_folders / "vision") if vision == "vision"
@@ -175,7 +177,7 @@ def tiny_backbones(tokenizer):
 @pytest.mark.parametrize("name", ["byte_tokenizer", "demo_tokenizer"])
 def test_from_backbones_picks_the_cheapest_sketch_that_holds_the_tokenizers_prose(name):
     tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / name)
-    model = VIST2ForCausalLM.from_backbones(*tiny_backbones(tokenizer), tokenizer=tokenizer)
+    model = from_backbones(*tiny_backbones(tokenizer), tokenizer=tokenizer)
     config, s = model.config, model.config.merge_size
     assert config.chunk_size == VIST2Config().chunk_size
     assert (config.image_height // (16 * s)) * (config.image_width // (16 * s)) == config.visual_tokens_per_chunk
@@ -194,8 +196,8 @@ def test_from_backbones_refuses_a_sketch_too_small_for_the_tokenizer():
     small = dict(image_height=128, image_width=128, merge_size=1)  # 512 cells for ~1 000 characters
     with pytest.raises(ValueError, match=r"^VIST2Config\.image_height: a 128x128 sketch .* holds 512 characters, but "
                                          r"a chunk of 256 tokens .* needs \d+.*Fix: leave image_height"):
-        VIST2ForCausalLM.from_backbones(*tiny_backbones(tokenizer), tokenizer=tokenizer, **small)
-    VIST2ForCausalLM.from_backbones(*tiny_backbones(tokenizer), tokenizer=tokenizer, chunk_size=64, **{
+        from_backbones(*tiny_backbones(tokenizer), tokenizer=tokenizer, **small)
+    from_backbones(*tiny_backbones(tokenizer), tokenizer=tokenizer, chunk_size=64, **{
         **small, "compression_ratio": 1})  # the same sketch for 64 tokens holds them
 
 

@@ -12,10 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vist2 import VIST2Config, render_chunk
+from vist2 import render_chunk
 from vist2.processing_vist2 import render_with_policy, wrap_into_lines
+from vist2.training import tiny_config as tiny_vist2_config
 
-SETTINGS = VIST2Config.tiny().sketch_settings
+SETTINGS = tiny_vist2_config().sketch_settings
 HOSTILE_TEXT = {
     "emoji": "ok 😀🚀 done",
     "cjk": "中文文本 and text",
@@ -42,8 +43,8 @@ def test_rendering_twice_gives_identical_bytes():
 
 def test_rendering_in_another_process_gives_identical_bytes():
     code = (
-        "import hashlib; from vist2 import VIST2Config, render_chunk; "
-        "print(hashlib.sha256(render_chunk('Across processes.', VIST2Config.tiny().sketch_settings)[0].tobytes()).hexdigest())"
+        "import hashlib; from vist2 import render_chunk; from vist2.training import tiny_config; "
+        "print(hashlib.sha256(render_chunk('Across processes.', tiny_config().sketch_settings)[0].tobytes()).hexdigest())"
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == digest("Across processes.")

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from ..processing_vist2 import VIST2Processor
+from .models import from_backbones, read_back_chunk, tiny_config
 
 logger = logging.getLogger(__name__)
 
@@ -580,13 +581,13 @@ def load_or_build_model(model_path=None, text_model=None, vision_model=None, con
     if text_model or vision_model:
         if not (text_model and vision_model):
             raise ValueError("building from backbones needs both text_model and vision_model")
-        model = VIST2ForCausalLM.from_backbones(text_model, vision_model, tokenizer=tokenizer, **config_kwargs)
+        model = from_backbones(text_model, vision_model, tokenizer=tokenizer, **config_kwargs)
         return model, VIST2Processor.from_config(model.config, model.tokenizer)
     if tokenizer is None:
         raise ValueError("a model from a config needs a tokenizer with the '<|sketch|>' token")
     sketch_token_id = tokenizer.convert_tokens_to_ids(SKETCH_TOKEN)
     if config in (None, "tiny"):
-        config = VIST2Config.tiny(vocab_size=len(tokenizer), sketch_token_id=sketch_token_id, **config_kwargs)
+        config = tiny_config(vocab_size=len(tokenizer), sketch_token_id=sketch_token_id, **config_kwargs)
     elif not isinstance(config, VIST2Config):
         config = VIST2Config.from_pretrained(config, **config_kwargs)
     if config.sketch_token_id != sketch_token_id or config.text_config.vocab_size < len(tokenizer):
@@ -605,6 +606,7 @@ __all__ = [
     "CurriculumPhase", "CurriculumSchedule", "CurriculumCallback", "VIST2Trainer", "processor_for_phase",
     "apply_final_geometry", "set_frozen", "PackedTextDataset", "StreamingTextDataset", "PendingWindow", "ConversationDataset",
     "VIST2DataCollator", "language_model_lora_config", "bf16_supported", "load_or_build_model", "vist2_training_arguments",
+    "from_backbones", "tiny_config", "read_back_chunk",
 ]
 
 

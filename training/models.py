@@ -1,0 +1,160 @@
+"""Building VIST2 models to train: from pretrained backbones (`from_backbones`), or tiny ones (`tiny_config`); and
+`read_back_chunk`, which shows whether a model reads its sketches.
+
+These belong to the installed `vist2` package only: a Hub model repo's remote code loads a model already built.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AddedToken, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..configuration_vist2 import VIST2Config, characters_needed
+from ..modeling_vist2 import VIST2ForCausalLM, VIST2ModalAligner
+from ..processing_vist2 import SKETCH_TOKEN
+
+# Ordinary English prose: on it a tokenizer's characters per token size the sketch of its chunks (`from_backbones`).
+PROSE_SAMPLE = (
+    "The river had risen in the night, and by morning the road to the village was under water. Anna stood at "
+    "the window for a long time, watching the brown current carry branches, fence posts and once a whole "
+    "chicken coop past the garden wall. Her father had gone out before dawn to help the neighbours move their "
+    "animals to higher ground, and he had not come back yet. She made tea, because that was what her mother "
+    "would have done, and set out two cups on the kitchen table.\nFloods like this one are not rare in the "
+    "valley. The soil on the hills is thin, and when heavy rain falls for several days in a row, most of it "
+    "runs straight into the streams instead of sinking into the ground. Engineers have proposed dams, new "
+    "channels and wider bridges, but every plan costs more than the county can raise, and the arguments at the "
+    "council meetings usually end where they began. In the meantime, families keep sandbags in their sheds and "
+    "move their furniture upstairs whenever the forecast turns grey.\nBy noon the water had stopped rising. A "
+    "boat came down the flooded lane with two men in it, and one of them was her father, soaked to the waist "
+    "and laughing at something the other had said. He waved when he saw her at the window. Later, drying his "
+    "boots by the stove, he told her that the old mill had lost its roof, that nobody had been hurt, and that "
+    "the baker had promised free bread to anyone who helped clear the square once the water went down.\n"
+)
+
+
+def prose_chars_per_token(tokenizer) -> float:
+    """Characters per token of `tokenizer` on English prose: what sizes a sketch for its chunks."""
+    return len(PROSE_SAMPLE) / len(tokenizer(PROSE_SAMPLE, add_special_tokens=False)["input_ids"])
+
+
+def fitted_geometry(config: VIST2Config, chars_per_token: float) -> dict:
+    """`VIST2Config.sketch_geometry` for the config's chunks and cells, at a tokenizer's characters per token."""
+    return VIST2Config.sketch_geometry(config.chunk_size, config.compression_ratio, config.patch_size, chars_per_token,
+                                       config.char_width, config.line_height, config.margin, config.newline_glyph)
+
+
+def check_fit(config: VIST2Config, chars_per_token: float):
+    """Refuse a sketch too small for chunks of a tokenizer: each would overflow and be kept as text."""
+    need = characters_needed(config.chunk_size, chars_per_token, config.newline_glyph)
+    if config.sketch_cells < need:
+        raise ValueError(
+            f"VIST2Config.image_height: a {config.image_height}x{config.image_width} sketch of {config.char_width}x"
+            f"{config.line_height}-px cells holds {config.sketch_cells} characters, but a chunk of {config.chunk_size} "
+            f"tokens at {chars_per_token:.2f} characters per token (the tokenizer's, on English prose) needs "
+            f"{need} with room for the longest: most chunks would overflow and be kept as text. Fix: leave "
+            f"image_height, image_width and merge_size unset (the fitting geometry is "
+            f"{fitted_geometry(config, chars_per_token)}), or lower chunk_size and compression_ratio together")
+
+
+def headless_vision_tower(vision_model) -> PreTrainedModel:
+    """The image tower of a SigLIP / SigLIP2 checkpoint (a Hub id, a folder or a loaded model), without its pooling
+    head: VIST2 reads patch tokens, so the head would be dead weight (and unused parameters break DDP)."""
+    tower = vision_model if isinstance(vision_model, PreTrainedModel) else AutoModel.from_pretrained(vision_model)
+    if hasattr(tower.config, "text_config") and hasattr(tower, "vision_model"):
+        # A dual text-image checkpoint (SiglipModel): keep its image tower.
+        image_tower = tower.vision_model
+        if not isinstance(image_tower, PreTrainedModel):  # releases where the tower is a bare transformer
+            wrapper = AutoModel.from_config(tower.config.vision_config)
+            wrapper.vision_model = image_tower
+            image_tower = wrapper
+        tower = image_tower
+    if getattr(tower.config, "vision_use_head", False) or getattr(tower, "head", None) is not None:
+        headless_config = tower.config.__class__(**{**tower.config.to_dict(), "vision_use_head": False})
+        headless = AutoModel.from_config(headless_config).to(dtype=tower.dtype)
+        headless.load_state_dict({k: v for k, v in tower.state_dict().items()
+                                  if not (k.startswith("head.") or ".head." in k)})
+        tower = headless
+    return tower
+
+
+def from_backbones(text_model, vision_model, tokenizer=None, **config_kwargs) -> VIST2ForCausalLM:
+    """A VIST2 model from a pretrained causal LM and a pretrained SigLIP / SigLIP2 vision encoder.
+
+    `text_model` / `vision_model` are Hub ids, local folders or loaded models (a full SigLIP checkpoint contributes
+    its vision half). `tokenizer` (default: the text model's) gets `<|sketch|>` (and a pad token if it lacks one) in
+    place; the embeddings are resized to it and the aligner is fresh. The extended tokenizer is kept as
+    `model.tokenizer` for `VIST2Processor.from_config(model.config, model.tokenizer)`. `config_kwargs` are
+    `VIST2Config` settings (chunk_size, compression_ratio, image geometry, render settings). Without image_height /
+    image_width / merge_size, the sketch is the cheapest that holds a chunk of English prose in this tokenizer
+    (`VIST2Config.sketch_geometry`, at its characters per token on `PROSE_SAMPLE`); a given geometry that cannot hold
+    one is refused.
+    """
+    language_model = text_model
+    if not isinstance(text_model, PreTrainedModel):
+        language_model = AutoModelForCausalLM.from_pretrained(text_model)
+    vision_tower = headless_vision_tower(vision_model)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(text_model if isinstance(text_model, str) else text_model.name_or_path)
+    if SKETCH_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(SKETCH_TOKEN, special=True, normalized=False)], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
+        language_model.resize_token_embeddings(len(tokenizer))
+    config_kwargs.setdefault("num_channels", getattr(vision_tower.config, "num_channels", 3))
+    config_kwargs.update(text_config=language_model.config, vision_config=vision_tower.config,
+                         sketch_token_id=tokenizer.convert_tokens_to_ids(SKETCH_TOKEN))
+    config = VIST2Config(**config_kwargs)
+    chars_per_token = prose_chars_per_token(tokenizer)
+    if not {"image_height", "image_width", "merge_size"} & config_kwargs.keys():
+        config = VIST2Config(**config_kwargs, **fitted_geometry(config, chars_per_token))
+    check_fit(config, chars_per_token)
+    with torch.device("meta"):
+        model = VIST2ForCausalLM(config)
+    model.vision_tower, model.language_model = vision_tower, language_model
+    model.aligner = VIST2ModalAligner(config).to(device=language_model.device, dtype=language_model.dtype)
+    model.aligner.apply(model._init_weights)
+    model.tokenizer = tokenizer
+    return model
+
+
+def tiny_config(vocab_size=512, sketch_token_id=None, text_model_type="qwen3", **overrides) -> VIST2Config:
+    """A few-thousand-parameter model for tests: L=16, r=4, 2x2 merge of 16 px patches on 64x64 sketches."""
+    text = {
+        "model_type": text_model_type, "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False,
+    }
+    vision = {
+        "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "patch_size": 16, "image_size": 64, "num_channels": 3, "vision_use_head": False,
+    }
+    settings = dict(
+        text_config=text, vision_config=vision, chunk_size=16, compression_ratio=4, merge_size=2,
+        sketch_token_id=vocab_size - 1 if sketch_token_id is None else sketch_token_id,
+        font_size=12, min_font_size=6, char_width=4, line_height=8, image_height=64, image_width=64,
+        newline_glyph=None,
+    )
+    settings.update(overrides)
+    return VIST2Config(**settings)
+
+
+@torch.no_grad()
+def read_back_chunk(model, processor, chunk_token_ids, pixel_values=None, max_new_tokens=None) -> list[int]:
+    """Transcribe a chunk from its sketch (the OCR warm-up's read-back visibility), greedily, given its first token.
+
+    `pixel_values` substitutes another sketch (the control that shows the model reads); by default the chunk's own.
+    The first token is given because no position before a chunk may see that chunk's sketch."""
+    if pixel_values is None:
+        images, reports = processor.sketch_chunks([chunk_token_ids])
+        if images[0] is None:
+            raise ValueError(f"this chunk cannot be rendered ({reports[0]}); pick a chunk the font can draw")
+        pixel_values = processor.pixel_values(images)
+    pixel_values = pixel_values.to(model.device)
+    m, tokens = model.config.visual_tokens_per_chunk, [int(chunk_token_ids[0])]
+    for _ in range((max_new_tokens or len(chunk_token_ids)) - 1):
+        input_ids = torch.tensor([tokens + [model.config.sketch_token_id] * m], device=model.device)
+        logits = model(input_ids=input_ids, chunk_ids=torch.ones_like(input_ids), pixel_values=pixel_values,
+                       read_back=torch.ones(1, dtype=torch.bool, device=model.device)).logits
+        tokens.append(int(logits[0, len(tokens) - 1].argmax()))
+    return tokens
