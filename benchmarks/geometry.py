@@ -329,8 +329,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['tokenizer']} | {r['corpus']} | " + " | ".join(
                 f"{100 * r[key][label]:.1f} %" for label in labels) + " |")
     lines += ["", "## The geometry from_backbones picks (L = 256, r = 4, 4x8-px cells, newline glyph)", "",
-              "Characters per token on `vist2.training.models.PROSE_SAMPLE` (1 444 characters of narrative and expository "
-              f"English) and `VIST2Config.sketch_geometry` at that rate (FIT_MARGIN {result['fit_margin']}).", "",
+              "Characters per token on `vist2.training.models.PROSE_SAMPLE` (1 444 characters of narrative and "
+              f"expository English) and `VIST2Config.sketch_geometry` at that rate (FIT_MARGIN {result['fit_margin']}).", "",
               "| tokenizer | chars/token on PROSE_SAMPLE | sketch | merge s |", "|---|---|---|---|"]
     for name, g in result["from_backbones"].items():
         lines.append(f"| {name} | {g['chars_per_token']:.2f} | {g['image_height']}x{g['image_width']} | "
