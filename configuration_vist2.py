@@ -118,74 +118,39 @@ class VIST2Config(PretrainedConfig):
     Args:
         text_config (`dict` or `PretrainedConfig`, *optional*): the causal LM backbone (Qwen3 by default; any
             decoder-only config whose model takes `inputs_embeds`, `position_ids` and a 4D `attention_mask`).
-        vision_config (`dict` or `PretrainedConfig`, *optional*): the vision tower (SigLIP vision by default;
-            `siglip2_vision_model` is supported too).
+        vision_config (`dict` or `PretrainedConfig`, *optional*): the vision tower (SigLIP or SigLIP2 vision).
         chunk_size (`int`): L, text tokens per chunk.
-        compression_ratio (`int`): r; a closed chunk becomes L / r visual tokens.
+        compression_ratio (`int`): r; a closed chunk becomes m = L / r visual tokens.
         merge_size (`int`, *optional*): s; the aligner concatenates s x s neighbouring patches before projecting
             (paper: 1), so the tower reads m x s^2 patches per chunk. `None`: from `sketch_geometry`.
-        sketch_token_id (`int`): placeholder id that marks visual positions in `input_ids`.
+        sketch_token_id (`int`): the `<|sketch|>` placeholder id that marks visual positions in `input_ids`.
         font_path (`str`, *optional*): a TrueType font; `None` uses Pillow's built-in scalable font.
-        font_size (`int`): pixel size glyphs are drawn at before being fitted into their cell.
-        min_font_size (`int`): floor for the `"shrink_font"` overflow policy.
-        char_width, line_height (`int`): the glyph cell in pixels; every character occupies exactly one cell.
-        margin (`int`): blank pixels around the text block.
+        font_size, min_font_size (`int`): pixel size glyphs are drawn at; the floor of the `"shrink_font"` policy.
+        char_width, line_height, margin (`int`): the glyph cell in pixels (one per character); blank pixels around.
         foreground, background (`int`): grey levels of ink and paper (0-255).
-        image_height, image_width (`int`, *optional*): sketch size; must give exactly L / r tokens after patching
-            and merging. `None`: the cheapest that holds a chunk of English prose (`sketch_geometry`).
+        image_height, image_width (`int`, *optional*): sketch size; must give exactly m tokens after patching and
+            merging. `None`: the cheapest that holds a chunk of English prose (`sketch_geometry`).
         num_channels (`int`): 1 or 3 (grey replicated), as the vision tower expects.
         image_mean, image_std (`float`): pixel normalisation, `(x / 255 - mean) / std`.
-        overflow_policy (`str`): what to do with a chunk that does not fit its sketch or holds characters the font
-            cannot draw: `"keep_text"` keeps that chunk as plain text tokens; `"shrink_font"` first retries overflow
-            with smaller cells down to `min_font_size` (undrawable characters are always kept as text).
-        newline_glyph (`str`, *optional*): draw each newline as this character, in line, instead of starting a new
-            line. Then a character's cell depends only on its place in the chunk, not on the line breaks before it,
-            which a small reader finds much easier to follow, and no cell is left blank, so a sketch holds a chunk
-            of prose at half the cells a page layout needs (`sketch_geometry`); `None` breaks lines as a page does.
-            Default "\n": in line, as a byte mark, which no character of a text draws like. A character instead
-            (the demo checkpoint draws "«") takes one of the font's glyphs: a chunk whose text holds that character
-            (or a special token's glyph) is kept as text.
-        special_token_glyphs (`dict[str, str]`, *optional*): special tokens drawn as one character each, e.g.
-            `{"<|endoftext|>": "©"}`. Decoded, a special token is its whole name (13 cells for `<|endoftext|>`), which
-            pushes every later character of the chunk to another cell; drawn as one glyph it takes one cell, like
-            any other token, and the sketch tells it from the same name typed as text.
-        read_back_positions (`str`): where a chunk read back from its own sketch (OCR warm-up) sits. `"after_sketch"`:
-            in the layout `P V_1 ... V_i c_i`, so that `c_i` reads `V_i` at the places where `c_{i+1}` will later
-            see it. `"before_next_chunk"`: `c_i` ends right before the place of `c_{i+1}`'s first token, where a
-            text-only model holds the text that precedes the next chunk, as finishing a word broken off at a chunk
-            boundary needs. Generation never reads back, so its positions are the same either way.
+        overflow_policy (`str`): for a chunk that overflows its sketch or holds characters the font cannot draw:
+            `"keep_text"` keeps it as text tokens; `"shrink_font"` first retries overflow with smaller cells.
+        newline_glyph (`str`, *optional*): draw each newline in line as this character (default "\n": as a byte
+            mark no character draws like), so that a character's cell is its place in the chunk and no cell is left
+            blank; `None` breaks lines as a page does. A chunk whose text holds the glyph character is kept as text.
+        special_token_glyphs (`dict[str, str]`, *optional*): special tokens drawn as one character each instead of
+            their whole name, e.g. `{"<|endoftext|>": "©"}`.
+        read_back_positions (`str`): where a chunk read back from its own sketch (OCR warm-up) sits: `"after_sketch"`
+            or `"before_next_chunk"` (docs/DESIGN.md §2). Generation never reads back.
     """
 
     model_type = "vist2"
     sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
 
-    def __init__(
-        self,
-        text_config=None,
-        vision_config=None,
-        chunk_size=256,
-        compression_ratio=4,
-        merge_size=None,
-        sketch_token_id=None,
-        font_path=None,
-        font_size=16,
-        min_font_size=8,
-        char_width=4,
-        line_height=8,
-        margin=0,
-        foreground=0,
-        background=255,
-        image_height=None,
-        image_width=None,
-        num_channels=3,
-        image_mean=0.5,
-        image_std=0.5,
-        overflow_policy="keep_text",
-        newline_glyph="\n",
-        special_token_glyphs=None,
-        read_back_positions="after_sketch",
-        **kwargs,
-    ):
+    def __init__(self, text_config=None, vision_config=None, chunk_size=256, compression_ratio=4, merge_size=None,
+                 sketch_token_id=None, font_path=None, font_size=16, min_font_size=8, char_width=4, line_height=8,
+                 margin=0, foreground=0, background=255, image_height=None, image_width=None, num_channels=3,
+                 image_mean=0.5, image_std=0.5, overflow_policy="keep_text", newline_glyph="\n",
+                 special_token_glyphs=None, read_back_positions="after_sketch", **kwargs):
         self.text_config = _sub_config(text_config, "qwen3", {})
         self.vision_config = _sub_config(vision_config, "siglip_vision_model",
                                          {"patch_size": 16, "vision_use_head": False})
@@ -197,27 +162,15 @@ class VIST2Config(PretrainedConfig):
             image_height, image_width, merge_size = (fitted[k] if v is None else v for k, v in geometry.items())
         if vision_config is None:
             self.vision_config.image_size = image_height
-        self.chunk_size = chunk_size
-        self.compression_ratio = compression_ratio
-        self.merge_size = merge_size
-        self.sketch_token_id = sketch_token_id
-        self.font_path = font_path
-        self.font_size = font_size
-        self.min_font_size = min_font_size
-        self.char_width = char_width
-        self.line_height = line_height
-        self.margin = margin
-        self.foreground = foreground
-        self.background = background
-        self.image_height = image_height
-        self.image_width = image_width
-        self.num_channels = num_channels
-        self.image_mean = image_mean
-        self.image_std = image_std
-        self.overflow_policy = overflow_policy
-        self.newline_glyph = newline_glyph
+        self.chunk_size, self.compression_ratio, self.merge_size = chunk_size, compression_ratio, merge_size
+        self.sketch_token_id, self.read_back_positions = sketch_token_id, read_back_positions
+        self.font_path, self.font_size, self.min_font_size = font_path, font_size, min_font_size
+        self.char_width, self.line_height, self.margin = char_width, line_height, margin
+        self.foreground, self.background = foreground, background
+        self.image_height, self.image_width, self.num_channels = image_height, image_width, num_channels
+        self.image_mean, self.image_std = image_mean, image_std
+        self.overflow_policy, self.newline_glyph = overflow_policy, newline_glyph
         self.special_token_glyphs = special_token_glyphs or None
-        self.read_back_positions = read_back_positions
         for key in kwargs:  # PretrainedConfig keeps any unknown key: a misspelled setting would be silently unused
             near = difflib.get_close_matches(key, VIST2_KEYS, n=1, cutoff=0.8)
             if near:
@@ -247,7 +200,7 @@ class VIST2Config(PretrainedConfig):
 
         The m = L / r visual tokens form the squarest grid of s x s patch blocks; the tower reads m * s^2 patches per
         chunk, so the smallest merge s whose cells hold `characters_needed` is taken (s = 1: one patch per token).
-        A given `merge_size` is kept, whether its sketch holds a chunk or not (`check_fit` tells).
+        A given `merge_size` is kept, whether its sketch holds a chunk or not.
         """
         m, need = max(1, chunk_size // compression_ratio), characters_needed(chunk_size, chars_per_token, newline_glyph)
         rows = max(d for d in range(1, math.isqrt(m) + 1) if m % d == 0)
