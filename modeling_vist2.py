@@ -1,23 +1,17 @@
 """VIST2: a decoder-only LM that never keeps old text in its context.
 
 The sequence is `P c_1 V_1 c_2 V_2 ... c_K`: a prefix kept as text, text chunks `c_i`, and the visual tokens `V_i`
-of each closed chunk's sketch. The attention rule (DESIGN §2):
+of each closed chunk's sketch. The attention rule (docs/DESIGN.md §2):
 
     a query in P        sees P causally
     a query in c_i      sees P, every V_j (j < i) and c_i up to itself -- never the text of an earlier chunk
     a query in V_i      sees P, every V_j (j < i) and V_i bidirectionally -- never any text chunk
 
-and positions follow the layout generation keeps in its cache, `P V_1 ... V_{i-1} c_i`. A chunk that could not be
-rendered is *kept as text*: it then plays the part of its V_i (later chunks see its text). Because the rule hides
-every closed chunk's text, `generate` can drop that text from the KV cache the moment the chunk closes: the cache
-holds `|P| + m * closed_chunks + L` entries at most, while reading the prompt and while writing.
-
-Only public, documented transformers hooks are used, so the remote code survives transformers releases:
-`GenerationMixin.generate` (called through, with a caller-supplied cache) and `prepare_inputs_for_generation`
-(overridden), a `DynamicCache` subclass (`Cache.layers[i].keys/values`), `masking_utils.create_causal_mask` with
-`or_mask_function` / `and_mask_function`, and the decoder's `inputs_embeds`, `position_ids` and prepared 4D
-`attention_mask` inputs. transformers 5.24 renamed `past_key_values` to `cache` in all of these; VIST2 takes either
-name and speaks the installed release's (`CACHE_KWARG`).
+Positions follow the layout generation keeps in its cache, `P V_1 ... V_{i-1} c_i`; a chunk kept as text (not
+rendered) plays the part of its V_i. As no later token sees a closed chunk's text, `generate` cuts it from the KV
+cache when the chunk closes: the cache holds at most `|P| + m * closed_chunks + L` entries. Only public transformers
+hooks are used (`generate`, `prepare_inputs_for_generation`, a `DynamicCache` subclass, `masking_utils`); 5.24
+renamed `past_key_values` to `cache`, and VIST2 takes either name and passes the installed release's (`CACHE_KWARG`).
 """
 
 import torch
@@ -37,9 +31,7 @@ REPORT_KEYS = ("chunks_kept_as_text", "undrawable_characters")  # what a process
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Layout: token kinds, memory, positions and the attention rule -- pure functions of the layout tensors
-# ---------------------------------------------------------------------------------------------------------------------
+# -- Layout: token kinds, memory, positions and the attention rule -- pure functions of the layout tensors -------------
 
 
 def token_kinds(input_ids, attention_mask, sketch_token_id):
@@ -60,12 +52,9 @@ def memory_flags(kinds, chunk_ids):
 
 
 def layout_position_ids(kinds, chunk_ids, memory, read_back=None, read_back_before=0):
-    """Positions in the generation layout `P V_1 ... V_{i-1} c_i` (with read-back: `P V_1 ... V_i c_i`, moved back
-    by `read_back_before` places: the chunk size, for `read_back_positions="before_next_chunk"`).
-
-    A block (the run of one chunk's text, or of its sketch) starts after all memory of earlier chunks; each
-    block must be contiguous in the flat sequence.
-    """
+    """Positions in the generation layout `P V_1 ... V_{i-1} c_i` (read-back rows: `P V_1 ... V_i c_i`, moved back
+    `read_back_before` places). A block (one chunk's text, or its sketch) starts after all memory of earlier chunks
+    and must be contiguous in the flat sequence."""
     memory_per_chunk = per_chunk_count(chunk_ids, memory)
     chunk_start = memory_per_chunk.cumsum(1) - memory_per_chunk
     block = chunk_ids * 4 + kinds
@@ -159,20 +148,16 @@ def generation_mask_function(reach, live=None, first_query=0):
     return allowed
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The compressing KV cache
-# ---------------------------------------------------------------------------------------------------------------------
+# -- The compressing KV cache ------------------------------------------------------------------------------------------
 
 
 class VIST2Cache(DynamicCache):
     """A `DynamicCache` that knows where each row's open chunk is, so a closed chunk's text can be cut out of it.
 
-    Generation only appends to the layout `P V_1 ... V_{i-1} c_i`, rows left-padded, the open chunk last. So the cache
-    keeps per row: which entries are live (`live`, None while no row holds padding), how many (`entries`), the open
-    chunk's index (`open_chunk`), its length (`open_length`), its token ids (the last L fed, `recent`) and the next
-    entry's position (`next_position`). `entries` and `open_length` live on the host: every step adds one token per
-    row, so the host knows them without asking the device; the token ids stay on the device until a chunk closes.
-    """
+    Generation only appends to the layout `P V_1 ... V_{i-1} c_i`, rows left-padded, the open chunk last. Per row it
+    keeps which entries are `live` (None without padding), how many (`entries`), the open chunk's index, length and
+    token ids (`open_chunk`, `open_length`, `recent`: the last L fed) and `next_position`. Counts live on the host
+    (each step adds one token per row, so no synchronisation); token ids stay on the device until a chunk closes."""
 
     def __init__(self, config=None, processor=None, prefill_chunk_size: int | str | None = "auto"):
         super().__init__(config=config)
@@ -244,9 +229,7 @@ class VIST2Cache(DynamicCache):
         self.select_rows(indices)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------------------------------
+# -- Model -------------------------------------------------------------------------------------------------------------
 
 
 class TokenizerIdsOnly(LogitsProcessor):
@@ -328,9 +311,8 @@ class VIST2Model(VIST2PreTrainedModel):
         self.aligner = VIST2ModalAligner(config)
         self.language_model = self.build_language_model(config.text_config)
         # Whole decoder / encoder layers stay on one device under device_map="auto".
-        self._no_split_modules = sorted(
-            set(self.vision_tower._no_split_modules or []) | set(self.language_model._no_split_modules or [])
-        )
+        self._no_split_modules = sorted(set(self.vision_tower._no_split_modules or [])
+                                        | set(self.language_model._no_split_modules or []))
         self.post_init()
 
     def build_language_model(self, text_config):
@@ -339,15 +321,11 @@ class VIST2Model(VIST2PreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, chunk_ids=None, pixel_values=None, cache=None, use_cache=None,
                 read_back=None, past_key_values=None, **kwargs):
         r"""
-        input_ids (`(batch, seq)`): flat layout from `VIST2Processor`: text, and `<|sketch|>` placeholders where
-            visual tokens go. Plain token ids (no `chunk_ids`) are laid out here as the processor lays out text.
-        chunk_ids (`(batch, seq)`): 0 for the prefix, i for the text and sketch of chunk i.
+        input_ids, chunk_ids (`(batch, seq)`): the flat layout from `VIST2Processor`, `<|sketch|>` placeholders where
+            visual tokens go; chunk ids 0 for the prefix, i for chunk i. Plain ids (no `chunk_ids`) are laid out here,
+            and the hidden states are then those of the compressed sequence `P V_1 ... V_{K-1} c_K`.
         pixel_values (`(num_sketches, H, W)` uint8): one sketch per run of placeholders, in order.
         read_back (`(batch,)` bool): OCR warm-up; a chunk's text also sees its own sketch.
-        past_key_values: the name transformers < 5.24 gives `cache`.
-
-        Returns `last_hidden_state`, one per position of the laid-out sequence (for plain ids, of the compressed
-        sequence `P V_1 ... V_{K-1} c_K` they are laid out into).
         """
         cache = past_key_values if cache is None else cache
         if chunk_ids is None:
@@ -474,32 +452,21 @@ class VIST2Model(VIST2PreTrainedModel):
                 ~allowed, torch.finfo(embeds.dtype).min)
         # The VIST2 rule replaces causality: OR-ing it admits the bidirectional sketch blocks and read-back, AND-ing it
         # removes what causality alone would allow (the text of earlier chunks).
-        return create_causal_mask(
-            config=self.config.text_config,
-            inputs_embeds=embeds,
-            attention_mask=None,
-            or_mask_function=mask_function,
-            and_mask_function=mask_function,
-            **{CACHE_KWARG: cache},
-        )
+        return create_causal_mask(config=self.config.text_config, inputs_embeds=embeds, attention_mask=None,
+                                  or_mask_function=mask_function, and_mask_function=mask_function,
+                                  **{CACHE_KWARG: cache})
 
     def run_language_model(self, embeds, positions, attention_mask, cache, use_cache=True):
-        outputs = self.get_decoder()(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            use_cache=bool(use_cache),
-            **{CACHE_KWARG: cache},
-        )
+        outputs = self.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+                                     use_cache=bool(use_cache), **{CACHE_KWARG: cache})
         return outputs.last_hidden_state
 
     def prefill_passes(self, setting, keys: int, device) -> tuple[int, int | None]:
         """(entries per language-model pass, sketches per vision-tower pass) of a prefill whose queries see up to `keys`
-        entries. `setting` is `prefill_chunk_size`: an int (that many entries, and as many sketches as hold that many
-        patches), None (one pass of each) or "auto": passes as large as a budget for their transient tensors allows --
-        4 GiB on an accelerator, where each pass costs hundreds of kernel launches (at Qwen3-0.6B / SigLIP2-base shapes
-        a 128k-token prompt still prefills in one pass of each), 8 MiB on a CPU, where compute hides the launches and
-        small passes keep the peak near the compressed cache."""
+        entries. `setting` (`prefill_chunk_size`): an int (that many entries, and sketches of as many patches), None
+        (one pass of each) or "auto": passes as large as a budget for their transient tensors allows -- 4 GiB on an
+        accelerator, where each pass costs hundreds of kernel launches, 8 MiB on a CPU, where compute hides the launches
+        and small passes keep the peak near the compressed cache."""
         patches = self.aligner.grid[0] * self.aligner.grid[1]
         if setting is None:
             return max(keys, 1), None
@@ -532,8 +499,8 @@ class VIST2Model(VIST2PreTrainedModel):
         return torch.cat(hidden, 1) if len(hidden) > 1 else hidden[0]
 
     def own_processor(self):
-        """The processor that lays out and renders when none is passed: the config's sketch settings and the tokenizer
-        saved with the model (its folder, or `model.tokenizer` after `from_backbones`). Built once, on first use."""
+        """The processor that lays out and renders when none is passed: the config's sketch settings and the model's
+        tokenizer (`model.tokenizer`, or the one saved in its folder). Built once, on first use."""
         if getattr(self, "_own_processor", None) is None:
             tokenizer, source = getattr(self, "tokenizer", None), self.config._name_or_path
             try:
@@ -571,8 +538,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                 use_cache=None, read_back=None, logits_to_keep=0, past_key_values=None, **kwargs):
         r"""
         As `VIST2Model.forward`; during decoding (a prefilled `VIST2Cache`), `input_ids` are only the new tokens.
-        labels (`(batch, seq)`): next-token targets; the loss runs over the text stream `P c_1 c_2 ...` in order
-            (the token after the last of `c_i` is the first of `c_{i+1}`), sketches and -100 carry no label.
+        labels (`(batch, seq)`): next-token targets along the text stream `P c_1 c_2 ...`, across chunk boundaries;
+            sketches and -100 carry no label.
         """
         for key in REPORT_KEYS:
             kwargs.pop(key, None)
@@ -591,11 +558,9 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
 
     def generate(self, inputs=None, processor=None, prefill_chunk_size: int | str | None = "auto", **kwargs):
-        """`GenerationMixin.generate` with a compressing cache. Takes the processor's batch or plain token ids (laid out
-        here as the processor lays out text); `processor=` renders closed chunks (default: `own_processor()`).
-
-        The compressed prompt is prefilled in as few passes as memory allows (`prefill_chunk_size="auto"`, see
-        `prefill_passes`); an int prefills that many entries per pass, `None` everything in one pass. Same logits."""
+        """`GenerationMixin.generate` with a compressing cache, on the processor's batch or plain token ids (laid out
+        here); `processor` renders closed chunks (default: `own_processor()`). `prefill_chunk_size`: entries per prefill
+        pass, "auto" as many as memory allows (`prefill_passes`), `None` all in one; the logits are the same."""
         self.check_generation_mode(kwargs)
         generation_config = kwargs.get("generation_config")
         if getattr(generation_config, "prefill_chunk_size", None) is not None:
@@ -640,21 +605,16 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
     @torch.no_grad()
     def read(self, processor=None, text="", prefix="", sketches_per_step: int | None = None,
              progress: bool | None = None) -> dict:
-        """Compress a long `text` into a `VIST2Cache` while streaming it, and return inputs for `generate`.
-
-        The text is tokenized, rendered and encoded a group of chunks at a time (`processor.iter_chunks`), so memory
-        holds the compressed cache and one group, never the whole text as pixels or KV. A group is at least 8 chunks, more
-        where the prefill's memory budget allows (`prefill_passes`), or `sketches_per_step` chunks::
+        """Compress a long `text` (a string, or token ids whose leading system turns stay the prefix) into a
+        `VIST2Cache` while streaming it, and return inputs for `generate`::
 
             inputs = model.read(processor, book)
             out = model.generate(**inputs, processor=processor, max_new_tokens=200)   # out[:, 1:] is the new text
 
-        `inputs["cache"]` is the `VIST2Cache` that `generate` goes on writing into (under any transformers release);
-        `chunks_kept_as_text` and `undrawable_characters` report the text as a processor call does (one warning).
-        `progress` shows a progress bar over the chunks (default: for texts of 100 000 characters or more).
-        `text` may be token ids (a list or a one-row tensor): leading system turns then stay the prefix, as in
-        `generate`. `processor` defaults to `own_processor()`.
-        """
+        Chunks are tokenized, rendered and encoded a group at a time (`processor.iter_chunks`): at least 8, more where
+        the prefill's memory budget allows, or `sketches_per_step`; memory never holds the whole text as pixels or KV.
+        Chunks kept as text are reported as a processor call reports them; `progress` shows a bar (default: for texts
+        of 100 000 characters or more)."""
         processor = self.own_processor() if processor is None else processor
         self.check_processor(processor)
         device, L, m = self.device, self.config.chunk_size, self.config.visual_tokens_per_chunk
@@ -703,11 +663,10 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
 
     def forward_text(self, input_ids, attention_mask=None, labels=None, cache=None, use_cache=None, logits_to_keep=0,
                      **kwargs):
-        """Plain token ids, as any causal-LM client passes them, laid out by the processor as it lays out text.
-
-        With a cache (generation), the generation layout is prefilled into it and the logits are the compressed
-        sequence's. Without, the training layout runs and the logits (and the loss over `labels`) come back at the
-        caller's token positions: at each token, the logits generation would give there."""
+        """Plain token ids, as any causal-LM client passes them, laid out by the processor as it lays out text. With a
+        cache, the generation layout is prefilled into it (the logits are the compressed sequence's); without, the
+        training layout runs and the logits (and the loss over `labels`) come back at the caller's token positions:
+        at each token, the logits generation would give there."""
         processor = getattr(cache, "processor", None)
         if use_cache or isinstance(cache, VIST2Cache):
             layout, _ = self.lay_out(input_ids, attention_mask, processor)
