@@ -36,6 +36,7 @@ BYTE_MARKED = {"\t": 0x09, "\r": 0x0D, SHOWN_NEWLINE: 0x0A, SHOWN_SPACE: 0x20,
 # Scripts whose letters look alike (Latin a, Cyrillic а, Greek ο...): where a font draws two of them as the same cell,
 # the first in this order keeps the cell and the other is reported instead of drawn, so no two texts draw alike.
 LOOKALIKE_REPERTOIRE = "".join(map(chr, [*range(0x21, 0x7F), *range(0xA1, 0x250), *range(0x370, 0x530)]))
+
 # -- Chunking ----------------------------------------------------------------------------------------------------------
 
 
@@ -191,14 +192,10 @@ def wrap_into_lines(text: str, columns: int, newline_glyph: str | None = None) -
 
 def render_chunk(text: str, settings: dict, font_size: int | None = None) -> tuple[np.ndarray, SketchReport]:
     """One chunk's sketch as a `(image_height, image_width)` uint8 grey array, and what could not be drawn.
-
-    `settings` is `VIST2Config.sketch_settings`. The cell shrinks with `font_size` so that the shrink policy fits more
-    characters into the same image.
-    """
+    `settings`: `VIST2Config.sketch_settings`; a smaller `font_size` shrinks the cell too (the shrink policy)."""
     font_size = font_size or settings["font_size"]
     scale = font_size / settings["font_size"]
-    cell_w = max(1, round(settings["char_width"] * scale))
-    cell_h = max(1, round(settings["line_height"] * scale))
+    cell_w, cell_h = max(1, round(settings["char_width"] * scale)), max(1, round(settings["line_height"] * scale))
     height, width, margin = settings["image_height"], settings["image_width"], settings["margin"]
     columns, rows = (width - 2 * margin) // cell_w, (height - 2 * margin) // cell_h
     atlas = glyph_atlas(settings["font_path"], font_size, cell_w, cell_h, settings["foreground"], settings["background"])
@@ -240,14 +237,12 @@ class VIST2Processor(ProcessorMixin):
     r"""Tokenizer + sketch renderer -> VIST2 model inputs.
 
     `processor(text=..., prefix=...)` returns, left-padded over the batch:
-        - `input_ids`: `prefix`, then for each closed chunk `visual_tokens_per_chunk` sketch placeholders, then the
-          open chunk's tokens. With `keep_closed_text=True` (training) each closed chunk's text precedes its
-          placeholders: `P c_1 V_1 c_2 V_2 ... c_K`.
+        - `input_ids`: `prefix`, then `visual_tokens_per_chunk` sketch placeholders per closed chunk, then the open
+          chunk's tokens (with `keep_closed_text=True`, training's `P c_1 V_1 c_2 V_2 ... c_K`).
         - `attention_mask`, and `chunk_ids`: 0 for the prefix, i for the text and placeholders of chunk i.
         - `pixel_values`: `(num_closed_chunks_in_batch, C, H, W)`, in the order the placeholders appear.
-        - `chunks_kept_as_text` and `undrawable_characters`: per sample, the closed chunks that could not be rendered
-          and stay as text, and the characters no sketch could show (a string per sample). One warning per call
-          sums them up; `processor.last_report` holds each chunk's `SketchReport`.
+        - `chunks_kept_as_text` and `undrawable_characters`, per sample: closed chunks that could not be rendered and
+          stay as text, and the characters no sketch could show (one warning per call; details in `last_report`).
     """
 
     tokenizer_class = "AutoTokenizer"
@@ -366,14 +361,12 @@ class VIST2Processor(ProcessorMixin):
         kept = [report for report in reports if not report.ok]
         undrawable = sorted(set().union(*(report.undrawable for report in kept)))
         if kept and stacklevel:
-            problems = {f"{sum(r.overflow for r in kept)} overflow their sketch (Fix: overflow_policy='shrink_font' or "
-                        "a larger sketch when training)": any(r.overflow for r in kept),
-                        f"{sum(bool(r.undrawable) for r in kept)} hold characters no sketch of this model shows: "
-                        f"{''.join(undrawable)!r} (Fix: a font_path that draws them when training, or clean the "
-                        "text, e.g. unicodedata.normalize('NFKC', text))": bool(undrawable),
-                        f"{sum(r.hidden for r in kept)} end with a line break no pixel shows (Fix: a newline_glyph "
-                        "when training)": any(r.hidden for r in kept)}
-            summary = "; ".join(what for what, found in problems.items() if found)
+            counts = (sum(r.overflow for r in kept), sum(bool(r.undrawable) for r in kept), sum(r.hidden for r in kept))
+            problems = ("overflow their sketch (Fix: overflow_policy='shrink_font' or a larger sketch when training)",
+                        f"hold characters no sketch of this model shows: {''.join(undrawable)!r} (Fix: a font_path "
+                        "that draws them when training, or clean the text, e.g. unicodedata.normalize('NFKC', text))",
+                        "end with a line break no pixel shows (Fix: a newline_glyph when training)")
+            summary = "; ".join(f"{count} {what}" for count, what in zip(counts, problems) if count)
             warnings.warn(f"VIST2: {len(kept)} of {len(reports)} closed chunks are kept as text (overflow_policy="
                           f"{self.sketch_settings['overflow_policy']!r}): {summary}.", stacklevel=stacklevel + 1)
         return len(kept), undrawable
@@ -388,10 +381,7 @@ class VIST2Processor(ProcessorMixin):
 
     def encode_sample(self, prefix_ids, stream_ids, keep_closed_text=False, trainable=None):
         """One sample's layout as lists: input_ids, chunk_ids, labels, sketches (uint8) and the render report.
-
-        `trainable` (one bool per stream token) marks the tokens that carry a label; by default all chunk text does.
-        The prefix is given context, never a target.
-        """
+        `trainable` (a bool per stream token) marks the tokens that carry a label (default: all); the prefix never does."""
         prefix_ids, stream_ids = list(prefix_ids), list(stream_ids)
         if not prefix_ids and not stream_ids:
             if self.tokenizer.bos_token_id is None:
@@ -411,21 +401,14 @@ class VIST2Processor(ProcessorMixin):
             labels += [t if k else IGNORE_INDEX for t, k in zip(chunk[:text_length], keep)]
             labels += [IGNORE_INDEX] * (len(ids) - text_length)
         labels[0] = IGNORE_INDEX  # nothing predicts the first token: keeps Trainer's num_items_in_batch exact
-        return {
-            "input_ids": input_ids,
-            "chunk_ids": chunk_ids,
-            "labels": labels,
-            "sketches": [image for image in images if image is not None],
-            "report": reports,
-            **dict(zip(("chunks_kept_as_text", "undrawable_characters"), self.kept_as_text(reports))),
-        }
+        return {"input_ids": input_ids, "chunk_ids": chunk_ids, "labels": labels, "report": reports,
+                "sketches": [image for image in images if image is not None],
+                **dict(zip(("chunks_kept_as_text", "undrawable_characters"), self.kept_as_text(reports)))}
 
     def chunk_layout(self, index: int, token_ids, sketched: bool, keep_text: bool = False):
-        """The layout rule: the entries chunk `index` contributes to a sequence, as `(input_ids, chunk_ids, text_length)`.
-        Its text comes first when the chunk is open, kept as text (no sketch) or `keep_text` (training's
-        `P c_1 V_1 ...`), then its sketch's `visual_tokens_per_chunk` placeholders when it has one. Samples, the model's
-        streaming `read` and its decoding all lay chunks out through this rule (the model derives kinds and positions
-        from the ids and chunk ids)."""
+        """The layout rule: the entries chunk `index` contributes to a sequence, as `(input_ids, chunk_ids, text_length)`:
+        its text when the chunk is open, kept as text or `keep_text` (training's `P c_1 V_1 ...`), then its sketch's
+        placeholders when it has one. Samples, the model's `read` and its decoding all lay chunks out by this rule."""
         text = list(token_ids) if keep_text or not sketched else []
         ids = text + [self.sketch_token_id] * (self.visual_tokens_per_chunk if sketched else 0)
         return ids, [index] * len(ids), len(text)
@@ -451,18 +434,14 @@ class VIST2Processor(ProcessorMixin):
 
     def __call__(self, text=None, prefix=None, keep_closed_text=False, return_labels=False, return_tensors="pt",
                  **kwargs):
-        """Encode `text` (compressed chunk by chunk) after an optional `prefix` (kept as text).
-
-        `text` and `prefix` are strings or lists of strings of equal length.
-        """
+        """Encode `text` (compressed chunk by chunk) after an optional `prefix` (kept as text): strings or lists of
+        strings of equal length."""
         texts = [text] if isinstance(text, str) or text is None else list(text)
         prefixes = [prefix] * len(texts) if isinstance(prefix, str) or prefix is None else list(prefix)
         if len(prefixes) != len(texts):
             raise ValueError(f"VIST2Processor: got {len(texts)} texts but {len(prefixes)} prefixes; pass one per text")
-        samples = [
-            self.encode_sample(self.encode(p), self.encode(t), keep_closed_text=keep_closed_text)
-            for t, p in zip(texts, prefixes)
-        ]
+        samples = [self.encode_sample(self.encode(p), self.encode(t), keep_closed_text=keep_closed_text)
+                   for t, p in zip(texts, prefixes)]
         self.last_report = [s["report"] for s in samples]
         self.kept_as_text([report for s in samples for report in s["report"]], stacklevel=2)
         batch = self.collate(samples, return_labels=return_labels)
@@ -470,13 +449,10 @@ class VIST2Processor(ProcessorMixin):
         return batch
 
     def iter_chunks(self, text, piece_chars: int = 1 << 16):
-        """Stream `text` (a string, or token ids already tokenized) chunk by chunk: yields `(token_ids, sketch, report)`
-        for each closed chunk (`sketch` is None when the chunk is kept as text), then the open chunk as
-        `(token_ids, None, None)`.
-
-        Only one piece of text and one chunk are held at a time, so a book-length text costs what one chunk costs.
-        Pieces end where the tokenizer's pre-tokenizer starts its last pre-token (the only one more text can change),
-        so the token stream equals tokenizing the whole text at once."""
+        """Stream `text` (a string, or token ids) chunk by chunk: `(token_ids, sketch or None, report)` per closed chunk,
+        then `(token_ids, None, None)` for the open one. One piece of text and one chunk are held at a time; pieces
+        end where the pre-tokenizer starts its last pre-token (the only one more text can change), so the tokens equal
+        those of the whole text at once."""
         pending = []
         for piece in self.token_pieces(text, piece_chars) if isinstance(text, str) else [list(map(int, text))]:
             pending += piece
