@@ -488,26 +488,10 @@ class VIST2Processor(ProcessorMixin):
 
     # -- chat ---------------------------------------------------------------------------------------------------------
 
-    def encode_conversation(self, messages, keep_closed_text=True, add_generation_prompt=False):
-        """ChatML conversation -> one sample. Leading system messages form the prefix (never compressed); every
-        later turn is compressed as it scrolls out of the open chunk. Only assistant replies carry labels."""
-        token_ids, trainable = [], []
-        for message in messages:
-            header = self.encode(f"<|im_start|>{message['role']}\n", allow_special_tokens=True)
-            body = self.encode(message["content"]) + self.encode("<|im_end|>\n", allow_special_tokens=True)
-            token_ids += header + body
-            trainable += [False] * len(header) + [message["role"] == "assistant"] * len(body)
-        if add_generation_prompt:
-            prompt = self.encode("<|im_start|>assistant\n", allow_special_tokens=True)
-            token_ids += prompt
-            trainable += [False] * len(prompt)
-        cut = self.prefix_length(token_ids)
-        return self.encode_sample(token_ids[:cut], token_ids[cut:], keep_closed_text, trainable[cut:])
-
     def prefix_length(self, token_ids) -> int:
         """How many leading tokens are system turns (`<|im_start|>system\n ... <|im_end|>\n`): a conversation's
         uncompressed prefix. Found in the token ids, so a conversation tokenized elsewhere (a pipeline, an evaluation
-        harness) is laid out as `encode_conversation` lays it out; other text has no prefix."""
+        harness) keeps its system turns as the prefix; other text has no prefix."""
         header = self.encode("<|im_start|>system\n", allow_special_tokens=True)
         end = self.encode("<|im_end|>\n", allow_special_tokens=True)
         ids, cut = list(token_ids), 0

@@ -15,6 +15,7 @@ from conftest import SAMPLE_TEXT
 from test_generation import TOLERANCE, training_forward_logits
 from vist2 import VIST2ForCausalLM
 from vist2.modeling_vist2 import CACHE_KWARG
+from vist2.training import encode_conversation
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "system", "content": "Answer briefly."},
@@ -121,7 +122,7 @@ def test_a_conversation_tokenized_elsewhere_keeps_its_system_turns_as_the_prefix
     ids = chat_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
     ids = ids["input_ids"] if isinstance(ids, dict) else ids
     laid_out = chat_processor.layout_token_ids(ids)
-    sample = chat_processor.encode_conversation(MESSAGES, keep_closed_text=False, add_generation_prompt=True)
+    sample = encode_conversation(chat_processor, MESSAGES, keep_closed_text=False, add_generation_prompt=True)
     assert laid_out["input_ids"][0].tolist() == sample["input_ids"]
     assert laid_out["chunk_ids"][0].tolist() == sample["chunk_ids"]
     prefix = laid_out["input_ids"][0][laid_out["chunk_ids"][0] == 0]

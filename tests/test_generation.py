@@ -9,6 +9,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from conftest import SAMPLE_TEXT
 from vist2 import VIST2Cache
 from vist2.modeling_vist2 import CACHE_KWARG, TEXT, token_kinds
+from vist2.training import encode_conversation
 
 TOLERANCE = 1e-5  # float32; observed differences are ~1e-7
 
@@ -286,8 +287,8 @@ def test_a_conversation_with_special_tokens_drawn_as_glyphs_equals_the_training_
     processor = VIST2Processor.from_config(config, tokenizer)
     messages = [{"role": "user", "content": SAMPLE_TEXT[:60]}, {"role": "assistant", "content": SAMPLE_TEXT[60:120]},
                 {"role": "user", "content": SAMPLE_TEXT[120:150]}]
-    sample = processor.encode_conversation(messages, keep_closed_text=False, add_generation_prompt=True)
-    stream = [t for t in processor.encode_conversation(messages, add_generation_prompt=True)["input_ids"]
+    sample = encode_conversation(processor, messages, keep_closed_text=False, add_generation_prompt=True)
+    stream = [t for t in encode_conversation(processor, messages, add_generation_prompt=True)["input_ids"]
               if t != config.sketch_token_id]
     closed = [stream[i : i + 16] for i in range(0, len(stream) - 16, 16)]
     assert "±" in "".join(map(processor.chunk_text, closed)), "a closed chunk of the prompt must hold a glyph"

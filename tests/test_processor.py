@@ -8,6 +8,7 @@ import torch
 from conftest import SAMPLE_TEXT, tiny_config
 from vist2 import VIST2Processor, split_into_chunks
 from vist2.processing_vist2 import IGNORE_INDEX
+from vist2.training import encode_conversation
 
 
 def test_token_stream_is_cut_into_chunks_with_a_shorter_open_tail():
@@ -119,7 +120,7 @@ def test_conversation_prefix_is_system_and_labels_cover_assistant_replies_only(p
         {"role": "user", "content": SAMPLE_TEXT[:150]},
         {"role": "assistant", "content": "It compresses old text."},
     ]
-    sample = processor.encode_conversation(messages)
+    sample = encode_conversation(processor, messages)
     batch = processor.collate([sample], return_labels=True)
     ids, labels, chunks = batch["input_ids"][0], batch["labels"][0], batch["chunk_ids"][0]
     assert processor.decode(ids[chunks == 0]) == "<|im_start|>system\nBe brief.<|im_end|>\n"

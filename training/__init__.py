@@ -485,6 +485,23 @@ class StreamingTextDataset(IterableDataset):
             yield PendingWindow(window, self.geometry)
 
 
+def encode_conversation(processor: VIST2Processor, messages, keep_closed_text=True, add_generation_prompt=False):
+    """ChatML conversation -> one sample. Leading system messages form the prefix (never compressed); every later
+    turn is compressed as it scrolls out of the open chunk. Only assistant replies carry labels."""
+    token_ids, trainable = [], []
+    for message in messages:
+        header = processor.encode(f"<|im_start|>{message['role']}\n", allow_special_tokens=True)
+        body = processor.encode(message["content"]) + processor.encode("<|im_end|>\n", allow_special_tokens=True)
+        token_ids += header + body
+        trainable += [False] * len(header) + [message["role"] == "assistant"] * len(body)
+    if add_generation_prompt:
+        prompt = processor.encode("<|im_start|>assistant\n", allow_special_tokens=True)
+        token_ids += prompt
+        trainable += [False] * len(prompt)
+    cut = processor.prefix_length(token_ids)
+    return processor.encode_sample(token_ids[:cut], token_ids[cut:], keep_closed_text, trainable[cut:])
+
+
 class ConversationDataset(Dataset):
     """Stage 2: chat conversations (`[{"role": ..., "content": ...}, ...]`), encoded and rendered on access.
 
@@ -500,7 +517,7 @@ class ConversationDataset(Dataset):
     def __getitem__(self, index):
         conversation = self.conversations[index]
         messages = conversation[self.messages_column] if isinstance(conversation, dict) else conversation
-        sample = self.processor.encode_conversation(messages, keep_closed_text=True)
+        sample = encode_conversation(self.processor, messages, keep_closed_text=True)
         return {key: sample[key] for key in SAMPLE_KEYS}
 
 
@@ -606,7 +623,7 @@ __all__ = [
     "CurriculumPhase", "CurriculumSchedule", "CurriculumCallback", "VIST2Trainer", "processor_for_phase",
     "apply_final_geometry", "set_frozen", "PackedTextDataset", "StreamingTextDataset", "PendingWindow", "ConversationDataset",
     "VIST2DataCollator", "language_model_lora_config", "bf16_supported", "load_or_build_model", "vist2_training_arguments",
-    "from_backbones", "tiny_config", "read_back_chunk",
+    "from_backbones", "tiny_config", "read_back_chunk", "encode_conversation",
 ]
 
 
