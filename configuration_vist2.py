@@ -1,10 +1,9 @@
 """VIST2 configuration: backbones, chunking, compression and the sketch renderer's settings.
 
-A VIST2 model cuts text into chunks of `chunk_size` (L) tokens. Every closed chunk is rendered into an
-`image_height x image_width` sketch, read by the vision tower and merged `merge_size x merge_size` by the modal
-aligner into `visual_tokens_per_chunk` (m = L / r) tokens. Everything that decides the pixels of a sketch lives
-here, so that a model and its processor provably agree (`VIST2Config.sketch_settings`), and so does the rule that
-sizes a sketch to hold a chunk (`VIST2Config.sketch_geometry`).
+Every closed chunk of `chunk_size` (L) tokens is rendered into an `image_height x image_width` sketch, read by the
+vision tower and merged `merge_size x merge_size` by the aligner into m = L / r visual tokens. Everything that decides
+a sketch's pixels lives here, so a model and its processor provably agree (`sketch_settings`), and so does the rule
+that sizes a sketch to hold a chunk (`sketch_geometry`).
 """
 
 import difflib
@@ -16,19 +15,17 @@ from transformers.models.auto import CONFIG_MAPPING
 
 OVERFLOW_POLICIES = ("keep_text", "shrink_font")
 READ_BACK_POSITIONS = ("after_sketch", "before_next_chunk")
-# A chunk of L tokens is about L x (characters per token) characters; a sketch leaves room for FIT_MARGIN times that,
-# the longest 1 % of chunks of English prose (benchmarks/geometry.py: up to 1.27x the mean), or FIT_MARGIN_LINE_BREAKS
-# times with newline_glyph=None, where each line break leaves the rest of its line blank (up to 1.92x at 64 columns).
-# BPE tokenizers of 8k-50k tokens take 3.9-5.0 characters per token on English prose there (GPT-2's: 4.15-4.75); the
-# default geometry is sized for PROSE_CHARS_PER_TOKEN.
+# A sketch holds FIT_MARGIN times a chunk's mean characters: the longest 1 % of chunks of English prose
+# (benchmarks/geometry.py: up to 1.27x the mean); FIT_MARGIN_LINE_BREAKS with newline_glyph=None, where each line break
+# blanks the rest of its line (up to 1.92x at 64 columns). BPEs of 8k-50k tokens spell 3.9-5.0 characters per token of
+# English prose; the default geometry is sized for PROSE_CHARS_PER_TOKEN.
 FIT_MARGIN, FIT_MARGIN_LINE_BREAKS, PROSE_CHARS_PER_TOKEN, MAX_MERGE_SIZE = 1.3, 2.0, 5.0, 4
 
 # Settings that decide which tokens form a chunk and which pixels its sketch has.
-SKETCH_SETTING_KEYS = (
-    "chunk_size", "compression_ratio", "font_path", "font_size", "min_font_size", "char_width", "line_height", "margin",
-    "foreground", "background", "image_height", "image_width", "num_channels", "image_mean", "image_std",
-    "overflow_policy", "newline_glyph", "special_token_glyphs",
-)
+SKETCH_SETTING_KEYS = ("chunk_size", "compression_ratio", "font_path", "font_size", "min_font_size", "char_width",
+                       "line_height", "margin", "foreground", "background", "image_height", "image_width",
+                       "num_channels", "image_mean", "image_std", "overflow_policy", "newline_glyph",
+                       "special_token_glyphs")
 VIST2_KEYS = SKETCH_SETTING_KEYS + ("text_config", "vision_config", "merge_size", "sketch_token_id",
                                     "read_back_positions")
 
