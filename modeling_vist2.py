@@ -165,9 +165,7 @@ class VIST2Cache(DynamicCache):
         # Entries per language-model pass of the prefill: "auto" sizes passes by a memory budget, None makes one pass.
         self.prefill_chunk_size = prefill_chunk_size
         self.live = self.recent = self.next_position = self.open_chunk = None
-        self.entries: list[int] = []
-        self.open_length: list[int] = []
-        self.prefix_length: list[int] = []  # of the prompt: its uncompressed prefix (chunk 0)
+        self.entries, self.open_length, self.prefix_length = [], [], []  # per row; prefix_length: the prompt's chunk 0
         self.reports = []  # how each chunk closed while writing was rendered (for generate's summary warning)
 
     @property
@@ -296,9 +294,8 @@ class VIST2TextDecoder(nn.Module):
 
 
 class VIST2Model(VIST2PreTrainedModel):
-    """Vision tower, aligner and the backbone's decoder: the hidden states of the compressed sequence, no LM head
-    (`AutoModel`). `VIST2ForCausalLM` is this model with the backbone's head; both name their weights alike, so one
-    checkpoint loads as either."""
+    """Vision tower, aligner and the backbone's decoder: the hidden states of the compressed sequence (`AutoModel`).
+    `VIST2ForCausalLM` adds the backbone's LM head; both name their weights alike, so one checkpoint loads as either."""
 
     _keys_to_ignore_on_load_unexpected = [r"^language_model\.lm_head\."]  # a VIST2ForCausalLM checkpoint's head
 
@@ -433,9 +430,8 @@ class VIST2Model(VIST2PreTrainedModel):
     # -- the language model --------------------------------------------------------------------------------------------
 
     def build_attention_mask(self, embeds, mask_function, cache=None):
-        """A mask function over flat indices in the form the configured attention implementation takes (sdpa: boolean,
-        eager: additive float, flex: a BlockMask that skips fully masked blocks); the queries are the last
-        `embeds.shape[1]` entries, after those `cache` holds."""
+        """A mask function over flat indices as the attention implementation takes it (sdpa: boolean, eager: additive,
+        flex: a BlockMask that skips fully masked blocks), for the last `embeds.shape[1]` entries, after `cache`'s."""
         implementation = self.config.text_config._attn_implementation
         if implementation in ("sdpa", "eager"):
             # The rules are elementwise, so one broadcast call builds the whole (batch, 1, q, kv) mask; transformers'
