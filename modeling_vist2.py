@@ -80,8 +80,7 @@ def check_layout(kinds, chunk_ids, visual_tokens_per_chunk):
         "a chunk id lower than the one before it": F.pad((chunk < previous) & real[:, 1:], (1, 0)),
         "a '<|sketch|>' in the prefix (chunk 0)": (kinds == SKETCH) & (chunk_ids == 0),
         "text after its chunk's '<|sketch|>' run": F.pad(same_chunk & (kinds[:, 1:] == TEXT) & (kinds[:, :-1] == SKETCH),
-                                                         (1, 0)),
-    }
+                                                         (1, 0))}
     counted = chunk_ids.clamp(min=0)  # (a negative id is reported above)
     sketches = per_chunk_count(counted, kinds == SKETCH).gather(1, counted)
     problems[f"a chunk whose '<|sketch|>' count is not 0 or {visual_tokens_per_chunk}"] = (
@@ -101,8 +100,7 @@ def prefill_block_ends(kinds, chunk_ids, block: int) -> list[int]:
     a sketch's tokens see each other (a later token of a cut sketch would not be in the cache yet)."""
     inside_sketch = (kinds[:, 1:] == SKETCH) & (kinds[:, :-1] == SKETCH) & (chunk_ids[:, 1:] == chunk_ids[:, :-1])
     length, ends = kinds.shape[1], []
-    cuts = ((~inside_sketch.any(0)).nonzero()[:, 0] + 1).tolist() + [length]
-    for cut in cuts:
+    for cut in ((~inside_sketch.any(0)).nonzero()[:, 0] + 1).tolist() + [length]:
         if cut - (ends[-1] if ends else 0) >= block or cut == length:
             ends.append(cut)
     return ends
@@ -110,7 +108,6 @@ def prefill_block_ends(kinds, chunk_ids, block: int) -> list[int]:
 
 def vist2_mask_function(kinds, chunk_ids, memory, read_back):
     """The attention rule as a transformers mask function over flat indices of `(batch, kv_length)` layout tensors."""
-
     def allowed(batch_idx, head_idx, q_idx, kv_idx):
         q_kind, kv_kind = kinds[batch_idx, q_idx], kinds[batch_idx, kv_idx]
         q_chunk, kv_chunk = chunk_ids[batch_idx, q_idx], chunk_ids[batch_idx, kv_idx]
@@ -122,7 +119,6 @@ def vist2_mask_function(kinds, chunk_ids, memory, read_back):
         visible = (earlier_memory | own_text | own_sketch | reads_own_sketch) & (q_kind != PAD) & (kv_kind != PAD)
         # A padding query attends to itself only, so no softmax row is empty.
         return visible | ((q_kind == PAD) & (kv_idx == q_idx))
-
     return allowed
 
 
@@ -140,11 +136,9 @@ def generation_mask_function(reach, live=None, first_query=0):
     """The rule of the generation layout as a mask function: query `q` (flat index; `reach[:, q - first_query]`) sees
     every key up to its reach; a dead key (`live` False: padding, a cut chunk, an unused slot) is seen by no live query,
     and a dead query sees keys up to itself, so no softmax row is empty. `live` None: no entry is dead."""
-
     def allowed(batch_idx, head_idx, q_idx, kv_idx):
         seen = kv_idx <= reach[batch_idx, q_idx - first_query]
         return seen if live is None else seen & (live[batch_idx, kv_idx] | ~live[batch_idx, q_idx])
-
     return allowed
 
 
@@ -248,8 +242,7 @@ class VIST2ModalAligner(nn.Module):
         super().__init__()
         self.merge_size = config.merge_size
         self.grid = (config.image_height // config.patch_size, config.image_width // config.patch_size)
-        vision_width = config.vision_config.hidden_size * config.merge_size**2
-        self.proj = nn.Linear(vision_width, config.text_config.hidden_size)
+        self.proj = nn.Linear(config.vision_config.hidden_size * config.merge_size**2, config.text_config.hidden_size)
 
     def forward(self, patches):
         n, _, width = patches.shape
@@ -266,10 +259,8 @@ class VIST2PreTrainedModel(PreTrainedModel):
     _no_split_modules = []  # collected from the vision tower and language model
     _skip_keys_device_placement = ["past_key_values", "cache"]
     # The layout mask is a full 4D mask or a flex BlockMask; flash-attention kernels take neither.
-    _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_flash_attn = False
-    _supports_attention_backend = False
+    _supports_sdpa = _supports_flex_attn = True
+    _supports_flash_attn = _supports_attention_backend = False
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
