@@ -7,11 +7,9 @@ of each closed chunk's sketch. The attention rule (docs/DESIGN.md §2):
     a query in c_i      sees P, every V_j (j < i) and c_i up to itself -- never the text of an earlier chunk
     a query in V_i      sees P, every V_j (j < i) and V_i bidirectionally -- never any text chunk
 
-Positions follow the layout generation keeps in its cache, `P V_1 ... V_{i-1} c_i`; a chunk kept as text (not
-rendered) plays the part of its V_i. As no later token sees a closed chunk's text, `generate` cuts it from the KV
-cache when the chunk closes: the cache holds at most `|P| + m * closed_chunks + L` entries. Only public transformers
-hooks are used (`generate`, `prepare_inputs_for_generation`, a `DynamicCache` subclass, `masking_utils`); 5.24
-renamed `past_key_values` to `cache`, and VIST2 takes either name and passes the installed release's (`CACHE_KWARG`).
+Positions follow the cache's layout `P V_1 ... V_{i-1} c_i`, so `generate` cuts a chunk's text from the KV cache when
+it closes: the cache holds at most `|P| + m * closed_chunks + L` entries. Only public transformers hooks are used
+(docs/DESIGN.md §4); 5.24 renamed `past_key_values` to `cache`, and VIST2 takes either name (`CACHE_KWARG`).
 """
 
 import torch
@@ -108,6 +106,7 @@ def prefill_block_ends(kinds, chunk_ids, block: int) -> list[int]:
 
 def vist2_mask_function(kinds, chunk_ids, memory, read_back):
     """The attention rule as a transformers mask function over flat indices of `(batch, kv_length)` layout tensors."""
+
     def allowed(batch_idx, head_idx, q_idx, kv_idx):
         q_kind, kv_kind = kinds[batch_idx, q_idx], kinds[batch_idx, kv_idx]
         q_chunk, kv_chunk = chunk_ids[batch_idx, q_idx], chunk_ids[batch_idx, kv_idx]
@@ -136,6 +135,7 @@ def generation_mask_function(reach, live=None, first_query=0):
     """The rule of the generation layout as a mask function: query `q` (flat index; `reach[:, q - first_query]`) sees
     every key up to its reach; a dead key (`live` False: padding, a cut chunk, an unused slot) is seen by no live query,
     and a dead query sees keys up to itself, so no softmax row is empty. `live` None: no entry is dead."""
+
     def allowed(batch_idx, head_idx, q_idx, kv_idx):
         seen = kv_idx <= reach[batch_idx, q_idx - first_query]
         return seen if live is None else seen & (live[batch_idx, kv_idx] | ~live[batch_idx, q_idx])

@@ -1,13 +1,11 @@
 """VIST2 processing: chunking, the sketch renderer, and `VIST2Processor`.
 
 A text becomes `P c_1 c_2 ... c_K`: an optional prefix kept as text, then chunks of `chunk_size` (L) tokens. Every
-chunk but the last is *closed*: it is rendered into a sketch and, in the model's input, replaced by
-`visual_tokens_per_chunk` placeholder tokens whose embeddings the vision tower provides. The last chunk stays open,
-as text, because the model keeps writing into it.
-
-The renderer is a glyph atlas: every character is drawn once with Pillow and fitted into a fixed cell, and a chunk is
-composed by indexing the atlas with a grid of character ids. It is a pure function of (text, settings), puts every
-character at a fixed place on the patch grid, and runs inside the decode loop at thousands of chunks per second.
+chunk but the last (open: the model keeps writing into it) is *closed*: rendered into a sketch and, in the model's
+input, replaced by `visual_tokens_per_chunk` placeholders whose embeddings the vision tower provides. The renderer is
+a glyph atlas (each character drawn once into a fixed cell; a chunk is the atlas indexed by a grid of character ids):
+a pure function of (text, settings) that puts every character at a fixed place on the patch grid, fast enough to run
+inside the decode loop.
 """
 
 import functools
@@ -26,10 +24,9 @@ from .configuration_vist2 import SKETCH_SETTING_KEYS, validate_sketch_settings
 
 SKETCH_TOKEN = "<|sketch|>"
 IGNORE_INDEX = -100
-# A byte the text holds but no character shows: a tab or carriage return, a newline drawn in line (newline_glyph="\n"),
-# a space that ends a line (blank, it would look like no space), or a byte of a character that a chunk edge splits (as
-# Python's "surrogateescape" spells it). Each is drawn as a mark of its own (its bits as blocks), never as a font glyph
-# nor as blank paper.
+# Bytes the text holds but no character shows (a tab or carriage return, a newline drawn in line, a space that ends a
+# line, a byte of a character that a chunk edge splits, spelled as Python's "surrogateescape" does) are each drawn as a
+# mark of their own, their bits as blocks: never as a font glyph nor as blank paper.
 SHOWN_SPACE, SHOWN_NEWLINE = "\udc20", "\udc0a"
 BYTE_MARKED = {"\t": 0x09, "\r": 0x0D, SHOWN_NEWLINE: 0x0A, SHOWN_SPACE: 0x20,
                **{chr(0xDC00 + b): b for b in range(0x80, 0x100)}}
@@ -155,8 +152,7 @@ class GlyphAtlas:
         return self._lookalikes.get(cell.tobytes(), char) != char
 
     def lookup(self, char: str) -> int | None:
-        """Atlas index of `char`, drawing it on first use; `None` if the font cannot draw it apart from every other
-        character."""
+        """Atlas index of `char`, drawn on first use; `None` if the font cannot draw it apart from every other one."""
         if char in self.index:
             return self.index[char]
         cell = self.marks.get(char)
@@ -420,7 +416,6 @@ class VIST2Processor(ProcessorMixin):
 
         def left_pad(values, fill):
             return [[fill] * (length - len(v)) + list(v) for v in values]
-
         data = {
             "input_ids": torch.tensor(left_pad([s["input_ids"] for s in samples], pad_id)),
             "attention_mask": torch.tensor(left_pad([[1] * len(s["input_ids"]) for s in samples], 0)),
