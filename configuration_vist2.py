@@ -2,8 +2,7 @@
 
 Every closed chunk of `chunk_size` (L) tokens is rendered into an `image_height x image_width` sketch, read by the
 vision tower and merged `merge_size x merge_size` by the aligner into m = L / r visual tokens. Everything that decides
-a sketch's pixels lives here, so a model and its processor provably agree (`sketch_settings`), and so does the rule
-that sizes a sketch to hold a chunk (`sketch_geometry`).
+a sketch's pixels lives here, so a model and its processor provably agree (`sketch_settings`).
 """
 
 import difflib
@@ -15,11 +14,6 @@ from transformers.models.auto import CONFIG_MAPPING
 
 OVERFLOW_POLICIES = ("keep_text", "shrink_font")
 READ_BACK_POSITIONS = ("after_sketch", "before_next_chunk")
-# A sketch holds FIT_MARGIN times a chunk's mean characters: the longest 1 % of chunks of English prose
-# (benchmarks/geometry.py: up to 1.27x the mean); FIT_MARGIN_LINE_BREAKS with newline_glyph=None, where each line break
-# blanks the rest of its line (up to 1.92x at 64 columns). BPEs of 8k-50k tokens spell 3.9-5.0 characters per token of
-# English prose; the default geometry is sized for PROSE_CHARS_PER_TOKEN.
-FIT_MARGIN, FIT_MARGIN_LINE_BREAKS, PROSE_CHARS_PER_TOKEN, MAX_MERGE_SIZE = 1.3, 2.0, 5.0, 4
 
 # Settings that decide which tokens form a chunk and which pixels its sketch has.
 SKETCH_SETTING_KEYS = ("chunk_size", "compression_ratio", "font_path", "font_size", "min_font_size", "char_width",
@@ -34,13 +28,9 @@ def _is_glyph(char) -> bool:
     return isinstance(char, str) and len(char) == 1 and not char.isspace()
 
 
-def _cells(height, width, char_width, line_height, margin) -> int:
+def grid_cells(height, width, char_width, line_height, margin) -> int:
+    """Characters a `height x width` sketch holds: its grid of `char_width x line_height` cells inside the margin."""
     return ((height - 2 * margin) // line_height) * ((width - 2 * margin) // char_width)
-
-
-def characters_needed(chunk_size, chars_per_token, newline_glyph) -> int:
-    """Cells a sketch needs for chunks of `chunk_size` tokens at `chars_per_token` (see FIT_MARGIN)."""
-    return math.ceil((FIT_MARGIN if newline_glyph else FIT_MARGIN_LINE_BREAKS) * chunk_size * chars_per_token)
 
 
 def validate_sketch_settings(settings: dict, name: str):
@@ -118,15 +108,16 @@ class VIST2Config(PretrainedConfig):
         vision_config (`dict` or `PretrainedConfig`, *optional*): the vision tower (SigLIP or SigLIP2 vision).
         chunk_size (`int`): L, text tokens per chunk.
         compression_ratio (`int`): r; a closed chunk becomes m = L / r visual tokens.
-        merge_size (`int`, *optional*): s; the aligner concatenates s x s neighbouring patches before projecting
-            (paper: 1), so the tower reads m x s^2 patches per chunk. `None`: from `sketch_geometry`.
+        merge_size (`int`): s; the aligner concatenates s x s neighbouring patches before projecting (paper: 1), so
+            the tower reads m x s^2 patches per chunk.
         sketch_token_id (`int`): the `<|sketch|>` placeholder id that marks visual positions in `input_ids`.
         font_path (`str`, *optional*): a TrueType font; `None` uses Pillow's built-in scalable font.
         font_size, min_font_size (`int`): pixel size glyphs are drawn at; the floor of the `"shrink_font"` policy.
         char_width, line_height, margin (`int`): the glyph cell in pixels (one per character); blank pixels around.
         foreground, background (`int`): grey levels of ink and paper (0-255).
-        image_height, image_width (`int`, *optional*): sketch size; must give exactly m tokens after patching and
-            merging. `None`: the cheapest that holds a chunk of English prose (`sketch_geometry`).
+        image_height, image_width (`int`): sketch size; must give exactly m tokens after patching and merging. The
+            default 256 x 256 sketch at s = 2 is the cheapest that holds a 256-token chunk of English prose at up to
+            5 characters per token (`vist2.training.from_backbones` sizes one to a tokenizer).
         num_channels (`int`): 1 or 3 (grey replicated), as the vision tower expects.
         image_mean, image_std (`float`): pixel normalisation, `(x / 255 - mean) / std`.
         overflow_policy (`str`): for a chunk that overflows its sketch or holds characters the font cannot draw:
@@ -143,20 +134,14 @@ class VIST2Config(PretrainedConfig):
     model_type = "vist2"
     sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
 
-    def __init__(self, text_config=None, vision_config=None, chunk_size=256, compression_ratio=4, merge_size=None,
+    def __init__(self, text_config=None, vision_config=None, chunk_size=256, compression_ratio=4, merge_size=2,
                  sketch_token_id=None, font_path=None, font_size=16, min_font_size=8, char_width=4, line_height=8,
-                 margin=0, foreground=0, background=255, image_height=None, image_width=None, num_channels=3,
+                 margin=0, foreground=0, background=255, image_height=256, image_width=256, num_channels=3,
                  image_mean=0.5, image_std=0.5, overflow_policy="keep_text", newline_glyph="\n",
                  special_token_glyphs=None, read_back_positions="after_sketch", **kwargs):
         self.text_config = _sub_config(text_config, "qwen3", {})
         self.vision_config = _sub_config(vision_config, "siglip_vision_model",
                                          {"patch_size": 16, "vision_use_head": False})
-        geometry = {"image_height": image_height, "image_width": image_width, "merge_size": merge_size}
-        if None in geometry.values() and all(isinstance(v, int) and v > 0 for v in (chunk_size, compression_ratio)):
-            fitted = self.sketch_geometry(chunk_size, compression_ratio, self.vision_config.patch_size,
-                                          PROSE_CHARS_PER_TOKEN, char_width, line_height, margin, newline_glyph,
-                                          merge_size if isinstance(merge_size, int) and merge_size > 0 else None)
-            image_height, image_width, merge_size = (fitted[k] if v is None else v for k, v in geometry.items())
         if vision_config is None:
             self.vision_config.image_size = image_height
         self.chunk_size, self.compression_ratio, self.merge_size = chunk_size, compression_ratio, merge_size
@@ -188,28 +173,7 @@ class VIST2Config(PretrainedConfig):
     @property
     def sketch_cells(self) -> int:
         """Characters one sketch holds: its grid of `char_width x line_height` cells."""
-        return _cells(self.image_height, self.image_width, self.char_width, self.line_height, self.margin)
-
-    @staticmethod
-    def sketch_geometry(chunk_size, compression_ratio, patch_size, chars_per_token=PROSE_CHARS_PER_TOKEN, char_width=4,
-                        line_height=8, margin=0, newline_glyph="\n", merge_size=None) -> dict:
-        """The cheapest sketch that holds a chunk: `{"image_height", "image_width", "merge_size"}`.
-
-        The m = L / r visual tokens form the squarest grid of s x s patch blocks; the tower reads m * s^2 patches per
-        chunk, so the smallest merge s whose cells hold `characters_needed` is taken (s = 1: one patch per token).
-        A given `merge_size` is kept, whether its sketch holds a chunk or not.
-        """
-        m, need = max(1, chunk_size // compression_ratio), characters_needed(chunk_size, chars_per_token, newline_glyph)
-        rows = max(d for d in range(1, math.isqrt(m) + 1) if m % d == 0)
-        for s in [merge_size] if merge_size else range(1, MAX_MERGE_SIZE + 1):
-            height, width = rows * patch_size * s, m // rows * patch_size * s
-            if merge_size or _cells(height, width, char_width, line_height, margin) >= need:
-                return {"image_height": height, "image_width": width, "merge_size": s}
-        raise ValueError(f"VIST2Config.compression_ratio: no sketch up to merge_size={MAX_MERGE_SIZE} has the {need} "
-                         f"cells of {char_width}x{line_height} px that a chunk of {chunk_size} tokens at "
-                         f"{chars_per_token:.2f} characters per token needs ({need / m:.0f} per visual token at r="
-                         f"{compression_ratio}). Fix: use a lower compression_ratio or smaller cells (char_width, "
-                         "line_height)")
+        return grid_cells(self.image_height, self.image_width, self.char_width, self.line_height, self.margin)
 
     @property
     def sketch_settings(self) -> dict:

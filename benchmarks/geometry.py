@@ -46,10 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     PRESETS, REPO, TOKENIZER_DIR, attention_flops_per_entry, benchmark_documents, flop_counter, machine_description)
 
-from vist2.configuration_vist2 import FIT_MARGIN, FIT_MARGIN_LINE_BREAKS, VIST2Config  # noqa: E402
+from vist2.configuration_vist2 import VIST2Config  # noqa: E402
 from vist2.modeling_vist2 import VIST2ForCausalLM  # noqa: E402
 from vist2.processing_vist2 import wrap_into_lines  # noqa: E402
-from vist2.training.models import PROSE_SAMPLE  # noqa: E402
+from vist2.training.models import FIT_MARGIN, FIT_MARGIN_LINE_BREAKS, PROSE_SAMPLE, sketch_geometry  # noqa: E402
 
 CHUNK_SIZE, RATIO, PATCH = 256, 4, 16
 # (label, image_height, image_width, merge_size, char_width, line_height); m = 64 visual tokens for each.
@@ -270,7 +270,7 @@ def main(argv=None):
     rows, picked = [], {}
     for codec in codecs:
         cpt = len(PROSE_SAMPLE) / len(codec.encode(PROSE_SAMPLE))
-        picked[codec.name] = {"chars_per_token": cpt, **VIST2Config.sketch_geometry(CHUNK_SIZE, RATIO, PATCH, cpt)}
+        picked[codec.name] = {"chars_per_token": cpt, **sketch_geometry(CHUNK_SIZE, RATIO, PATCH, cpt)}
         for corpus, documents in held_out.items():
             chunks, cpt = chunk_texts(codec, documents)
             lengths = np.array([len(c) for c in chunks])
@@ -330,7 +330,7 @@ def markdown(result: dict) -> str:
                 f"{100 * r[key][label]:.1f} %" for label in labels) + " |")
     lines += ["", "## The geometry from_backbones picks (L = 256, r = 4, 4x8-px cells, newline glyph)", "",
               "Characters per token on `vist2.training.models.PROSE_SAMPLE` (1 444 characters of narrative and "
-              f"expository English) and `VIST2Config.sketch_geometry` at that rate (FIT_MARGIN {result['fit_margin']}).", "",
+              f"expository English) and `sketch_geometry` at that rate (FIT_MARGIN {result['fit_margin']}).", "",
               "| tokenizer | chars/token on PROSE_SAMPLE | sketch | merge s |", "|---|---|---|---|"]
     for name, g in result["from_backbones"].items():
         lines.append(f"| {name} | {g['chars_per_token']:.2f} | {g['image_height']}x{g['image_width']} | "

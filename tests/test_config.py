@@ -4,9 +4,8 @@ import pytest
 from transformers import AutoConfig
 
 from vist2 import VIST2Config
-from vist2.configuration_vist2 import PROSE_CHARS_PER_TOKEN, characters_needed
 from vist2.training import tiny_config
-from vist2.training.models import check_fit
+from vist2.training.models import PROSE_CHARS_PER_TOKEN, characters_needed, check_fit, sketch_geometry
 
 
 def test_visual_tokens_per_chunk_is_chunk_size_over_compression_ratio():
@@ -27,7 +26,7 @@ def test_default_config_is_qwen3_with_siglip_vision():
     (96, 2, 3.0, "«"), (256, 4, 9.0, "«"),
 ])
 def test_sketch_geometry_is_the_cheapest_that_holds_a_chunk(chunk_size, ratio, chars_per_token, newline_glyph):
-    geometry = VIST2Config.sketch_geometry(chunk_size, ratio, 16, chars_per_token, newline_glyph=newline_glyph)
+    geometry = sketch_geometry(chunk_size, ratio, 16, chars_per_token, newline_glyph=newline_glyph)
     config = VIST2Config(chunk_size=chunk_size, compression_ratio=ratio, newline_glyph=newline_glyph, **geometry)
     s = config.merge_size
     assert (config.image_height // (16 * s)) * (config.image_width // (16 * s)) == config.visual_tokens_per_chunk
@@ -43,21 +42,22 @@ def test_sketch_geometry_is_the_cheapest_that_holds_a_chunk(chunk_size, ratio, c
 def test_default_geometry_holds_a_chunk_of_large_vocabulary_prose():
     config = VIST2Config()
     assert config.sketch_cells >= characters_needed(config.chunk_size, PROSE_CHARS_PER_TOKEN, config.newline_glyph)
-    assert {k: getattr(config, k) for k in ("image_height", "image_width", "merge_size")} == VIST2Config.sketch_geometry(
+    assert {k: getattr(config, k) for k in ("image_height", "image_width", "merge_size")} == sketch_geometry(
         config.chunk_size, config.compression_ratio, config.patch_size)
 
 
 @pytest.mark.parametrize("merge_size", [1, 2, 3])
-def test_geometry_left_unset_completes_the_given_merge_size(merge_size):
-    config = VIST2Config(merge_size=merge_size)
+def test_sketch_geometry_completes_a_given_merge_size(merge_size):
+    config = VIST2Config(**sketch_geometry(256, 4, 16, merge_size=merge_size))
+    assert config.merge_size == merge_size
     side = config.patch_size * merge_size
     assert (config.image_height // side) * (config.image_width // side) == config.visual_tokens_per_chunk
 
 
 def test_ratio_no_sketch_can_hold_is_refused_naming_the_fix():
     with pytest.raises(ValueError, match=r"^VIST2Config\.compression_ratio: .*Fix: use a lower compression_ratio"):
-        VIST2Config.sketch_geometry(256, 4, 16, chars_per_token=40.0)
-    assert VIST2Config.sketch_geometry(256, 2, 16, chars_per_token=40.0)["merge_size"] >= 1
+        sketch_geometry(256, 4, 16, chars_per_token=40.0)
+    assert sketch_geometry(256, 2, 16, chars_per_token=40.0)["merge_size"] >= 1
 
 
 def test_sketch_too_small_for_a_tokenizer_is_refused_with_the_geometry_that_fits():

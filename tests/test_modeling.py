@@ -14,11 +14,11 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen
 
 from conftest import SAMPLE_TEXT, build_tokenizer, tiny_config
 from vist2 import VIST2Config, VIST2ForCausalLM, VIST2Processor
-from vist2.configuration_vist2 import SKETCH_SETTING_KEYS, characters_needed
+from vist2.configuration_vist2 import SKETCH_SETTING_KEYS
 from vist2.modeling_vist2 import TEXT, token_kinds
 from vist2.processing_vist2 import IGNORE_INDEX
 from vist2.training import from_backbones
-from vist2.training.models import prose_chars_per_token
+from vist2.training.models import characters_needed, prose_chars_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 

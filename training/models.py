@@ -1,18 +1,27 @@
-"""Building VIST2 models to train: from pretrained backbones (`from_backbones`), or tiny ones (`tiny_config`); and
-`read_back_chunk`, which shows whether a model reads its sketches.
+"""Building VIST2 models to train: from pretrained backbones (`from_backbones`), with a sketch sized to hold a chunk of
+the tokenizer's text (`sketch_geometry`), or tiny ones (`tiny_config`); and `read_back_chunk`, which shows whether a
+model reads its sketches.
 
 These belong to the installed `vist2` package only: a Hub model repo's remote code loads a model already built.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 from transformers import AddedToken, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from ..configuration_vist2 import VIST2Config, characters_needed
+from ..configuration_vist2 import VIST2Config, grid_cells
 from ..modeling_vist2 import VIST2ForCausalLM, VIST2ModalAligner
 from ..processing_vist2 import SKETCH_TOKEN
 
+# A sketch holds FIT_MARGIN times a chunk's mean characters: the longest 1 % of chunks of English prose
+# (benchmarks/geometry.py: up to 1.27x the mean); FIT_MARGIN_LINE_BREAKS with newline_glyph=None, where each line break
+# blanks the rest of its line (up to 1.92x at 64 columns). BPEs of 8k-50k tokens spell 3.9-5.0 characters per token of
+# English prose; VIST2Config's default geometry is `sketch_geometry` at PROSE_CHARS_PER_TOKEN.
+FIT_MARGIN, FIT_MARGIN_LINE_BREAKS, PROSE_CHARS_PER_TOKEN, MAX_MERGE_SIZE = 1.3, 2.0, 5.0, 4
 # Ordinary English prose: on it a tokenizer's characters per token size the sketch of its chunks (`from_backbones`).
 PROSE_SAMPLE = (
     "The river had risen in the night, and by morning the road to the village was under water. Anna stood at "
@@ -37,10 +46,36 @@ def prose_chars_per_token(tokenizer) -> float:
     return len(PROSE_SAMPLE) / len(tokenizer(PROSE_SAMPLE, add_special_tokens=False)["input_ids"])
 
 
+def characters_needed(chunk_size, chars_per_token, newline_glyph) -> int:
+    """Cells a sketch needs for chunks of `chunk_size` tokens at `chars_per_token` (see FIT_MARGIN)."""
+    return math.ceil((FIT_MARGIN if newline_glyph else FIT_MARGIN_LINE_BREAKS) * chunk_size * chars_per_token)
+
+
+def sketch_geometry(chunk_size, compression_ratio, patch_size, chars_per_token=PROSE_CHARS_PER_TOKEN, char_width=4,
+                    line_height=8, margin=0, newline_glyph="\n", merge_size=None) -> dict:
+    """The cheapest sketch that holds a chunk: `{"image_height", "image_width", "merge_size"}`.
+
+    The m = L / r visual tokens form the squarest grid of s x s patch blocks; the tower reads m * s^2 patches per
+    chunk, so the smallest merge s whose cells hold `characters_needed` is taken (s = 1: one patch per token).
+    A given `merge_size` is kept, whether its sketch holds a chunk or not (`check_fit` tells).
+    """
+    m, need = max(1, chunk_size // compression_ratio), characters_needed(chunk_size, chars_per_token, newline_glyph)
+    rows = max(d for d in range(1, math.isqrt(m) + 1) if m % d == 0)
+    for s in [merge_size] if merge_size else range(1, MAX_MERGE_SIZE + 1):
+        height, width = rows * patch_size * s, m // rows * patch_size * s
+        if merge_size or grid_cells(height, width, char_width, line_height, margin) >= need:
+            return {"image_height": height, "image_width": width, "merge_size": s}
+    raise ValueError(f"VIST2Config.compression_ratio: no sketch up to merge_size={MAX_MERGE_SIZE} has the {need} "
+                     f"cells of {char_width}x{line_height} px that a chunk of {chunk_size} tokens at "
+                     f"{chars_per_token:.2f} characters per token needs ({need / m:.0f} per visual token at r="
+                     f"{compression_ratio}). Fix: use a lower compression_ratio or smaller cells (char_width, "
+                     "line_height)")
+
+
 def fitted_geometry(config: VIST2Config, chars_per_token: float) -> dict:
-    """`VIST2Config.sketch_geometry` for the config's chunks and cells, at a tokenizer's characters per token."""
-    return VIST2Config.sketch_geometry(config.chunk_size, config.compression_ratio, config.patch_size, chars_per_token,
-                                       config.char_width, config.line_height, config.margin, config.newline_glyph)
+    """`sketch_geometry` for the config's chunks and cells, at a tokenizer's characters per token."""
+    return sketch_geometry(config.chunk_size, config.compression_ratio, config.patch_size, chars_per_token,
+                           config.char_width, config.line_height, config.margin, config.newline_glyph)
 
 
 def check_fit(config: VIST2Config, chars_per_token: float):
@@ -86,8 +121,8 @@ def from_backbones(text_model, vision_model, tokenizer=None, **config_kwargs) ->
     `model.tokenizer` for `VIST2Processor.from_config(model.config, model.tokenizer)`. `config_kwargs` are
     `VIST2Config` settings (chunk_size, compression_ratio, image geometry, render settings). Without image_height /
     image_width / merge_size, the sketch is the cheapest that holds a chunk of English prose in this tokenizer
-    (`VIST2Config.sketch_geometry`, at its characters per token on `PROSE_SAMPLE`); a given geometry that cannot hold
-    one is refused.
+    (`sketch_geometry`, at its characters per token on `PROSE_SAMPLE`), or completes the given fields; a geometry that
+    cannot hold one is refused.
     """
     language_model = text_model
     if not isinstance(text_model, PreTrainedModel):
@@ -104,10 +139,16 @@ def from_backbones(text_model, vision_model, tokenizer=None, **config_kwargs) ->
     config_kwargs.setdefault("num_channels", getattr(vision_tower.config, "num_channels", 3))
     config_kwargs.update(text_config=language_model.config, vision_config=vision_tower.config,
                          sketch_token_id=tokenizer.convert_tokens_to_ids(SKETCH_TOKEN))
-    config = VIST2Config(**config_kwargs)
     chars_per_token = prose_chars_per_token(tokenizer)
-    if not {"image_height", "image_width", "merge_size"} & config_kwargs.keys():
-        config = VIST2Config(**config_kwargs, **fitted_geometry(config, chars_per_token))
+    settings = {name: p.default for name, p in inspect.signature(VIST2Config).parameters.items()} | config_kwargs
+    chunking = [settings["chunk_size"], settings["compression_ratio"]]
+    if not {"image_height", "image_width", "merge_size"} <= config_kwargs.keys() and all(
+            isinstance(value, int) and value > 0 for value in chunking):  # (otherwise the config names the field)
+        cells = {key: settings[key] for key in ("char_width", "line_height", "margin", "newline_glyph")}
+        fitted = sketch_geometry(*chunking, vision_tower.config.patch_size, chars_per_token,
+                                 merge_size=config_kwargs.get("merge_size"), **cells)
+        config_kwargs = fitted | config_kwargs
+    config = VIST2Config(**config_kwargs)
     check_fit(config, chars_per_token)
     with torch.device("meta"):
         model = VIST2ForCausalLM(config)
