@@ -306,8 +306,7 @@ class VIST2Processor(ProcessorMixin):
 
     def render(self, text: str) -> Image.Image:
         """One chunk's sketch at the configured size (overflowing text is cut; see `render_with_policy`)."""
-        image, _ = render_chunk(text, self.sketch_settings)
-        return Image.fromarray(image, mode="L")
+        return Image.fromarray(render_chunk(text, self.sketch_settings)[0], mode="L")
 
     def chunk_text(self, token_ids) -> str:
         """A chunk's text to read or print: `sketch_text`, with bytes of a character its edges cut as U+FFFD."""
