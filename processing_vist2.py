@@ -236,7 +236,7 @@ class VIST2Processor(ProcessorMixin):
         - `input_ids`: `prefix`, then `visual_tokens_per_chunk` sketch placeholders per closed chunk, then the open
           chunk's tokens (with `keep_closed_text=True`, training's `P c_1 V_1 c_2 V_2 ... c_K`).
         - `attention_mask`, and `chunk_ids`: 0 for the prefix, i for the text and placeholders of chunk i.
-        - `pixel_values`: `(num_closed_chunks_in_batch, C, H, W)`, in the order the placeholders appear.
+        - `pixel_values`: `(num_closed_chunks_in_batch, H, W)` uint8 sketches, in the order the placeholders appear.
         - `chunks_kept_as_text` and `undrawable_characters`, per sample: closed chunks that could not be rendered and
           stay as text, and the characters no sketch could show (one warning per call; details in `last_report`).
     """
