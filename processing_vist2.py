@@ -376,7 +376,7 @@ class VIST2Processor(ProcessorMixin):
 
     def encode_sample(self, prefix_ids, stream_ids, keep_closed_text=False, trainable=None):
         """One sample's layout as lists: input_ids, chunk_ids, labels, sketches (uint8) and the render report.
-        `trainable` (a bool per stream token) marks the tokens that carry a label (default: all); the prefix never does."""
+        `trainable` (a bool per stream token) marks the tokens that carry a label (default: all; never the prefix)."""
         prefix_ids, stream_ids = list(prefix_ids), list(stream_ids)
         if not prefix_ids and not stream_ids:
             if self.tokenizer.bos_token_id is None:
@@ -401,9 +401,9 @@ class VIST2Processor(ProcessorMixin):
                 **dict(zip(("chunks_kept_as_text", "undrawable_characters"), self.kept_as_text(reports)))}
 
     def chunk_layout(self, index: int, token_ids, sketched: bool, keep_text: bool = False):
-        """The layout rule: the entries chunk `index` contributes to a sequence, as `(input_ids, chunk_ids, text_length)`:
-        its text when the chunk is open, kept as text or `keep_text` (training's `P c_1 V_1 ...`), then its sketch's
-        placeholders when it has one. Samples, the model's `read` and its decoding all lay chunks out by this rule."""
+        """The layout rule: what chunk `index` adds to a sequence, as `(input_ids, chunk_ids, text_length)`: its text
+        when the chunk is open, kept as text or `keep_text` (training's `P c_1 V_1 ...`), then its sketch's placeholders
+        when it has one. Samples, the model's `read` and its decoding all lay chunks out by this rule."""
         text = list(token_ids) if keep_text or not sketched else []
         ids = text + [self.sketch_token_id] * (self.visual_tokens_per_chunk if sketched else 0)
         return ids, [index] * len(ids), len(text)
@@ -443,10 +443,10 @@ class VIST2Processor(ProcessorMixin):
         return batch
 
     def iter_chunks(self, text, piece_chars: int = 1 << 16):
-        """Stream `text` (a string, or token ids) chunk by chunk: `(token_ids, sketch or None, report)` per closed chunk,
-        then `(token_ids, None, None)` for the open one. One piece of text and one chunk are held at a time; pieces
-        end where the pre-tokenizer starts its last pre-token (the only one more text can change), so the tokens equal
-        those of the whole text at once."""
+        """Stream `text` (a string, or token ids) chunk by chunk: `(token_ids, sketch or None, report)` per closed
+        chunk, then `(token_ids, None, None)` for the open one. One piece of text and one chunk are held at a time;
+        pieces end where the pre-tokenizer starts its last pre-token (the only one more text can change), so the tokens
+        equal those of the whole text at once."""
         pending = []
         for piece in self.token_pieces(text, piece_chars) if isinstance(text, str) else [list(map(int, text))]:
             pending += piece

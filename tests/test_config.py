@@ -105,7 +105,7 @@ def test_sliding_window_backbone_is_rejected():
 
 def test_config_round_trips_through_save_and_load(tmp_path):
     config = tiny_config(margin=4, overflow_policy="shrink_font", foreground=20, newline_glyph="«",
-                              special_token_glyphs={"<|endoftext|>": "©"})
+                         special_token_glyphs={"<|endoftext|>": "©"})
     config.save_pretrained(tmp_path)
     loaded = VIST2Config.from_pretrained(tmp_path)
     assert loaded.sketch_settings == config.sketch_settings

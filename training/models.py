@@ -129,7 +129,8 @@ def from_backbones(text_model, vision_model, tokenizer=None, **config_kwargs) ->
         language_model = AutoModelForCausalLM.from_pretrained(text_model)
     vision_tower = headless_vision_tower(vision_model)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(text_model if isinstance(text_model, str) else text_model.name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(text_model if isinstance(text_model, str) else
+                                                  text_model.name_or_path)
     if SKETCH_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(SKETCH_TOKEN, special=True, normalized=False)], special_tokens=True)
     if tokenizer.pad_token is None:
