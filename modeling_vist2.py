@@ -450,10 +450,8 @@ class VIST2Model(VIST2PreTrainedModel):
 
     def prefill_passes(self, setting, keys: int, device) -> tuple[int, int | None]:
         """(entries per language-model pass, sketches per vision-tower pass) of a prefill whose queries see up to `keys`
-        entries. `setting` (`prefill_chunk_size`): an int (that many entries, and sketches of as many patches), None
-        (one pass of each) or "auto": passes as large as a budget for their transient tensors allows -- 4 GiB on an
-        accelerator, where each pass costs hundreds of kernel launches, 8 MiB on a CPU, where compute hides the launches
-        and small passes keep the peak near the compressed cache."""
+        entries, for `prefill_chunk_size` = an int, None (one pass each) or "auto": as large as a budget for transient
+        tensors allows -- 4 GiB on an accelerator, where each pass costs hundreds of kernel launches, 8 MiB on a CPU."""
         patches = self.aligner.grid[0] * self.aligner.grid[1]
         if setting is None:
             return max(keys, 1), None
@@ -592,16 +590,10 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
     @torch.no_grad()
     def read(self, processor=None, text="", prefix="", sketches_per_step: int | None = None,
              progress: bool | None = None) -> dict:
-        """Compress a long `text` (a string, or token ids whose leading system turns stay the prefix) into a
-        `VIST2Cache` while streaming it, and return inputs for `generate`::
-
-            inputs = model.read(processor, book)
-            out = model.generate(**inputs, processor=processor, max_new_tokens=200)   # out[:, 1:] is the new text
-
-        Chunks are tokenized, rendered and encoded a group at a time (`processor.iter_chunks`): at least 8, more where
-        the prefill's memory budget allows, or `sketches_per_step`; memory never holds the whole text as pixels or KV.
-        Chunks kept as text are reported as a processor call reports them; `progress` shows a bar (default: for texts
-        of 100 000 characters or more)."""
+        """Stream a long `text` (or token ids) into a `VIST2Cache` a group of chunks at a time (at least 8, as many as
+        the prefill's memory budget allows, or `sketches_per_step`), so memory never holds the whole text as pixels or
+        KV, and return inputs for `generate`: `out = model.generate(**model.read(processor, book), processor=processor)`
+        (`out[:, 1:]` is the new text). `progress`: a bar (default: for texts of 100 000 characters or more)."""
         processor = self.own_processor() if processor is None else processor
         self.check_processor(processor)
         device, L, m = self.device, self.config.chunk_size, self.config.visual_tokens_per_chunk
