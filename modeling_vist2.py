@@ -166,10 +166,6 @@ class VIST2Cache(DynamicCache):
     def is_prefilled(self) -> bool:
         return self.recent is not None
 
-    def entries_per_row(self) -> torch.Tensor:
-        """Live (non-padding) entries each row holds."""
-        return torch.tensor(self.entries)
-
     def begin(self, input_ids, kinds, chunk_ids, next_position, chunk_size: int):
         """Take over a prompt in the generation layout (rows left-padded, the last chunk open unless it is a sketch)."""
         last_chunk = chunk_ids[:, -1]  # rows are left-padded: the last column is real

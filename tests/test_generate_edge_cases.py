@@ -87,7 +87,7 @@ def check_cache_after(cache, prefix_ids, prompt_tokens, new_tokens, L, m, row=0)
     """Fed: the prompt and every generated token but the last. Closed chunks are sketches, the open one text."""
     fed = prompt_tokens + new_tokens - 1
     assert cache.open_chunk[row].item() == (fed - 1) // L + 1
-    assert cache.entries_per_row()[row].item() == len(prefix_ids) + m * ((fed - 1) // L) + (fed - 1) % L + 1
+    assert cache.entries[row] == len(prefix_ids) + m * ((fed - 1) // L) + (fed - 1) % L + 1
 
 
 @pytest.mark.parametrize("prompt_tokens, prefix", [(16, ""), (32, "Sys.")])

@@ -135,7 +135,7 @@ class CacheProbe(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         layer = self.cache.layers[0]
-        self.seen.append((self.cache.entries_per_row().clone(), layer.keys.shape[2], self.cache.open_chunk.clone()))
+        self.seen.append((torch.tensor(self.cache.entries), layer.keys.shape[2], self.cache.open_chunk.clone()))
         return scores
 
 
