@@ -1,8 +1,6 @@
-"""VIST2 configuration: backbones, chunking, compression and the sketch renderer's settings.
-
-Every closed chunk of `chunk_size` (L) tokens is rendered into an `image_height x image_width` sketch, read by the
-vision tower and merged `merge_size x merge_size` by the aligner into m = L / r visual tokens. Everything that decides
-a sketch's pixels lives here, so a model and its processor provably agree (`sketch_settings`).
+"""VIST2 configuration: each closed chunk of `chunk_size` (L) tokens is rendered into an `image_height x image_width`
+sketch, read by the vision tower and merged `merge_size x merge_size` by the aligner into m = L / r visual tokens.
+Everything that decides a sketch's pixels lives here, so a model and its processor provably agree (`sketch_settings`).
 """
 
 import difflib
@@ -39,7 +37,6 @@ def validate_sketch_settings(settings: dict, name: str):
 
     def fail(field, problem, fix):
         raise ValueError(f"{name.format(field)}: {problem}. Fix: {fix}.")
-
     missing = [key for key in SKETCH_SETTING_KEYS if key not in settings]
     if missing:
         fail(missing[0], f"missing (also missing: {missing[1:]})", "build the processor with "
@@ -103,32 +100,26 @@ def _sub_config(value, default_model_type, defaults):
 class VIST2Config(PretrainedConfig):
     r"""
     Args:
-        text_config (`dict` or `PretrainedConfig`, *optional*): the causal LM backbone (Qwen3 by default; any
-            decoder-only config whose model takes `inputs_embeds`, `position_ids` and a 4D `attention_mask`).
-        vision_config (`dict` or `PretrainedConfig`, *optional*): the vision tower (SigLIP or SigLIP2 vision).
-        chunk_size (`int`): L, text tokens per chunk.
-        compression_ratio (`int`): r; a closed chunk becomes m = L / r visual tokens.
-        merge_size (`int`): s; the aligner concatenates s x s neighbouring patches before projecting (paper: 1), so
-            the tower reads m x s^2 patches per chunk.
+        text_config, vision_config (`dict` or `PretrainedConfig`, *optional*): the causal LM backbone (Qwen3 by
+            default; any decoder taking `inputs_embeds`, `position_ids` and a 4D mask) and the SigLIP(2) vision tower.
+        chunk_size (`int`): L, text tokens per chunk. compression_ratio (`int`): r; a closed chunk becomes m = L / r
+            visual tokens. merge_size (`int`): s; the aligner concatenates s x s neighbouring patches (paper: 1).
         sketch_token_id (`int`): the `<|sketch|>` placeholder id that marks visual positions in `input_ids`.
-        font_path (`str`, *optional*): a TrueType font; `None` uses Pillow's built-in scalable font.
-        font_size, min_font_size (`int`): pixel size glyphs are drawn at; the floor of the `"shrink_font"` policy.
+        font_path (`str`, *optional*): a TrueType font; `None` uses Pillow's built-in scalable font. font_size,
+            min_font_size (`int`): pixel size glyphs are drawn at, and the floor of the `"shrink_font"` policy.
         char_width, line_height, margin (`int`): the glyph cell in pixels (one per character); blank pixels around.
         foreground, background (`int`): grey levels of ink and paper (0-255).
-        image_height, image_width (`int`): sketch size; must give exactly m tokens after patching and merging. The
-            default 256 x 256 sketch at s = 2 is the cheapest that holds a 256-token chunk of English prose at up to
-            5 characters per token (`vist2.training.from_backbones` sizes one to a tokenizer).
-        num_channels (`int`): 1 or 3 (grey replicated), as the vision tower expects.
-        image_mean, image_std (`float`): pixel normalisation, `(x / 255 - mean) / std`.
-        overflow_policy (`str`): for a chunk that overflows its sketch or holds characters the font cannot draw:
-            `"keep_text"` keeps it as text tokens; `"shrink_font"` first retries overflow with smaller cells.
-        newline_glyph (`str`, *optional*): draw each newline in line as this character (default "\n": as a byte
-            mark no character draws like), so that a character's cell is its place in the chunk and no cell is left
-            blank; `None` breaks lines as a page does. A chunk whose text holds the glyph character is kept as text.
-        special_token_glyphs (`dict[str, str]`, *optional*): special tokens drawn as one character each instead of
-            their whole name, e.g. `{"<|endoftext|>": "©"}`.
+        image_height, image_width (`int`): sketch size, giving exactly m tokens after patching and merging; the
+            default 256 x 256 at s = 2 holds a 256-token chunk of English prose at up to 5 characters per token.
+        num_channels (`int`): 1 or 3 (grey replicated). image_mean, image_std (`float`): `(x / 255 - mean) / std`.
+        overflow_policy (`str`): for a chunk that overflows or holds characters the font cannot draw: `"keep_text"`
+            keeps it as text tokens; `"shrink_font"` first retries overflow with smaller cells.
+        newline_glyph (`str`, *optional*): draw each newline in line as this character (default "\n": a byte mark),
+            so a character's cell is its place in the chunk; `None` breaks lines as a page does.
+        special_token_glyphs (`dict[str, str]`, *optional*): special tokens drawn as one character each, e.g.
+            `{"<|endoftext|>": "©"}`.
         read_back_positions (`str`): where a chunk read back from its own sketch (OCR warm-up) sits: `"after_sketch"`
-            or `"before_next_chunk"` (docs/DESIGN.md §2). Generation never reads back.
+            or `"before_next_chunk"` (docs/DESIGN.md §2).
     """
 
     model_type = "vist2"
@@ -183,7 +174,6 @@ class VIST2Config(PretrainedConfig):
     def validate_vist2(self):
         def fail(field, problem, fix):
             raise ValueError(f"VIST2Config.{field}: {problem}. Fix: {fix}.")
-
         validate_sketch_settings({**self.sketch_settings, "merge_size": self.merge_size}, "VIST2Config.{}")
         L, r, s, p = self.chunk_size, self.compression_ratio, self.merge_size, self.patch_size
         for field in ("image_height", "image_width"):

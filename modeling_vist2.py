@@ -8,8 +8,7 @@ of each closed chunk's sketch. The attention rule (docs/DESIGN.md §2):
     a query in V_i      sees P, every V_j (j < i) and V_i bidirectionally -- never any text chunk
 
 Positions follow the cache's layout `P V_1 ... V_{i-1} c_i`, so `generate` cuts a chunk's text from the KV cache when
-it closes: the cache holds at most `|P| + m * closed_chunks + L` entries. Only public transformers hooks are used
-(docs/DESIGN.md §4); 5.24 renamed `past_key_values` to `cache`, and VIST2 takes either name (`CACHE_KWARG`).
+it closes: at most `|P| + m * closed_chunks + L` entries. Only public transformers hooks are used (docs/DESIGN.md §4).
 """
 
 import torch
@@ -30,8 +29,6 @@ CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 
 
 # -- Layout: token kinds, memory, positions and the attention rule -- pure functions of the layout tensors -------------
-
-
 def token_kinds(input_ids, attention_mask, sketch_token_id):
     kinds = torch.where(input_ids == sketch_token_id, SKETCH, TEXT)
     return kinds.masked_fill(attention_mask == 0, PAD) if attention_mask is not None else kinds
@@ -51,8 +48,7 @@ def memory_flags(kinds, chunk_ids):
 
 def layout_position_ids(kinds, chunk_ids, memory, read_back=None, read_back_before=0):
     """Positions in the generation layout `P V_1 ... V_{i-1} c_i` (read-back rows: `P V_1 ... V_i c_i`, moved back
-    `read_back_before` places). A block (one chunk's text, or its sketch) starts after all memory of earlier chunks
-    and must be contiguous in the flat sequence."""
+    `read_back_before`): a block (a chunk's text, or its sketch; contiguous) starts after earlier chunks' memory."""
     memory_per_chunk = per_chunk_count(chunk_ids, memory)
     chunk_start = memory_per_chunk.cumsum(1) - memory_per_chunk
     block = chunk_ids * 4 + kinds
@@ -94,8 +90,7 @@ def check_layout(kinds, chunk_ids, visual_tokens_per_chunk):
 
 
 def prefill_block_ends(kinds, chunk_ids, block: int) -> list[int]:
-    """Where to end the blocks of a prefill of about `block` entries each: never inside a sketch, in any row, because
-    a sketch's tokens see each other (a later token of a cut sketch would not be in the cache yet)."""
+    """Where to end a prefill's blocks of about `block` entries: never inside a sketch (its tokens see each other)."""
     inside_sketch = (kinds[:, 1:] == SKETCH) & (kinds[:, :-1] == SKETCH) & (chunk_ids[:, 1:] == chunk_ids[:, :-1])
     length, ends = kinds.shape[1], []
     for cut in ((~inside_sketch.any(0)).nonzero()[:, 0] + 1).tolist() + [length]:
@@ -122,9 +117,8 @@ def vist2_mask_function(kinds, chunk_ids, memory, read_back):
 
 
 def sketch_reach(kinds, chunk_ids):
-    """The last entry each entry may see in the generation layout `P V_1 ... V_{i-1} c_i`: itself, or for a sketch
-    token the last token of its sketch. There, every entry before a query is memory or its own chunk's earlier text,
-    so the attention rule reduces to `key <= reach[query]` (padding aside): causal, each sketch's block filled in."""
+    """The last entry each entry may see in the generation layout `P V_1 ... V_{i-1} c_i` (itself, or its sketch's
+    last token), where the rule reduces to `key <= reach[query]`: causal, each sketch's block filled in."""
     length, sketch = kinds.shape[1], kinds == SKETCH
     same_sketch_next = F.pad(sketch[:, 1:] & sketch[:, :-1] & (chunk_ids[:, 1:] == chunk_ids[:, :-1]), (0, 1))
     index = torch.arange(length, device=kinds.device)
@@ -132,10 +126,8 @@ def sketch_reach(kinds, chunk_ids):
 
 
 def generation_mask_function(reach, live=None, first_query=0):
-    """The rule of the generation layout as a mask function: query `q` (flat index; `reach[:, q - first_query]`) sees
-    every key up to its reach; a dead key (`live` False: padding, a cut chunk, an unused slot) is seen by no live query,
-    and a dead query sees keys up to itself, so no softmax row is empty. `live` None: no entry is dead."""
-
+    """The generation layout's rule as a mask function: query `q` sees keys up to `reach[:, q - first_query]`; a dead
+    key (`live` False: padding, a cut chunk, an unused slot) is seen by no live query, a dead query sees itself."""
     def allowed(batch_idx, head_idx, q_idx, kv_idx):
         seen = kv_idx <= reach[batch_idx, q_idx - first_query]
         return seen if live is None else seen & (live[batch_idx, kv_idx] | ~live[batch_idx, q_idx])
@@ -143,21 +135,15 @@ def generation_mask_function(reach, live=None, first_query=0):
 
 
 # -- The compressing KV cache ------------------------------------------------------------------------------------------
-
-
 class VIST2Cache(DynamicCache):
     """A `DynamicCache` that knows where each row's open chunk is, so a closed chunk's text can be cut out of it.
-
-    Generation only appends to the layout `P V_1 ... V_{i-1} c_i`, rows left-padded, the open chunk last. Per row it
-    keeps which entries are `live` (None without padding), how many (`entries`), the open chunk's index, length and
-    token ids (`open_chunk`, `open_length`, `recent`: the last L fed) and `next_position`. Counts live on the host
-    (each step adds one token per row, so no synchronisation); token ids stay on the device until a chunk closes."""
+    Generation appends to the layout `P V_1 ... V_{i-1} c_i`, rows left-padded. Per row: which entries are `live` (None
+    without padding), how many (`entries`), the open chunk's index, length and last L token ids (`open_chunk`,
+    `open_length`, `recent`), `next_position`. Counts live on the host (no synchronisation), token ids on the device."""
 
     def __init__(self, config=None, processor=None, prefill_chunk_size: int | str | None = "auto"):
         super().__init__(config=config)
-        self.processor = processor
-        # Entries per language-model pass of the prefill: "auto" sizes passes by a memory budget, None makes one pass.
-        self.prefill_chunk_size = prefill_chunk_size
+        self.processor, self.prefill_chunk_size = processor, prefill_chunk_size  # see VIST2Model.prefill_passes
         self.live = self.recent = self.next_position = self.open_chunk = None
         self.entries, self.open_length, self.prefix_length = [], [], []  # per row; prefix_length: the prompt's chunk 0
         self.reports = []  # how each chunk closed while writing was rendered (for generate's summary warning)
@@ -218,11 +204,9 @@ class VIST2Cache(DynamicCache):
 
 
 # -- Model -------------------------------------------------------------------------------------------------------------
-
-
 class TokenizerIdsOnly(LogitsProcessor):
-    """Ids past the tokenizer (padded embedding rows) decode to nothing: a chunk holding one would be drawn without
-    it. Applied after beam search takes its log-probabilities, so scores stay those of the training forward."""
+    """Ids past the tokenizer (padded embedding rows) decode to nothing, so a chunk would be drawn without them.
+    Applied after beam search takes its log-probabilities (scores stay the training forward's)."""
 
     def __init__(self, size: int):
         self.size = size
@@ -266,8 +250,7 @@ class VIST2PreTrainedModel(PreTrainedModel):
 
 
 class VIST2TextDecoder(nn.Module):
-    """The backbone's decoder alone, under the attribute its causal-LM class keeps it in (`model` for Qwen3 or Llama,
-    `transformer` for GPT-2): `VIST2Model`'s weights are then named as `VIST2ForCausalLM`'s, less the LM head."""
+    """The backbone's decoder, under its causal-LM class's attribute (`model`, `transformer`): weights named alike."""
 
     def __init__(self, text_config):
         super().__init__()
@@ -281,8 +264,8 @@ class VIST2TextDecoder(nn.Module):
 
 
 class VIST2Model(VIST2PreTrainedModel):
-    """Vision tower, aligner and the backbone's decoder: the hidden states of the compressed sequence (`AutoModel`).
-    `VIST2ForCausalLM` adds the backbone's LM head; both name their weights alike, so one checkpoint loads as either."""
+    """Vision tower, aligner and decoder: the compressed sequence's hidden states (`AutoModel`; one checkpoint loads
+    as this or as `VIST2ForCausalLM`, which adds the LM head)."""
 
     _keys_to_ignore_on_load_unexpected = [r"^language_model\.lm_head\."]  # a VIST2ForCausalLM checkpoint's head
 
@@ -360,7 +343,6 @@ class VIST2Model(VIST2PreTrainedModel):
         return processor.layout_token_ids(rows, keep_closed_text).to(input_ids.device), real
 
     # -- sketches -----------------------------------------------------------------------------------------------------
-
     def check_pixel_values(self, pixel_values):
         cfg = self.config
         if pixel_values.ndim != 3 or tuple(pixel_values.shape[1:]) != (cfg.image_height, cfg.image_width) or \
@@ -415,7 +397,6 @@ class VIST2Model(VIST2PreTrainedModel):
         return embeds
 
     # -- the language model --------------------------------------------------------------------------------------------
-
     def build_attention_mask(self, embeds, mask_function, cache=None):
         """A mask function over flat indices as the attention implementation takes it (sdpa: boolean, eager: additive,
         flex: a BlockMask that skips fully masked blocks), for the last `embeds.shape[1]` entries, after `cache`'s."""
@@ -445,9 +426,8 @@ class VIST2Model(VIST2PreTrainedModel):
         return outputs.last_hidden_state
 
     def prefill_passes(self, setting, keys: int, device) -> tuple[int, int | None]:
-        """(entries per language-model pass, sketches per vision-tower pass) of a prefill whose queries see up to `keys`
-        entries, for `prefill_chunk_size` = an int, None (one pass each) or "auto": as large as a budget for transient
-        tensors allows -- 4 GiB on an accelerator, where each pass costs hundreds of kernel launches, 8 MiB on a CPU."""
+        """(entries per language-model pass, sketches per tower pass) for `prefill_chunk_size` = an int, None (one pass)
+        or "auto": a budget for transient tensors, 4 GiB on an accelerator (a pass costs launches), 8 MiB on a CPU."""
         patches = self.aligner.grid[0] * self.aligner.grid[1]
         if setting is None:
             return max(keys, 1), None
@@ -461,8 +441,7 @@ class VIST2Model(VIST2PreTrainedModel):
         return max(1, budget // per_entry), max(1, budget // per_sketch)
 
     def prefill(self, cache: VIST2Cache, input_ids, kinds, chunk_ids, memory, read_back, positions, pixel_values):
-        """Run a prompt in the generation layout into `cache`, in as few passes as `prefill_passes` allows. Exact
-        whatever the passes: a block ends only where no earlier query sees a later key."""
+        """Run a prompt in the generation layout into `cache` in `prefill_passes` passes, exact whatever they are."""
         # Text that is not memory is the text of a chunk with a sketch: the training layout.
         if (read_back is not None and read_back.any()) or ((kinds == TEXT) & ~memory).any():
             raise ValueError("generate() takes the generation layout, in which closed chunks are sketches only: "
@@ -480,8 +459,7 @@ class VIST2Model(VIST2PreTrainedModel):
         return torch.cat(hidden, 1) if len(hidden) > 1 else hidden[0]
 
     def own_processor(self):
-        """The processor that lays out and renders when none is passed: the config's sketch settings and the model's
-        tokenizer (`model.tokenizer`, or the one saved in its folder). Built once, on first use."""
+        """The processor used when none is passed: the config's settings and `model.tokenizer` or the one saved."""
         if getattr(self, "_own_processor", None) is None:
             tokenizer, source = getattr(self, "tokenizer", None), self.config._name_or_path
             try:
@@ -497,7 +475,6 @@ class VIST2Model(VIST2PreTrainedModel):
         return self._own_processor
 
     # -- transformers plumbing ----------------------------------------------------------------------------------------
-
     def get_input_embeddings(self):
         return self.get_decoder().get_input_embeddings()
 
@@ -509,8 +486,7 @@ class VIST2Model(VIST2PreTrainedModel):
 
 
 class VIST2ForCausalLM(VIST2Model, GenerationMixin):
-    """`VIST2Model` with the backbone's LM head: training loss along the text stream, and `generate` with a cache
-    that compresses closed chunks as it goes."""
+    """`VIST2Model` with the LM head: loss along the text stream, `generate` with a cache that compresses."""
 
     def build_language_model(self, text_config):
         return AutoModelForCausalLM.from_config(text_config)
@@ -535,7 +511,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if labels is not None:
             kinds = token_kinds(input_ids, attention_mask, self.config.sketch_token_id)
             loss = self.text_stream_loss(out.last_hidden_state, labels, kinds, kwargs.get("num_items_in_batch"))
-        logits = self.lm_head_for(out.last_hidden_state, logits_to_keep)
+        logits = self.next_token_logits(out.last_hidden_state, logits_to_keep)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
 
     def generate(self, inputs=None, processor=None, prefill_chunk_size: int | str | None = "auto", **kwargs):
@@ -587,9 +563,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
     def read(self, processor=None, text="", prefix="", sketches_per_step: int | None = None,
              progress: bool | None = None) -> dict:
         """Stream a long `text` (or token ids) into a `VIST2Cache` a group of chunks at a time (at least 8, as many as
-        the prefill's memory budget allows, or `sketches_per_step`), so memory never holds the whole text as pixels or
-        KV, and return inputs for `generate`: `out = model.generate(**model.read(processor, book), processor=processor)`
-        (`out[:, 1:]` is the new text). `progress`: a bar (default: for texts of 100 000 characters or more)."""
+        memory allows, or `sketches_per_step`), and return inputs for `generate`: `out = model.generate(**model.read(
+        processor, book), processor=processor)`, `out[:, 1:]` the new text. `progress`: a bar (default: 100k+ chars)."""
         processor = self.own_processor() if processor is None else processor
         self.check_processor(processor)
         device, L, m = self.device, self.config.chunk_size, self.config.visual_tokens_per_chunk
@@ -608,7 +583,6 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         def group_size():  # at least 8: each language-model pass also copies the cache (transformers' cache update)
             block, _ = self.prefill_passes(cache.prefill_chunk_size, cache.get_seq_length() + m, device)
             return sketches_per_step or max(8, block // m)
-
         group, open_ids, size = ([(0, prefix_ids, None)] if prefix_ids else []), [], group_size()
         reports, chunks = [], hf_logging.tqdm(processor.iter_chunks(text), desc="VIST2 read", unit=" chunks",
                                               disable=not (len(text) >= 100_000 if progress is None else progress))
@@ -635,13 +609,11 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                 "undrawable_characters": ["".join(undrawable)]}
 
     # -- training: plain ids, the head, the loss -----------------------------------------------------------------------
-
     def forward_text(self, input_ids, attention_mask=None, labels=None, cache=None, use_cache=None, logits_to_keep=0,
                      **kwargs):
-        """Plain token ids, as any causal-LM client passes them, laid out by the processor as it lays out text. With a
-        cache, the generation layout is prefilled into it (the logits are the compressed sequence's); without, the
-        training layout runs and the logits (and the loss over `labels`) come back at the caller's token positions:
-        at each token, the logits generation would give there."""
+        """Plain token ids, laid out as the processor lays out text. With a cache, the generation layout is prefilled
+        into it; without, the training layout runs and the logits (and loss over `labels`) come back at the caller's
+        token positions: at each token, the logits generation would give there."""
         processor = getattr(cache, "processor", None)
         if use_cache or isinstance(cache, VIST2Cache):
             layout, _ = self.lay_out(input_ids, attention_mask, processor)
@@ -655,13 +627,11 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         logits[real] = out.logits[text]
         return CausalLMOutputWithPast(loss=out.loss, logits=logits)
 
-    def lm_head_for(self, hidden, logits_to_keep=0):
-        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        return self.next_token_logits(hidden[:, kept])
-
-    def next_token_logits(self, hidden):
-        """The LM head, with `<|sketch|>` ruled out: written text must never hold a placeholder without a sketch
-        (the layout would break), and training and generation rule it out alike, so their logits stay equal."""
+    def next_token_logits(self, hidden, logits_to_keep=None):
+        """The LM head (over the last `logits_to_keep` positions; 0: all), with `<|sketch|>` ruled out: written text
+        must never hold a placeholder without a sketch, and training and generation rule it out alike."""
+        if logits_to_keep is not None:
+            hidden = hidden[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep]
         logits = self.get_output_embeddings()(hidden)
         logits[..., self.config.sketch_token_id] = torch.finfo(logits.dtype).min
         return logits
@@ -681,10 +651,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         return loss / denominator
 
     # -- generation machinery: checks, decode steps, closing chunks, read's prefill ------------------------------------
-
     def check_generation_mode(self, kwargs):
-        """Refuse, before any work, the decoding strategies whose results would not be exact with the compressing
-        cache; greedy decoding, sampling and beam search (any `num_return_sequences`) are."""
+        """Refuse, before any work, decoding strategies that would not be exact with the compressing cache."""
         base = kwargs.get("generation_config") or self.generation_config
         config = base.from_dict(base.to_dict())
         config.update(**kwargs)
@@ -724,9 +692,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                 "logits_to_keep": kwargs.get("logits_to_keep") or 0}
 
     def decode_step(self, input_ids, cache: VIST2Cache, logits_to_keep=0):
-        """Feed one new token per row. Where no open chunk is full, the step is the backbone's own: the token continues
-        its chunk at the next position and sees every live entry, so there is no host-device synchronisation and,
-        without padding, no attention mask at all. Otherwise `close_chunks` runs in the same pass."""
+        """Feed one new token per row. Where no open chunk is full, the step is the backbone's own (no host-device
+        synchronisation, and without padding no mask); otherwise `close_chunks` runs in the same pass."""
         token = input_ids[:, -1:]
         if self.config.chunk_size in cache.open_length:
             hidden = self.close_chunks(cache, token)
@@ -740,12 +707,11 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             cache.entries = [n + 1 for n in cache.entries]
             cache.open_length = [n + 1 for n in cache.open_length]
         cache.recent = torch.cat([cache.recent[:, 1:], token], 1)
-        return CausalLMOutputWithPast(logits=self.lm_head_for(hidden, logits_to_keep or 1), **{CACHE_KWARG: cache})
+        return CausalLMOutputWithPast(logits=self.next_token_logits(hidden, logits_to_keep or 1), **{CACHE_KWARG: cache})
 
     def close_chunks(self, cache: VIST2Cache, token):
-        """A step in which some rows' open chunks hold L tokens: render and encode them (one tower pass), run each
-        sketch (m entries, in its chunk's place) and the new token in one language-model pass, then cut the chunks'
-        text from the cache (one compaction). A chunk the policy keeps as text stays, as memory."""
+        """Some rows' open chunks hold L tokens: one tower pass over their sketches, one language-model pass over the
+        sketches (in their chunks' places) and the new token, one compaction that cuts the chunks' text."""
         L, m = self.config.chunk_size, self.config.visual_tokens_per_chunk
         batch, device = token.shape[0], token.device
         if cache.processor is None:
@@ -787,8 +753,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         return hidden
 
     def run_after_cache(self, cache: VIST2Cache, embeds, kinds, chunk_ids, positions, live=None):
-        """Run entries in the generation layout after all `cache` holds: each sees the cache's live entries and, by
-        the rule, the new entries up to its reach."""
+        """Run entries after all `cache` holds: each sees its live entries and new ones up to its reach."""
         cached = cache.get_seq_length()
         reach = sketch_reach(kinds, chunk_ids) + cached
         mask = self.build_attention_mask(embeds, generation_mask_function(reach, live, cached), cache)
@@ -797,8 +762,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         return hidden
 
     def extend_cache(self, cache: VIST2Cache, processor, chunks):
-        """Append `chunks` (`[(chunk index, token ids, sketch or None)]`, in order), laid out by the processor's rule,
-        to a one-row cache without padding (`read`): every entry they add sees all the cache holds."""
+        """Append `[(chunk index, token ids, sketch or None)]` by the layout rule to `read`'s one-row cache."""
         ids, chunk_ids = [], []
         for index, token_ids, sketch in chunks:
             entries = processor.chunk_layout(index, token_ids, sketch is not None)
@@ -817,7 +781,6 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         cache.entries = [cache.entries[0] + length]
 
     # -- transformers plumbing ----------------------------------------------------------------------------------------
-
     def get_output_embeddings(self):
         return self.language_model.get_output_embeddings()
 

@@ -1,13 +1,10 @@
 """VIST2 processing: chunking, the sketch renderer, and `VIST2Processor`.
 
 A text becomes `P c_1 c_2 ... c_K`: an optional prefix kept as text, then chunks of `chunk_size` (L) tokens. Every
-chunk but the last (open: the model keeps writing into it) is *closed*: rendered into a sketch and, in the model's
-input, replaced by `visual_tokens_per_chunk` placeholders whose embeddings the vision tower provides. The renderer is
-a glyph atlas (each character drawn once into a fixed cell; a chunk is the atlas indexed by a grid of character ids):
-a pure function of (text, settings) that puts every character at a fixed place on the patch grid, fast enough to run
-inside the decode loop.
+chunk but the last (open: the model keeps writing into it) is *closed*: rendered into a sketch that replaces it by
+`visual_tokens_per_chunk` placeholders. The renderer is a glyph atlas (each character drawn once into a fixed cell, a
+sketch is the atlas indexed by a grid of character ids): a pure function of (text, settings), fast enough for decoding.
 """
-
 import functools
 import unicodedata
 import warnings
@@ -34,17 +31,14 @@ BYTE_MARKED = {"\t": 0x09, "\r": 0x0D, SHOWN_NEWLINE: 0x0A, SHOWN_SPACE: 0x20,
 # the first in this order keeps the cell and the other is reported instead of drawn, so no two texts draw alike.
 LOOKALIKE_REPERTOIRE = "".join(map(chr, [*range(0x21, 0x7F), *range(0xA1, 0x250), *range(0x370, 0x530)]))
 
+
 # -- Chunking ----------------------------------------------------------------------------------------------------------
-
-
 def split_into_chunks(token_ids: list[int], chunk_size: int) -> list[list[int]]:
     """Cut a token stream into chunks of `chunk_size`; the last one (the open chunk) may be shorter."""
     return [list(token_ids[i : i + chunk_size]) for i in range(0, len(token_ids), chunk_size)]
 
 
 # -- Sketch renderer ---------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class SketchReport:
     """What rendering one chunk could not do; an empty report means every character is in the sketch, and no other
@@ -97,10 +91,9 @@ class GlyphAtlas:
         self.canvas = (max(1, int(np.ceil(self.font.getlength("M")))), ascent + descent)
         self.notdef = self._coverage("\U0010fffd")  # what the font draws for a character it lacks
         self.index = {" ": 0}
-        self.glyphs = [np.full(self.cell, background, dtype=np.uint8)]
+        self.glyphs = np.full((1, *self.cell), background, dtype=np.uint8)  # (atlas index, cell_h, cell_w)
         self.marks = {char: self._byte_mark(value) for char, value in BYTE_MARKED.items()}
         self.reserved = {cell.tobytes() for cell in [self.glyphs[0], *self.marks.values()] if cell is not None}
-        self._stacked = None
         self._lookalikes = None  # cell bytes -> the first character of LOOKALIKE_REPERTOIRE drawn as that cell
 
     def _coverage(self, char: str) -> np.ndarray | None:
@@ -140,9 +133,8 @@ class GlyphAtlas:
         return None if cell.tobytes() in self.reserved else cell
 
     def looks_like_another(self, char: str, cell: np.ndarray) -> bool:
-        """Whether a character before `char` in `LOOKALIKE_REPERTOIRE` (or any of it, for a character outside it) draws
-        the same cell. Decided over the whole repertoire at once, so the answer does not depend on which characters
-        were drawn before: rendering stays a pure function of the text."""
+        """Whether a character before `char` in `LOOKALIKE_REPERTOIRE` (any of it, for others) draws the same cell;
+        decided over the whole repertoire at once, so rendering stays a pure function of the text."""
         if self._lookalikes is None:
             self._lookalikes = {}
             for other in LOOKALIKE_REPERTOIRE:
@@ -161,23 +153,16 @@ class GlyphAtlas:
             cell = None if cell is None or self.looks_like_another(char, cell) else cell
         self.index[char] = None if cell is None else len(self.glyphs)
         if cell is not None:
-            self.glyphs.append(cell)
-            self._stacked = None
+            self.glyphs = np.concatenate([self.glyphs, cell[None]])
         return self.index[char]
-
-    def stacked(self) -> np.ndarray:
-        if self._stacked is None:
-            self._stacked = np.stack(self.glyphs)
-        return self._stacked
 
 
 glyph_atlas = functools.lru_cache(maxsize=32)(GlyphAtlas)  # one atlas per font, size, cell and colours
 
 
 def wrap_into_lines(text: str, columns: int, newline_glyph: str | None = None) -> tuple[list[str], bool]:
-    """Hard-wrap at `columns` characters; newlines end a line (or are drawn as `newline_glyph`); a space that ends a
-    line is drawn as `SHOWN_SPACE`. Also says whether a line break would be hidden: at the end of the text, or right
-    after a full line (it looks like wrapping). Each other character takes one cell."""
+    """Hard-wrap at `columns` characters, one cell each; newlines end a line (or are drawn as `newline_glyph`), a line's
+    last space is `SHOWN_SPACE`. Also: whether a line break would be hidden (at the end, or after a full line)."""
     if newline_glyph:
         text = text.replace("\n", SHOWN_NEWLINE if newline_glyph == "\n" else newline_glyph)
     paragraphs = [p[:-1] + SHOWN_SPACE if p.endswith(" ") else p for p in text.split("\n")]
@@ -195,7 +180,6 @@ def render_chunk(text: str, settings: dict, font_size: int | None = None) -> tup
     height, width, margin = settings["image_height"], settings["image_width"], settings["margin"]
     columns, rows = (width - 2 * margin) // cell_w, (height - 2 * margin) // cell_h
     atlas = glyph_atlas(settings["font_path"], font_size, cell_w, cell_h, settings["foreground"], settings["background"])
-
     lines, hidden = wrap_into_lines(text, columns, settings.get("newline_glyph"))
     report = SketchReport(font_size=font_size, hidden=hidden)
     index = {char: atlas.lookup(char) for char in set("".join(lines))}
@@ -207,8 +191,7 @@ def render_chunk(text: str, settings: dict, font_size: int | None = None) -> tup
     grid = np.zeros((rows, columns), dtype=np.int64)
     for row, line in enumerate(lines):
         grid[row, : len(line)] = np.fromiter(map(index.__getitem__, line), dtype=np.int64, count=len(line))
-
-    block = atlas.stacked()[grid]  # rows, columns, cell_h, cell_w
+    block = atlas.glyphs[grid]  # rows, columns, cell_h, cell_w
     block = block.transpose(0, 2, 1, 3).reshape(rows * cell_h, columns * cell_w)
     image = np.full((height, width), settings["background"], dtype=np.uint8)
     image[margin : margin + block.shape[0], margin : margin + block.shape[1]] = block
@@ -227,25 +210,19 @@ def render_with_policy(text: str, settings: dict) -> tuple[np.ndarray | None, Sk
 
 
 # -- Processor ---------------------------------------------------------------------------------------------------------
-
-
 class VIST2Processor(ProcessorMixin):
-    r"""Tokenizer + sketch renderer -> VIST2 model inputs.
-
-    `processor(text=..., prefix=...)` returns, left-padded over the batch:
-        - `input_ids`: `prefix`, then `visual_tokens_per_chunk` sketch placeholders per closed chunk, then the open
-          chunk's tokens (with `keep_closed_text=True`, training's `P c_1 V_1 c_2 V_2 ... c_K`).
-        - `attention_mask`, and `chunk_ids`: 0 for the prefix, i for the text and placeholders of chunk i.
-        - `pixel_values`: `(num_closed_chunks_in_batch, H, W)` uint8 sketches, in the order the placeholders appear.
-        - `chunks_kept_as_text` and `undrawable_characters`, per sample: closed chunks that could not be rendered and
-          stay as text, and the characters no sketch could show (one warning per call; details in `last_report`).
-    """
+    r"""Tokenizer + sketch renderer -> VIST2 model inputs. `processor(text=..., prefix=...)` returns, left-padded:
+    `input_ids` (`prefix`, m placeholders per closed chunk, the open chunk's tokens; with `keep_closed_text=True`,
+    training's `P c_1 V_1 c_2 V_2 ... c_K`), `attention_mask`, `chunk_ids` (0 for the prefix, i for chunk i),
+    `pixel_values` (`(closed chunks, H, W)` uint8 sketches, in placeholder order), and per sample `chunks_kept_as_text`
+    and `undrawable_characters` (chunks that could not be drawn stay as text; one warning per call; `last_report`)."""
 
     tokenizer_class = "AutoTokenizer"
 
     def __init__(self, tokenizer=None, sketch_settings=None, sketch_token_id=None, chat_template=None, **kwargs):
         if sketch_settings is None:
-            raise ValueError("VIST2Processor needs sketch_settings: build it with VIST2Processor.from_config(config, tokenizer)")
+            raise ValueError("VIST2Processor needs sketch_settings: build it with "
+                             "VIST2Processor.from_config(config, tokenizer)")
         validate_sketch_settings(sketch_settings, "VIST2Processor.sketch_settings['{}']")
         self.sketch_settings = dict(sketch_settings)
         self.last_report = []
@@ -303,7 +280,6 @@ class VIST2Processor(ProcessorMixin):
         return mismatch
 
     # -- rendering ----------------------------------------------------------------------------------------------------
-
     def render(self, text: str) -> Image.Image:
         """One chunk's sketch at the configured size (overflowing text is cut; see `render_with_policy`)."""
         return Image.fromarray(render_chunk(text, self.sketch_settings)[0], mode="L")
@@ -313,10 +289,9 @@ class VIST2Processor(ProcessorMixin):
         return self.sketch_text(token_ids).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
     def sketch_text(self, token_ids, literal_marks: set | None = None) -> str:
-        """The exact text a chunk's sketch shows, with each special token of `special_token_glyphs` as its glyph;
-        training and generation both render this string. Bytes of a character the chunk's edges cut are kept, as
-        lone surrogates (Python's "surrogateescape"), which the renderer draws as byte marks. `literal_marks`, if
-        given, collects the glyph characters (newline, special tokens) that the text itself holds."""
+        """The exact text a chunk's sketch shows (training and generation both render it): special tokens as their
+        glyphs, bytes of a character the chunk's edges cut as lone surrogates ("surrogateescape", drawn as byte
+        marks). `literal_marks`, if given, collects the glyph characters the text itself holds."""
         def decode(ids):
             text = self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
             if "\ufffd" in text and self.byte_of:  # maybe a character cut by the chunk's edge: read the bytes
@@ -326,7 +301,6 @@ class VIST2Processor(ProcessorMixin):
             if literal_marks is not None:
                 literal_marks.update(self.marks.intersection(text))
             return text
-
         if not self.glyph_of_token_id:
             return decode(token_ids)
         pieces, run = [], []
@@ -373,7 +347,6 @@ class VIST2Processor(ProcessorMixin):
         return torch.from_numpy(np.stack(images) if images else np.zeros((0, h, w), dtype=np.uint8))
 
     # -- layout -------------------------------------------------------------------------------------------------------
-
     def encode_sample(self, prefix_ids, stream_ids, keep_closed_text=False, trainable=None):
         """One sample's layout as lists: input_ids, chunk_ids, labels, sketches (uint8) and the render report.
         `trainable` (a bool per stream token) marks the tokens that carry a label (default: all; never the prefix)."""
@@ -401,9 +374,8 @@ class VIST2Processor(ProcessorMixin):
                 **dict(zip(("chunks_kept_as_text", "undrawable_characters"), self.kept_as_text(reports)))}
 
     def chunk_layout(self, index: int, token_ids, sketched: bool, keep_text: bool = False):
-        """The layout rule: what chunk `index` adds to a sequence, as `(input_ids, chunk_ids, text_length)`: its text
-        when the chunk is open, kept as text or `keep_text` (training's `P c_1 V_1 ...`), then its sketch's placeholders
-        when it has one. Samples, the model's `read` and its decoding all lay chunks out by this rule."""
+        """The layout rule, for samples, `read` and decoding: chunk `index` adds `(input_ids, chunk_ids, text_length)`:
+        its text if open, kept as text or `keep_text` (training's `P c_1 V_1 ...`), then its sketch's placeholders."""
         text = list(token_ids) if keep_text or not sketched else []
         ids = text + [self.sketch_token_id] * (self.visual_tokens_per_chunk if sketched else 0)
         return ids, [index] * len(ids), len(text)
@@ -443,10 +415,9 @@ class VIST2Processor(ProcessorMixin):
         return batch
 
     def iter_chunks(self, text, piece_chars: int = 1 << 16):
-        """Stream `text` (a string, or token ids) chunk by chunk: `(token_ids, sketch or None, report)` per closed
-        chunk, then `(token_ids, None, None)` for the open one. One piece of text and one chunk are held at a time;
-        pieces end where the pre-tokenizer starts its last pre-token (the only one more text can change), so the tokens
-        equal those of the whole text at once."""
+        """Stream `text` (a string, or token ids): `(token_ids, sketch or None, report)` per closed chunk, then
+        `(token_ids, None, None)` for the open one. A piece ends where its last pre-token starts (the only one more
+        text can change), so the tokens equal those of the whole text at once."""
         pending = []
         for piece in self.token_pieces(text, piece_chars) if isinstance(text, str) else [list(map(int, text))]:
             pending += piece
@@ -481,11 +452,9 @@ class VIST2Processor(ProcessorMixin):
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not allow_special_tokens)["input_ids"]
 
     # -- chat ---------------------------------------------------------------------------------------------------------
-
     def prefix_length(self, token_ids) -> int:
-        """How many leading tokens are system turns (`<|im_start|>system\n ... <|im_end|>\n`): a conversation's
-        uncompressed prefix. Found in the token ids, so a conversation tokenized elsewhere (a pipeline, an evaluation
-        harness) keeps its system turns as the prefix; other text has no prefix."""
+        """How many leading tokens are system turns (`<|im_start|>system\n ... <|im_end|>\n`), the uncompressed prefix;
+        found in token ids, so a conversation tokenized elsewhere (a pipeline, a harness) keeps it."""
         header = self.encode("<|im_start|>system\n", allow_special_tokens=True)
         end = self.encode("<|im_end|>\n", allow_special_tokens=True)
         ids, cut = list(token_ids), 0
@@ -508,9 +477,8 @@ class VIST2Processor(ProcessorMixin):
 
     def apply_chat_template(self, conversation, chat_template=None, tokenize=False, return_dict=False,
                             return_tensors=None, **kwargs):
-        """The chat template rendered as text; with `tokenize=True`, the model's inputs, special tokens as their ids:
-        the plain token ids (the model lays them out itself), or with `return_dict=True` the laid-out batch
-        (`input_ids`, `attention_mask`, `chunk_ids`, `pixel_values`) that `model.generate(**inputs)` takes."""
+        """The chat template as text; with `tokenize=True`, its plain token ids (the model lays them out itself), or
+        with `return_dict=True` the laid-out batch that `model.generate(**inputs)` takes."""
         prompt = super().apply_chat_template(conversation, chat_template=chat_template, tokenize=False, **kwargs)
         if not tokenize:
             return prompt
