@@ -185,7 +185,7 @@ class VIST2Config(PretrainedConfig):
         if tokens != self.visual_tokens_per_chunk:
             fail("image_height", f"a {self.image_height}x{self.image_width} sketch gives {tokens} visual tokens "
                  f"(patch {p}, merge {s}) but chunk_size/compression_ratio = {L}/{r} = {self.visual_tokens_per_chunk}",
-                 "choose image_height/(patch*merge) * image_width/(patch*merge) == chunk_size/compression_ratio")
+                 "pass a geometry giving that many, e.g. **vist2.training.sketch_geometry(chunk_size, ratio, patch)")
         if self.num_channels != getattr(self.vision_config, "num_channels", 3):
             fail("num_channels", f"{self.num_channels} must equal vision_config.num_channels "
                  f"({getattr(self.vision_config, 'num_channels', 3)})", "set both to the same value")

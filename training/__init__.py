@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from ..processing_vist2 import VIST2Processor
-from .models import from_backbones, read_back_chunk, tiny_config
+from .models import from_backbones, read_back_chunk, sketch_geometry, tiny_config
 
 logger = logging.getLogger(__name__)
 
@@ -623,7 +623,7 @@ __all__ = [
     "CurriculumPhase", "CurriculumSchedule", "CurriculumCallback", "VIST2Trainer", "processor_for_phase",
     "apply_final_geometry", "set_frozen", "PackedTextDataset", "StreamingTextDataset", "PendingWindow", "ConversationDataset",
     "VIST2DataCollator", "language_model_lora_config", "bf16_supported", "load_or_build_model", "vist2_training_arguments",
-    "from_backbones", "tiny_config", "read_back_chunk", "encode_conversation",
+    "from_backbones", "sketch_geometry", "tiny_config", "read_back_chunk", "encode_conversation",
 ]
 
 
