@@ -506,3 +506,21 @@ def test_overlap_window_starts_c2_that_many_tokens_before_the_end_of_c1():
     window = train_demo.with_overlap(np.arange(2 * L), 3)
     assert window.shape == (2 * L,) and window[:L].tolist() == list(range(L))
     assert window[L:].tolist() == list(range(L - 3, 2 * L - 3))
+
+
+def test_passkey_training_samples_carry_labels_on_the_answer_alone_in_the_generation_layout():
+    import random
+
+    from vist2 import VIST2Processor
+
+    finetune = load_script("passkey_finetune")
+    processor = VIST2Processor.from_pretrained(str(DEMO))
+    filler = finetune.passkey.heldout_filler()
+    rng = random.Random(0)
+    sample = next(s for s in (finetune.passkey_sample(processor, filler, 4, rng) for _ in range(20)) if s is not None)
+    labels = [t for t in sample["labels"] if t != -100]
+    assert processor.decode(labels).strip().isdigit() and len(processor.decode(labels).strip()) == 5
+    assert sample["sketches"] and sample["labels"][-len(labels):] == labels  # the answer ends the open chunk
+    closed = sample["input_ids"].count(processor.sketch_token_id) // processor.visual_tokens_per_chunk
+    assert closed == len(sample["sketches"]) >= 5  # every closed chunk is a sketch only: the key line is among them
+    assert len([c for c in sample["chunk_ids"] if c == max(sample["chunk_ids"])]) <= processor.chunk_size
