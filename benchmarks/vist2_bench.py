@@ -40,7 +40,7 @@ RESULTS = HERE / "results"
 # depends on allocation history (the same computation measured 119 or 177 MiB). `--malloc trim` (the default) fixes a
 # 64 KiB threshold, which returns every large tensor to the OS when freed, so peak RSS follows live memory; same
 # setting for every case. Each large allocation then page-faults afresh, which costs CPU time (the most for a model
-# that runs many small passes: VIST2's 8k first token on cpu-small takes 1.6x as long, the backbone's 1.15x), so
+# that runs many small passes: VIST2's 8k first token on cpu-small took 1.75x as long, the backbone's 1.17x), so
 # time-to-first-token comparisons run with `--malloc default`, the allocator every user process gets.
 MALLOC_TRIM = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
