@@ -204,14 +204,15 @@ def score(answers: list[tuple[str, str]], other_keys: list[str] | None = None, e
     return result
 
 
-def heldout_filler() -> str:
-    """The held-out documents of the offline demo corpus, joined by blank lines; those with a character outside ASCII
-    (one of 88) are left out, so that every closed chunk is sketched (the demo's font draws ASCII)."""
+def corpus_filler(heldout: bool = True) -> str:
+    """The held-out documents of the offline demo corpus (the training ones with `heldout=False`), joined by blank
+    lines; those with a character outside ASCII (one of 88 held-out) are left out, so that every closed chunk is
+    sketched (the demo's font draws ASCII)."""
     spec = importlib.util.spec_from_file_location("build_corpus", REPO / "tokenization" / "build_corpus.py")
     build_corpus = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build_corpus)
-    _, heldout = build_corpus.split_documents(build_corpus.build_corpus())
-    return "\n\n".join(doc for doc in heldout if doc.isascii())
+    train, held = build_corpus.split_documents(build_corpus.build_corpus())
+    return "\n\n".join(doc for doc in (held if heldout else train) if doc.isascii())
 
 
 def parse_args(argv=None):
@@ -240,7 +241,7 @@ def main(argv=None):
     if args.text_only:
         text_only = AutoModelForCausalLM.from_pretrained(args.text_only).eval()
         tokenizer = AutoTokenizer.from_pretrained(args.text_only)
-    filler = Path(args.filler).read_text(encoding="utf-8") if args.filler else heldout_filler()
+    filler = Path(args.filler).read_text(encoding="utf-8") if args.filler else corpus_filler()
     if not filler.strip():
         raise ValueError("--filler: the file is empty. Fix: pass a text file with some prose in it")
 

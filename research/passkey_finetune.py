@@ -15,7 +15,6 @@ are seen. Every --eval-every steps the log gets the teacher-forced accuracy of w
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import random
@@ -30,15 +29,6 @@ sys.path.insert(0, str(REPO / "examples"))
 
 import passkey  # noqa: E402  (examples/passkey.py: the test's own prompt builder)
 from transformers import AutoModelForCausalLM, AutoProcessor  # noqa: E402
-
-
-def training_filler() -> str:
-    """The training documents of the offline corpus (ASCII only, as the demo's font draws), joined by blank lines."""
-    spec = importlib.util.spec_from_file_location("build_corpus", REPO / "tokenization" / "build_corpus.py")
-    build_corpus = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_corpus)
-    train, _ = build_corpus.split_documents(build_corpus.build_corpus())
-    return "\n\n".join(doc for doc in train if doc.isascii())
 
 
 def passkey_sample(processor, filler: str, k: int, rng: random.Random):
@@ -108,7 +98,7 @@ def main(argv=None):
         part.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    filler, heldout = training_filler(), passkey.heldout_filler()
+    filler, heldout = passkey.corpus_filler(heldout=False), passkey.corpus_filler()
     probe_rng = random.Random(1234)
     probes = {k: samples(processor, heldout, probe_rng, args.eval_keys, k=k) for k in args.eval_k}
 

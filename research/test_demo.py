@@ -515,7 +515,7 @@ def test_passkey_training_samples_carry_labels_on_the_answer_alone_in_the_genera
 
     finetune = load_script("passkey_finetune")
     processor = VIST2Processor.from_pretrained(str(DEMO))
-    filler = finetune.passkey.heldout_filler()
+    filler = finetune.passkey.corpus_filler()
     rng = random.Random(0)
     sample = next(s for s in (finetune.passkey_sample(processor, filler, 4, rng) for _ in range(20)) if s is not None)
     labels = [t for t in sample["labels"] if t != -100]
