@@ -513,26 +513,41 @@ def train_readback(args):
         optimizer.step()
         if step % args.eval_every == 0 or step == args.steps - 1:
             model.eval()
-            for name, its in probes.items():
-                stats[f"{name}_tf_acc"], stats[f"{name}_loss"] = teacher_forced_accuracy(model, processor, its)
-                stats[f"{name}_tf_acc_wrong"], stats[f"{name}_loss_wrong"] = teacher_forced_accuracy(
-                    model, processor, its, wrong=True)
+            stats.update(probe_stats(model, processor, probes))
         if step % args.log_every == 0 or step % args.eval_every == 0 or step == args.steps - 1:
-            record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - start, 1),
-                      **{k: round(v, 4) for k, v in stats.items()}}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(record, flush=True)
-    model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    print(f"saved to {out} after {time.time() - start:.0f}s", flush=True)
+            log_step(log, step, optimizer, start, stats)
+    save_stage(model, processor, out, start)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reader and text-only stages: `c_1 V_1 c_2` windows (the control: `c_1 c_2`)
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def probe_stats(model, processor, probes) -> dict:
+    """Teacher-forced accuracy and loss of each probe, with its own sketches and with wrong ones."""
+    stats = {}
+    for name, items in probes.items():
+        stats[f"{name}_tf_acc"], stats[f"{name}_loss"] = teacher_forced_accuracy(model, processor, items)
+        stats[f"{name}_tf_acc_wrong"], stats[f"{name}_loss_wrong"] = teacher_forced_accuracy(
+            model, processor, items, wrong=True)
+    return stats
+
+
+def log_step(log, step, optimizer, start, stats):
+    record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - start, 1),
+              **{k: round(v, 4) for k, v in stats.items()}}
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    print(record, flush=True)
+
+
+def save_stage(model, tokenizer_or_processor, out, start):
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer_or_processor.save_pretrained(out)
+    print(f"saved to {out} after {time.time() - start:.0f}s", flush=True)
 
 
 def lr_at(step, total, peak, warmup):
@@ -636,22 +651,11 @@ def train(args):
         optimizer.step()
         if probes and (step % args.eval_every == 0 or step == args.steps - 1):
             model.eval()
-            for name, items in probes.items():
-                stats[f"{name}_tf_acc"], stats[f"{name}_loss"] = teacher_forced_accuracy(model, processor, items)
-                stats[f"{name}_tf_acc_wrong"], stats[f"{name}_loss_wrong"] = teacher_forced_accuracy(
-                    model, processor, items, wrong=True)
+            stats.update(probe_stats(model, processor, probes))
             model.train()
         if step % args.log_every == 0 or step == args.steps - 1:
-            record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - start, 1),
-                      **{k: round(v, 4) for k, v in stats.items()}}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(record, flush=True)
-    model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    (tokenizer if args.text_only else processor).save_pretrained(out)
-    print(f"saved to {out} after {time.time() - start:.0f}s", flush=True)
+            log_step(log, step, optimizer, start, stats)
+    save_stage(model, tokenizer if args.text_only else processor, out, start)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
