@@ -181,11 +181,13 @@ class VIST2Config(PretrainedConfig):
             if size % (p * s):
                 fail(field, f"{size} is not a multiple of patch_size*merge_size = {p}*{s}",
                      f"use {field}={max(p * s, size - size % (p * s))}")
-        tokens = (self.image_height // (p * s)) * (self.image_width // (p * s))
-        if tokens != self.visual_tokens_per_chunk:
+        tokens, m = (self.image_height // (p * s)) * (self.image_width // (p * s)), self.visual_tokens_per_chunk
+        if tokens != m:
+            rows = max(d for d in range(1, math.isqrt(m) + 1) if m % d == 0)  # the squarest grid of m tokens
             fail("image_height", f"a {self.image_height}x{self.image_width} sketch gives {tokens} visual tokens "
-                 f"(patch {p}, merge {s}) but chunk_size/compression_ratio = {L}/{r} = {self.visual_tokens_per_chunk}",
-                 "pass a geometry giving that many, e.g. **vist2.training.sketch_geometry(chunk_size, ratio, patch)")
+                 f"(patch {p}, merge {s}) but chunk_size/compression_ratio = {L}/{r} = {m}", f"pass a geometry giving "
+                 f"that many, e.g. image_height={rows * p * s}, image_width={m // rows * p * s} (or size one for a "
+                 "tokenizer's chunks with vist2.training.sketch_geometry(chunk_size, ratio, patch))")
         if self.num_channels != getattr(self.vision_config, "num_channels", 3):
             fail("num_channels", f"{self.num_channels} must equal vision_config.num_channels "
                  f"({getattr(self.vision_config, 'num_channels', 3)})", "set both to the same value")

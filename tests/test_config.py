@@ -69,8 +69,9 @@ def test_sketch_too_small_for_a_tokenizer_is_refused_with_the_geometry_that_fits
 
 def test_a_ratio_without_a_geometry_is_refused_with_a_fix_that_works():
     with pytest.raises(ValueError, match=r"^VIST2Config\.image_height: .*gives 64 visual tokens.*= 32\. Fix: .*"
-                                         r"vist2\.training\.sketch_geometry"):
+                                         r"image_height=128, image_width=256.*vist2\.training\.sketch_geometry"):
         VIST2Config(compression_ratio=8)
+    assert VIST2Config(compression_ratio=8, image_height=128, image_width=256).visual_tokens_per_chunk == 32
     config = VIST2Config(compression_ratio=8, **sketch_geometry(256, 8, 16))
     assert config.visual_tokens_per_chunk == 32
 
