@@ -1,7 +1,7 @@
 """Passkey retrieval: does VIST2 recall a number it read k chunks ago, from its sketches alone?
 
-    python examples/passkey.py --model . --text-only research/text-only-baseline --keys 100 \\
-        --json benchmarks/results/passkey-demo.json
+    python examples/passkey.py --model . --text-only research/text-only-baseline --keys 100 --threads 2 \\
+        --json benchmarks/results/passkey-demo.json --markdown benchmarks/results/passkey-demo.md
     python examples/passkey.py --model . --filler my_text.txt --keys 20 --k 1 4 16      # on your own text
 
 Protocol (the standard long-context retrieval probe). A filler text gets one line
@@ -215,6 +215,26 @@ def corpus_filler(heldout: bool = True) -> str:
     return "\n\n".join(doc for doc in (held if heldout else train) if doc.isascii())
 
 
+CONDITIONS = {"vist2": "VIST2", "vist2_other_sketches": "VIST2, another prompt's sketches (control)",
+              "text_only": "text-only, full text"}
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a page: the command, the machine, and accuracy (per-digit accuracy) by k and condition."""
+    names = [c for c in CONDITIONS if any(c in row for row in results["by_k"].values())]
+    lines = [f"# Passkey recall: {results['model']}", "", "```", results["command"], "```", "",
+             f"{results['date']}, {results['machine']}; {results['seconds']['total']:.0f} s in all. "
+             f"{results['keys_per_k']} keys per k, seed {results['seed']}, filler: {results['filler']} "
+             f"({results['filler_chars']} characters). Protocol: the docstring of `examples/passkey.py`. Chance: "
+             "0.001 % for the whole key, 10 % per digit.", "",
+             "| k | prompt tokens (mean) | " + " | ".join(CONDITIONS[c] for c in names) + " |",
+             "| --- | --- |" + " --- |" * len(names)]
+    for k, row in results["by_k"].items():
+        cells = [f"{row[c]['accuracy']:.0%} ({row[c]['digit_accuracy']:.0%})" if c in row else "" for c in names]
+        lines.append(f"| {k} | {row['prompt_tokens_mean']:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO), help="VIST2 model folder or Hub id (default: this repository)")
@@ -227,6 +247,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-control", action="store_true", help="skip the other-sketches control")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--markdown", help="also write them as a table to this file")
     return parser.parse_args(argv)
 
 
@@ -246,6 +267,7 @@ def main(argv=None):
         raise ValueError("--filler: the file is empty. Fix: pass a text file with some prose in it")
 
     results = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "protocol": "key line 'The pass key is NNNNN. Remember it. NNNNN is the pass key.' in filler text; prompt "
                     f"ends with {QUESTION!r}; correct = greedy output is the 5 digits after any whitespace. k = index "
                     "of the open chunk minus index of the chunk holding the key line's last token.",
@@ -299,6 +321,8 @@ def main(argv=None):
     print(text)
     if args.json:
         Path(args.json).write_text(text + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(results))
     return results
 
 

@@ -108,7 +108,8 @@ def test_the_script_writes_a_json_for_every_k_and_condition(model, processor, to
     filler.write_text(SAMPLE_TEXT)
     out = tmp_path / "passkey.json"
     passkey.main(["--model", str(folder), "--text-only", str(tmp_path / "text-only"), "--filler", str(filler),
-                  "--keys", "2", "--k", "1", "3", "--max-new-tokens", "3", "--json", str(out)])
+                  "--keys", "2", "--k", "1", "3", "--max-new-tokens", "3", "--json", str(out),
+                  "--markdown", str(tmp_path / "passkey.md")])
     results = json.loads(out.read_text())
     assert list(results["by_k"]) == ["1", "3"]
     for row in results["by_k"].values():
@@ -117,3 +118,15 @@ def test_the_script_writes_a_json_for_every_k_and_condition(model, processor, to
             assert len(row[condition]["examples"]) == 2
     assert results["chance"] == {"accuracy": 1e-05, "digit_accuracy": 0.1}
     assert results["command"].startswith("python examples/passkey.py --model")
+
+
+def test_the_markdown_page_has_a_row_per_k_with_every_conditions_accuracy(tmp_path):
+    row = {"prompt_tokens_mean": 150.0, "vist2": {"accuracy": 0.97, "digit_accuracy": 0.99},
+           "vist2_other_sketches": {"accuracy": 0.0, "digit_accuracy": 0.11}}
+    results = {"model": ".", "command": "python examples/passkey.py", "date": "2026-12-05 04:00 UTC", "machine": "cpu",
+               "seconds": {"total": 12.0}, "keys_per_k": 100, "seed": 0, "filler": "f", "filler_chars": 10,
+               "by_k": {"1": row, "64": row}}
+    page = passkey.markdown_table(results)
+    assert "| k | prompt tokens (mean) | VIST2 | VIST2, another prompt's sketches (control) |" in page
+    assert "| 1 | 150 | 97% (99%) | 0% (11%) |" in page and "| 64 | 150 | 97% (99%) | 0% (11%) |" in page
+    assert "text-only" not in page  # a condition that was not run has no column
