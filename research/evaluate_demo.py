@@ -1,6 +1,7 @@
 """Fidelity of the demo VIST2 on held-out text, with the wrong-image control.
 
-    python research/evaluate_demo.py --model . --text-only research/text-only-baseline --json research/eval_results.json
+    python research/evaluate_demo.py --model . --text-only research/text-only-baseline --window-chunks 64 --threads 2 \
+        --json research/eval_results.json
 
 Measures, on held-out windows `c_1 c_2` of the stdlib-docstring corpus (documents never trained on):
 (a) read-back: greedy reconstruction of c_1 from its own sketch V_1 (layout `c_1 V_1`, read-back visibility; the
@@ -11,6 +12,10 @@ Measures, on held-out windows `c_1 c_2` of the stdlib-docstring corpus (document
     (c_2 alone), vs the same-size text-only Qwen3 given c_1 as text (and with no context); also by bands of c_2's
     bytes, since the first ones finish the word that c_1 broke off and depend most on the context.
 (c) control: (a) and (b) again with V_1 replaced by the sketch of another held-out chunk.
+(d) with --window-chunks N: perplexity over held-out windows of N chunks, every chunk after the first predicted from
+    the sketches of all the chunks before it (the training layout `c_1 V_1 ... c_N`, read-back off: what generation
+    sees), against the text-only model given the whole window as text, and against VIST2 given every sketch of
+    another window (control); bytes 2..L of chunks 2..N, also by how many chunks precede.
 """
 
 from __future__ import annotations
@@ -189,7 +194,93 @@ def ratio_interval(nll, nll_control, level=0.95, resamples=2000, seed=0):
 BYTE_BANDS = ((2, 4), (5, 8), (9, 16), (17, 32))
 
 
-def evaluate(model_dir, text_only_dir=None, n_ppl=None, n_readback=256, batch=32, seed=0):
+# Bands of a long window's chunks (1-based) whose perplexity `long_windows` reports apart: how much context precedes.
+CHUNK_BANDS = ((2, 2), (3, 8), (9, 32), (33, 64), (65, 256))
+
+
+@torch.no_grad()
+def long_window_nll(model, processor, windows, pixels=None):
+    """`(n, N * L)`: the nll of each window token under VIST2 in the training layout with read-back off (NaN where
+    nothing predicts it from text before it: a chunk's first token). `pixels` replaces the windows' sketches."""
+    batch = processor.collate([processor.encode_sample([], list(map(int, w)), keep_closed_text=True) for w in windows])
+    if pixels is not None:
+        batch["pixel_values"] = pixels
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], chunk_ids=batch["chunk_ids"],
+                   pixel_values=batch["pixel_values"], read_back=torch.zeros(len(ids), dtype=torch.bool)).logits
+    logprobs = torch.log_softmax(logits.float(), -1)
+    text = (ids != processor.sketch_token_id) & (batch["attention_mask"] == 1)
+    nll = torch.full((len(windows), len(windows[0])), float("nan"))
+    for row in range(len(windows)):
+        places = text[row].nonzero()[:, 0]  # the window's tokens, in order
+        after_text = torch.zeros_like(places, dtype=torch.bool)
+        after_text[1:] = text[row, places[1:] - 1]
+        target = ids[row, places[1:]]
+        scores = -logprobs[row, places[1:] - 1].gather(-1, target[:, None])[:, 0]
+        nll[row, 1:] = torch.where(after_text[1:], scores, torch.nan)
+    return nll
+
+
+@torch.no_grad()
+def text_only_window_nll(model, windows):
+    """`(n, N * L)`: the nll of each window token given the window's text before it (NaN for the first)."""
+    ids = torch.tensor(np.stack(windows), dtype=torch.long)
+    logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    nll = -logprobs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    return torch.cat([torch.full((len(ids), 1), float("nan")), nll], 1)
+
+
+def long_windows(model, processor, baseline, window_chunks, limit=None):
+    """(d): perplexities over held-out windows of `window_chunks` chunks; the measured tokens are bytes 2..L of
+    chunks 2..N (a chunk's first byte is predicted before any of its text, from the sketch of the chunk before)."""
+    import train_demo as td
+
+    L = processor.chunk_size
+    windows = list(td.corpus_windows(processor.tokenizer, "heldout", window_chunks))[:limit]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoded = [processor.encode_sample([], list(map(int, w)), keep_closed_text=True) for w in windows]
+        nll = {"vist2_visual_context": torch.cat([long_window_nll(model, processor, [w]) for w in windows])}
+        # The control: each window with the sketches of the next one (both need all N - 1 chunks sketched).
+        control = []
+        for i, w in enumerate(windows):
+            other = encoded[(i + 1) % len(windows)]
+            if encoded[i]["chunks_kept_as_text"] or other["chunks_kept_as_text"]:
+                control.append(torch.full((1, len(w)), float("nan")))
+            else:
+                control.append(long_window_nll(model, processor, [w], processor.pixel_values(other["sketches"])))
+        nll["vist2_other_windows_sketches"] = torch.cat(control)
+    if baseline is not None:
+        nll["text_only_text_context"] = torch.cat([text_only_window_nll(baseline, [w]) for w in windows])
+    measured = torch.zeros(window_chunks * L, dtype=torch.bool)
+    measured[L:] = True
+    measured[::L] = False
+
+    def perplexity(values, columns):
+        return math.exp(values[:, columns].nanmean().item())
+
+    result = {"window_chunks": window_chunks, "windows": len(windows),
+              "chunks_kept_as_text": sum(int(e["chunks_kept_as_text"]) for e in encoded),
+              "perplexity": {k: perplexity(v, measured) for k, v in nll.items()}}
+    if baseline is not None:
+        vist2, text_only = nll["vist2_visual_context"][:, measured], nll["text_only_text_context"][:, measured]
+        both = ~(vist2.isnan() | text_only.isnan()).any(0)
+        result["ratio_vist2_to_text_only"] = result["perplexity"]["vist2_visual_context"] / result["perplexity"][
+            "text_only_text_context"]
+        result["ratio_vist2_to_text_only_95ci"] = ratio_interval(vist2[:, both], text_only[:, both])
+    result["perplexity_by_chunk"] = {}
+    for a, b in CHUNK_BANDS:
+        if a > window_chunks:
+            break
+        columns = measured.clone()
+        columns[: (a - 1) * L] = False
+        columns[min(b, window_chunks) * L :] = False
+        result["perplexity_by_chunk"][f"chunks {a}-{min(b, window_chunks)}"] = {
+            k: perplexity(v, columns) for k, v in nll.items()}
+    return result
+
+
+def evaluate(model_dir, text_only_dir=None, n_ppl=None, n_readback=256, batch=32, seed=0, window_chunks=None):
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
@@ -242,6 +333,8 @@ def evaluate(model_dir, text_only_dir=None, n_ppl=None, n_readback=256, batch=32
     results["probability_of_c1_byte_at_c2_byte"] = {f"bytes {a}-{b}": {k: v[:, a - 2 : b - 1].nanmean().item()
                                                                         for k, v in leak.items()} for a, b in BYTE_BANDS}
     results["n_ppl"] = len(pp)
+    if window_chunks:
+        results["long_windows"] = long_windows(model, processor, baseline if text_only_dir else None, window_chunks)
     results["eval_seconds"] = round(time.time() - start, 1)
     return results
 
@@ -255,11 +348,13 @@ def main(argv=None):
                         help="held-out windows scored for perplexity (default: all of them, 423)")
     parser.add_argument("--n-readback", type=int, default=256,
                         help="held-out chunks read back")
+    parser.add_argument("--window-chunks", type=int, default=None,
+                        help="also the perplexity over held-out windows of this many chunks (d)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = evaluate(args.model, args.text_only or None, args.n_ppl, args.n_readback)
+    results = evaluate(args.model, args.text_only or None, args.n_ppl, args.n_readback, window_chunks=args.window_chunks)
     write_results(results, "evaluate_demo.py", argv, args.json)
 
 

@@ -1,15 +1,26 @@
-"""Experiment: can the demo learn to recall a passkey from a sketch up to 64 chunks back, with a recall-shaped objective?
+"""The demo's recall stage: recall a passkey from a sketch up to 64 chunks back, and model text over 64-chunk windows.
 
     python research/passkey_finetune.py --init . --out /tmp/passkey-ft --steps 600 --batch-size 4
 
 Starts from a checkpoint (default: the committed demo), freezes the vision tower and the aligner (the sketches keep
-meaning what the read-back stages taught), and trains the language model on passkey prompts built exactly as
-`examples/passkey.py` builds its test prompts (`make_trial`), but from the training documents of the corpus: the
-prompt in the generation layout (closed chunks as sketches only, the question in the open chunk), and a loss on the
-answer tokens alone (` NNNNN`), which must therefore come from the key line's sketch. k, the chunks between the key
-line and the open chunk, is drawn log-uniformly in 1..--max-k, so short distances are frequent early and long ones
-are seen. Every --eval-every steps the log gets the teacher-forced accuracy of whole keys on fixed held-out prompts
-(held-out documents, as the test uses) at k in --eval-k. Writes the checkpoint to --out and a JSON-lines log.
+meaning what the read-back stages taught), and trains the language model on up to three kinds of rows, each kind its
+own forward pass (their lengths differ by 10x, so one padded batch would be mostly padding):
+
+- passkey rows (--batch-size of them): prompts built exactly as `examples/passkey.py` builds its test prompts
+  (`make_trial`), but from the training documents of the corpus, in the generation layout (closed chunks as sketches
+  only, the question in the open chunk), with a loss on the answer alone (` NNNNN`, and with --answer-suffix the
+  text after it, `.`, so that the model learns where the key ends). k, the chunks between the key line and the open
+  chunk, is drawn log-uniformly in --min-k..--max-k;
+- window rows (--window-rows, of --window-chunks chunks): corpus windows in the training layout
+  `c_1 V_1 c_2 ... c_n` with read-back off, every chunk predicted from the sketches of the chunks before it (the
+  generation layout's context, all chunks of a window in one pass): language modelling over long compressed contexts;
+- read-back rows (--readback-rows): two-chunk windows `c_1 V_1 c_2` with c_1 read back from V_1, as in the recipe's
+  last stages, so that reading is kept.
+
+With --text-only the same rows train the same-size text-only control (`--init research/text-only-baseline`): the
+passkey prompts and windows as plain text, no read-back rows (it has no sketch to read). Every --eval-every steps the
+log gets the teacher-forced accuracy of whole answers on fixed held-out prompts (held-out documents, as the test uses)
+at k in --eval-k. Writes the checkpoint to --out and a JSON-lines log.
 """
 
 from __future__ import annotations
@@ -22,67 +33,116 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "research"))
 
 import passkey  # noqa: E402  (examples/passkey.py: the test's own prompt builder)
-from transformers import AutoModelForCausalLM, AutoProcessor  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer  # noqa: E402
 
 
-def passkey_sample(processor, filler: str, k: int, rng: random.Random):
-    """One training sample: the prompt in the generation layout, labels on the answer's tokens only. None when the
-    answer would not fit in the open chunk (its first tokens would then be compressed before they are predicted)."""
+def passkey_sample(processor, filler: str, k: int, rng: random.Random, suffix: str = "", text_only: bool = False,
+                   across_chunks: bool = False):
+    """One training sample: the prompt in the generation layout, labels on the answer's tokens (and `suffix`'s) only;
+    with `text_only`, the same prompt and answer as plain text, `(input_ids, labels)`.
+
+    An answer that does not fit in the prompt's open chunk closes it while it is written: generation then compresses
+    its first tokens into a sketch and goes on from that. Such a sample is None, or with `across_chunks` it is laid
+    out in the training layout (every chunk's text, then its sketch), whose logits are generation's, closing included.
+    """
     trial = passkey.make_trial(processor, filler, k, rng)
-    ids, answer = processor.encode(trial.prompt), processor.encode(" " + trial.key)
-    if len(ids) % processor.chunk_size == 0 or len(ids) % processor.chunk_size + len(answer) > processor.chunk_size:
+    ids, answer = processor.encode(trial.prompt), processor.encode(" " + trial.key + suffix)
+    crosses = len(ids) % processor.chunk_size == 0 or len(ids) % processor.chunk_size + len(answer) > processor.chunk_size
+    if crosses and not across_chunks:
         return None
-    return processor.encode_sample([], ids + answer, trainable=[False] * len(ids) + [True] * len(answer))
+    if text_only:
+        return ids + answer, [-100] * len(ids) + answer
+    return processor.encode_sample([], ids + answer, keep_closed_text=crosses,
+                                   trainable=[False] * len(ids) + [True] * len(answer))
 
 
-def draw_k(rng: random.Random, max_k: int) -> int:
-    return min(max_k, int(math.exp(rng.uniform(0, math.log(max_k + 1)))))
+def draw_k(rng: random.Random, max_k: int, min_k: int = 1) -> int:
+    """Log-uniform in [min_k, max_k]: near keys are easy, so each doubling of k gets the same share."""
+    return min(max_k, int(math.exp(rng.uniform(math.log(min_k), math.log(max_k + 1)))))
 
 
-def samples(processor, filler, rng, n, k=None, max_k=64):
+def samples(processor, filler, rng, n, k=None, max_k=64, suffix="", text_only=False, min_k=1, across_chunks=False):
     out = []
     while len(out) < n:
-        sample = passkey_sample(processor, filler, k or draw_k(rng, max_k), rng)
+        sample = passkey_sample(processor, filler, k or draw_k(rng, max_k, min_k), rng, suffix, text_only,
+                                across_chunks)
         if sample is not None:
             out.append(sample)
     return out
 
 
+def text_batch(rows, pad_id):
+    """Right-padded `(input_ids, labels)` rows for a plain causal LM."""
+    length = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([ids + [pad_id] * (length - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([labels + [-100] * (length - len(labels)) for _, labels in rows])
+    return {"input_ids": ids, "attention_mask": (torch.arange(length) < torch.tensor([len(i) for i, _ in rows])[:, None]).long(),
+            "labels": labels}
+
+
 @torch.no_grad()
-def key_accuracy(model, processor, probe) -> float:
+def key_accuracy(model, processor, probe, text_only=False) -> float:
     """Teacher-forced: the share of samples whose every answer token is the argmax."""
     right = 0
     for sample in probe:
-        batch = processor.collate([sample], return_labels=True)
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
-        labels = batch["labels"][0]
+        if text_only:
+            batch = text_batch([sample], 0)
+        else:
+            batch = processor.collate([sample], return_labels=True)
+            batch = {k: v for k, v in batch.items() if k != "chunks_kept_as_text"}
+        labels = batch.pop("labels")[0]
+        logits = model(**batch).logits[0]
         answer = (labels != -100).nonzero()[:, 0]
         right += bool((logits[answer - 1].argmax(-1) == labels[answer]).all())
     return right / len(probe)
 
 
-def main(argv=None):
+def window_batch(processor, windows, text_only=False):
+    """Corpus windows as model inputs: the training layout with read-back off, or plain text for the control."""
+    if text_only:
+        ids = torch.tensor(np.stack(windows), dtype=torch.long)
+        return {"input_ids": ids, "labels": ids}
+    samples = [processor.encode_sample([], list(map(int, w)), keep_closed_text=True) for w in windows]
+    batch = processor.collate(samples, return_labels=True)
+    return {k: v for k, v in batch.items() if k != "chunks_kept_as_text"}
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--init", default=str(REPO))
     parser.add_argument("--out", required=True)
     parser.add_argument("--log", default=None, help="JSON lines (default: <out>/passkey_finetune.jsonl)")
+    parser.add_argument("--text-only", action="store_true", help="train the text-only control (--init its folder)")
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4, help="passkey rows per step")
+    parser.add_argument("--answer-suffix", default="", help="text after the key that is labelled too, e.g. '.'")
+    parser.add_argument("--answer-across-chunks", action="store_true",
+                        help="also train (and probe) answers that close the open chunk while they are written")
+    parser.add_argument("--window-rows", type=int, default=0, help="corpus windows per step (read-back off)")
+    parser.add_argument("--window-chunks", type=int, default=64)
+    parser.add_argument("--readback-rows", type=int, default=0, help="two-chunk read-back windows per step")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--max-k", type=int, default=64)
+    parser.add_argument("--min-k", type=int, default=1, help="train on keys at least this many chunks back")
     parser.add_argument("--eval-k", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--eval-keys", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -90,25 +150,44 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = Path(args.log or out / "passkey_finetune.jsonl")
-    log.write_text("")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(json.dumps({"args": vars(args)}) + "\n")
 
-    model = AutoModelForCausalLM.from_pretrained(args.init, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(args.init, trust_remote_code=True)
-    for part in (model.vision_tower, model.aligner):
-        part.requires_grad_(False)
+    # The control's prompts are laid out by the demo's processor (same tokenizer, same chunks), then taken as text.
+    processor = AutoProcessor.from_pretrained(str(REPO) if args.text_only else args.init, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(args.init, trust_remote_code=not args.text_only)
+    if not args.text_only:
+        for part in (model.vision_tower, model.aligner):
+            part.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     filler, heldout = passkey.corpus_filler(heldout=False), passkey.corpus_filler()
     probe_rng = random.Random(1234)
-    probes = {k: samples(processor, heldout, probe_rng, args.eval_keys, k=k) for k in args.eval_k}
+    probes = {k: samples(processor, heldout, probe_rng, args.eval_keys, k=k, suffix=args.answer_suffix,
+                         text_only=args.text_only, across_chunks=args.answer_across_chunks) for k in args.eval_k}
+    if args.window_rows or args.readback_rows:
+        import train_demo
+
+        stream = train_demo.corpus_windows(processor.tokenizer, "train").reshape(-1)
+        window_tokens = args.window_chunks * processor.chunk_size
+
+    def draw_windows(n, length):
+        starts = [rng.randrange(len(stream) - length + 1) for _ in range(n)]
+        return [stream[s : s + length] for s in starts]
 
     def evaluate(step):
         model.eval()
-        row = {"step": step, **{f"key_acc_k{k}": key_accuracy(model, processor, probe) for k, probe in probes.items()}}
+        row = {"step": step, **{f"key_acc_k{k}": key_accuracy(model, processor, probe, args.text_only)
+                                for k, probe in probes.items()}}
         model.train()
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
+
+    def backward(batch, scale=1.0, **kwargs):
+        loss = model(**batch, **kwargs).loss
+        (loss * scale).backward()
+        return loss.item()
 
     evaluate(0)
     model.train()
@@ -117,21 +196,31 @@ def main(argv=None):
         lr = args.lr * min(1.0, step / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = processor.collate(samples(processor, filler, rng, args.batch_size, max_k=args.max_k), return_labels=True)
-        loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        rows = samples(processor, filler, rng, args.batch_size, max_k=args.max_k, suffix=args.answer_suffix,
+                       text_only=args.text_only, min_k=args.min_k, across_chunks=args.answer_across_chunks)
+        if args.text_only:  # row by row: padded to the longest, a batch of text prompts would be mostly padding
+            losses = {"loss": sum(backward(text_batch([row], 0), 1 / len(rows)) for row in rows) / len(rows)}
+        else:
+            batch = processor.collate(rows, return_labels=True)
+            losses = {"loss": backward({k: v for k, v in batch.items() if k != "chunks_kept_as_text"})}
+        if args.window_rows:
+            losses["window_loss"] = backward(window_batch(processor, draw_windows(args.window_rows, window_tokens),
+                                                          args.text_only))
+        if args.readback_rows and not args.text_only:
+            pairs = window_batch(processor, draw_windows(args.readback_rows, 2 * processor.chunk_size))
+            losses["readback_loss"] = backward(pairs, read_back=torch.ones(args.readback_rows, dtype=torch.bool))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % 10 == 0:
-            row = {"step": step, "loss": round(loss.item(), 4), "lr": lr, "seconds": round(time.time() - began, 1)}
+            row = {"step": step, **{k: round(v, 4) for k, v in losses.items()}, "lr": lr, "seconds": round(time.time() - began, 1)}
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             evaluate(step)
     model.save_pretrained(out)
-    processor.save_pretrained(out)
+    (processor.tokenizer if args.text_only else processor).save_pretrained(out)
 
 
 if __name__ == "__main__":

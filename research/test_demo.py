@@ -6,6 +6,7 @@ not a skip.
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -246,7 +247,10 @@ def recipe():
     commands = []
     for line in script.splitlines():
         line = line.strip()
-        if line.startswith("python research/"):
+        if re.fullmatch(r'[A-Z]+="[^"$]*"', line):  # a shared set of flags, e.g. COMMON="..."
+            name, value = line.split("=", 1)
+            variables["$" + name] = value.strip('"')
+        if line.startswith(("python research/", "python examples/")):
             for name, value in variables.items():
                 line = line.replace(name, value)
             commands.append(shlex.split(line))
@@ -258,8 +262,11 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     stages must chain."""
     commands = recipe()
     trainings = [c for c in commands if c[1] == "research/train_demo.py"]
+    recall = [c for c in commands if c[1] == "research/passkey_finetune.py"]
     evaluations = [c for c in commands if c[1] == "research/evaluate_demo.py"]
-    assert len(trainings) + len(evaluations) == len(commands) and len(evaluations) == 2  # into build/, or the root
+    passkeys = [c for c in commands if c[1] == "examples/passkey.py"]
+    assert len(trainings) + len(recall) + len(evaluations) + len(passkeys) == len(commands)
+    assert len(evaluations) == len(passkeys) == 2  # into build/, or the root
     train_demo = load_script("train_demo")
     runs = [train_demo.parse_args(c[2:]) for c in trainings]
     vist2, text_only = [r for r in runs if not r.text_only], [r for r in runs if r.text_only]
@@ -281,10 +288,21 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     seeds = [r.seed for r in readers]  # stages 3-10 ran with seed 0 and replayed their windows; each later one draws anew
     fresh_seeds = seeds[next(i for i, seed in enumerate(seeds) if seed):]
     assert all(fresh_seeds) and len(fresh_seeds) == len(set(fresh_seeds)) >= 4
-    build = evaluations[-1]
-    assert build[build.index("--model") + 1] == readers[-1].out
-    assert build[build.index("--text-only") + 1] == text_only[-1].out
-    logs = {Path(r.log).name for r in runs}
+    finetune = load_script("passkey_finetune")
+    recall = [finetune.parse_args(c[2:]) for c in recall]
+    vist2_recall, text_only_recall = [r for r in recall if not r.text_only], [r for r in recall if r.text_only]
+    assert [r.init for r in vist2_recall] == [readers[-1].out] + [r.out for r in vist2_recall[:-1]]
+    assert [r.init for r in text_only_recall] == [text_only[-1].out] + [r.out for r in text_only_recall[:-1]]
+    assert [r.max_k for r in vist2_recall] == [1, 8, 64, 64, 64] and vist2_recall[-1].answer_across_chunks
+    assert [bool(r.readback_rows) for r in vist2_recall] == [False, True, True, True, True]  # kept once windows come
+    for reader, control in zip(vist2_recall, text_only_recall, strict=True):  # the same prompts and windows per stage
+        same = ("steps", "batch_size", "min_k", "max_k", "seed", "lr", "warmup", "answer_suffix", "answer_across_chunks",
+                "window_rows", "window_chunks")
+        assert [getattr(control, k) for k in same] == [getattr(reader, k) for k in same]
+    for build in evaluations[-1], passkeys[-1]:
+        assert build[build.index("--model") + 1] == vist2_recall[-1].out
+        assert build[build.index("--text-only") + 1] == text_only_recall[-1].out
+    logs = {Path(r.log).name for r in runs + recall}
     assert logs == {p.name for p in (RESEARCH / "logs").glob("training_log.*.jsonl")}  # the committed logs, no other
 
 
@@ -392,6 +410,44 @@ def test_evaluated_per_byte_loss_is_the_models_own_loss_on_c2(evaluate_demo, dem
     logprobs = evaluate_demo.vist2_logprobs(model, processor, samples, pixels, L)
     nll = evaluate_demo.nll_of(logprobs, window[:, L:])
     assert nll.shape == (3, L - 1) and nll.mean().item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_long_window_nll_of_a_two_chunk_window_is_the_next_chunk_nll(evaluate_demo, demo_model):
+    """(d) over a window of two chunks scores what (b) scores: c_2's bytes 2..L given V_1, NaN where no text of the
+    chunk precedes (c_1's first byte and c_2's)."""
+    model, processor = demo_model
+    samples = evaluate_demo.heldout_samples(processor, model.config, processor.tokenizer, 2)
+    L = model.config.chunk_size
+    windows = [np.array(s["window"]) for s in samples]
+    nll = evaluate_demo.long_window_nll(model, processor, windows)
+    assert nll.shape == (2, 2 * L) and nll[:, [0, L]].isnan().all() and not nll[:, 1:L].isnan().any()
+    logprobs = evaluate_demo.vist2_logprobs(model, processor, samples, evaluate_demo.sketches(processor, samples), L)
+    expected = evaluate_demo.nll_of(logprobs, torch.tensor(np.stack(windows)[:, L:]))
+    assert torch.allclose(nll[:, L + 1 :], expected, atol=1e-4)
+
+
+def test_text_only_window_nll_is_the_models_own_loss(evaluate_demo):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(CONTROL).eval()
+    windows = [np.arange(40, 104) % 200, np.arange(100, 164) % 200]
+    nll = evaluate_demo.text_only_window_nll(model, windows)
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor(np.stack(windows)), labels=torch.tensor(np.stack(windows))).loss
+    assert nll[:, 0].isnan().all() and nll[:, 1:].mean().item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_long_window_evaluation_reports_the_control_and_bands_by_preceding_chunks(evaluate_demo, demo_model):
+    from transformers import AutoModelForCausalLM
+
+    model, processor = demo_model
+    baseline = AutoModelForCausalLM.from_pretrained(CONTROL).eval()
+    result = evaluate_demo.long_windows(model, processor, baseline, window_chunks=4, limit=3)
+    assert result["windows"] == 3 and set(result["perplexity"]) == {
+        "vist2_visual_context", "vist2_other_windows_sketches", "text_only_text_context"}
+    assert list(result["perplexity_by_chunk"]) == ["chunks 2-2", "chunks 3-4"]
+    low, high = result["ratio_vist2_to_text_only_95ci"]
+    assert low <= result["ratio_vist2_to_text_only"] <= high
 
 
 def test_read_back_leak_is_the_probability_of_c1s_byte_where_it_differs_from_c2s(evaluate_demo):
@@ -524,3 +580,82 @@ def test_passkey_training_samples_carry_labels_on_the_answer_alone_in_the_genera
     closed = sample["input_ids"].count(processor.sketch_token_id) // processor.visual_tokens_per_chunk
     assert closed == len(sample["sketches"]) >= 5  # every closed chunk is a sketch only: the key line is among them
     assert len([c for c in sample["chunk_ids"] if c == max(sample["chunk_ids"])]) <= processor.chunk_size
+
+
+def test_passkey_answer_suffix_is_labelled_so_the_model_learns_where_the_key_ends():
+    import random
+
+    from vist2 import VIST2Processor
+
+    finetune = load_script("passkey_finetune")
+    processor = VIST2Processor.from_pretrained(str(DEMO))
+    filler = finetune.passkey.corpus_filler()
+    rng = random.Random(0)
+    sample = next(s for s in (finetune.passkey_sample(processor, filler, 2, rng, suffix=".") for _ in range(20)) if s)
+    answer = processor.decode([t for t in sample["labels"] if t != -100])
+    assert answer.startswith(" ") and answer.endswith(".") and answer[1:-1].isdigit() and len(answer) == 7
+
+
+def test_a_passkey_answer_that_closes_the_open_chunk_is_trained_on_the_logits_generation_gives(demo_model):
+    """Generation compresses the chunk the answer's first tokens close and goes on from its sketch; with
+    `across_chunks` such a sample is laid out so that the loss sees exactly the logits of those generation steps."""
+    import random
+
+    finetune = load_script("passkey_finetune")
+    model, processor = demo_model
+    filler, L = finetune.passkey.corpus_filler(), processor.chunk_size
+    seed = next(seed for seed in range(200)  # a prompt whose open chunk the answer's first tokens close
+                if len(processor.encode(finetune.passkey.make_trial(processor, filler, 2, random.Random(seed)).prompt))
+                % L > L - 4)
+    trial = finetune.passkey.make_trial(processor, filler, 2, random.Random(seed))
+    inputs = processor(text=trial.prompt)
+    with torch.no_grad():
+        out = model.generate(**inputs, processor=processor, max_new_tokens=6, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+    written = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    assert finetune.passkey_sample(processor, filler, 2, random.Random(seed)) is None  # rejected without the option
+    ids = processor.encode(trial.prompt)
+    sample = processor.encode_sample([], ids + written, keep_closed_text=True,
+                                     trainable=[False] * len(ids) + [True] * len(written))
+    crossing = finetune.passkey_sample(processor, filler, 2, random.Random(seed), across_chunks=True)
+    assert crossing["chunk_ids"] == sample["chunk_ids"]  # the layout the loss sees: this one
+    batch = processor.collate([sample])
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "chunks_kept_as_text"}).logits[0]
+    text = batch["input_ids"][0] != processor.sketch_token_id
+    stream = logits[text][len(ids) - 1 : len(ids) - 1 + len(written)]  # the logits that predict the answer
+    torch.testing.assert_close(stream, torch.cat(out.logits), atol=1e-4, rtol=0)
+
+
+def test_text_only_passkey_rows_are_the_same_prompt_and_answer_as_text():
+    import random
+
+    from vist2 import VIST2Processor
+
+    finetune = load_script("passkey_finetune")
+    processor = VIST2Processor.from_pretrained(str(DEMO))
+    filler = finetune.passkey.corpus_filler()
+    vist2 = next(s for s in (finetune.passkey_sample(processor, filler, 3, random.Random(5), ".") for _ in range(20)) if s)
+    ids, labels = next(s for s in (finetune.passkey_sample(processor, filler, 3, random.Random(5), ".", text_only=True)
+                                   for _ in range(20)) if s)
+    text = processor.decode(ids)
+    assert processor.sketch_token_id not in ids and len(ids) == len(labels)
+    assert "The pass key is" in text and text.endswith(processor.decode([t for t in vist2["labels"] if t != -100]))
+    assert [t for t in labels if t != -100] == [t for t in vist2["labels"] if t != -100]
+    open_chunk = len(ids) % processor.chunk_size  # the same prompt: its open chunk is the same text in both
+    assert vist2["input_ids"][-open_chunk:] == ids[-open_chunk:]
+
+
+def test_window_rows_are_the_training_layout_with_every_chunk_labelled():
+    finetune = load_script("passkey_finetune")
+    from vist2 import VIST2Processor
+
+    processor = VIST2Processor.from_pretrained(str(DEMO))
+    L, m = processor.chunk_size, processor.visual_tokens_per_chunk
+    window = np.array(processor.encode("def f(x):\n    return x + 1\n" * 12)[: 4 * L])
+    batch = finetune.window_batch(processor, [window])
+    assert batch["input_ids"].shape == (1, 4 * L + 3 * m) and batch["pixel_values"].shape[0] == 3
+    labels = batch["labels"][0]
+    assert labels[labels != -100].tolist() == window.tolist()[1:]
+    text_batch = finetune.window_batch(processor, [window], text_only=True)
+    assert text_batch["input_ids"][0].tolist() == window.tolist()
