@@ -1,10 +1,12 @@
-"""VIST2 in one minute: compress a long text into sketches, read one back, keep writing with a small cache.
+"""VIST2 in one minute: compress a long text into sketches, read one back, recall a pass key from far back, keep
+writing with a small cache.
 
     python examples/quickstart.py                      # the demo model: this repository's root
-    python examples/quickstart.py --model some/folder --max-new-tokens 64 --write-context 8
+    python examples/quickstart.py --model some/folder --max-new-tokens 64 --write-context 8 --recall-keys 0
 """
 
 import argparse
+import random
 from pathlib import Path
 
 import torch
@@ -13,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 
 from vist2.training import read_back_chunk
 
+import passkey
 from generate import cache_bytes, text_only_cache_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +48,9 @@ def main(argv=None):
     parser.add_argument("--text", default=str(ROOT / "examples" / "data" / "long_text.txt"))
     parser.add_argument("--out", default="quickstart_sketches.png", help="where to save the sketches it read")
     parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--write-context", type=int, default=4, help="closed chunks the continuation starts from")
+    parser.add_argument("--write-context", type=int, default=64, help="closed chunks the continuation starts from")
+    parser.add_argument("--recall-k", type=int, default=64, help="chunks between the pass key and the question")
+    parser.add_argument("--recall-keys", type=int, default=10, help="pass keys to hide and ask for")
     parser.add_argument("--greedy", action="store_true", help="write greedily instead of sampling (seeded)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -80,9 +85,27 @@ def main(argv=None):
     print(f"\n--- a chunk ---\n{original}\n--- read back from its sketch (character accuracy {accuracy:.0%}; "
           f"from another chunk's sketch: {control_accuracy:.0%}) ---\n{read}")
 
-    # 4. Keep writing: each chunk that fills up is compressed on the fly. The demo model was trained on windows of
-    # two chunks (one sketch, then text), so it writes from the last few chunks: the whole text puts positions
-    # in front of it that it never saw (research/README.md).
+    # 4. Recall: pass keys hidden in the text, `--recall-k` chunks before the question, are then in sketches only.
+    # The control asks the same prompts with another text's sketches (same layout, another key): it cannot know them.
+    rng = random.Random(args.seed)
+    right = control_right = 0
+    for i in range(args.recall_keys):
+        trial = passkey.make_trial(processor, text, args.recall_k, rng)
+        answer = passkey.vist2_answer(model, processor, trial.prompt, max_new_tokens=8)
+        other = passkey.same_layout_trial(processor, trial, text, rng)
+        control = passkey.vist2_answer(model, processor, trial.prompt, 8, pixel_values=other[1]) if other else ""
+        right += passkey.is_correct(answer, trial.key)
+        control_right += passkey.is_correct(control, trial.key)
+        if i == 0:
+            print(f"\n--- recall: {passkey.key_line(trial.key)!r} hidden {trial.k} chunks "
+                  f"({len(trial.prompt) - trial.key_end} characters) before {passkey.QUESTION!r} ---\n"
+                  f"VIST2 answers {answer!r}; with another text's sketches: {control!r}")
+    print(f"keys recalled from {args.recall_k} chunks back: {right} of {args.recall_keys}; "
+          f"with another text's sketches: {control_right} of {args.recall_keys}")
+
+    # 5. Keep writing: each chunk that fills up is compressed on the fly. The demo model was trained on windows of
+    # at most 64 chunks, so it writes from the last 64: the whole text puts positions in front of it that it never
+    # saw (research/README.md).
     start = (len(closed) - args.write_context) * chunk_size
     recent = processor(text=processor.decode(stream[max(start, 0) :]))
     # Sampled, seeded: greedy decoding from the small byte-level demo model soon settles into a run of spaces (the
@@ -95,7 +118,7 @@ def main(argv=None):
     print(f"\n--- continuation, from the last {args.write_context} closed chunks ---\n"
           f"{processor.decode(new, skip_special_tokens=True)}")
 
-    # 5. What reading the whole text cost in KV cache.
+    # 6. What reading the whole text cost in KV cache.
     # read() streams the text into the cache; one generated token feeds it the text's last token too.
     state = model.read(processor, text)
     model.generate(**state, processor=processor, max_new_tokens=1, do_sample=False)

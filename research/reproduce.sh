@@ -4,10 +4,11 @@
 # rows) -> the encoder unfrozen (random rows on one line, over several lines, over real chunks' lines) -> newlines
 # drawn in line (then random rows with document separators, fewer of them) -> document separators drawn in one cell
 # -> read-back from noisy inputs -> windows whose second chunk starts inside the first -> read-back placed right
-# before the next chunk -> text-only control (the same LM steps) -> evaluation. Seeded, one thread per job: about
-# 14 hours of CPU in all (the stages' times are in research/README.md), two to four jobs at a time on 2 cores (the
-# control is independent of stages 1-18 and may run beside them). The LM side reads and writes one byte per token
-# (tokenization/byte_tokenizer), so a random-character warm-up is read-back of the very tokens the corpus is made of.
+# before the next chunk -> text-only control (the same LM steps) -> recall (passkeys and 64-chunk windows, both
+# models) -> evaluation. Seeded, one thread per job: about 17 hours of CPU in all (the stages' times are in
+# research/README.md), two to four jobs at a time on 2 cores (the control is independent of stages 1-18 and may run
+# beside them). The LM side reads and writes one byte per token (tokenization/byte_tokenizer), so a random-character
+# warm-up is read-back of the very tokens the corpus is made of.
 #   bash research/reproduce.sh             # into research/build (git-ignored), to compare with the committed files
 #   bash research/reproduce.sh DIR         # into DIR
 #   bash research/reproduce.sh demo        # stages in research/build, then rewrites the committed checkpoint (the
@@ -186,11 +187,57 @@ python research/train_demo.py --tokenizer "$BYTES" --text-only --init "$BUILD/te
     --chunk-sampling any --steps 5000 --batch-size 16 --warmup 50 --lr 3e-4 --log-every 50 \
     --seed 20 --out "$BUILD/text-only-baseline" --log "$LOGS/training_log.text-only-baseline.jsonl"
 
+# 20. Recall: the language model (tower and aligner frozen) on passkey prompts in the generation layout with a loss on
+#     the answer and the `.` after it. Stage 1 puts the key line 1 chunk back and trains on nothing else; stages 2-4
+#     draw k log-uniform in 1..8, 1..64, then 4..64, and add to each step one 64-chunk corpus window with read-back
+#     off (every chunk predicted from the sketches before it) and two, then four, read-back rows; stage 5 adds the
+#     prompts whose answer closes the open chunk while it is written. With every distance mixed in from the first step
+#     it stays at chance. The control gets the same prompts and windows as text (research/README.md, "The recall
+#     stage"). The two chains may run side by side; wall times on 2 cores with both running: VIST2 8, 19, 47, 40, 34
+#     min; text-only 11, 11, 42, 35, 13 min.
+COMMON="--answer-suffix . --window-rows 1 --window-chunks 64 --eval-k 1 8 64 --eval-every 100 --threads 1"
+python research/passkey_finetune.py --init "$BUILD/vist2-demo" --out "$BUILD/recall-k1" \
+    --log "$LOGS/training_log.recall-k1.jsonl" --steps 1000 --batch-size 16 --max-k 1 --eval-k 1 8 --threads 1 \
+    --answer-suffix . --lr 1e-3 --eval-every 200
+python research/passkey_finetune.py --init "$BUILD/recall-k1" --out "$BUILD/recall-k8" \
+    --log "$LOGS/training_log.recall-k8.jsonl" --steps 500 --batch-size 8 --max-k 8 --seed 1 --lr 1e-3 \
+    --readback-rows 2 $COMMON
+python research/passkey_finetune.py --init "$BUILD/recall-k8" --out "$BUILD/recall-k64" \
+    --log "$LOGS/training_log.recall-k64.jsonl" --steps 800 --batch-size 8 --max-k 64 --seed 2 --lr 1e-3 \
+    --readback-rows 2 $COMMON
+python research/passkey_finetune.py --init "$BUILD/recall-k64" --out "$BUILD/recall-far" \
+    --log "$LOGS/training_log.recall-far.jsonl" --steps 700 --batch-size 8 --min-k 4 --max-k 64 --seed 3 --lr 5e-4 \
+    --readback-rows 4 $COMMON
+python research/passkey_finetune.py --init "$BUILD/recall-far" --out "$BUILD/recall" \
+    --log "$LOGS/training_log.recall.jsonl" --steps 300 --batch-size 8 --max-k 64 --seed 4 --lr 3e-4 \
+    --answer-across-chunks --readback-rows 4 $COMMON
+python research/passkey_finetune.py --text-only --init "$BUILD/text-only-baseline" --out "$BUILD/text-only-recall-k1" \
+    --log "$LOGS/training_log.text-only-recall-k1.jsonl" --steps 1000 --batch-size 16 --max-k 1 --eval-k 1 8 \
+    --threads 1 --answer-suffix . --lr 1e-3 --eval-every 200
+python research/passkey_finetune.py --text-only --init "$BUILD/text-only-recall-k1" --out "$BUILD/text-only-recall-k8" \
+    --log "$LOGS/training_log.text-only-recall-k8.jsonl" --steps 500 --batch-size 8 --max-k 8 --seed 1 --lr 1e-3 \
+    $COMMON
+python research/passkey_finetune.py --text-only --init "$BUILD/text-only-recall-k8" --out "$BUILD/text-only-recall-k64" \
+    --log "$LOGS/training_log.text-only-recall-k64.jsonl" --steps 800 --batch-size 8 --max-k 64 --seed 2 --lr 1e-3 \
+    $COMMON
+python research/passkey_finetune.py --text-only --init "$BUILD/text-only-recall-k64" \
+    --out "$BUILD/text-only-recall-far" --log "$LOGS/training_log.text-only-recall-far.jsonl" --steps 700 \
+    --batch-size 8 --min-k 4 --max-k 64 --seed 3 --lr 5e-4 $COMMON
+python research/passkey_finetune.py --text-only --init "$BUILD/text-only-recall-far" \
+    --out "$BUILD/text-only-recall" --log "$LOGS/training_log.text-only-recall.jsonl" --steps 300 \
+    --batch-size 8 --max-k 64 --seed 4 --lr 3e-4 --answer-across-chunks $COMMON
+
 if [ "$OUT" = demo ]; then  # the checkpoint is the repository root: its files, not the code save_pretrained copies
-    for file in "$BUILD"/vist2-demo/*; do case "$file" in *.py) ;; *) cp "$file" . ;; esac; done
-    rm -rf research/text-only-baseline && cp -r "$BUILD/text-only-baseline" research/text-only-baseline
-    python research/evaluate_demo.py --model . --text-only research/text-only-baseline --json research/eval_results.json
+    for file in "$BUILD"/recall/*; do case "$file" in *.py|*.jsonl) ;; *) cp "$file" . ;; esac; done
+    rm -rf research/text-only-baseline && cp -r "$BUILD/text-only-recall" research/text-only-baseline
+    rm -f research/text-only-baseline/*.jsonl
+    python research/evaluate_demo.py --model . --text-only research/text-only-baseline --window-chunks 64 \
+        --threads 2 --json research/eval_results.json
+    python examples/passkey.py --model . --text-only research/text-only-baseline --keys 100 --threads 2 \
+        --json benchmarks/results/passkey-demo.json --markdown benchmarks/results/passkey-demo.md
 else
-    python research/evaluate_demo.py --model "$BUILD/vist2-demo" --text-only "$BUILD/text-only-baseline" \
-        --json "$BUILD/eval_results.json"
+    python research/evaluate_demo.py --model "$BUILD/recall" --text-only "$BUILD/text-only-recall" --window-chunks 64 \
+        --threads 2 --json "$BUILD/eval_results.json"
+    python examples/passkey.py --model "$BUILD/recall" --text-only "$BUILD/text-only-recall" --keys 100 --threads 2 \
+        --json "$BUILD/passkey-demo.json"
 fi

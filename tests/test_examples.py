@@ -124,10 +124,13 @@ def test_quickstart_compresses_saves_sketches_reads_back_and_writes(saved_model,
 
     sheet = tmp_path / "sketches.png"
     quickstart.main(["--model", str(saved_model), "--text", str(EXAMPLES / "data" / "long_text.txt"),
-                     "--out", str(sheet), "--max-new-tokens", "8"])
+                     "--out", str(sheet), "--max-new-tokens", "8", "--write-context", "4",
+                     "--recall-keys", "2"])
     report = capsys.readouterr().out
     from PIL import Image
 
     assert Image.open(sheet).size[0] > 64
     assert "read back from its sketch" in report and "--- continuation, from the last 4 closed chunks ---" in report
+    assert re.search(r"hidden 64 chunks .*\nVIST2 answers '.*'; with another text's sketches: '.*'", report, re.S)
+    assert re.search(r"keys recalled from 64 chunks back: \d of 2; with another text's sketches: \d of 2", report)
     assert float(re.search(r"-> ([\d.]+)%", report).group(1)) < 30
