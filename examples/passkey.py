@@ -104,6 +104,18 @@ class Trial:
     after_chars: int
 
 
+def closes_open_chunk(chunk_size: int, prompt_tokens: int, answer_tokens: int) -> bool:
+    """Whether writing an answer of `answer_tokens` after the prompt fills the prompt's open chunk, so that generation
+    compresses the answer's first tokens into a sketch before it writes the rest."""
+    open_tokens = prompt_tokens % chunk_size
+    return open_tokens == 0 or open_tokens + answer_tokens > chunk_size
+
+
+def answer_closes_chunk(processor, trial) -> bool:
+    return closes_open_chunk(processor.chunk_size, len(processor.encode(trial.prompt)),
+                             len(processor.encode(" " + trial.key)))
+
+
 def filler_text(filler: str, start: int, length: int) -> str:
     """`length` characters of `filler` from `start`, read as a loop (a short filler repeats)."""
     start %= len(filler)
@@ -227,10 +239,14 @@ def markdown_table(results: dict) -> str:
              f"{results['keys_per_k']} keys per k, seed {results['seed']}, filler: {results['filler']} "
              f"({results['filler_chars']} characters). Protocol: the docstring of `examples/passkey.py`. Chance: "
              "0.001 % for the whole key, 10 % per digit.", "",
-             "| k | prompt tokens (mean) | " + " | ".join(CONDITIONS[c] for c in names) + " |",
-             "| --- | --- |" + " --- |" * len(names)]
+             "| k | prompt tokens (mean) | " + " | ".join(CONDITIONS[c] for c in names) +
+             " | VIST2, answer fits the open chunk / closes it (keys) |",
+             "| --- | --- |" + " --- |" * (len(names) + 1)]
     for k, row in results["by_k"].items():
         cells = [f"{row[c]['accuracy']:.0%} ({row[c]['digit_accuracy']:.0%})" if c in row else "" for c in names]
+        split = row.get("vist2_by_answer", {})
+        cells.append(" / ".join(f"{split[c]['accuracy']:.0%} ({split[c]['n']})" if c in split else "-"
+                                for c in ("fits_open_chunk", "closes_open_chunk")))
         lines.append(f"| {k} | {row['prompt_tokens_mean']:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -305,8 +321,13 @@ def main(argv=None):
                     reference.append((trial.key, text_only_answer(text_only, tokenizer, trial.prompt, args.max_new_tokens)))
                     seconds["text_only"] += time.time() - t
         tokens = [len(processor.encode(trial.prompt)) for trial in trials]
+        closes = [answer_closes_chunk(processor, trial) for trial in trials]
         row = {"prompt_tokens_mean": round(statistics.mean(tokens), 1), "prompt_tokens_max": max(tokens),
-               "chunks_kept_as_text": kept_as_text, "vist2": score(answers)}
+               "chunks_kept_as_text": kept_as_text, "vist2": score(answers),
+               # VIST2 apart for the keys whose answer closes the open chunk while it is written, and the others
+               "vist2_by_answer": {name: score([a for a, c in zip(answers, closes) if c == flag])
+                                   for name, flag in (("fits_open_chunk", False), ("closes_open_chunk", True))
+                                   if flag in closes}}
         if control:
             row["vist2_other_sketches"] = score(control, other_keys)
         if reference:

@@ -118,6 +118,25 @@ def test_the_script_writes_a_json_for_every_k_and_condition(model, processor, to
             assert len(row[condition]["examples"]) == 2
     assert results["chance"] == {"accuracy": 1e-05, "digit_accuracy": 0.1}
     assert results["command"].startswith("python examples/passkey.py --model")
+    for row in results["by_k"].values():  # VIST2 apart by whether the answer closes the open chunk: every key once
+        assert sum(split["n"] for split in row["vist2_by_answer"].values()) == 2
+
+
+@pytest.mark.parametrize("prompt_tokens, closes", [(1, False), (26, False), (27, True), (31, True), (64, True)])
+def test_an_answer_closes_the_open_chunk_when_the_chunk_fills_before_its_last_token(prompt_tokens, closes):
+    """A 6-token answer after a prompt of `prompt_tokens` (L = 32): the open chunk holds the prompt's tail; a full
+    one (64 tokens: 32 in it) is closed by the answer's first token."""
+    assert passkey.closes_open_chunk(32, prompt_tokens, 6) is closes
+
+
+def test_a_trial_whose_open_chunk_has_no_room_for_the_answer_is_marked_as_closing_it(processor):
+    rng = random.Random(0)
+    L = processor.chunk_size
+    for _ in range(20):
+        trial = passkey.make_trial(processor, SAMPLE_TEXT * 4, 2, rng)
+        room = L - len(processor.encode(trial.prompt)) % L
+        answer = len(processor.encode(" " + trial.key))
+        assert passkey.answer_closes_chunk(processor, trial) == (room == L or room < answer)
 
 
 def test_the_markdown_page_has_a_row_per_k_with_every_conditions_accuracy(tmp_path):
@@ -130,3 +149,15 @@ def test_the_markdown_page_has_a_row_per_k_with_every_conditions_accuracy(tmp_pa
     assert "| k | prompt tokens (mean) | VIST2 | VIST2, another prompt's sketches (control) |" in page
     assert "| 1 | 150 | 97% (99%) | 0% (11%) |" in page and "| 64 | 150 | 97% (99%) | 0% (11%) |" in page
     assert "text-only" not in page  # a condition that was not run has no column
+
+
+def test_the_markdown_page_gives_vist2_apart_for_answers_that_close_the_open_chunk():
+    row = {"prompt_tokens_mean": 150.0, "vist2": {"accuracy": 0.82, "digit_accuracy": 0.95},
+           "vist2_by_answer": {"fits_open_chunk": {"accuracy": 0.9, "n": 80},
+                               "closes_open_chunk": {"accuracy": 0.5, "n": 20}}}
+    results = {"model": ".", "command": "python examples/passkey.py", "date": "2026-12-05 04:00 UTC", "machine": "cpu",
+               "seconds": {"total": 12.0}, "keys_per_k": 100, "seed": 0, "filler": "f", "filler_chars": 10,
+               "by_k": {"1": row}}
+    page = passkey.markdown_table(results)
+    assert "| VIST2, answer fits the open chunk / closes it (keys) |" in page
+    assert "| 1 | 150 | 82% (95%) | 90% (80) / 50% (20) |" in page
