@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "research"))
 
 import passkey  # noqa: E402  (examples/passkey.py: the test's own prompt builder)
-from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer  # noqa: E402
+import train_demo  # noqa: E402  (the recipe's corpus windows and batches)
+from transformers import AutoModelForCausalLM, AutoProcessor  # noqa: E402
 
 
 def passkey_sample(processor, filler: str, k: int, rng: random.Random, suffix: str = "", text_only: bool = False,
@@ -55,7 +56,7 @@ def passkey_sample(processor, filler: str, k: int, rng: random.Random, suffix: s
     """
     trial = passkey.make_trial(processor, filler, k, rng)
     ids, answer = processor.encode(trial.prompt), processor.encode(" " + trial.key + suffix)
-    crosses = len(ids) % processor.chunk_size == 0 or len(ids) % processor.chunk_size + len(answer) > processor.chunk_size
+    crosses = passkey.closes_open_chunk(processor.chunk_size, len(ids), len(answer))
     if crosses and not across_chunks:
         return None
     if text_only:
@@ -79,27 +80,26 @@ def samples(processor, filler, rng, n, k=None, max_k=64, suffix="", text_only=Fa
     return out
 
 
-def text_batch(rows, pad_id):
-    """Right-padded `(input_ids, labels)` rows for a plain causal LM."""
-    length = max(len(ids) for ids, _ in rows)
-    ids = torch.tensor([ids + [pad_id] * (length - len(ids)) for ids, _ in rows])
-    labels = torch.tensor([labels + [-100] * (length - len(labels)) for _, labels in rows])
-    return {"input_ids": ids, "attention_mask": (torch.arange(length) < torch.tensor([len(i) for i, _ in rows])[:, None]).long(),
-            "labels": labels}
+def text_batch(row):
+    """One `(input_ids, labels)` row of the text-only control as a batch of one (prompts differ in length by 10x, so
+    they go one by one rather than padded)."""
+    ids, labels = row
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
 
 
 @torch.no_grad()
 def key_accuracy(model, processor, probe, text_only=False) -> float:
-    """Teacher-forced: the share of samples whose every answer token is the argmax."""
+    """Teacher-forced: the share of samples whose every answer token is the argmax. The logits that predict a token
+    are those of the text token before it in the text stream, which is not the entry before it where an answer closes
+    a chunk (its sketch lies between), so both are taken along the text stream, as the model's loss does."""
     right = 0
     for sample in probe:
-        if text_only:
-            batch = text_batch([sample], 0)
-        else:
-            batch = processor.collate([sample], return_labels=True)
-            batch = {k: v for k, v in batch.items() if k != "chunks_kept_as_text"}
+        batch = text_batch(sample) if text_only else train_demo.make_batch(processor, [sample])
         labels = batch.pop("labels")[0]
         logits = model(**batch).logits[0]
+        if not text_only:
+            text = batch["input_ids"][0] != processor.sketch_token_id
+            logits, labels = logits[text], labels[text]
         answer = (labels != -100).nonzero()[:, 0]
         right += bool((logits[answer - 1].argmax(-1) == labels[answer]).all())
     return right / len(probe)
@@ -110,9 +110,8 @@ def window_batch(processor, windows, text_only=False):
     if text_only:
         ids = torch.tensor(np.stack(windows), dtype=torch.long)
         return {"input_ids": ids, "labels": ids}
-    samples = [processor.encode_sample([], list(map(int, w)), keep_closed_text=True) for w in windows]
-    batch = processor.collate(samples, return_labels=True)
-    return {k: v for k, v in batch.items() if k != "chunks_kept_as_text"}
+    return train_demo.make_batch(processor, [processor.encode_sample([], list(map(int, w)), keep_closed_text=True)
+                                             for w in windows])
 
 
 def parse_args(argv=None):
@@ -166,8 +165,6 @@ def main(argv=None):
     probes = {k: samples(processor, heldout, probe_rng, args.eval_keys, k=k, suffix=args.answer_suffix,
                          text_only=args.text_only, across_chunks=args.answer_across_chunks) for k in args.eval_k}
     if args.window_rows or args.readback_rows:
-        import train_demo
-
         stream = train_demo.corpus_windows(processor.tokenizer, "train").reshape(-1)
         window_tokens = args.window_chunks * processor.chunk_size
 
@@ -200,10 +197,9 @@ def main(argv=None):
         rows = samples(processor, filler, rng, args.batch_size, max_k=args.max_k, suffix=args.answer_suffix,
                        text_only=args.text_only, min_k=args.min_k, across_chunks=args.answer_across_chunks)
         if args.text_only:  # row by row: padded to the longest, a batch of text prompts would be mostly padding
-            losses = {"loss": sum(backward(text_batch([row], 0), 1 / len(rows)) for row in rows) / len(rows)}
+            losses = {"loss": sum(backward(text_batch(row), 1 / len(rows)) for row in rows) / len(rows)}
         else:
-            batch = processor.collate(rows, return_labels=True)
-            losses = {"loss": backward({k: v for k, v in batch.items() if k != "chunks_kept_as_text"})}
+            losses = {"loss": backward(train_demo.make_batch(processor, rows))}
         if args.window_rows:
             losses["window_loss"] = backward(window_batch(processor, draw_windows(args.window_rows, window_tokens),
                                                           args.text_only))
@@ -213,7 +209,8 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % 10 == 0:
-            row = {"step": step, **{k: round(v, 4) for k, v in losses.items()}, "lr": lr, "seconds": round(time.time() - began, 1)}
+            row = {"step": step, **{k: round(v, 4) for k, v in losses.items()}, "lr": lr,
+                   "seconds": round(time.time() - began, 1)}
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)

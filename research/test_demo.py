@@ -625,6 +625,8 @@ def test_a_passkey_answer_that_closes_the_open_chunk_is_trained_on_the_logits_ge
     text = batch["input_ids"][0] != processor.sketch_token_id
     stream = logits[text][len(ids) - 1 : len(ids) - 1 + len(written)]  # the logits that predict the answer
     torch.testing.assert_close(stream, torch.cat(out.logits), atol=1e-4, rtol=0)
+    # The probe reads the same logits: greedy wrote `written`, so teacher-forced it is right on every token.
+    assert finetune.key_accuracy(model, processor, [sample]) == 1.0
 
 
 def test_text_only_passkey_rows_are_the_same_prompt_and_answer_as_text():
