@@ -5,7 +5,7 @@
 # drawn in line (then random rows with document separators, fewer of them) -> document separators drawn in one cell
 # -> read-back from noisy inputs -> windows whose second chunk starts inside the first -> read-back placed right
 # before the next chunk -> text-only control (the same LM steps) -> recall (passkeys and 64-chunk windows, both
-# models) -> evaluation. Seeded, one thread per job: about 17 hours of CPU in all (the stages' times are in
+# models) -> evaluation. Seeded, one thread per job: about 18 hours of CPU in all (the stages' times are in
 # research/README.md), two to four jobs at a time on 2 cores (the control is independent of stages 1-18 and may run
 # beside them). The LM side reads and writes one byte per token (tokenization/byte_tokenizer), so a random-character
 # warm-up is read-back of the very tokens the corpus is made of.
