@@ -191,8 +191,9 @@ def render_chunk(text: str, settings: dict, font_size: int | None = None) -> tup
     grid = np.zeros((rows, columns), dtype=np.int64)
     for row, line in enumerate(lines):
         grid[row, : len(line)] = np.fromiter(map(index.__getitem__, line), dtype=np.int64, count=len(line))
-    block = atlas.glyphs[grid]  # rows, columns, cell_h, cell_w
-    block = block.transpose(0, 2, 1, 3).reshape(rows * cell_h, columns * cell_w)
+    # A cell's row of cell_w pixels as one item: the gather and the transpose into image rows move 1/cell_w the items.
+    cell_rows = atlas.glyphs.view(np.dtype((np.void, cell_w)))[..., 0]  # (atlas index, cell_h)
+    block = np.ascontiguousarray(cell_rows[grid].transpose(0, 2, 1)).view(np.uint8).reshape(rows * cell_h, -1)
     image = np.full((height, width), settings["background"], dtype=np.uint8)
     image[margin : margin + block.shape[0], margin : margin + block.shape[1]] = block
     return image, report
