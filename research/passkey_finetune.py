@@ -46,18 +46,19 @@ from transformers import AutoModelForCausalLM, AutoProcessor  # noqa: E402
 
 
 def passkey_sample(processor, filler: str, k: int, rng: random.Random, suffix: str = "", text_only: bool = False,
-                   across_chunks: bool = False):
+                   across_chunks: bool = False, closing: bool | None = None):
     """One training sample: the prompt in the generation layout, labels on the answer's tokens (and `suffix`'s) only;
     with `text_only`, the same prompt and answer as plain text, `(input_ids, labels)`.
 
     An answer that does not fit in the prompt's open chunk closes it while it is written: generation then compresses
     its first tokens into a sketch and goes on from that. Such a sample is None, or with `across_chunks` it is laid
     out in the training layout (every chunk's text, then its sketch), whose logits are generation's, closing included.
+    With `closing` set, a sample whose answer does not close the open chunk (True) or does (False) is None too.
     """
     trial = passkey.make_trial(processor, filler, k, rng)
     ids, answer = processor.encode(trial.prompt), processor.encode(" " + trial.key + suffix)
     crosses = passkey.closes_open_chunk(processor.chunk_size, len(ids), len(answer))
-    if crosses and not across_chunks:
+    if (crosses and not across_chunks) or closing not in (None, crosses):
         return None
     if text_only:
         return ids + answer, [-100] * len(ids) + answer
@@ -70,11 +71,17 @@ def draw_k(rng: random.Random, max_k: int, min_k: int = 1) -> int:
     return min(max_k, int(math.exp(rng.uniform(math.log(min_k), math.log(max_k + 1)))))
 
 
-def samples(processor, filler, rng, n, k=None, max_k=64, suffix="", text_only=False, min_k=1, across_chunks=False):
+def samples(processor, filler, rng, n, k=None, max_k=64, suffix="", text_only=False, min_k=1, across_chunks=False,
+            closing_share=None):
+    """`n` passkey samples; with `closing_share`, each one's answer closes the open chunk with that probability (other
+    fillers and keys at the same k until one does or does not: as drawn, 9-48 % of prompts close it, by k)."""
     out = []
     while len(out) < n:
-        sample = passkey_sample(processor, filler, k or draw_k(rng, max_k, min_k), rng, suffix, text_only,
-                                across_chunks)
+        closing = None if closing_share is None else rng.random() < closing_share
+        k_row = k or draw_k(rng, max_k, min_k)
+        sample = passkey_sample(processor, filler, k_row, rng, suffix, text_only, across_chunks, closing)
+        while sample is None and closing is not None:
+            sample = passkey_sample(processor, filler, k_row, rng, suffix, text_only, across_chunks, closing)
         if sample is not None:
             out.append(sample)
     return out
@@ -125,6 +132,8 @@ def parse_args(argv=None):
     parser.add_argument("--answer-suffix", default="", help="text after the key that is labelled too, e.g. '.'")
     parser.add_argument("--answer-across-chunks", action="store_true",
                         help="also train (and probe) answers that close the open chunk while they are written")
+    parser.add_argument("--closing-share", type=float, default=None,
+                        help="with --answer-across-chunks: the share of passkey rows whose answer closes the open chunk")
     parser.add_argument("--window-rows", type=int, default=0, help="corpus windows per step (read-back off)")
     parser.add_argument("--window-chunks", type=int, default=64)
     parser.add_argument("--readback-rows", type=int, default=0, help="two-chunk read-back windows per step")
@@ -142,6 +151,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.closing_share is not None and not args.answer_across_chunks:
+        raise SystemExit("--closing-share needs --answer-across-chunks (without it, no answer may close the chunk)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -195,7 +206,8 @@ def main(argv=None):
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         rows = samples(processor, filler, rng, args.batch_size, max_k=args.max_k, suffix=args.answer_suffix,
-                       text_only=args.text_only, min_k=args.min_k, across_chunks=args.answer_across_chunks)
+                       text_only=args.text_only, min_k=args.min_k, across_chunks=args.answer_across_chunks,
+                       closing_share=args.closing_share)
         if args.text_only:  # row by row: padded to the longest, a batch of text prompts would be mostly padding
             losses = {"loss": sum(backward(text_batch(row), 1 / len(rows)) for row in rows) / len(rows)}
         else:

@@ -629,6 +629,27 @@ def test_a_passkey_answer_that_closes_the_open_chunk_is_trained_on_the_logits_ge
     assert finetune.key_accuracy(model, processor, [sample]) == 1.0
 
 
+def test_closing_share_sets_the_share_of_passkey_rows_whose_answer_closes_the_open_chunk():
+    import random
+
+    from vist2 import VIST2Processor
+
+    finetune = load_script("passkey_finetune")
+    processor = VIST2Processor.from_pretrained(str(DEMO))
+    filler, L = finetune.passkey.corpus_filler(), processor.chunk_size
+
+    def text_and_answer(row):
+        return ([t for t in row["input_ids"] if t != processor.sketch_token_id],
+                [t for t in row["labels"] if t != -100])
+
+    for row in finetune.samples(processor, filler, random.Random(3), 6, k=8, across_chunks=True, closing_share=1.0):
+        text, answer = text_and_answer(row)  # the training layout: every chunk's text is there, the answer closes one
+        assert len(text) > 8 * L and finetune.passkey.closes_open_chunk(L, len(text) - len(answer), len(answer))
+    for row in finetune.samples(processor, filler, random.Random(3), 6, k=8, across_chunks=True, closing_share=0.0):
+        text, answer = text_and_answer(row)  # the generation layout: the open chunk holds the prompt's end and answer
+        assert len(text) <= L
+
+
 def test_text_only_passkey_rows_are_the_same_prompt_and_answer_as_text():
     import random
 
