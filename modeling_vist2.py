@@ -463,7 +463,9 @@ class VIST2Model(VIST2PreTrainedModel):
         if getattr(self, "_own_processor", None) is None:
             tokenizer, source = getattr(self, "tokenizer", None), self.config._name_or_path
             try:
-                tokenizer = tokenizer or (AutoTokenizer.from_pretrained(source, trust_remote_code=False) if source else None)
+                # Given the config, AutoTokenizer does not read config.json again as a model type it does not know.
+                if tokenizer is None and source:
+                    tokenizer = AutoTokenizer.from_pretrained(source, config=self.config, trust_remote_code=False)
             except (OSError, ValueError) as error:
                 source = f"{source} ({type(error).__name__}: {error})"
             if tokenizer is None:

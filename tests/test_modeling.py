@@ -263,6 +263,32 @@ def test_remote_code_loads_in_a_process_without_the_package_and_gives_identical_
         assert torch.equal(remote["logits"], model(**batch).logits)
 
 
+PLAIN_IDS_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.modules["vist2"] = None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, text = sys.argv[1], sys.argv[2]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # as the pipeline and lm-eval load it
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    print(model.generate(input_ids=ids, max_new_tokens=4, do_sample=False).shape[1] - ids.shape[1])
+""")
+
+
+def test_plain_ids_generate_with_remote_code_finds_the_tokenizer_without_a_warning(model, processor, tmp_path):
+    """A client that tokenizes for itself (a pipeline, lm-eval) gets the saved tokenizer loaded for rendering, and no
+    warning that a `vist2` config was read as another model type."""
+    save_model_and_processor(model, processor, tmp_path)
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_IDS_SCRIPT)
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), SAMPLE_TEXT[:250]], capture_output=True,
+                            text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "4" and "model of type" not in result.stderr, result.stderr[-2000:]
+
+
 def test_the_base_model_gives_the_hidden_states_the_lm_head_reads(model, processor, tokenizer, training_batch):
     from vist2 import VIST2Model
 
