@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "research"))
 
 import passkey  # noqa: E402  (examples/passkey.py: the test's own prompt builder)
 import train_demo  # noqa: E402  (the recipe's corpus windows and batches)
-from transformers import AutoModelForCausalLM, AutoProcessor  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer  # noqa: E402
 
 
 def passkey_sample(processor, filler: str, k: int, rng: random.Random, suffix: str = "", text_only: bool = False,
@@ -229,7 +229,8 @@ def main(argv=None):
         if step % args.eval_every == 0 or step == args.steps:
             evaluate(step)
     model.save_pretrained(out)
-    (processor.tokenizer if args.text_only else processor).save_pretrained(out)
+    # The control's folder gets its own tokenizer files: the demo processor's would point at code it does not have.
+    (AutoTokenizer.from_pretrained(args.init) if args.text_only else processor).save_pretrained(out)
 
 
 if __name__ == "__main__":
