@@ -293,11 +293,12 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     vist2_recall, text_only_recall = [r for r in recall if not r.text_only], [r for r in recall if r.text_only]
     assert [r.init for r in vist2_recall] == [readers[-1].out] + [r.out for r in vist2_recall[:-1]]
     assert [r.init for r in text_only_recall] == [text_only[-1].out] + [r.out for r in text_only_recall[:-1]]
-    assert [r.max_k for r in vist2_recall] == [1, 8, 64, 64, 64] and vist2_recall[-1].answer_across_chunks
-    assert [bool(r.readback_rows) for r in vist2_recall] == [False, True, True, True, True]  # kept once windows come
+    assert [r.max_k for r in vist2_recall] == [1, 8, 64, 64, 64, 64] and vist2_recall[-1].answer_across_chunks
+    assert [bool(r.readback_rows) for r in vist2_recall] == [False] + [True] * 5  # kept once windows come
+    assert vist2_recall[-1].closing_share == 0.5  # the last step: half its prompts' answers close the open chunk
     for reader, control in zip(vist2_recall, text_only_recall, strict=True):  # the same prompts and windows per stage
         same = ("steps", "batch_size", "min_k", "max_k", "seed", "lr", "warmup", "answer_suffix", "answer_across_chunks",
-                "window_rows", "window_chunks")
+                "window_rows", "window_chunks", "closing_share")
         assert [getattr(control, k) for k in same] == [getattr(reader, k) for k in same]
     for build in evaluations[-1], passkeys[-1]:
         assert build[build.index("--model") + 1] == vist2_recall[-1].out
