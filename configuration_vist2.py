@@ -5,10 +5,12 @@ Everything that decides a sketch's pixels lives here, so a model and its process
 
 import difflib
 import math
+from pathlib import Path
 
 from PIL import ImageFont
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
+from transformers.utils import cached_file
 
 OVERFLOW_POLICIES = ("keep_text", "shrink_font")
 READ_BACK_POSITIONS = ("after_sketch", "before_next_chunk")
@@ -80,13 +82,47 @@ def validate_sketch_settings(settings: dict, name: str):
         value = settings[field]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < math.inf:
             fail(field, f"must be a finite number above {low}, got {value!r}", f"use e.g. {field}=0.5")
-    if settings["font_path"] is not None:
-        # The font is part of the model: a path that does not open fails here, not at the first closed chunk.
+    font = settings["font_path"]
+    # The font is part of the model: a path that does not open fails here, not at the first closed chunk. A bare file
+    # name that is not here names the font saved with a model, which from_pretrained looks up in the model's folder.
+    if font is not None and (Path(font).name != font or Path(font).exists()):
         try:
             ImageFont.truetype(settings["font_path"], settings["font_size"])
         except (OSError, ValueError, TypeError) as error:
             fail("font_path", f"cannot open {settings['font_path']!r} as a TrueType/OpenType font ({error})",
                  "pass the path of a .ttf/.otf file that exists on this machine, or None for Pillow's built-in font")
+
+
+# -- The font travels with the model --------------------------------------------------------------------------------
+# A model reads only sketches drawn with the font it was trained on, so the font file is part of the checkpoint:
+# `save_pretrained` copies it into the model's folder and records its file name, `from_pretrained` finds that name in
+# the folder or Hub repo the model comes from. Loaded, `font_path` is a file on this machine.
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
+
+
+def font_file_name(font_path):
+    return None if font_path is None else Path(font_path).name
+
+
+def locate_font(font_path, pretrained_model_name_or_path, hub_kwargs: dict):
+    """The local file of a saved `font_path`: a file name is looked up in the model's folder or Hub repo."""
+    if font_path is None or Path(font_path).is_absolute():
+        return font_path
+    found = cached_file(pretrained_model_name_or_path, font_path, _raise_exceptions_for_missing_entries=False,
+                        **{key: hub_kwargs[key] for key in HUB_KWARGS if key in hub_kwargs})
+    if found is None:
+        raise OSError(f"font_path: the model names the font {font_path!r}, which {pretrained_model_name_or_path!r} "
+                      "does not hold. Fix: save the model with save_pretrained (it copies the font), or put the font "
+                      "file next to its config.json")
+    return found
+
+
+def copy_font(font_path, save_directory):
+    if font_path is not None:
+        target = Path(save_directory) / Path(font_path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists() or not target.samefile(font_path):
+            target.write_bytes(Path(font_path).read_bytes())
 
 
 def _sub_config(value, default_model_type, defaults):
@@ -105,7 +141,8 @@ class VIST2Config(PretrainedConfig):
         chunk_size (`int`): L, text tokens per chunk. compression_ratio (`int`): r; a closed chunk becomes m = L / r
             visual tokens. merge_size (`int`): s; the aligner concatenates s x s neighbouring patches (paper: 1).
         sketch_token_id (`int`): the `<|sketch|>` placeholder id that marks visual positions in `input_ids`.
-        font_path (`str`, *optional*): a TrueType font; `None` uses Pillow's built-in scalable font. font_size,
+        font_path (`str`, *optional*): a TrueType font file, saved with the model (`save_pretrained` copies it into
+            the model's folder); `None` uses Pillow's built-in scalable font (ASCII only). font_size,
             min_font_size (`int`): pixel size glyphs are drawn at, and the floor of the `"shrink_font"` policy.
         char_width, line_height, margin (`int`): the glyph cell in pixels (one per character); blank pixels around.
         foreground, background (`int`): grey levels of ink and paper (0-255).
@@ -151,6 +188,20 @@ class VIST2Config(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_vist2()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, unused = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == cls.model_type:
+            config_dict["font_path"] = locate_font(config_dict.get("font_path"), pretrained_model_name_or_path, kwargs)
+        return config_dict, unused
+
+    def save_pretrained(self, save_directory, **kwargs):
+        copy_font(self.font_path, save_directory)
+        super().save_pretrained(save_directory, **kwargs)
+
+    def to_dict(self):
+        return {**super().to_dict(), "font_path": font_file_name(self.font_path)}
 
     @property
     def visual_tokens_per_chunk(self) -> int:

@@ -20,7 +20,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging as hf_logging
 
-from .configuration_vist2 import VIST2Config
+from .configuration_vist2 import VIST2Config, locate_font
 from .processing_vist2 import VIST2Processor
 
 PAD, TEXT, SKETCH = 0, 1, 2  # token kinds
@@ -246,7 +246,12 @@ class VIST2PreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         # Weights travel only as safetensors: a folder with pickled weights alone is refused, never unpickled.
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        config = (loaded[0] if isinstance(loaded, tuple) else loaded).config  # (with output_loading_info: a pair)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        config.font_path = locate_font(config.font_path, source, kwargs)  # the font saved with it: configuration_vist2
+        config.validate_vist2()
+        return loaded
 
 
 class VIST2TextDecoder(nn.Module):

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .configuration_vist2 import SKETCH_SETTING_KEYS, validate_sketch_settings
+from .configuration_vist2 import SKETCH_SETTING_KEYS, copy_font, font_file_name, locate_font, validate_sketch_settings
 
 
 SKETCH_TOKEN = "<|sketch|>"
@@ -255,6 +255,23 @@ class VIST2Processor(ProcessorMixin):
         return super().from_pretrained(*args, **kwargs)
 
     @classmethod
+    def get_processor_dict(cls, pretrained_model_name_or_path, **kwargs):
+        processor_dict, unused = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        settings = processor_dict.get("sketch_settings")
+        if settings and settings.get("font_path"):  # the font saved with the processor (see configuration_vist2)
+            font = locate_font(settings["font_path"], pretrained_model_name_or_path, kwargs)
+            processor_dict["sketch_settings"] = {**settings, "font_path": font}
+        return processor_dict, unused
+
+    def save_pretrained(self, save_directory, **kwargs):
+        copy_font(self.sketch_settings["font_path"], save_directory)
+        return super().save_pretrained(save_directory, **kwargs)
+
+    def to_dict(self):
+        font = font_file_name(self.sketch_settings["font_path"])
+        return {**super().to_dict(), "sketch_settings": {**self.sketch_settings, "font_path": font}}
+
+    @classmethod
     def from_config(cls, config, tokenizer, **kwargs):
         """The processor that matches a model config (same chunking and render settings)."""
         vocab_size = getattr(config.text_config, "vocab_size", None)
@@ -274,8 +291,9 @@ class VIST2Processor(ProcessorMixin):
 
     def settings_mismatch(self, config) -> dict:
         """{setting: (processor value, config value)} for every sketch setting the two disagree on."""
-        mismatch = {k: (self.sketch_settings.get(k), v) for k, v in config.sketch_settings.items()
-                    if self.sketch_settings.get(k) != v}
+        own = {**self.sketch_settings, "font_path": font_file_name(self.sketch_settings["font_path"])}
+        other = {**config.sketch_settings, "font_path": font_file_name(config.font_path)}  # the same file, moved
+        mismatch = {k: (own.get(k), v) for k, v in other.items() if own.get(k) != v}
         if self.sketch_token_id != config.sketch_token_id:
             mismatch["sketch_token_id"] = (self.sketch_token_id, config.sketch_token_id)
         return mismatch

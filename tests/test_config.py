@@ -4,6 +4,7 @@ import pytest
 from transformers import AutoConfig
 
 from vist2 import VIST2Config
+from conftest import tiny_config as model_config
 from vist2.training import tiny_config
 from vist2.training.models import PROSE_CHARS_PER_TOKEN, characters_needed, check_fit, sketch_geometry
 
@@ -127,3 +128,59 @@ def test_saved_config_names_remote_code_in_auto_map(tmp_path):
     tiny_config().save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).model_type == "vist2"
     assert '"AutoConfig": "configuration_vist2.VIST2Config"' in (tmp_path / "config.json").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The font is part of the model: saved with it, found with it
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def font_file(folder):
+    """Pillow's built-in scalable font written out as a .ttf file in `folder`."""
+    from PIL import ImageFont
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "builtin.ttf"
+    path.write_bytes(ImageFont.load_default(size=12).path.getvalue())
+    return str(path)
+
+
+def saved_with_font(tokenizer, tmp_path):
+    from vist2 import VIST2ForCausalLM, VIST2Processor
+
+    config = model_config(tokenizer, font_path=font_file(tmp_path / "fonts"))
+    processor = VIST2Processor.from_config(config, tokenizer)
+    VIST2ForCausalLM(config).save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    return processor, tmp_path / "model"
+
+
+def test_save_pretrained_copies_the_font_into_the_model_folder_and_records_its_file_name(tokenizer, tmp_path):
+    import json
+
+    _, folder = saved_with_font(tokenizer, tmp_path)
+    assert (folder / "builtin.ttf").read_bytes() == (tmp_path / "fonts" / "builtin.ttf").read_bytes()
+    assert json.loads((folder / "config.json").read_text())["font_path"] == "builtin.ttf"
+    assert json.loads((folder / "processor_config.json").read_text())["sketch_settings"]["font_path"] == "builtin.ttf"
+
+
+def test_a_loaded_model_draws_with_the_font_in_its_own_folder(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    processor, folder = saved_with_font(tokenizer, tmp_path)
+    text = "The font is part of the model. " * 8
+    before = processor(text=text)["pixel_values"]
+    (tmp_path / "fonts" / "builtin.ttf").unlink()  # the font it was built with is gone: only the saved copy is left
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert model.config.font_path == loaded.sketch_settings["font_path"] == str(folder / "builtin.ttf")
+    assert loaded.settings_mismatch(model.config) == {} and len(before) > 1
+    assert (loaded(text=text)["pixel_values"] == before).all()
+
+
+def test_a_model_whose_font_file_is_missing_is_refused_naming_the_file_and_the_fix(tokenizer, tmp_path):
+    _, folder = saved_with_font(tokenizer, tmp_path)
+    (folder / "builtin.ttf").unlink()
+    with pytest.raises(OSError, match=r"font_path: the model names the font 'builtin.ttf', which .* does not hold\. "
+                                      r"Fix: save the model with save_pretrained"):
+        VIST2Config.from_pretrained(folder)

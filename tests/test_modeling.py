@@ -263,6 +263,30 @@ def test_remote_code_loads_in_a_process_without_the_package_and_gives_identical_
         assert torch.equal(remote["logits"], model(**batch).logits)
 
 
+def test_remote_code_draws_with_the_font_saved_with_the_model(tokenizer, tmp_path):
+    from PIL import ImageFont
+
+    font = tmp_path / "fonts" / "builtin.ttf"  # a TrueType file that exists only until the model is saved
+    font.parent.mkdir()
+    font.write_bytes(ImageFont.load_default(size=12).path.getvalue())
+    config = tiny_config(tokenizer, font_path=str(font))
+    model, processor = VIST2ForCausalLM(config).eval(), VIST2Processor.from_config(config, tokenizer)
+    folder = tmp_path / "model"
+    save_model_and_processor(model, processor, folder)
+    batch = processor(text=SAMPLE_TEXT[:250], keep_closed_text=True)
+    font.unlink()
+    (tmp_path / "load.py").write_text(REMOTE_CODE_SCRIPT)
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(folder), SAMPLE_TEXT[:250]],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(folder / "out.pt")
+    assert remote["config"]["font_path"] == "builtin.ttf" and batch["pixel_values"].shape[0] > 1
+    assert torch.equal(remote["input_ids"], batch["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(remote["logits"], model(**batch).logits)
+
+
 PLAIN_IDS_SCRIPT = textwrap.dedent("""
     import sys
     sys.modules["vist2"] = None
