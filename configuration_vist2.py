@@ -114,7 +114,7 @@ def locate_font(font_path, pretrained_model_name_or_path, hub_kwargs: dict):
         raise OSError(f"font_path: the model names the font {font_path!r}, which {pretrained_model_name_or_path!r} "
                       "does not hold. Fix: save the model with save_pretrained (it copies the font), or put the font "
                       "file next to its config.json")
-    return found
+    return str(Path(found).resolve())  # absolute: located once, whatever the working directory is later
 
 
 def copy_font(font_path, save_directory):

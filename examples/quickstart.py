@@ -85,7 +85,23 @@ def main(argv=None):
     print(f"\n--- a chunk ---\n{original}\n--- read back from its sketch (character accuracy {accuracy:.0%}; "
           f"from another chunk's sketch: {control_accuracy:.0%}) ---\n{read}")
 
-    # 4. Recall: pass keys hidden in the text, `--recall-k` chunks before the question, are then in sketches only.
+    # 4. Beyond ASCII: a chunk holding a character the model's font cannot draw is kept as text, never dropped, and
+    # reported; one the font draws is compressed and read back like any other. (The demo's font draws ASCII only.)
+    typeset = ("« Déjà vu », dit-elle — l’été à Montréal coûte 12 € ; © 2026 Zoë Ångström, “naïve” façade… ") * 4
+    latin = processor(text=typeset)
+    sketched, kept = len(processor.last_report[0]), int(latin["chunks_kept_as_text"][0])
+    print(f"\n--- beyond ASCII: {len(typeset)} characters -> {sketched} closed chunks, {kept} kept as text "
+          f"(characters the font cannot draw: {latin['undrawable_characters'][0]!r}) ---")
+    typeset_ids = processor.encode(typeset)
+    chunks = [typeset_ids[i : i + chunk_size] for i in range(0, sketched * chunk_size, chunk_size)]
+    drawn = [c for c, r in zip(chunks, processor.last_report[0]) if r.ok]
+    if drawn:
+        reads = [processor.chunk_text(read_back_chunk(model, processor, c)) for c in drawn]
+        accuracy = sum(char_accuracy(r, processor.chunk_text(c)) for r, c in zip(reads, drawn)) / len(drawn)
+        print(f"{processor.chunk_text(drawn[0])}\n--- read back from its sketch (character accuracy over the "
+              f"{len(drawn)} sketched chunks: {accuracy:.0%}) ---\n{reads[0]}")
+
+    # 5. Recall: pass keys hidden in the text, `--recall-k` chunks before the question, are then in sketches only.
     # The control asks the same prompts with another text's sketches (same layout, another key): it cannot know them.
     rng = random.Random(args.seed)
     right = control_right = 0
@@ -103,7 +119,7 @@ def main(argv=None):
     print(f"keys recalled from {args.recall_k} chunks back: {right} of {args.recall_keys}; "
           f"with another text's sketches: {control_right} of {args.recall_keys}")
 
-    # 5. Keep writing: each chunk that fills up is compressed on the fly. The demo model was trained on windows of
+    # 6. Keep writing: each chunk that fills up is compressed on the fly. The demo model was trained on windows of
     # at most 64 chunks, so it writes from the last 64: the whole text puts positions in front of it that it never
     # saw (research/README.md).
     start = (len(closed) - args.write_context) * chunk_size
@@ -118,7 +134,7 @@ def main(argv=None):
     print(f"\n--- continuation, from the last {args.write_context} closed chunks ---\n"
           f"{processor.decode(new, skip_special_tokens=True)}")
 
-    # 6. What reading the whole text cost in KV cache.
+    # 7. What reading the whole text cost in KV cache.
     # read() streams the text into the cache; one generated token feeds it the text's last token too.
     state = model.read(processor, text)
     model.generate(**state, processor=processor, max_new_tokens=1, do_sample=False)

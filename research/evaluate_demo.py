@@ -57,6 +57,28 @@ def heldout_samples(processor, config, tokenizer, n=None):
     return samples
 
 
+def latin1_samples(processor, samples, L, wide_share=0.15):
+    """`samples` with c_1's characters replaced by random ones over its layout, some of them the Latin-1 characters of
+    several bytes that the demo's font draws (`train_demo.with_corpus_layout`): reading beyond ASCII, without a prior
+    to guess from. Only the rows whose c_1 the font draws and holds such a character (none with an ASCII-only font)."""
+    import random
+
+    import train_demo as td
+
+    tokenizer = processor.tokenizer
+    wide = td.wide_characters(tokenizer, td.LATIN1_REPERTOIRE)
+    keep, pool = td.layout_token_ids(tokenizer, separators=True), td.random_token_pool(tokenizer, "chars")
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, s in enumerate(samples):
+            window = td.with_corpus_layout(s["window"][:L], keep, pool, random.Random(i), wide, wide_share)
+            sample = td.make_sample(processor, window + s["window"][L:])
+            if sample is not None and not processor.chunk_text(window).isascii():
+                out.append(dict(sample, window=window + s["window"][L:]))
+    return out
+
+
 def sketches(processor, samples):
     return processor.pixel_values([s["sketches"][0] for s in samples])
 
@@ -300,6 +322,17 @@ def evaluate(model_dir, text_only_dir=None, n_ppl=None, n_readback=256, batch=32
     results["read_back"] = {**right, "wrong_image_char_accuracy": other["char_accuracy"],
                             "wrong_image_token_accuracy_teacher_forced": other["token_accuracy_teacher_forced"],
                             "n": len(rb)}
+    latin1 = latin1_samples(processor, rb, L)
+    if latin1:
+        right = read_back(model, processor, latin1, sketches(processor, latin1), L)
+        shifted = latin1[1:] + latin1[:1]
+        other = read_back(model, processor, latin1, sketches(processor, shifted), L)
+        results["read_back_latin1"] = {"char_accuracy": right["char_accuracy"],
+                                       "token_accuracy_teacher_forced": right["token_accuracy_teacher_forced"],
+                                       "wrong_image_char_accuracy": other["char_accuracy"], "n": len(latin1),
+                                       "non_ascii_share": float(np.mean([not c.isascii() for c in "".join(
+                                           processor.chunk_text(s["window"][:L]) for s in latin1)])),
+                                       "examples": right["examples"], "worst": right["worst"][:4]}
     pp = samples[:n_ppl]
     logprobs = {
         "vist2_visual_context": batched(

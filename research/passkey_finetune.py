@@ -3,7 +3,7 @@
     python research/passkey_finetune.py --init . --out /tmp/passkey-ft --steps 600 --batch-size 4
 
 Starts from a checkpoint (default: the committed demo), freezes the vision tower and the aligner (the sketches keep
-meaning what the read-back stages taught), and trains the language model on up to three kinds of rows, each kind its
+meaning what the read-back stages taught; --train-encoder trains them too), and trains the language model on up to three kinds of rows, each kind its
 own forward pass (their lengths differ by 10x, so one padded batch would be mostly padding):
 
 - passkey rows (--batch-size of them): prompts built exactly as `examples/passkey.py` builds its test prompts
@@ -15,7 +15,10 @@ own forward pass (their lengths differ by 10x, so one padded batch would be most
   `c_1 V_1 c_2 ... c_n` with read-back off, every chunk predicted from the sketches of the chunks before it (the
   generation layout's context, all chunks of a window in one pass): language modelling over long compressed contexts;
 - read-back rows (--readback-rows): two-chunk windows `c_1 V_1 c_2` with c_1 read back from V_1, as in the recipe's
-  last stages, so that reading is kept.
+  last stages, so that reading is kept;
+- Latin-1 read-back rows (--latin1-rows): random characters over the whitespace of corpus chunks, some of them
+  characters of several bytes (`train_demo.with_corpus_layout`, share --wide-share), read back from their sketch,
+  so that reading what the font draws beyond ASCII is kept too.
 
 With --text-only the same rows train the same-size text-only control (`--init research/text-only-baseline`): the
 passkey prompts and windows as plain text, no read-back rows (it has no sketch to read). Every --eval-every steps the
@@ -137,6 +140,10 @@ def parse_args(argv=None):
     parser.add_argument("--window-rows", type=int, default=0, help="corpus windows per step (read-back off)")
     parser.add_argument("--window-chunks", type=int, default=64)
     parser.add_argument("--readback-rows", type=int, default=0, help="two-chunk read-back windows per step")
+    parser.add_argument("--latin1-rows", type=int, default=0, help="Latin-1 random-character read-back rows per step")
+    parser.add_argument("--wide-share", type=float, default=0.15, help="see train_demo.py --wide-share")
+    parser.add_argument("--train-encoder", action="store_true",
+                        help="train the vision tower and the aligner too (a font whose new glyphs they never read)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--max-k", type=int, default=64)
@@ -166,7 +173,7 @@ def main(argv=None):
     # The control's prompts are laid out by the demo's processor (same tokenizer, same chunks), then taken as text.
     processor = AutoProcessor.from_pretrained(str(REPO) if args.text_only else args.init, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(args.init, trust_remote_code=not args.text_only)
-    if not args.text_only:
+    if not args.text_only and not args.train_encoder:
         for part in (model.vision_tower, model.aligner):
             part.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -175,13 +182,29 @@ def main(argv=None):
     probe_rng = random.Random(1234)
     probes = {k: samples(processor, heldout, probe_rng, args.eval_keys, k=k, suffix=args.answer_suffix,
                          text_only=args.text_only, across_chunks=args.answer_across_chunks) for k in args.eval_k}
-    if args.window_rows or args.readback_rows:
+    if args.window_rows or args.readback_rows or args.latin1_rows:
         stream = train_demo.corpus_windows(processor.tokenizer, "train").reshape(-1)
         window_tokens = args.window_chunks * processor.chunk_size
 
     def draw_windows(n, length):
         starts = [rng.randrange(len(stream) - length + 1) for _ in range(n)]
         return [stream[s : s + length] for s in starts]
+
+    if args.latin1_rows:
+        tokenizer = processor.tokenizer
+        wide = train_demo.wide_characters(tokenizer, train_demo.LATIN1_REPERTOIRE)
+        keep = train_demo.layout_token_ids(tokenizer, separators=True)
+        pool = train_demo.random_token_pool(tokenizer, "chars")
+
+    def latin1_batch(n):
+        rows = []
+        while len(rows) < n:
+            chars = train_demo.with_corpus_layout(draw_windows(1, processor.chunk_size)[0].tolist(), keep, pool, rng,
+                                                  wide, args.wide_share)
+            row = train_demo.make_sample(processor, chars + [tokenizer.eos_token_id],
+                                         trainable=[True] * processor.chunk_size + [False])
+            rows += [row] if row is not None else []
+        return train_demo.make_batch(processor, rows)
 
     def evaluate(step):
         model.eval()
@@ -218,6 +241,9 @@ def main(argv=None):
         if args.readback_rows and not args.text_only:
             pairs = window_batch(processor, draw_windows(args.readback_rows, 2 * processor.chunk_size))
             losses["readback_loss"] = backward(pairs, read_back=torch.ones(args.readback_rows, dtype=torch.bool))
+        if args.latin1_rows and not args.text_only:
+            losses["latin1_loss"] = backward(latin1_batch(args.latin1_rows),
+                                             read_back=torch.ones(args.latin1_rows, dtype=torch.bool))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % 10 == 0:

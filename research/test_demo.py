@@ -507,6 +507,34 @@ def test_corpus_layout_keeps_the_chunks_whitespace_in_place_and_draws_every_othe
     assert row != train_demo.with_corpus_layout(template, whitespace, pool, random.Random(1))
 
 
+def test_corpus_layout_with_wide_characters_keeps_whitespace_and_places_whole_characters_only():
+    import random
+
+    train_demo = load_script("train_demo")
+    template, whitespace, pool = [5, 1, 6, 7, 8, 2, 9, 10, 11, 12, 1, 13] * 4, {1, 2}, list(range(100, 200))
+    wide = [(300, 301), (310, 311, 312)]
+    row = train_demo.with_corpus_layout(template, whitespace, pool, random.Random(0), wide)
+    assert len(row) == len(template)
+    assert [i for i, t in enumerate(row) if t in whitespace] == [i for i, t in enumerate(template) if t in whitespace]
+    i, placed = 0, 0
+    while i < len(row):  # every token is from the pool, or starts a whole wide character
+        char = next((c for c in wide if tuple(row[i : i + len(c)]) == c), None)
+        assert char or row[i] in pool or row[i] in whitespace
+        i, placed = i + (len(char) if char else 1), placed + bool(char)
+    assert placed > 0
+
+
+def test_wide_characters_are_the_repertoires_characters_of_several_tokens():
+    from transformers import AutoTokenizer
+
+    train_demo = load_script("train_demo")
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "byte_tokenizer")
+    wide = train_demo.wide_characters(tokenizer, "aé«€")
+    assert [tokenizer.decode(list(ids)) for ids in wide] == ["é", "«", "€"]
+    assert all(len(ids) > 1 for ids in wide)
+    assert all(c in train_demo.LATIN1_REPERTOIRE for c in "éÅ«»©“”–—…€") and "\xad" not in train_demo.LATIN1_REPERTOIRE
+
+
 def test_text_only_control_continues_from_init(tmp_path):
     """`--text-only --init DIR` (reproduce.sh's last control stage) starts from DIR's weights, not from scratch."""
     from safetensors.torch import load_file
@@ -683,3 +711,32 @@ def test_window_rows_are_the_training_layout_with_every_chunk_labelled():
     assert labels[labels != -100].tolist() == window.tolist()[1:]
     text_batch = finetune.window_batch(processor, [window], text_only=True)
     assert text_batch["input_ids"][0].tolist() == window.tolist()
+
+
+def test_latin1_read_back_rows_keep_c2_and_the_layout_and_draw_characters_beyond_ascii(evaluate_demo, demo_model):
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from vist2 import VIST2Processor
+
+    model, _ = demo_model
+    config = copy.deepcopy(model.config)
+    config.font_path, config.newline_glyph = str(RESEARCH / "fonts" / "DejaVuSansMono.ttf"), "↵"
+    config.special_token_glyphs = {"<|endoftext|>": "■"}
+    processor = VIST2Processor.from_config(config, AutoTokenizer.from_pretrained(DEMO))
+    L = processor.chunk_size
+    samples = evaluate_demo.heldout_samples(processor, None, processor.tokenizer, 8)
+    rows = evaluate_demo.latin1_samples(processor, samples, L)
+    assert rows and all(len(r["sketches"]) == 1 for r in rows)
+    whitespace = load_script("train_demo").layout_token_ids(processor.tokenizer, separators=True)
+    for row in rows:
+        source = next(s for s in samples if s["window"][L:] == row["window"][L:])  # c_2 is the held-out one
+        assert all(t == s for t, s in zip(row["window"], source["window"]) if s in whitespace)  # its layout kept
+        assert any(not c.isascii() for c in processor.chunk_text(row["window"][:L]))
+
+
+def test_latin1_read_back_rows_are_none_with_a_font_that_draws_ascii_only(evaluate_demo, demo_model):
+    _, processor = demo_model
+    samples = evaluate_demo.heldout_samples(processor, None, processor.tokenizer, 8)
+    assert evaluate_demo.latin1_samples(processor, samples, processor.chunk_size) == []

@@ -86,7 +86,7 @@ def load_build_corpus():
     return module
 
 
-def demo_config(tokenizer, newline_glyph=None, separator_glyph=None) -> VIST2Config:
+def demo_config(tokenizer, newline_glyph=None, separator_glyph=None, font_path=None) -> VIST2Config:
     """The demo geometry; `separator_glyph` draws the document separator (the tokenizer's eos token) as one cell."""
     text = dict(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768,
                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -97,7 +97,8 @@ def demo_config(tokenizer, newline_glyph=None, separator_glyph=None) -> VIST2Con
                   num_attention_heads=4, patch_size=16, image_size=128, num_channels=1, vision_use_head=False)
     return VIST2Config(text_config=text, vision_config=vision, chunk_size=CHUNK, compression_ratio=4, merge_size=4,
                        image_height=128, image_width=256, char_width=8, line_height=16, font_size=16,
-                       min_font_size=8, num_channels=1, sketch_token_id=tokenizer.convert_tokens_to_ids("<|sketch|>"),
+                       min_font_size=8, num_channels=1, font_path=font_path,
+                       sketch_token_id=tokenizer.convert_tokens_to_ids("<|sketch|>"),
                        newline_glyph=newline_glyph, tie_word_embeddings=True,
                        special_token_glyphs={tokenizer.eos_token: separator_glyph} if separator_glyph else None)
 
@@ -219,10 +220,35 @@ def layout_token_ids(tokenizer, separators: bool) -> set[int]:
     return whitespace | ({tokenizer.eos_token_id} if separators else set())
 
 
-def with_corpus_layout(template: list[int], keep: set[int], pool: list[int], rng: random.Random) -> list[int]:
+def with_corpus_layout(template: list[int], keep: set[int], pool: list[int], rng: random.Random,
+                       wide: list[tuple[int, ...]] = (), wide_share: float = 0.5) -> list[int]:
     """A corpus chunk with every token outside `keep` (its whitespace) replaced by a random one of `pool`: the lines,
-    indentation and blank lines of real text, characters no prior can guess (research/README.md, stage 7)."""
-    return [i if i in keep else pool[rng.randrange(len(pool))] for i in template]
+    indentation and blank lines of real text, characters no prior can guess (research/README.md, stage 7). With
+    `wide` (characters of several tokens each, as token ids), `wide_share` of the replaced places try one of them
+    first, which then takes the places of as many tokens (research/README.md, "A font that draws Latin-1")."""
+    if not wide:  # draws from rng as before, so earlier stages replay
+        return [i if i in keep else pool[rng.randrange(len(pool))] for i in template]
+    out = []
+    while len(out) < len(template):
+        place = template[len(out)]
+        if place not in keep and rng.random() < wide_share:
+            char = wide[rng.randrange(len(wide))]
+            places = template[len(out) : len(out) + len(char)]
+            if len(places) == len(char) and not keep.intersection(places):
+                out += char
+                continue
+        out.append(place if place in keep else pool[rng.randrange(len(pool))])
+    return out
+
+
+# Characters beyond ASCII that a Latin-1 font must draw: Latin-1's printable half, and the punctuation of typeset text.
+LATIN1_REPERTOIRE = "".join(map(chr, range(0xA1, 0x100))).replace("\xad", "") + "‘’‚“”„–—…•€™‹›†‡‰"
+
+
+def wide_characters(tokenizer, repertoire: str) -> list[tuple[int, ...]]:
+    """The characters of `repertoire` that take more than one token, as token ids."""
+    ids = [tuple(tokenizer(char, add_special_tokens=False)["input_ids"]) for char in repertoire]
+    return [i for i in ids if len(i) > 1]
 
 
 def with_overlap(window, overlap: int):
@@ -572,7 +598,7 @@ def train(args):
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = demo_config(tokenizer, args.newline_glyph, args.separator_glyph)
+    config = demo_config(tokenizer, args.newline_glyph, args.separator_glyph, args.font_path)
     config.read_back_positions = args.read_back_positions
     processor = VIST2Processor.from_config(config, tokenizer)
     out = Path(args.out)
@@ -601,9 +627,12 @@ def train(args):
     whitespace = layout_token_ids(tokenizer, separators=False)
     layout_keep = layout_token_ids(tokenizer, separators=args.chars_layout == "corpus+eos")
 
+    wide = wide_characters(tokenizer, LATIN1_REPERTOIRE) if args.chars_repertoire == "latin1" else []
+
     def draw_chars_row(r):
         if args.chars_layout != "uniform":
-            return with_corpus_layout(draw_window(1, r)[0][:CHUNK].tolist(), layout_keep, pool, r)
+            return with_corpus_layout(draw_window(1, r)[0][:CHUNK].tolist(), layout_keep, pool, r, wide,
+                                      args.wide_share)
         return with_random_newlines(draw_chars(1, r)[0].tolist(), newline_id, args.chars_newlines, r)
 
     noise_generator = torch.Generator().manual_seed(args.seed)
@@ -614,6 +643,10 @@ def train(args):
         # held-out chunks' lines filled with random characters: reading over several lines, without the prior
         "layout": [readback_item(processor, config, with_corpus_layout(item[0], whitespace, pool, random.Random(i)))
                    for i, item in enumerate(heldout)]}
+    if probes and wide:  # the same lines with characters of several bytes among the random ones
+        probes["latin1"] = [item for i, h in enumerate(heldout) if (item := readback_item(
+            processor, config, with_corpus_layout(h[0], whitespace, pool, random.Random(i), wide, args.wide_share)))
+            is not None]
     start = time.time()
     for step in range(args.steps):
         for group in optimizer.param_groups:
@@ -724,6 +757,13 @@ def parse_args(argv=None):
                         help="this fraction of the corpus windows drawn with_overlap, c_2 starting 1 to --max-overlap "
                              "tokens before the end of c_1")
     parser.add_argument("--max-overlap", type=int, default=8, help="see --overlap-rows")
+    parser.add_argument("--font-path", default=None, help="the sketches' font (default: Pillow's built-in one)")
+    parser.add_argument("--chars-repertoire", choices=["ascii", "latin1"], default="ascii",
+                        help="random rows' characters: printable ASCII, or with latin1 also LATIN1_REPERTOIRE's (with "
+                             "--chars-layout corpus*: each of several tokens)")
+    parser.add_argument("--wide-share", type=float, default=0.5,
+                        help="with --chars-repertoire latin1: the share of replaced places that try a character of "
+                             "several tokens")
     parser.add_argument("--newline-glyph", default=None,
                         help="sketch each newline as this character in line (VIST2Config.newline_glyph), e.g. '«'; "
                              "every later stage of a recipe must pass the same")

@@ -173,9 +173,18 @@ def test_a_loaded_model_draws_with_the_font_in_its_own_folder(tokenizer, tmp_pat
     (tmp_path / "fonts" / "builtin.ttf").unlink()  # the font it was built with is gone: only the saved copy is left
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    assert model.config.font_path == loaded.sketch_settings["font_path"] == str(folder / "builtin.ttf")
+    assert model.config.font_path == loaded.sketch_settings["font_path"] == str((folder / "builtin.ttf").resolve())
     assert loaded.settings_mismatch(model.config) == {} and len(before) > 1
     assert (loaded(text=text)["pixel_values"] == before).all()
+
+
+def test_a_model_loaded_from_a_relative_folder_finds_its_font(tokenizer, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    _, folder = saved_with_font(tokenizer, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained("model", trust_remote_code=True)
+    assert model.config.font_path == str((folder / "builtin.ttf").resolve())
 
 
 def test_a_model_whose_font_file_is_missing_is_refused_naming_the_file_and_the_fix(tokenizer, tmp_path):

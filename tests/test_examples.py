@@ -133,4 +133,5 @@ def test_quickstart_compresses_saves_sketches_reads_back_and_writes(saved_model,
     assert "read back from its sketch" in report and "--- continuation, from the last 4 closed chunks ---" in report
     assert re.search(r"hidden 64 chunks .*\nVIST2 answers '.*'; with another text's sketches: '.*'", report, re.S)
     assert re.search(r"keys recalled from 64 chunks back: \d of 2; with another text's sketches: \d of 2", report)
+    assert re.search(r"--- beyond ASCII: \d+ characters -> \d+ closed chunks, \d+ kept as text", report)
     assert float(re.search(r"-> ([\d.]+)%", report).group(1)) < 30
