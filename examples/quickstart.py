@@ -32,6 +32,11 @@ def char_accuracy(predicted: str, reference: str) -> float:
     return max(0.0, 1.0 - previous[-1] / len(reference)) if reference else float(not predicted)
 
 
+def closed_chunks(ids, chunk_size):
+    """The chunks of `ids` that are closed: all full ones but one, the open chunk, which holds at least one token."""
+    return [ids[i : i + chunk_size] for i in range(0, (len(ids) - 1) // chunk_size * chunk_size, chunk_size)]
+
+
 def sketch_sheet(images, columns=4) -> Image.Image:
     """The sketches the model read, side by side, with a one-pixel grey rule between them."""
     w, h = images[0].size
@@ -63,7 +68,7 @@ def main(argv=None):
     inputs = processor(text=text)
     stream = processor.encode(text)
     chunk_size = processor.chunk_size
-    closed = [stream[i : i + chunk_size] for i in range(0, len(stream) - 1, chunk_size)][: (len(stream) - 1) // chunk_size]
+    closed = closed_chunks(stream, chunk_size)
     print(f"{len(text)} characters -> {len(stream)} tokens -> {len(closed)} closed chunks of {chunk_size} tokens "
           f"({int(inputs['chunks_kept_as_text'][0])} kept as text) + an open chunk of {len(stream) - len(closed) * chunk_size}")
     print(f"the model's input: {inputs['input_ids'].shape[1]} positions instead of {len(stream)}")
@@ -89,12 +94,10 @@ def main(argv=None):
     # reported; one the font draws is compressed and read back like any other. (The demo's font draws ASCII only.)
     typeset = ("« Déjà vu », dit-elle — l’été à Montréal coûte 12 € ; © 2026 Zoë Ångström, “naïve” façade… ") * 4
     latin = processor(text=typeset)
-    sketched, kept = len(processor.last_report[0]), int(latin["chunks_kept_as_text"][0])
-    print(f"\n--- beyond ASCII: {len(typeset)} characters -> {sketched} closed chunks, {kept} kept as text "
+    chunks, kept = closed_chunks(processor.encode(typeset), chunk_size), int(latin["chunks_kept_as_text"][0])
+    print(f"\n--- beyond ASCII: {len(typeset)} characters -> {len(chunks)} closed chunks, {kept} kept as text "
           f"(characters the font cannot draw: {latin['undrawable_characters'][0]!r}) ---")
-    typeset_ids = processor.encode(typeset)
-    chunks = [typeset_ids[i : i + chunk_size] for i in range(0, sketched * chunk_size, chunk_size)]
-    drawn = [c for c, r in zip(chunks, processor.last_report[0]) if r.ok]
+    drawn = [c for c, r in zip(chunks, processor.last_report[0], strict=True) if r.ok]
     if drawn:
         reads = [processor.chunk_text(read_back_chunk(model, processor, c)) for c in drawn]
         accuracy = sum(char_accuracy(r, processor.chunk_text(c)) for r, c in zip(reads, drawn)) / len(drawn)

@@ -65,17 +65,16 @@ def latin1_samples(processor, samples, L, wide_share=0.15):
 
     import train_demo as td
 
-    tokenizer = processor.tokenizer
-    wide = td.wide_characters(tokenizer, td.LATIN1_REPERTOIRE)
-    keep, pool = td.layout_token_ids(tokenizer, separators=True), td.random_token_pool(tokenizer, "chars")
+    latin1 = td.latin1_layout(processor.tokenizer, wide_share)
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i, s in enumerate(samples):
-            window = td.with_corpus_layout(s["window"][:L], keep, pool, random.Random(i), wide, wide_share)
-            sample = td.make_sample(processor, window + s["window"][L:])
-            if sample is not None and not processor.chunk_text(window).isascii():
-                out.append(dict(sample, window=window + s["window"][L:]))
+            c1 = latin1(s["window"][:L], random.Random(i))
+            window = c1 + s["window"][L:]
+            sample = td.make_sample(processor, window)
+            if sample is not None and not processor.chunk_text(c1).isascii():
+                out.append(dict(sample, window=window))
     return out
 
 

@@ -74,14 +74,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = Path(args.log or out / "font_distill.jsonl")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(json.dumps({"args": vars(args)}, ensure_ascii=False) + "\n")
+    rng, out, log = train_demo.start_run(args, "font_distill.jsonl")
 
     old = AutoProcessor.from_pretrained(args.init, trust_remote_code=True)
     teacher = AutoModelForCausalLM.from_pretrained(args.init, trust_remote_code=True).eval().requires_grad_(False)
@@ -113,10 +106,9 @@ def main(argv=None):
 
     heldout_pairs = [p for w in train_demo.corpus_windows(tokenizer, "heldout")[:96]
                      if (p := sketch_pair(old, new, w[:chunk].tolist())) is not None][:64]
+    draw_chars = train_demo.chunk_sampler(tokenizer, "chars", pool)
     probes = {"heldout": train_demo.heldout_readback_items(new, student.config, tokenizer, 32),
-              "chars": train_demo.sketchable_items(new, student.config, train_demo.chunk_sampler(tokenizer, "chars",
-                                                                                              pool), 32,
-                                                   random.Random(12345))}
+              "chars": train_demo.sketchable_items(new, student.config, draw_chars, 32, random.Random(12345))}
 
     def distance(pairs, model=student):
         old_pixels, new_pixels = pixels([p[0] for p in pairs]), pixels([p[1] for p in pairs])

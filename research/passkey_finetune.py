@@ -3,8 +3,9 @@
     python research/passkey_finetune.py --init . --out /tmp/passkey-ft --steps 600 --batch-size 4
 
 Starts from a checkpoint (default: the committed demo), freezes the vision tower and the aligner (the sketches keep
-meaning what the read-back stages taught; --train-encoder trains them too), and trains the language model on up to three kinds of rows, each kind its
-own forward pass (their lengths differ by 10x, so one padded batch would be mostly padding):
+meaning what the read-back stages taught; --train-encoder trains them too), and trains the language model on up to
+four kinds of rows, each kind its own forward pass (their lengths differ by 10x, so one padded batch would be mostly
+padding):
 
 - passkey rows (--batch-size of them): prompts built exactly as `examples/passkey.py` builds its test prompts
   (`make_trial`), but from the training documents of the corpus, in the generation layout (closed chunks as sketches
@@ -160,15 +161,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.closing_share is not None and not args.answer_across_chunks:
         raise SystemExit("--closing-share needs --answer-across-chunks (without it, no answer may close the chunk)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = Path(args.log or out / "passkey_finetune.jsonl")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(json.dumps({"args": vars(args)}) + "\n")
+    rng, out, log = train_demo.start_run(args, "passkey_finetune.jsonl")
 
     # The control's prompts are laid out by the demo's processor (same tokenizer, same chunks), then taken as text.
     processor = AutoProcessor.from_pretrained(str(REPO) if args.text_only else args.init, trust_remote_code=True)
@@ -191,19 +184,13 @@ def main(argv=None):
         return [stream[s : s + length] for s in starts]
 
     if args.latin1_rows:
-        tokenizer = processor.tokenizer
-        wide = train_demo.wide_characters(tokenizer, train_demo.LATIN1_REPERTOIRE)
-        keep = train_demo.layout_token_ids(tokenizer, separators=True)
-        pool = train_demo.random_token_pool(tokenizer, "chars")
+        latin1 = train_demo.latin1_layout(processor.tokenizer, args.wide_share)
 
     def latin1_batch(n):
         rows = []
         while len(rows) < n:
-            chars = train_demo.with_corpus_layout(draw_windows(1, processor.chunk_size)[0].tolist(), keep, pool, rng,
-                                                  wide, args.wide_share)
-            row = train_demo.make_sample(processor, chars + [tokenizer.eos_token_id],
-                                         trainable=[True] * processor.chunk_size + [False])
-            rows += [row] if row is not None else []
+            chars = latin1(draw_windows(1, processor.chunk_size)[0].tolist(), rng)
+            rows += [row] if (row := train_demo.chars_readback_sample(processor, chars)) is not None else []
         return train_demo.make_batch(processor, rows)
 
     def evaluate(step):

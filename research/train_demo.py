@@ -251,6 +251,33 @@ def wide_characters(tokenizer, repertoire: str) -> list[tuple[int, ...]]:
     return [i for i in ids if len(i) > 1]
 
 
+def latin1_layout(tokenizer, wide_share: float):
+    """`(template, rng) -> ids`: a corpus chunk's layout (separators kept) filled with random characters, Latin-1 ones
+    of several tokens at `wide_share` of the places (`with_corpus_layout`)."""
+    wide = wide_characters(tokenizer, LATIN1_REPERTOIRE)
+    keep, pool = layout_token_ids(tokenizer, separators=True), random_token_pool(tokenizer, "chars")
+    return lambda template, rng: with_corpus_layout(template, keep, pool, rng, wide, wide_share)
+
+
+def chars_readback_sample(processor, chars: list[int]):
+    """Read-back of text the LM cannot guess: c_1 = `chars`, then the separator with nothing to predict after it."""
+    return make_sample(processor, chars + [processor.tokenizer.eos_token_id], trainable=[True] * len(chars) + [False])
+
+
+def start_run(args, default_log: str):
+    """A script's run: threads and seeds set, `--out` made, the JSON-lines log begun with the arguments. Returns
+    (rng, out, log)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Path(args.log or out / default_log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(json.dumps({"args": vars(args)}, ensure_ascii=False) + "\n")
+    return random.Random(args.seed), out, log
+
+
 def with_overlap(window, overlap: int):
     """A two-chunk window whose second chunk starts `overlap` tokens before the end of the first: c_2 begins by
     writing out the last cells of V_1, then goes on. The bytes that finish a word broken off at a chunk boundary must
@@ -655,8 +682,7 @@ def train(args):
         while len(samples) < args.batch_size:
             if len(samples) >= args.batch_size - chars_rows:
                 # Read-back of text the LM cannot guess: c_1 = random characters, nothing to predict after it.
-                chars = draw_chars_row(rng) + [tokenizer.eos_token_id]
-                sample = make_sample(processor, chars, trainable=[True] * CHUNK + [False])
+                sample = chars_readback_sample(processor, draw_chars_row(rng))
             else:
                 window = draw_window(1, rng)[0].numpy()
                 if args.overlap_rows and rng.random() < args.overlap_rows:
