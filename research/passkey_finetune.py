@@ -17,9 +17,10 @@ padding):
   generation layout's context, all chunks of a window in one pass): language modelling over long compressed contexts;
 - read-back rows (--readback-rows): two-chunk windows `c_1 V_1 c_2` with c_1 read back from V_1, as in the recipe's
   last stages, so that reading is kept;
-- Latin-1 read-back rows (--latin1-rows): random characters over the whitespace of corpus chunks, some of them
-  characters of several bytes (`train_demo.with_corpus_layout`, share --wide-share), read back from their sketch,
-  so that reading what the font draws beyond ASCII is kept too.
+- random-character read-back rows (--chars-rows): random characters over the whitespace of corpus chunks, read back
+  from their sketch (nothing to guess: digits are read as sharply as a key needs), with --wide-share of the places
+  trying a character of several bytes (`train_demo.with_corpus_layout`), so that a font drawing beyond ASCII is read
+  there too.
 
 With --text-only the same rows train the same-size text-only control (`--init research/text-only-baseline`): the
 passkey prompts and windows as plain text, no read-back rows (it has no sketch to read). Every --eval-every steps the
@@ -141,8 +142,9 @@ def parse_args(argv=None):
     parser.add_argument("--window-rows", type=int, default=0, help="corpus windows per step (read-back off)")
     parser.add_argument("--window-chunks", type=int, default=64)
     parser.add_argument("--readback-rows", type=int, default=0, help="two-chunk read-back windows per step")
-    parser.add_argument("--latin1-rows", type=int, default=0, help="Latin-1 random-character read-back rows per step")
-    parser.add_argument("--wide-share", type=float, default=0.15, help="see train_demo.py --wide-share")
+    parser.add_argument("--chars-rows", type=int, default=0, help="random-character read-back rows per step")
+    parser.add_argument("--wide-share", type=float, default=0.0,
+                        help="--chars-rows: share of places trying a Latin-1 character (see train_demo.py)")
     parser.add_argument("--train-encoder", action="store_true",
                         help="train the vision tower and the aligner too (a font whose new glyphs they never read)")
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -175,7 +177,7 @@ def main(argv=None):
     probe_rng = random.Random(1234)
     probes = {k: samples(processor, heldout, probe_rng, args.eval_keys, k=k, suffix=args.answer_suffix,
                          text_only=args.text_only, across_chunks=args.answer_across_chunks) for k in args.eval_k}
-    if args.window_rows or args.readback_rows or args.latin1_rows:
+    if args.window_rows or args.readback_rows or args.chars_rows:
         stream = train_demo.corpus_windows(processor.tokenizer, "train").reshape(-1)
         window_tokens = args.window_chunks * processor.chunk_size
 
@@ -183,13 +185,13 @@ def main(argv=None):
         starts = [rng.randrange(len(stream) - length + 1) for _ in range(n)]
         return [stream[s : s + length] for s in starts]
 
-    if args.latin1_rows:
-        latin1 = train_demo.latin1_layout(processor.tokenizer, args.wide_share)
+    if args.chars_rows:
+        chars_layout = train_demo.latin1_layout(processor.tokenizer, args.wide_share)
 
-    def latin1_batch(n):
+    def chars_batch(n):
         rows = []
         while len(rows) < n:
-            chars = latin1(draw_windows(1, processor.chunk_size)[0].tolist(), rng)
+            chars = chars_layout(draw_windows(1, processor.chunk_size)[0].tolist(), rng)
             rows += [row] if (row := train_demo.chars_readback_sample(processor, chars)) is not None else []
         return train_demo.make_batch(processor, rows)
 
@@ -228,9 +230,9 @@ def main(argv=None):
         if args.readback_rows and not args.text_only:
             pairs = window_batch(processor, draw_windows(args.readback_rows, 2 * processor.chunk_size))
             losses["readback_loss"] = backward(pairs, read_back=torch.ones(args.readback_rows, dtype=torch.bool))
-        if args.latin1_rows and not args.text_only:
-            losses["latin1_loss"] = backward(latin1_batch(args.latin1_rows),
-                                             read_back=torch.ones(args.latin1_rows, dtype=torch.bool))
+        if args.chars_rows and not args.text_only:
+            losses["chars_loss"] = backward(chars_batch(args.chars_rows),
+                                            read_back=torch.ones(args.chars_rows, dtype=torch.bool))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % 10 == 0:

@@ -293,9 +293,12 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     vist2_recall, text_only_recall = [r for r in recall if not r.text_only], [r for r in recall if r.text_only]
     assert [r.init for r in vist2_recall] == [readers[-1].out] + [r.out for r in vist2_recall[:-1]]
     assert [r.init for r in text_only_recall] == [text_only[-1].out] + [r.out for r in text_only_recall[:-1]]
-    assert [r.max_k for r in vist2_recall] == [1, 8, 64, 64, 64, 64] and vist2_recall[-1].answer_across_chunks
-    assert [bool(r.readback_rows) for r in vist2_recall] == [False] + [True] * 5  # kept once windows come
-    assert vist2_recall[-1].closing_share == 0.5  # the last step: half its prompts' answers close the open chunk
+    assert [r.max_k for r in vist2_recall] == [1, 8, 64, 64, 64, 64, 64, 64] and vist2_recall[-1].answer_across_chunks
+    assert [bool(r.readback_rows) for r in vist2_recall] == [False] + [True] * 7  # kept once windows come
+    # the last two steps sharpen reading (random-character rows, the tower trained), then make 80 % of the prompts'
+    # answers close the open chunk, the case recall missed most
+    assert [(bool(r.chars_rows), r.train_encoder) for r in vist2_recall[-3:]] == [(False, False)] + [(True, True)] * 2
+    assert [r.closing_share for r in vist2_recall[-3:]] == [0.5, 0.5, 0.8]
     for reader, control in zip(vist2_recall, text_only_recall, strict=True):  # the same prompts and windows per stage
         same = ("steps", "batch_size", "min_k", "max_k", "seed", "lr", "warmup", "answer_suffix", "answer_across_chunks",
                 "window_rows", "window_chunks", "closing_share")
@@ -711,6 +714,22 @@ def test_window_rows_are_the_training_layout_with_every_chunk_labelled():
     assert labels[labels != -100].tolist() == window.tolist()[1:]
     text_batch = finetune.window_batch(processor, [window], text_only=True)
     assert text_batch["input_ids"][0].tolist() == window.tolist()
+
+
+def test_random_character_rows_without_a_wide_share_are_single_characters_over_a_corpus_chunks_whitespace():
+    """passkey_finetune --chars-rows (default --wide-share 0): rows of one token per character, the whitespace kept."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    train_demo = load_script("train_demo")
+    tokenizer = AutoTokenizer.from_pretrained(DEMO)
+    template = tokenizer("def f(x):\n    return x + 1\n\nclass A:\n", add_special_tokens=False)["input_ids"][:32]
+    row = train_demo.latin1_layout(tokenizer, 0.0)(template, random.Random(0))
+    whitespace = train_demo.layout_token_ids(tokenizer, separators=True)
+    assert len(row) == len(template) and row != template
+    assert all(r == t for r, t in zip(row, template) if t in whitespace)
+    assert all(len(tokenizer.decode([r])) == 1 and tokenizer.decode([r]).isascii() for r in row)
 
 
 def test_latin1_read_back_rows_keep_c2_and_the_layout_and_draw_characters_beyond_ascii(evaluate_demo, demo_model):
