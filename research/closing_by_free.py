@@ -4,7 +4,7 @@
 
 With 1 token left, the answer's space fills the chunk and every digit is written in the next one; with none left
 (shown as the chunk size) the prompt ends on a chunk's edge. Prompts are `examples/passkey.py`'s (`make_trial`,
-held-out filler, a fixed seed), greedy, scored by its rule (the five digits, not followed by a sixth).
+held-out filler, a fixed seed), greedy, scored by its rule (`is_correct`).
 """
 
 import collections
@@ -35,8 +35,8 @@ def main(model_path: str, per_k: int, threads: int = 2):
                 continue
             found += 1
             left = L - len(processor.encode(trial.prompt)) % L
-            answer = passkey.vist2_answer(model, processor, trial.prompt, 8).lstrip()
-            recalled[left].append(answer[:5] == trial.key and not answer[5:6].isdigit())
+            answer = passkey.vist2_answer(model, processor, trial.prompt, 8)
+            recalled[left].append(passkey.is_correct(answer, trial.key))
     print(model_path, {left: f"{sum(v)}/{len(v)}" for left, v in sorted(recalled.items())},
           "all", f"{sum(map(sum, recalled.values()))}/{sum(map(len, recalled.values()))}")
 

@@ -65,7 +65,7 @@ def latin1_samples(processor, samples, L, wide_share=0.15):
 
     import train_demo as td
 
-    latin1 = td.latin1_layout(processor.tokenizer, wide_share)
+    latin1 = td.random_chars_layout(processor.tokenizer, wide_share)
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -186,7 +186,7 @@ def main(argv=None):
         return [stream[s : s + length] for s in starts]
 
     if args.chars_rows:
-        chars_layout = train_demo.latin1_layout(processor.tokenizer, args.wide_share)
+        chars_layout = train_demo.random_chars_layout(processor.tokenizer, args.wide_share)
 
     def chars_batch(n):
         rows = []

@@ -196,7 +196,7 @@ python research/train_demo.py --tokenizer "$BYTES" --text-only --init "$BUILD/te
 #     as a key needs), and stage 8 makes 80 % of the prompts close the open chunk. With every distance mixed in from
 #     the first step it stays at chance. The control gets the same prompts and windows as text (research/README.md,
 #     "The recall stage"). The two chains may run side by side; wall times on 2 cores with both running: VIST2 8, 19,
-#     47, 40, 34, 65, 34, 58 min; text-only 11, 11, 42, 35, 13, 17, 20, 20 min.
+#     47, 40, 34, 65, 34, 58 min (the last two with 2 threads, as run); text-only 11, 11, 42, 35, 13, 17, 20, 21 min.
 COMMON="--answer-suffix . --window-rows 1 --window-chunks 64 --eval-k 1 8 64 --eval-every 100 --threads 1"
 python research/passkey_finetune.py --init "$BUILD/vist2-demo" --out "$BUILD/recall-k1" \
     --log "$LOGS/training_log.recall-k1.jsonl" --steps 1000 --batch-size 16 --max-k 1 --eval-k 1 8 --threads 1 \

@@ -725,11 +725,12 @@ def test_random_character_rows_without_a_wide_share_are_single_characters_over_a
     train_demo = load_script("train_demo")
     tokenizer = AutoTokenizer.from_pretrained(DEMO)
     template = tokenizer("def f(x):\n    return x + 1\n\nclass A:\n", add_special_tokens=False)["input_ids"][:32]
-    row = train_demo.latin1_layout(tokenizer, 0.0)(template, random.Random(0))
+    row = train_demo.random_chars_layout(tokenizer, 0.0)(template, random.Random(0))
     whitespace = train_demo.layout_token_ids(tokenizer, separators=True)
     assert len(row) == len(template) and row != template
     assert all(r == t for r, t in zip(row, template) if t in whitespace)
     assert all(len(tokenizer.decode([r])) == 1 and tokenizer.decode([r]).isascii() for r in row)
+    assert load_script("passkey_finetune").parse_args(["--out", "unused"]).wide_share == 0.0
 
 
 def test_latin1_read_back_rows_keep_c2_and_the_layout_and_draw_characters_beyond_ascii(evaluate_demo, demo_model):

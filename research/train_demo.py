@@ -251,7 +251,7 @@ def wide_characters(tokenizer, repertoire: str) -> list[tuple[int, ...]]:
     return [i for i in ids if len(i) > 1]
 
 
-def latin1_layout(tokenizer, wide_share: float):
+def random_chars_layout(tokenizer, wide_share: float):
     """`(template, rng) -> ids`: a corpus chunk's layout (separators kept) filled with random characters, Latin-1 ones
     of several tokens at `wide_share` of the places (`with_corpus_layout`)."""
     wide = wide_characters(tokenizer, LATIN1_REPERTOIRE)
