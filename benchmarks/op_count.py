@@ -14,16 +14,25 @@ counts (28 decoder layers, 12 vision layers) at tiny widths and counts, with a `
   generate call's own fixed work cancels out).
 
 Attention kernels are counted but not computed (their output is left uninitialised), so 32k contexts run on a laptop;
-their values never decide the control flow here (the continuation is forced). Writes `benchmarks/results/<name>.{json,md}`.
+their values never decide the control flow here (the continuation is forced).
+
+And the host's side of a decode step that closes no chunk, what a launch-bound GPU step waits on besides the launches:
+the Python function calls per step (cProfile's count: deterministic), and the CPU time of the main thread per step (one
+torch thread, so other jobs on the machine count little) at these tiny widths and a one-chunk context
+(`--host-context`), where the operators' own work is small. Writes `benchmarks/results/<name>.{json,md}`.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
 import datetime
 import json
+import pstats
+import statistics
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -137,31 +146,91 @@ def measure(model, processor, tokenizer, ids, context, is_vist2, cache_kwarg) ->
             "top_ops_prefill": dict(names.most_common(12)), "generated_ok": out.sequences.shape[1] > 0}
 
 
+def count_python_calls(fn) -> tuple[int, object]:
+    """(Python function calls, as cProfile counts them, fn's result) of running `fn()`: deterministic host work."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        result = fn()
+    finally:
+        profiler.disable()
+    return pstats.Stats(profiler).total_calls, result
+
+
+def decode_host_cost(model, processor, ids, context, is_vist2, cache_kwarg, steps=32, repeats=5) -> dict:
+    """The host's work per decode step that closes no chunk, after a prefill of `context` tokens, from differences of
+    resumed `generate` calls (`(cost(1 + steps) - cost(1)) / steps`: one call's fixed work cancels out): Python function
+    calls (deterministic) and the median CPU time of the main thread over `repeats`, in ms."""
+    from transformers import LogitsProcessorList
+
+    L = model.config.chunk_size
+    lm = model if is_vist2 else model.language_model
+    extra = {"processor": processor} if is_vist2 else {}
+    assert context % L == 0 and (repeats + 1) * (steps + 2) < L, "every measured step must leave the open chunk open"
+    fed = context
+
+    def generate(out, n):
+        nonlocal fed
+        inputs = {"input_ids": out.sequences, "attention_mask": torch.ones_like(out.sequences),
+                  cache_kwarg: out[cache_kwarg]} if hasattr(out, "sequences") else out
+        force = LogitsProcessorList([common.ForceTokens(ids[fed : fed + n], inputs["input_ids"].shape[1])])
+        with torch.inference_mode():
+            out = lm.generate(**inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              logits_processor=force, return_dict_in_generate=True, pad_token_id=0)
+        fed += n
+        return out
+
+    def thread_time(out, n):
+        start = time.thread_time()
+        out = generate(out, n)
+        return time.thread_time() - start, out
+
+    prompt = ids[:context]
+    out = generate(common.vist2_inputs(processor, prompt) if is_vist2 else common.baseline_inputs(prompt), 1)
+    out = generate(out, 1)  # the step that closes the prompt's full last chunk
+    one, out = count_python_calls(lambda: generate(out, 1))
+    many, out = count_python_calls(lambda: generate(out, 1 + steps))
+    per_step = []
+    for _ in range(repeats):
+        one_ms, out = thread_time(out, 1)
+        many_ms, out = thread_time(out, 1 + steps)
+        per_step.append((many_ms - one_ms) / steps * 1e3)
+    return {"python_calls": (many - one) / steps, "ms": statistics.median(per_step)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--ratio", type=int, default=4, choices=sorted(common.GEOMETRY))
     parser.add_argument("--name", default="op-count")
+    parser.add_argument("--host-context", type=int, default=256, help="context of the host-time measurement")
     args = parser.parse_args(argv)
 
     from vist2.modeling_vist2 import CACHE_KWARG
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(1)  # the host time is the main thread's; the operator counts do not depend on threads
     model, processor, tokenizer = build(args.ratio)
-    ids, _ = common.benchmark_token_ids(tokenizer, max(args.contexts) + 16)
+    ids, _ = common.benchmark_token_ids(tokenizer, max(args.contexts + [args.host_context]) + 512)
     rows = []
     for context in args.contexts:
         for is_vist2 in (False, True):
             row = measure(model, processor, tokenizer, ids, context, is_vist2, CACHE_KWARG)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top_ops_prefill"}), flush=True)
-    write(rows, args)
+    host = {"baseline": [], "vist2": []}
+    for _ in range(2):  # alternated, so that a change in the machine's load falls on both models
+        for is_vist2 in (False, True):
+            cost = decode_host_cost(model, processor, ids, args.host_context, is_vist2, CACHE_KWARG)
+            host["vist2" if is_vist2 else "baseline"].append(cost)
+    print(json.dumps({"decode_step_host": host}), flush=True)
+    write(rows, host, args)
 
 
-def write(rows, args):
+def write(rows, host, args):
     command = "python benchmarks/op_count.py " + " ".join(sys.argv[1:])
     results = {"command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "machine": common.machine_description(), "ratio": args.ratio, "widths": TINY_WIDTHS, "rows": rows}
+               "machine": common.machine_description(), "ratio": args.ratio, "widths": TINY_WIDTHS, "rows": rows,
+               "host_context": args.host_context, "decode_step_host": host}
     out = HERE / "results" / f"{args.name}.json"
     out.write_text(json.dumps(results, indent=1))
     lines = [f"# Dispatched aten operators: VIST2 r = {args.ratio} against its backbone", "", "```", command, "```", "",
@@ -179,6 +248,15 @@ def write(rows, args):
 
         lines.append(f"| {row['context']} | {row['model']} | {cell('prefill_first_token')} | {cell('decode_step')} | "
                      f"{cell('decode_step_closing')} |")
+    calls = {model: min(run["python_calls"] for run in host[model]) for model in host}
+    runs = {model: [round(run["ms"], 2) for run in host[model]] for model in host}
+    base, vist2, base_ms, vist2_ms = calls["baseline"], calls["vist2"], min(runs["baseline"]), min(runs["vist2"])
+    lines += ["", f"The host's work per decode step that closes no chunk, context {args.host_context}: Python function "
+              f"calls (deterministic) backbone {base:.0f}, VIST2 {vist2:.0f} ({vist2 / base:.3f}x); CPU time of the "
+              f"main thread (one torch thread; the smaller of two alternated runs, each the median of 5 differences "
+              f"of 32 steps) backbone {base_ms:.2f} ms, VIST2 {vist2_ms:.2f} ms ({vist2_ms / base_ms:.2f}x), runs "
+              f"{runs['baseline']} and {runs['vist2']} ms. CPU time, unlike the counts, depends on the machine and its load.",
+              "", "Machine: " + "; ".join(" ".join(line.split()) for line in results["machine"]["lscpu"] if line.startswith("Model name")) + f"; nproc {results['machine']['nproc']}."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out} and {out.with_suffix('.md')}")
 

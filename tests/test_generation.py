@@ -446,3 +446,27 @@ def test_a_decode_step_dispatches_about_the_operators_of_the_backbones_step(mode
         past = model.language_model(input_ids=ids, use_cache=True)[CACHE_KWARG]
         backbone, _, _ = count_ops(lambda: model.language_model(input_ids=token, **{CACHE_KWARG: past}, logits_to_keep=1))
     assert vist2 <= 1.1 * backbone
+
+
+def test_a_decode_step_makes_no_more_python_calls_than_the_backbones_step(model, processor):
+    """Python work is host time, which bounds a decode step on a GPU as the launches do: a step of `generate` that
+    closes no chunk may not add bookkeeping to the backbone's step (counted as the difference of two generate calls)."""
+    from benchmarks.op_count import count_python_calls
+
+    inputs = processor(text=SAMPLE_TEXT[:100])
+    with torch.no_grad():
+        open_length = model(**inputs, use_cache=True, logits_to_keep=1)[CACHE_KWARG].open_length[0]
+    steps = 4
+    assert open_length + steps + 1 < model.config.chunk_size  # no step closes a chunk
+    ids = torch.tensor([processor.encode(SAMPLE_TEXT[:100])])
+
+    def calls_per_step(lm, **prompt):
+        def generate(n):
+            return lm.generate(**prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        one, _ = count_python_calls(lambda: generate(1))
+        many, _ = count_python_calls(lambda: generate(1 + steps))
+        return (many - one) / steps
+
+    vist2 = calls_per_step(model, **inputs, processor=processor)
+    backbone = calls_per_step(model.language_model, input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert vist2 <= backbone, (vist2, backbone)
