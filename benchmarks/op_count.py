@@ -255,8 +255,10 @@ def write(rows, host, args):
               f"calls (deterministic) backbone {base:.0f}, VIST2 {vist2:.0f} ({vist2 / base:.3f}x); CPU time of the "
               f"main thread (one torch thread; the smaller of two alternated runs, each the median of 5 differences "
               f"of 32 steps) backbone {base_ms:.2f} ms, VIST2 {vist2_ms:.2f} ms ({vist2_ms / base_ms:.2f}x), runs "
-              f"{runs['baseline']} and {runs['vist2']} ms. CPU time, unlike the counts, depends on the machine and its load.",
-              "", "Machine: " + "; ".join(" ".join(line.split()) for line in results["machine"]["lscpu"] if line.startswith("Model name")) + f"; nproc {results['machine']['nproc']}."]
+              f"{runs['baseline']} and {runs['vist2']} ms. CPU time, unlike the counts, depends on the machine and its "
+              "load.", ""]
+    cpu = [" ".join(line.split()) for line in results["machine"]["lscpu"] if line.startswith("Model name")]
+    lines.append("Machine: " + "; ".join(cpu) + f"; nproc {results['machine']['nproc']}.")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
