@@ -109,36 +109,41 @@ def build(ratio: int):
     return model, VIST2Processor.from_config(config, tokenizer), tokenizer
 
 
-def measure(model, processor, tokenizer, ids, context, is_vist2, cache_kwarg) -> dict:
-    """Operators of prefill + first token, of a decode step closing a chunk and of one closing none."""
+def forced_generation(model, processor, ids, context, is_vist2, cache_kwarg):
+    """`generate(n)`: `generate` writing the benchmark text's next `n` tokens, the first call from the prompt
+    `ids[:context]` (its inputs built here, outside what is measured), each later call resumed from the last one's
+    sequences and cache, so that VIST2 and the backbone feed the very same tokens."""
     from transformers import LogitsProcessorList
 
-    L = model.config.chunk_size
     lm = model if is_vist2 else model.language_model
     extra = {"processor": processor} if is_vist2 else {}
-    fed = context  # tokens fed so far, including the one generate is about to feed
-
-    def generate(inputs, n):
-        start = inputs.pop("start")  # where the forced continuation starts in `ids`
-        processors = LogitsProcessorList([common.ForceTokens(ids[start : start + n], inputs["input_ids"].shape[1])])
-        with torch.inference_mode():
-            return lm.generate(**inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               logits_processor=processors, return_dict_in_generate=True, pad_token_id=0)
-
-    def resume(out, start):
-        seq = out.sequences
-        return {"input_ids": seq, "attention_mask": torch.ones_like(seq), cache_kwarg: out[cache_kwarg], "start": start}
-
     prompt = ids[:context]
-    inputs = common.vist2_inputs(processor, prompt) if is_vist2 else common.baseline_inputs(prompt)
-    inputs = dict(inputs, start=context)
-    prefill, names, out = count_ops(lambda: generate(inputs, 1))
+    state = {"fed": context, "out": None,  # tokens fed so far, including the one generate is about to feed
+             "prompt": common.vist2_inputs(processor, prompt) if is_vist2 else common.baseline_inputs(prompt)}
+
+    def generate(n):
+        out, fed = state["out"], state["fed"]
+        inputs = state["prompt"] if out is None else {
+            "input_ids": out.sequences, "attention_mask": torch.ones_like(out.sequences), cache_kwarg: out[cache_kwarg]}
+        force = LogitsProcessorList([common.ForceTokens(ids[fed : fed + n], inputs["input_ids"].shape[1])])
+        with torch.inference_mode():
+            out = lm.generate(**inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              logits_processor=force, return_dict_in_generate=True, pad_token_id=0)
+        state.update(out=out, fed=fed + n)
+        return out
+    return generate
+
+
+def measure(model, processor, tokenizer, ids, context, is_vist2, cache_kwarg) -> dict:
+    """Operators of prefill + first token, of a decode step closing a chunk and of one closing none."""
+    generate = forced_generation(model, processor, ids, context, is_vist2, cache_kwarg)
+    prefill, names, _ = count_ops(lambda: generate(1))
     # The prompt's last chunk is open and holds L tokens when context is a multiple of L: the first token fed closes
     # it. Then plain steps follow (checked below against the tokens fed).
-    assert context % L == 0, "contexts are multiples of the chunk size, so the first decode step closes a chunk"
-    closing_call, _, out = count_ops(lambda: generate(resume(out, fed + 1), 1))
-    plain_call, _, out = count_ops(lambda: generate(resume(out, fed + 2), 1))
-    two_plain, _, out = count_ops(lambda: generate(resume(out, fed + 3), 2))
+    assert context % model.config.chunk_size == 0, "contexts are multiples of the chunk size: the first step closes one"
+    closing_call, _, _ = count_ops(lambda: generate(1))
+    plain_call, _, _ = count_ops(lambda: generate(1))
+    two_plain, _, out = count_ops(lambda: generate(2))
     plain = two_plain - plain_call
     overhead = plain_call - plain
     return {"context": context, "model": "vist2" if is_vist2 else "baseline", "prefill_first_token": prefill,
@@ -161,40 +166,23 @@ def decode_host_cost(model, processor, ids, context, is_vist2, cache_kwarg, step
     """The host's work per decode step that closes no chunk, after a prefill of `context` tokens, from differences of
     resumed `generate` calls (`(cost(1 + steps) - cost(1)) / steps`: one call's fixed work cancels out): Python function
     calls (deterministic) and the median CPU time of the main thread over `repeats`, in ms."""
-    from transformers import LogitsProcessorList
-
     L = model.config.chunk_size
-    lm = model if is_vist2 else model.language_model
-    extra = {"processor": processor} if is_vist2 else {}
     assert context % L == 0 and (repeats + 1) * (steps + 2) < L, "every measured step must leave the open chunk open"
-    fed = context
+    generate = forced_generation(model, processor, ids, context, is_vist2, cache_kwarg)
 
-    def generate(out, n):
-        nonlocal fed
-        inputs = {"input_ids": out.sequences, "attention_mask": torch.ones_like(out.sequences),
-                  cache_kwarg: out[cache_kwarg]} if hasattr(out, "sequences") else out
-        force = LogitsProcessorList([common.ForceTokens(ids[fed : fed + n], inputs["input_ids"].shape[1])])
-        with torch.inference_mode():
-            out = lm.generate(**inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              logits_processor=force, return_dict_in_generate=True, pad_token_id=0)
-        fed += n
-        return out
-
-    def thread_time(out, n):
+    def thread_time(n):
         start = time.thread_time()
-        out = generate(out, n)
-        return time.thread_time() - start, out
+        generate(n)
+        return time.thread_time() - start
 
-    prompt = ids[:context]
-    out = generate(common.vist2_inputs(processor, prompt) if is_vist2 else common.baseline_inputs(prompt), 1)
-    out = generate(out, 1)  # the step that closes the prompt's full last chunk
-    one, out = count_python_calls(lambda: generate(out, 1))
-    many, out = count_python_calls(lambda: generate(out, 1 + steps))
+    generate(1)
+    generate(1)  # the step that closes the prompt's full last chunk
+    one, _ = count_python_calls(lambda: generate(1))
+    many, _ = count_python_calls(lambda: generate(1 + steps))
     per_step = []
     for _ in range(repeats):
-        one_ms, out = thread_time(out, 1)
-        many_ms, out = thread_time(out, 1 + steps)
-        per_step.append((many_ms - one_ms) / steps * 1e3)
+        one_ms = thread_time(1)
+        per_step.append((thread_time(1 + steps) - one_ms) / steps * 1e3)
     return {"python_calls": (many - one) / steps, "ms": statistics.median(per_step)}
 
 
