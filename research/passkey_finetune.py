@@ -20,7 +20,10 @@ padding):
 - random-character read-back rows (--chars-rows): random characters over the whitespace of corpus chunks, read back
   from their sketch (nothing to guess: digits are read as sharply as a key needs), with --wide-share of the places
   trying a character of several bytes (`train_demo.with_corpus_layout`), so that a font drawing beyond ASCII is read
-  there too.
+  there too;
+- closing-chunk read-back rows (--closing-readback-rows): the chunk a passkey answer closes while it is written (the
+  prompt's last tokens and the answer's first digits), read back from its sketch: generation goes on from exactly
+  that sketch, and must read which digits it has already written.
 
 With --text-only the same rows train the same-size text-only control (`--init research/text-only-baseline`): the
 passkey prompts and windows as plain text, no read-back rows (it has no sketch to read). Every --eval-every steps the
@@ -92,6 +95,20 @@ def samples(processor, filler, rng, n, k=None, max_k=64, suffix="", text_only=Fa
     return out
 
 
+def closing_chunks(processor, filler, rng, n, max_k=64, suffix="", min_k=1):
+    """`n` read-back rows, each the chunk that a passkey answer (drawn as `samples` draws them) closes while it is
+    written: its sketch is what generation goes on from, so reading it is trained where a key is broken off."""
+    rows, L = [], processor.chunk_size
+    while len(rows) < n:
+        trial = passkey.make_trial(processor, filler, draw_k(rng, max_k, min_k), rng)
+        ids, answer = processor.encode(trial.prompt), processor.encode(" " + trial.key + suffix)
+        if passkey.closes_open_chunk(L, len(ids), len(answer)):
+            start = (len(ids) - 1) // L * L  # the open chunk, or the prompt's last chunk where it ends on an edge
+            row = train_demo.chars_readback_sample(processor, (ids + answer)[start : start + L])
+            rows += [row] if row is not None else []  # None: a chunk its sketch cannot hold
+    return rows
+
+
 def text_batch(row):
     """One `(input_ids, labels)` row of the text-only control as a batch of one (prompts differ in length by 10x, so
     they go one by one rather than padded)."""
@@ -143,6 +160,8 @@ def parse_args(argv=None):
     parser.add_argument("--window-chunks", type=int, default=64)
     parser.add_argument("--readback-rows", type=int, default=0, help="two-chunk read-back windows per step")
     parser.add_argument("--chars-rows", type=int, default=0, help="random-character read-back rows per step")
+    parser.add_argument("--closing-readback-rows", type=int, default=0,
+                        help="read-back rows of the chunks passkey answers close while they are written, per step")
     parser.add_argument("--wide-share", type=float, default=0.0,
                         help="--chars-rows: share of places trying a Latin-1 character (see train_demo.py)")
     parser.add_argument("--train-encoder", action="store_true",
@@ -233,6 +252,12 @@ def main(argv=None):
         if args.chars_rows and not args.text_only:
             losses["chars_loss"] = backward(chars_batch(args.chars_rows),
                                             read_back=torch.ones(args.chars_rows, dtype=torch.bool))
+        if args.closing_readback_rows and not args.text_only:
+            rows = closing_chunks(processor, filler, rng, args.closing_readback_rows, args.max_k, args.answer_suffix,
+                                  args.min_k)
+            losses["closing_readback_loss"] = backward(
+                train_demo.make_batch(processor, rows),
+                read_back=torch.ones(args.closing_readback_rows, dtype=torch.bool))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % 10 == 0:

@@ -293,13 +293,15 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     vist2_recall, text_only_recall = [r for r in recall if not r.text_only], [r for r in recall if r.text_only]
     assert [r.init for r in vist2_recall] == [readers[-1].out] + [r.out for r in vist2_recall[:-1]]
     assert [r.init for r in text_only_recall] == [text_only[-1].out] + [r.out for r in text_only_recall[:-1]]
-    assert [r.max_k for r in vist2_recall] == [1, 8, 64, 64, 64, 64, 64, 64, 96]
+    assert [r.max_k for r in vist2_recall] == [1, 8, 64, 64, 64, 64, 64, 64, 96, 96]
     assert vist2_recall[-1].answer_across_chunks
-    assert [bool(r.readback_rows) for r in vist2_recall] == [False] + [True] * 8  # kept once windows come
-    # the last three steps sharpen reading (random-character rows, the tower trained), then make 80 % of the prompts'
-    # answers close the open chunk, the case recall missed most, then draw k past the longest window
-    assert [(bool(r.chars_rows), r.train_encoder) for r in vist2_recall[-4:]] == [(False, False)] + [(True, True)] * 3
-    assert [r.closing_share for r in vist2_recall[-4:]] == [0.5, 0.5, 0.8, 0.8]
+    assert [bool(r.readback_rows) for r in vist2_recall] == [False] + [True] * 9  # kept once windows come
+    # the last four steps sharpen reading (random-character rows, the tower trained), then make 80 % of the prompts'
+    # answers close the open chunk, the case recall missed most, then draw k past the longest window, then read back
+    # the chunks those answers close
+    assert [(bool(r.chars_rows), r.train_encoder) for r in vist2_recall[-5:]] == [(False, False)] + [(True, True)] * 4
+    assert [r.closing_share for r in vist2_recall[-5:]] == [0.5, 0.5, 0.8, 0.8, 0.8]
+    assert [r.closing_readback_rows for r in vist2_recall] == [0] * 9 + [4]
     for reader, control in zip(vist2_recall, text_only_recall, strict=True):  # the same prompts and windows per stage
         same = ("steps", "batch_size", "min_k", "max_k", "seed", "lr", "warmup", "answer_suffix", "answer_across_chunks",
                 "window_rows", "window_chunks", "closing_share")
@@ -681,6 +683,29 @@ def test_closing_share_sets_the_share_of_passkey_rows_whose_answer_closes_the_op
     for row in finetune.samples(processor, filler, random.Random(3), 6, k=8, across_chunks=True, closing_share=0.0):
         text, answer = text_and_answer(row)  # the generation layout: the open chunk holds the prompt's end and answer
         assert len(text) <= L
+
+
+def test_closing_chunk_rows_read_back_the_chunk_a_passkey_answer_closes_while_it_is_written():
+    """passkey_finetune --closing-readback-rows: c_1 is the chunk generation compresses in the middle of an answer
+    (the question's end, then the answer's first tokens), read back from its sketch; nothing after it is labelled."""
+    import random
+    import re
+
+    from vist2 import VIST2Processor
+
+    finetune = load_script("passkey_finetune")
+    processor = VIST2Processor.from_pretrained(str(DEMO))
+    filler, L = finetune.passkey.corpus_filler(), processor.chunk_size
+    tails = set()
+    for row in finetune.closing_chunks(processor, filler, random.Random(0), 12, max_k=8, suffix="."):
+        chunk = [t for t, c in zip(row["input_ids"], row["chunk_ids"]) if c == 1 and t != processor.sketch_token_id]
+        assert len(chunk) == L and len(row["sketches"]) == 1
+        tail = re.search(r"The pass key is( \d{0,5})?$", processor.decode(chunk))
+        assert tail, processor.decode(chunk)
+        tails.add(tail.group(1))
+        labelled = [t for t in row["labels"] if t != -100]
+        assert labelled == chunk[1:]  # every token read back but the first, which nothing precedes
+    assert len(tails) >= 3  # broken off at different places in the key
 
 
 def test_text_only_passkey_rows_are_the_same_prompt_and_answer_as_text():
