@@ -96,8 +96,9 @@ def samples(processor, filler, rng, n, k=None, max_k=64, suffix="", text_only=Fa
 
 
 def closing_chunks(processor, filler, rng, n, max_k=64, suffix="", min_k=1):
-    """`n` read-back rows, each the chunk that a passkey answer (drawn as `samples` draws them) closes while it is
-    written: its sketch is what generation goes on from, so reading it is trained where a key is broken off."""
+    """`n` read-back rows, each the chunk that a passkey answer closes while it is written: its sketch is what
+    generation goes on from, so reading it is trained where a key is broken off. k is drawn as `samples` draws it and
+    a prompt kept only if its answer closes the open chunk, so small k, where more answers close it, come up more."""
     rows, L = [], processor.chunk_size
     while len(rows) < n:
         trial = passkey.make_trial(processor, filler, draw_k(rng, max_k, min_k), rng)
