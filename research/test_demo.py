@@ -293,15 +293,15 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     vist2_recall, text_only_recall = [r for r in recall if not r.text_only], [r for r in recall if r.text_only]
     assert [r.init for r in vist2_recall] == [readers[-1].out] + [r.out for r in vist2_recall[:-1]]
     assert [r.init for r in text_only_recall] == [text_only[-1].out] + [r.out for r in text_only_recall[:-1]]
-    assert [r.max_k for r in vist2_recall] == [1, 8, 64, 64, 64, 64, 64, 64, 96, 96, 96]
+    assert [r.max_k for r in vist2_recall] == [1, 8, 64, 64, 64, 64, 64, 64, 96, 96, 96, 96, 96]
     assert vist2_recall[-1].answer_across_chunks
-    assert [bool(r.readback_rows) for r in vist2_recall] == [False] + [True] * 10  # kept once windows come
-    # the last five steps sharpen reading (random-character rows, the tower trained), then make 80 % of the prompts'
+    assert [bool(r.readback_rows) for r in vist2_recall] == [False] + [True] * 12  # kept once windows come
+    # the last seven steps sharpen reading (random-character rows, the tower trained), then make 80 % of the prompts'
     # answers close the open chunk, the case recall missed most, then draw k past the longest window, then read back
-    # the chunks those answers close, twice
-    assert [(bool(r.chars_rows), r.train_encoder) for r in vist2_recall[-6:]] == [(False, False)] + [(True, True)] * 5
-    assert [r.closing_share for r in vist2_recall[-6:]] == [0.5, 0.5, 0.8, 0.8, 0.8, 0.8]
-    assert [r.closing_readback_rows for r in vist2_recall] == [0] * 9 + [4, 4]
+    # the chunks those answers close, four times
+    assert [(bool(r.chars_rows), r.train_encoder) for r in vist2_recall[-8:]] == [(False, False)] + [(True, True)] * 7
+    assert [r.closing_share for r in vist2_recall[-8:]] == [0.5, 0.5, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]
+    assert [r.closing_readback_rows for r in vist2_recall] == [0] * 9 + [4] * 4
     for reader, control in zip(vist2_recall, text_only_recall, strict=True):  # the same prompts and windows per stage
         same = ("steps", "batch_size", "min_k", "max_k", "seed", "lr", "warmup", "answer_suffix", "answer_across_chunks",
                 "window_rows", "window_chunks", "closing_share")
