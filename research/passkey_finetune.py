@@ -53,6 +53,14 @@ import train_demo  # noqa: E402  (the recipe's corpus windows and batches)
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer  # noqa: E402
 
 
+def trial_tokens(processor, filler: str, k: int, rng: random.Random, suffix: str = ""):
+    """A passkey trial (`make_trial`) as tokens: the prompt's, the answer's (` NNNNN` and `suffix`), and whether writing
+    the answer closes the prompt's open chunk."""
+    trial = passkey.make_trial(processor, filler, k, rng)
+    ids, answer = processor.encode(trial.prompt), processor.encode(" " + trial.key + suffix)
+    return ids, answer, passkey.closes_open_chunk(processor.chunk_size, len(ids), len(answer))
+
+
 def passkey_sample(processor, filler: str, k: int, rng: random.Random, suffix: str = "", text_only: bool = False,
                    across_chunks: bool = False, closing: bool | None = None):
     """One training sample: the prompt in the generation layout, labels on the answer's tokens (and `suffix`'s) only;
@@ -63,9 +71,7 @@ def passkey_sample(processor, filler: str, k: int, rng: random.Random, suffix: s
     out in the training layout (every chunk's text, then its sketch), whose logits are generation's, closing included.
     With `closing` set, a sample whose answer does not close the open chunk (True) or does (False) is None too.
     """
-    trial = passkey.make_trial(processor, filler, k, rng)
-    ids, answer = processor.encode(trial.prompt), processor.encode(" " + trial.key + suffix)
-    crosses = passkey.closes_open_chunk(processor.chunk_size, len(ids), len(answer))
+    ids, answer, crosses = trial_tokens(processor, filler, k, rng, suffix)
     if (crosses and not across_chunks) or closing not in (None, crosses):
         return None
     if text_only:
@@ -101,9 +107,8 @@ def closing_chunks(processor, filler, rng, n, max_k=64, suffix="", min_k=1):
     a prompt kept only if its answer closes the open chunk, so small k, where more answers close it, come up more."""
     rows, L = [], processor.chunk_size
     while len(rows) < n:
-        trial = passkey.make_trial(processor, filler, draw_k(rng, max_k, min_k), rng)
-        ids, answer = processor.encode(trial.prompt), processor.encode(" " + trial.key + suffix)
-        if passkey.closes_open_chunk(L, len(ids), len(answer)):
+        ids, answer, closes = trial_tokens(processor, filler, draw_k(rng, max_k, min_k), rng, suffix)
+        if closes:
             start = (len(ids) - 1) // L * L  # the open chunk, or the prompt's last chunk where it ends on an edge
             row = train_demo.chars_readback_sample(processor, (ids + answer)[start : start + L])
             rows += [row] if row is not None else []  # None: a chunk its sketch cannot hold
