@@ -11,7 +11,8 @@ padding):
   (`make_trial`), but from the training documents of the corpus, in the generation layout (closed chunks as sketches
   only, the question in the open chunk), with a loss on the answer alone (` NNNNN`, and with --answer-suffix the
   text after it, `.`, so that the model learns where the key ends). k, the chunks between the key line and the open
-  chunk, is drawn log-uniformly in --min-k..--max-k;
+  chunk, is drawn log-uniformly in --min-k..--max-k, or for a share --focus-share of the rows uniformly in one of
+  the bands --focus-k (the distances an evaluation found weakest);
 - window rows (--window-rows, of --window-chunks chunks): corpus windows in the training layout
   `c_1 V_1 c_2 ... c_n` with read-back off, every chunk predicted from the sketches of the chunks before it (the
   generation layout's context, all chunks of a window in one pass): language modelling over long compressed contexts;
@@ -80,19 +81,23 @@ def passkey_sample(processor, filler: str, k: int, rng: random.Random, suffix: s
                                    trainable=[False] * len(ids) + [True] * len(answer))
 
 
-def draw_k(rng: random.Random, max_k: int, min_k: int = 1) -> int:
-    """Log-uniform in [min_k, max_k]: near keys are easy, so each doubling of k gets the same share."""
+def draw_k(rng: random.Random, max_k: int, min_k: int = 1, focus=(), focus_share: float = 0.0) -> int:
+    """Log-uniform in [min_k, max_k]: near keys are easy, so each doubling of k gets the same share. With `focus`, a
+    list of (low, high) bands, a share `focus_share` of the draws is uniform in one band picked at random instead: the
+    distances an evaluation found weakest get more rows (and with no focus, the draws are the same as without it)."""
+    if focus and rng.random() < focus_share:
+        return rng.randint(*rng.choice(focus))
     return min(max_k, int(math.exp(rng.uniform(math.log(min_k), math.log(max_k + 1)))))
 
 
 def samples(processor, filler, rng, n, k=None, max_k=64, suffix="", text_only=False, min_k=1, across_chunks=False,
-            closing_share=None):
+            closing_share=None, focus=(), focus_share=0.0):
     """`n` passkey samples; with `closing_share`, each one's answer closes the open chunk with that probability (other
     fillers and keys at the same k until one does or does not: as drawn, 9-48 % of prompts close it, by k)."""
     out = []
     while len(out) < n:
         closing = None if closing_share is None else rng.random() < closing_share
-        k_row = k or draw_k(rng, max_k, min_k)
+        k_row = k or draw_k(rng, max_k, min_k, focus, focus_share)
         sample = passkey_sample(processor, filler, k_row, rng, suffix, text_only, across_chunks, closing)
         while sample is None and closing is not None:
             sample = passkey_sample(processor, filler, k_row, rng, suffix, text_only, across_chunks, closing)
@@ -101,13 +106,14 @@ def samples(processor, filler, rng, n, k=None, max_k=64, suffix="", text_only=Fa
     return out
 
 
-def closing_chunks(processor, filler, rng, n, max_k=64, suffix="", min_k=1):
+def closing_chunks(processor, filler, rng, n, max_k=64, suffix="", min_k=1, focus=(), focus_share=0.0):
     """`n` read-back rows, each the chunk that a passkey answer closes while it is written: its sketch is what
     generation goes on from, so reading it is trained where a key is broken off. k is drawn as `samples` draws it and
     a prompt kept only if its answer closes the open chunk, so small k, where more answers close it, come up more."""
     rows, L = [], processor.chunk_size
     while len(rows) < n:
-        ids, answer, closes = trial_tokens(processor, filler, draw_k(rng, max_k, min_k), rng, suffix)
+        k = draw_k(rng, max_k, min_k, focus, focus_share)
+        ids, answer, closes = trial_tokens(processor, filler, k, rng, suffix)
         if closes:
             start = (len(ids) - 1) // L * L  # the open chunk, or the prompt's last chunk where it ends on an edge
             row = train_demo.chars_readback_sample(processor, (ids + answer)[start : start + L])
@@ -149,6 +155,15 @@ def window_batch(processor, windows, text_only=False):
                                              for w in windows])
 
 
+def k_band(text: str) -> tuple[int, int]:
+    """`--focus-k` bands: `LOW-HIGH` (or one k), chunks back."""
+    low, _, high = text.partition("-")
+    band = int(low), int(high or low)
+    if not 1 <= band[0] <= band[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: a band of k is LOW-HIGH with 1 <= LOW <= HIGH, e.g. 48-80")
+    return band
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--init", default=str(REPO))
@@ -176,6 +191,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--max-k", type=int, default=64)
     parser.add_argument("--min-k", type=int, default=1, help="train on keys at least this many chunks back")
+    parser.add_argument("--focus-k", type=k_band, nargs="+", default=[], metavar="LOW-HIGH",
+                        help="bands of k (e.g. 1-2 48-80) that a share --focus-share of the rows is drawn from")
+    parser.add_argument("--focus-share", type=float, default=0.0)
     parser.add_argument("--eval-k", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--eval-keys", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=100)
@@ -244,7 +262,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         rows = samples(processor, filler, rng, args.batch_size, max_k=args.max_k, suffix=args.answer_suffix,
                        text_only=args.text_only, min_k=args.min_k, across_chunks=args.answer_across_chunks,
-                       closing_share=args.closing_share)
+                       closing_share=args.closing_share, focus=args.focus_k, focus_share=args.focus_share)
         if args.text_only:  # row by row: padded to the longest, a batch of text prompts would be mostly padding
             losses = {"loss": sum(backward(text_batch(row), 1 / len(rows)) for row in rows) / len(rows)}
         else:
@@ -260,7 +278,7 @@ def main(argv=None):
                                             read_back=torch.ones(args.chars_rows, dtype=torch.bool))
         if args.closing_readback_rows and not args.text_only:
             rows = closing_chunks(processor, filler, rng, args.closing_readback_rows, args.max_k, args.answer_suffix,
-                                  args.min_k)
+                                  args.min_k, args.focus_k, args.focus_share)
             losses["closing_readback_loss"] = backward(
                 train_demo.make_batch(processor, rows),
                 read_back=torch.ones(args.closing_readback_rows, dtype=torch.bool))

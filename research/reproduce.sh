@@ -196,11 +196,12 @@ python research/train_demo.py --tokenizer "$BYTES" --text-only --init "$BUILD/te
 #     as a key needs), stage 8 makes 80 % of the prompts close the open chunk, stage 9 draws k up to 96, so that
 #     64 is no longer the edge of what it trained on, at a lower learning rate, stage 10 adds four read-back rows
 #     of the chunks such answers close (the digits already written, read from the sketch generation goes on from),
-#     and stages 11-13 repeat stage 10 with fresh seeds. With every distance mixed in from the first step it stays at
-#     chance. The control gets the same prompts and windows as text (research/README.md, "The recall stage"). The two
-#     chains may run side by side; wall times on 2 cores with both running: VIST2 8, 19, 47, 40, 34, 65, 34, 58, 74,
-#     48, 47, 49, 36 min (the last seven with 2 threads, as run; the last one alone, the control done); text-only 11,
-#     11, 42, 35, 13, 17, 20, 21, 25, 19, 15, 12, 12 min.
+#     stages 11-13 repeat stage 10 with fresh seeds, and stage 14 draws 40 % of its prompts (and closing chunks) from
+#     the distances still short of 95 %, 1-2 and 48-80 chunks back. With every distance mixed in from the first step
+#     it stays at chance. The control gets the same prompts and windows as text (research/README.md, "The recall
+#     stage"). The two chains may run side by side; wall times on 2 cores with both running: VIST2 8, 19, 47, 40,
+#     34, 65, 34, 58, 74, 48, 47, 49, 36, 49 min (the last eight with 2 threads, as run; the 13th alone, the control
+#     done); text-only 11, 11, 42, 35, 13, 17, 20, 21, 25, 19, 15, 12, 12, 16 min.
 COMMON="--answer-suffix . --window-rows 1 --window-chunks 64 --eval-k 1 8 64 --eval-every 100 --threads 1"
 python research/passkey_finetune.py --init "$BUILD/vist2-demo" --out "$BUILD/recall-k1" \
     --log "$LOGS/training_log.recall-k1.jsonl" --steps 1000 --batch-size 16 --max-k 1 --eval-k 1 8 --threads 1 \
@@ -248,6 +249,10 @@ python research/passkey_finetune.py --init "$BUILD/recall-closing-readback-3" --
     --log "$LOGS/training_log.recall-closing-readback-4.jsonl" --steps 300 --batch-size 8 --max-k 96 --seed 13 \
     --lr 2e-4 --answer-across-chunks --closing-share 0.8 --readback-rows 4 --chars-rows 8 --closing-readback-rows 4 \
     --train-encoder $COMMON --threads 2 --eval-keys 32
+python research/passkey_finetune.py --init "$BUILD/recall-closing-readback-4" --out "$BUILD/recall-focus" \
+    --log "$LOGS/training_log.recall-focus.jsonl" --steps 300 --batch-size 8 --max-k 96 --seed 15 \
+    --lr 2e-4 --answer-across-chunks --closing-share 0.8 --readback-rows 4 --chars-rows 8 --closing-readback-rows 4 \
+    --train-encoder --focus-k 1-2 48-80 --focus-share 0.4 $COMMON --threads 2 --eval-keys 32
 python research/passkey_finetune.py --text-only --init "$BUILD/text-only-baseline" --out "$BUILD/text-only-recall-k1" \
     --log "$LOGS/training_log.text-only-recall-k1.jsonl" --steps 1000 --batch-size 16 --max-k 1 --eval-k 1 8 \
     --threads 1 --answer-suffix . --lr 1e-3 --eval-every 200
@@ -291,19 +296,23 @@ python research/passkey_finetune.py --text-only --init "$BUILD/text-only-recall-
     --out "$BUILD/text-only-recall-closing-readback-4" \
     --log "$LOGS/training_log.text-only-recall-closing-readback-4.jsonl" --steps 300 --batch-size 8 --max-k 96 \
     --seed 13 --lr 2e-4 --answer-across-chunks --closing-share 0.8 $COMMON
+python research/passkey_finetune.py --text-only --init "$BUILD/text-only-recall-closing-readback-4" \
+    --out "$BUILD/text-only-recall-focus" --log "$LOGS/training_log.text-only-recall-focus.jsonl" --steps 300 \
+    --batch-size 8 --max-k 96 --seed 15 --lr 2e-4 --answer-across-chunks --closing-share 0.8 \
+    --focus-k 1-2 48-80 --focus-share 0.4 $COMMON
 
 if [ "$OUT" = demo ]; then  # the checkpoint is the repository root: its files, not the code save_pretrained copies
-    for file in "$BUILD"/recall-closing-readback-4/*; do case "$file" in *.py|*.jsonl) ;; *) cp "$file" . ;; esac; done
-    rm -rf research/text-only-baseline && cp -r "$BUILD/text-only-recall-closing-readback-4" research/text-only-baseline
+    for file in "$BUILD"/recall-focus/*; do case "$file" in *.py|*.jsonl) ;; *) cp "$file" . ;; esac; done
+    rm -rf research/text-only-baseline && cp -r "$BUILD/text-only-recall-focus" research/text-only-baseline
     rm -f research/text-only-baseline/*.jsonl
     python research/evaluate_demo.py --model . --text-only research/text-only-baseline --window-chunks 64 \
         --threads 2 --json research/eval_results.json
     python examples/passkey.py --model . --text-only research/text-only-baseline --keys 100 --threads 2 \
         --json benchmarks/results/passkey-demo.json --markdown benchmarks/results/passkey-demo.md
 else
-    python research/evaluate_demo.py --model "$BUILD/recall-closing-readback-4" \
-        --text-only "$BUILD/text-only-recall-closing-readback-4" \
+    python research/evaluate_demo.py --model "$BUILD/recall-focus" \
+        --text-only "$BUILD/text-only-recall-focus" \
         --window-chunks 64 --threads 2 --json "$BUILD/eval_results.json"
-    python examples/passkey.py --model "$BUILD/recall-closing-readback-4" \
-        --text-only "$BUILD/text-only-recall-closing-readback-4" --keys 100 --threads 2 --json "$BUILD/passkey-demo.json"
+    python examples/passkey.py --model "$BUILD/recall-focus" \
+        --text-only "$BUILD/text-only-recall-focus" --keys 100 --threads 2 --json "$BUILD/passkey-demo.json"
 fi

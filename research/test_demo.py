@@ -6,6 +6,7 @@ not a skip.
 
 import importlib.util
 import json
+import math
 import re
 from pathlib import Path
 
@@ -293,18 +294,19 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     vist2_recall, text_only_recall = [r for r in recall if not r.text_only], [r for r in recall if r.text_only]
     assert [r.init for r in vist2_recall] == [readers[-1].out] + [r.out for r in vist2_recall[:-1]]
     assert [r.init for r in text_only_recall] == [text_only[-1].out] + [r.out for r in text_only_recall[:-1]]
-    assert [r.max_k for r in vist2_recall] == [1, 8, 64, 64, 64, 64, 64, 64, 96, 96, 96, 96, 96]
+    assert [r.max_k for r in vist2_recall] == [1, 8, 64, 64, 64, 64, 64, 64, 96, 96, 96, 96, 96, 96]
     assert vist2_recall[-1].answer_across_chunks
-    assert [bool(r.readback_rows) for r in vist2_recall] == [False] + [True] * 12  # kept once windows come
-    # the last seven steps sharpen reading (random-character rows, the tower trained), then make 80 % of the prompts'
+    assert [bool(r.readback_rows) for r in vist2_recall] == [False] + [True] * 13  # kept once windows come
+    # the last eight steps sharpen reading (random-character rows, the tower trained), then make 80 % of the prompts'
     # answers close the open chunk, the case recall missed most, then draw k past the longest window, then read back
-    # the chunks those answers close, four times
-    assert [(bool(r.chars_rows), r.train_encoder) for r in vist2_recall[-8:]] == [(False, False)] + [(True, True)] * 7
-    assert [r.closing_share for r in vist2_recall[-8:]] == [0.5, 0.5, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]
-    assert [r.closing_readback_rows for r in vist2_recall] == [0] * 9 + [4] * 4
+    # the chunks those answers close, four times, then draw more prompts at the distances still short of the target
+    assert [(bool(r.chars_rows), r.train_encoder) for r in vist2_recall[-9:]] == [(False, False)] + [(True, True)] * 8
+    assert [r.closing_share for r in vist2_recall[-9:]] == [0.5, 0.5, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]
+    assert [r.closing_readback_rows for r in vist2_recall] == [0] * 9 + [4] * 5
+    assert [(r.focus_k, r.focus_share) for r in vist2_recall if r.focus_k] == [([(1, 2), (48, 80)], 0.4)]
     for reader, control in zip(vist2_recall, text_only_recall, strict=True):  # the same prompts and windows per stage
         same = ("steps", "batch_size", "min_k", "max_k", "seed", "lr", "warmup", "answer_suffix", "answer_across_chunks",
-                "window_rows", "window_chunks", "closing_share")
+                "window_rows", "window_chunks", "closing_share", "focus_k", "focus_share")
         assert [getattr(control, k) for k in same] == [getattr(reader, k) for k in same]
     for build in evaluations[-1], passkeys[-1]:
         assert build[build.index("--model") + 1] == vist2_recall[-1].out
@@ -683,6 +685,31 @@ def test_closing_share_sets_the_share_of_passkey_rows_whose_answer_closes_the_op
     for row in finetune.samples(processor, filler, random.Random(3), 6, k=8, across_chunks=True, closing_share=0.0):
         text, answer = text_and_answer(row)  # the generation layout: the open chunk holds the prompt's end and answer
         assert len(text) <= L
+
+
+def test_focus_bands_draw_their_share_of_k_and_leave_the_log_uniform_draws_unchanged_without_them():
+    """passkey_finetune --focus-k 1-2 48-80 --focus-share 0.4: that share of the rows is drawn uniformly from the bands;
+    without bands the draws are those of the steps trained before the option existed (same seed, same k)."""
+    import random
+
+    finetune = load_script("passkey_finetune")
+    plain, unfocused = random.Random(7), random.Random(7)
+    assert [finetune.draw_k(plain, 96) for _ in range(200)] == [finetune.draw_k(unfocused, 96, 1, (), 0.9)
+                                                                  for _ in range(200)]
+    rng, bands = random.Random(7), [(1, 2), (48, 80)]
+    assert {finetune.draw_k(rng, 96, 1, bands, 1.0) for _ in range(2000)} == {1, 2, *range(48, 81)}
+    log_uniform_share = (math.log(3) + math.log(81 / 48)) / math.log(97)  # what the bands get from the plain draw
+    draws = [finetune.draw_k(rng, 96, 1, bands, 0.4) for _ in range(20000)]
+    in_bands = sum(k <= 2 or 48 <= k <= 80 for k in draws) / len(draws)
+    assert abs(in_bands - (0.4 + 0.6 * log_uniform_share)) < 0.015
+
+
+def test_focus_bands_are_parsed_as_low_high_and_refused_when_empty_or_below_one():
+    finetune = load_script("passkey_finetune")
+    assert finetune.parse_args(["--out", "x", "--focus-k", "1-2", "64"]).focus_k == [(1, 2), (64, 64)]
+    for band in ("0-2", "80-48"):
+        with pytest.raises(SystemExit):
+            finetune.parse_args(["--out", "x", "--focus-k", band])
 
 
 def test_closing_chunk_rows_read_back_the_chunk_a_passkey_answer_closes_while_it_is_written():
