@@ -19,7 +19,7 @@ READ_BACK_POSITIONS = ("after_sketch", "before_next_chunk")
 SKETCH_SETTING_KEYS = ("chunk_size", "compression_ratio", "font_path", "font_size", "min_font_size", "char_width",
                        "line_height", "margin", "foreground", "background", "image_height", "image_width",
                        "num_channels", "image_mean", "image_std", "overflow_policy", "newline_glyph",
-                       "special_token_glyphs")
+                       "special_token_glyphs", "byte_aligned")
 VIST2_KEYS = SKETCH_SETTING_KEYS + ("text_config", "vision_config", "merge_size", "sketch_token_id",
                                     "read_back_positions")
 
@@ -75,6 +75,9 @@ def validate_sketch_settings(settings: dict, name: str):
     if len(set(drawn)) != len(drawn):
         fail("special_token_glyphs", f"two things drawn the same way ({drawn!r}): the sketch could not tell "
              "them apart", "give every special token (and newline_glyph) its own character")
+    if not isinstance(settings["byte_aligned"], bool):
+        fail("byte_aligned", f"must be True or False, got {settings['byte_aligned']!r}",
+             "use byte_aligned=True only with a byte-level tokenizer (one token per byte)")
     for field in ("foreground", "background"):
         if not isinstance(settings[field], int) or not 0 <= settings[field] <= 255:
             fail(field, f"grey level {settings[field]!r} out of range", "use an integer in 0..255")
@@ -155,6 +158,8 @@ class VIST2Config(PretrainedConfig):
             so a character's cell is its place in the chunk; `None` breaks lines as a page does.
         special_token_glyphs (`dict[str, str]`, *optional*): special tokens drawn as one character each, e.g.
             `{"<|endoftext|>": "©"}`.
+        byte_aligned (`bool`): a character of n UTF-8 bytes takes n cells (its glyph, then blanks), so that under a
+            byte-level tokenizer cell i of a sketch always shows token i of its chunk, whatever came before it.
         read_back_positions (`str`): where a chunk read back from its own sketch (OCR warm-up) sits: `"after_sketch"`
             or `"before_next_chunk"` (docs/DESIGN.md §2).
     """
@@ -166,7 +171,7 @@ class VIST2Config(PretrainedConfig):
                  sketch_token_id=None, font_path=None, font_size=16, min_font_size=8, char_width=4, line_height=8,
                  margin=0, foreground=0, background=255, image_height=256, image_width=256, num_channels=3,
                  image_mean=0.5, image_std=0.5, overflow_policy="keep_text", newline_glyph="\n",
-                 special_token_glyphs=None, read_back_positions="after_sketch", **kwargs):
+                 special_token_glyphs=None, byte_aligned=False, read_back_positions="after_sketch", **kwargs):
         self.text_config = _sub_config(text_config, "qwen3", {})
         self.vision_config = _sub_config(vision_config, "siglip_vision_model",
                                          {"patch_size": 16, "vision_use_head": False})
@@ -180,7 +185,7 @@ class VIST2Config(PretrainedConfig):
         self.image_height, self.image_width, self.num_channels = image_height, image_width, num_channels
         self.image_mean, self.image_std = image_mean, image_std
         self.overflow_policy, self.newline_glyph = overflow_policy, newline_glyph
-        self.special_token_glyphs = special_token_glyphs or None
+        self.special_token_glyphs, self.byte_aligned = special_token_glyphs or None, byte_aligned
         for key in kwargs:  # PretrainedConfig keeps any unknown key: a misspelled setting would be silently unused
             near = difflib.get_close_matches(key, VIST2_KEYS, n=1, cutoff=0.8)
             if near:

@@ -30,6 +30,8 @@ BYTE_MARKED = {"\t": 0x09, "\r": 0x0D, SHOWN_NEWLINE: 0x0A, SHOWN_SPACE: 0x20,
 # Scripts whose letters look alike (Latin a, Cyrillic а, Greek ο...): where a font draws two of them as the same cell,
 # the first in this order keeps the cell and the other is reported instead of drawn, so no two texts draw alike.
 LOOKALIKE_REPERTOIRE = "".join(map(chr, [*range(0x21, 0x7F), *range(0xA1, 0x250), *range(0x370, 0x530)]))
+# With `byte_aligned`, the cells after a character of several UTF-8 bytes, one per byte beyond the first: drawn blank.
+CONTINUATION = "\ud800"
 
 
 # -- Chunking ----------------------------------------------------------------------------------------------------------
@@ -90,7 +92,7 @@ class GlyphAtlas:
         ascent, descent = self.font.getmetrics()
         self.canvas = (max(1, int(np.ceil(self.font.getlength("M")))), ascent + descent)
         self.notdef = self._coverage("\U0010fffd")  # what the font draws for a character it lacks
-        self.index = {" ": 0}
+        self.index = {" ": 0, CONTINUATION: 0}
         self.glyphs = np.full((1, *self.cell), background, dtype=np.uint8)  # (atlas index, cell_h, cell_w)
         self.marks = {char: self._byte_mark(value) for char, value in BYTE_MARKED.items()}
         self.reserved = {cell.tobytes() for cell in [self.glyphs[0], *self.marks.values()] if cell is not None}
@@ -160,9 +162,21 @@ class GlyphAtlas:
 glyph_atlas = functools.lru_cache(maxsize=32)(GlyphAtlas)  # one atlas per font, size, cell and colours
 
 
-def wrap_into_lines(text: str, columns: int, newline_glyph: str | None = None) -> tuple[list[str], bool]:
-    """Hard-wrap at `columns` characters, one cell each; newlines end a line (or are drawn as `newline_glyph`), a line's
-    last space is `SHOWN_SPACE`. Also: whether a line break would be hidden (at the end, or after a full line)."""
+def byte_cells(text: str, token_glyphs=()) -> str:
+    """`text` with a character of n UTF-8 bytes followed by n - 1 `CONTINUATION` cells, so that cell i of a chunk of a
+    byte-level tokenizer shows its byte i wherever a wider character came before (`token_glyphs`, each drawn for one
+    special token, take one cell). The first cell decides how many follow, so no two texts draw alike."""
+    widths = {char: len(char.encode("utf-8", "surrogateescape")) for char in set(text) - set(token_glyphs)}
+    return "".join(char + CONTINUATION * (widths.get(char, 1) - 1) for char in text)
+
+
+def wrap_into_lines(text: str, columns: int, newline_glyph: str | None = None, byte_aligned: bool = False,
+                    token_glyphs=()) -> tuple[list[str], bool]:
+    """Hard-wrap at `columns` characters, one cell each (`byte_cells` first if `byte_aligned`); newlines end a line (or
+    are drawn as `newline_glyph`), a line's last space is `SHOWN_SPACE`. Also: whether a line break would be hidden (at
+    the end, or after a full line)."""
+    if byte_aligned:
+        text = byte_cells(text, token_glyphs)
     if newline_glyph:
         text = text.replace("\n", SHOWN_NEWLINE if newline_glyph == "\n" else newline_glyph)
     paragraphs = [p[:-1] + SHOWN_SPACE if p.endswith(" ") else p for p in text.split("\n")]
@@ -180,7 +194,8 @@ def render_chunk(text: str, settings: dict, font_size: int | None = None) -> tup
     height, width, margin = settings["image_height"], settings["image_width"], settings["margin"]
     columns, rows = (width - 2 * margin) // cell_w, (height - 2 * margin) // cell_h
     atlas = glyph_atlas(settings["font_path"], font_size, cell_w, cell_h, settings["foreground"], settings["background"])
-    lines, hidden = wrap_into_lines(text, columns, settings.get("newline_glyph"))
+    lines, hidden = wrap_into_lines(text, columns, settings["newline_glyph"], settings["byte_aligned"],
+                                    (settings["special_token_glyphs"] or {}).values())
     report = SketchReport(font_size=font_size, hidden=hidden)
     index = {char: atlas.lookup(char) for char in set("".join(lines))}
     if len(lines) > rows:
@@ -224,8 +239,9 @@ class VIST2Processor(ProcessorMixin):
         if sketch_settings is None:
             raise ValueError("VIST2Processor needs sketch_settings: build it with "
                              "VIST2Processor.from_config(config, tokenizer)")
+        sketch_settings = {"byte_aligned": False, **sketch_settings}  # (absent from settings saved without it)
         validate_sketch_settings(sketch_settings, "VIST2Processor.sketch_settings['{}']")
-        self.sketch_settings = dict(sketch_settings)
+        self.sketch_settings = sketch_settings
         self.last_report = []
         super().__init__(tokenizer, chat_template=chat_template, **kwargs)
         vocab = self.tokenizer.get_vocab()

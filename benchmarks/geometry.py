@@ -187,12 +187,12 @@ def chunk_texts(codec: Codec, documents: list[str]) -> tuple[list[str], float]:
 
 
 def fits(text: str, height: int, width: int, char_width: int, line_height: int, newline_glyph=None) -> bool:
-    return len(wrap_into_lines(text, width // char_width, newline_glyph)) <= height // line_height
+    return len(wrap_into_lines(text, width // char_width, newline_glyph)[0]) <= height // line_height
 
 
 def cells_needed(text: str, columns: int, newline_glyph=None) -> int:
     """Cells a chunk takes at `columns` per line, counting what each line break leaves blank."""
-    return len(wrap_into_lines(text, columns, newline_glyph)) * columns
+    return len(wrap_into_lines(text, columns, newline_glyph)[0]) * columns
 
 
 def flops_per_chunk(candidates) -> dict:

@@ -219,7 +219,7 @@ def score(answers: list[tuple[str, str]], other_keys: list[str] | None = None, e
 def corpus_filler(heldout: bool = True) -> str:
     """The held-out documents of the offline demo corpus (the training ones with `heldout=False`), joined by blank
     lines; those with a character outside ASCII (one of 88 held-out) are left out, so that every closed chunk is
-    sketched (the demo's font draws ASCII)."""
+    sketched whatever the model's font (Pillow's built-in one draws ASCII only) and every model gets the same prompts."""
     spec = importlib.util.spec_from_file_location("build_corpus", REPO / "tokenization" / "build_corpus.py")
     build_corpus = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build_corpus)

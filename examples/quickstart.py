@@ -90,8 +90,9 @@ def main(argv=None):
     print(f"\n--- a chunk ---\n{original}\n--- read back from its sketch (character accuracy {accuracy:.0%}; "
           f"from another chunk's sketch: {control_accuracy:.0%}) ---\n{read}")
 
-    # 4. Beyond ASCII: a chunk holding a character the model's font cannot draw is kept as text, never dropped, and
-    # reported; one the font draws is compressed and read back like any other. (The demo's font draws ASCII only.)
+    # 4. Beyond ASCII: the demo's font (DejaVu Sans Mono, in the model's folder) draws Latin-1 and typeset punctuation,
+    # so these chunks are compressed and read back like any other; a chunk holding a character a model's font cannot
+    # draw is kept as text, never dropped, and reported.
     typeset = ("« Déjà vu », dit-elle — l’été à Montréal coûte 12 € ; © 2026 Zoë Ångström, “naïve” façade… ") * 4
     latin = processor(text=typeset)
     chunks, kept = closed_chunks(processor.encode(typeset), chunk_size), int(latin["chunks_kept_as_text"][0])

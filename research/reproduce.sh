@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The recipe of the committed demo checkpoint, with one command (research/README.md tells what each stage is for and
-# what it measured): encoder -> random-character read-back warm-up -> reader (with, then without random-character
-# rows) -> the encoder unfrozen (random rows on one line, over several lines, over real chunks' lines) -> newlines
-# drawn in line (then random rows with document separators, fewer of them) -> document separators drawn in one cell
-# -> read-back from noisy inputs -> windows whose second chunk starts inside the first -> read-back placed right
-# before the next chunk -> text-only control (the same LM steps) -> recall (passkeys and 64-chunk windows, both
-# models) -> evaluation. Seeded, one thread per job: about 18 hours of CPU in all (the stages' times are in
+# what it measured): encoder -> random-character read-back warm-up -> reader (with, then without random-character rows)
+# -> the encoder unfrozen (random rows on one line, over several lines, over real chunks' lines) -> newlines drawn in
+# line (then random rows with document separators, fewer of them) -> document separators drawn in one cell -> read-back
+# from noisy inputs -> windows whose second chunk starts inside the first -> read-back placed right before the next
+# chunk -> text-only control (the same LM steps) -> recall (passkeys and 64-chunk windows, both models) -> a font that
+# draws Latin-1 -> evaluation. Seeded, one or two threads per job: about 20 hours in all (the stages' times are in
 # research/README.md), two to four jobs at a time on 2 cores (the control is independent of stages 1-18 and may run
 # beside them). The LM side reads and writes one byte per token (tokenization/byte_tokenizer), so a random-character
 # warm-up is read-back of the very tokens the corpus is made of.
@@ -301,18 +301,69 @@ python research/passkey_finetune.py --text-only --init "$BUILD/text-only-recall-
     --batch-size 8 --max-k 96 --seed 15 --lr 2e-4 --answer-across-chunks --closing-share 0.8 \
     --focus-k 1-2 48-80 --focus-share 0.4 $COMMON
 
+# 21. A font that draws Latin-1: DejaVu Sans Mono (DejaVuSansMono.ttf, which the checkpoint carries), newlines drawn
+#     as ↵ and the document separator as ■ (« and © are now text to draw), one cell per byte (`byte_aligned`: a
+#     character of n bytes keeps every later cell at its token). First the tower and aligner learn to give the new
+#     sketches of ASCII chunks the visual tokens the old tower gives the old ones (the LM untouched); then the whole
+#     model reads back rows of random characters in which 30 % of the places try a Latin-1 character (which wipes
+#     recall); then stage 20's last step, four times, with such rows, brings recall back; the control gets the same
+#     recall steps as text (research/README.md, "A font that draws Latin-1"). Wall times on 2 cores: 5 and 8 min, then
+#     25, 15, 53 and 28 min with 4, 5, 27 and 9 min for the control beside them.
+F="--font-path DejaVuSansMono.ttf --newline-glyph ↵ --separator-glyph ■ --byte-aligned"
+python research/font_distill.py --init "$BUILD/recall-focus" --out "$BUILD/font-bytes-distill" $F --steps 1000 \
+    --lr 1e-3 --eval-every 250 --seed 33 --threads 1 --log "$LOGS/training_log.font-bytes-distill.jsonl"
+python research/font_distill.py --init "$BUILD/font-bytes-distill" --out "$BUILD/font-bytes-lm" $F --latin1-rows 16 \
+    --wide-share 0.3 --train-lm all --steps 1000 --lr 3e-4 --eval-every 250 --seed 34 --threads 1 \
+    --log "$LOGS/training_log.font-bytes-lm.jsonl"
+python research/passkey_finetune.py --init "$BUILD/font-bytes-lm" --out "$BUILD/recall-latin1" \
+    --log "$LOGS/training_log.recall-latin1.jsonl" --steps 100 --batch-size 8 --max-k 96 --seed 20 \
+    --lr 5e-4 --answer-across-chunks --closing-share 0.8 --readback-rows 4 --chars-rows 16 --wide-share 0.3 \
+    --closing-readback-rows 4 --train-encoder --focus-k 1-2 48-80 --focus-share 0.4 $COMMON --eval-keys 32 \
+    --eval-every 50
+python research/passkey_finetune.py --text-only --init "$BUILD/text-only-recall-focus" \
+    --out "$BUILD/text-only-recall-latin1" --log "$LOGS/training_log.text-only-recall-latin1.jsonl" --steps 100 \
+    --batch-size 8 --max-k 96 --seed 20 --lr 5e-4 --answer-across-chunks --closing-share 0.8 \
+    --focus-k 1-2 48-80 --focus-share 0.4 $COMMON --eval-every 50
+python research/passkey_finetune.py --init "$BUILD/recall-latin1" --out "$BUILD/recall-latin1-2" \
+    --log "$LOGS/training_log.recall-latin1-2.jsonl" --steps 100 --batch-size 8 --max-k 96 --seed 21 \
+    --lr 3e-4 --answer-across-chunks --closing-share 0.8 --readback-rows 4 --chars-rows 16 --wide-share 0.3 \
+    --closing-readback-rows 4 --train-encoder --focus-k 1-2 48-80 --focus-share 0.4 $COMMON --eval-keys 32 \
+    --eval-every 50 --threads 2
+python research/passkey_finetune.py --text-only --init "$BUILD/text-only-recall-latin1" \
+    --out "$BUILD/text-only-recall-latin1-2" --log "$LOGS/training_log.text-only-recall-latin1-2.jsonl" --steps 100 \
+    --batch-size 8 --max-k 96 --seed 21 --lr 3e-4 --answer-across-chunks --closing-share 0.8 \
+    --focus-k 1-2 48-80 --focus-share 0.4 $COMMON --eval-every 50
+python research/passkey_finetune.py --init "$BUILD/recall-latin1-2" --out "$BUILD/recall-latin1-3" \
+    --log "$LOGS/training_log.recall-latin1-3.jsonl" --steps 300 --batch-size 8 --max-k 96 --seed 22 \
+    --lr 2e-4 --answer-across-chunks --closing-share 0.8 --readback-rows 4 --chars-rows 8 --wide-share 0.3 \
+    --closing-readback-rows 4 --train-encoder --focus-k 1-4 24-80 --focus-share 0.4 $COMMON --eval-keys 32 \
+    --threads 2
+python research/passkey_finetune.py --text-only --init "$BUILD/text-only-recall-latin1-2" \
+    --out "$BUILD/text-only-recall-latin1-3" --log "$LOGS/training_log.text-only-recall-latin1-3.jsonl" --steps 300 \
+    --batch-size 8 --max-k 96 --seed 22 --lr 2e-4 --answer-across-chunks --closing-share 0.8 \
+    --focus-k 1-4 24-80 --focus-share 0.4 $COMMON
+python research/passkey_finetune.py --init "$BUILD/recall-latin1-3" --out "$BUILD/recall-latin1-4" \
+    --log "$LOGS/training_log.recall-latin1-4.jsonl" --steps 150 --batch-size 8 --max-k 96 --seed 23 \
+    --lr 1.5e-4 --answer-across-chunks --closing-share 0.8 --readback-rows 4 --chars-rows 8 --wide-share 0.3 \
+    --closing-readback-rows 4 --train-encoder --focus-k 1-2 --focus-share 0.4 $COMMON --eval-keys 32 \
+    --eval-every 150 --threads 2
+python research/passkey_finetune.py --text-only --init "$BUILD/text-only-recall-latin1-3" \
+    --out "$BUILD/text-only-recall-latin1-4" --log "$LOGS/training_log.text-only-recall-latin1-4.jsonl" --steps 150 \
+    --batch-size 8 --max-k 96 --seed 23 --lr 1.5e-4 --answer-across-chunks --closing-share 0.8 \
+    --focus-k 1-2 --focus-share 0.4 $COMMON --eval-every 150
+
 if [ "$OUT" = demo ]; then  # the checkpoint is the repository root: its files, not the code save_pretrained copies
-    for file in "$BUILD"/recall-focus/*; do case "$file" in *.py|*.jsonl) ;; *) cp "$file" . ;; esac; done
-    rm -rf research/text-only-baseline && cp -r "$BUILD/text-only-recall-focus" research/text-only-baseline
+    for file in "$BUILD"/recall-latin1-4/*; do case "$file" in *.py|*.jsonl) ;; *) cp "$file" . ;; esac; done
+    rm -rf research/text-only-baseline && cp -r "$BUILD/text-only-recall-latin1-4" research/text-only-baseline
     rm -f research/text-only-baseline/*.jsonl
     python research/evaluate_demo.py --model . --text-only research/text-only-baseline --window-chunks 64 \
         --threads 2 --json research/eval_results.json
     python examples/passkey.py --model . --text-only research/text-only-baseline --keys 100 --threads 2 \
         --json benchmarks/results/passkey-demo.json --markdown benchmarks/results/passkey-demo.md
 else
-    python research/evaluate_demo.py --model "$BUILD/recall-focus" \
-        --text-only "$BUILD/text-only-recall-focus" \
+    python research/evaluate_demo.py --model "$BUILD/recall-latin1-4" \
+        --text-only "$BUILD/text-only-recall-latin1-4" \
         --window-chunks 64 --threads 2 --json "$BUILD/eval_results.json"
-    python examples/passkey.py --model "$BUILD/recall-focus" \
-        --text-only "$BUILD/text-only-recall-focus" --keys 100 --threads 2 --json "$BUILD/passkey-demo.json"
+    python examples/passkey.py --model "$BUILD/recall-latin1-4" \
+        --text-only "$BUILD/text-only-recall-latin1-4" --keys 100 --threads 2 --json "$BUILD/passkey-demo.json"
 fi

@@ -49,8 +49,8 @@ def test_char_accuracy_counts_edits(evaluate_demo):
     assert evaluate_demo.char_accuracy("abcdefghi", "abcdefghij") == pytest.approx(0.9)
 
 
-@pytest.mark.parametrize("newline_glyph", [None, "«"])
-def test_cell_targets_match_the_renderer(newline_glyph):
+@pytest.mark.parametrize("newline_glyph, byte_aligned", [(None, False), ("«", False), ("«", True)])
+def test_cell_targets_match_the_renderer(newline_glyph, byte_aligned):
     """The encoder stage's per-cell labels are exactly where the renderer draws ink."""
     train_demo = load_script("train_demo")
     from transformers import AutoTokenizer
@@ -59,8 +59,8 @@ def test_cell_targets_match_the_renderer(newline_glyph):
 
     tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenization" / "demo_tokenizer")
     config = train_demo.demo_config(tokenizer, newline_glyph)
-    settings = config.sketch_settings
-    text = "Return the sum of\n\tx and y (a tab, a newline) and a very long line that has to wrap " * 2
+    settings = {**config.sketch_settings, "byte_aligned": byte_aligned}
+    text = "Return the sum of\n\tx and y (a tab, a newline) and a very long line that has to wrap, it’s said " * 2
     grid = train_demo.cell_targets(text, settings)
     image, _ = render_chunk(text, settings)
     cells = image.reshape(grid.shape[0], config.line_height, grid.shape[1], config.char_width)
@@ -266,7 +266,8 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     recall = [c for c in commands if c[1] == "research/passkey_finetune.py"]
     evaluations = [c for c in commands if c[1] == "research/evaluate_demo.py"]
     passkeys = [c for c in commands if c[1] == "examples/passkey.py"]
-    assert len(trainings) + len(recall) + len(evaluations) + len(passkeys) == len(commands)
+    distills = [c for c in commands if c[1] == "research/font_distill.py"]
+    assert len(trainings) + len(recall) + len(evaluations) + len(passkeys) + len(distills) == len(commands)
     assert len(evaluations) == len(passkeys) == 2  # into build/, or the root
     train_demo = load_script("train_demo")
     runs = [train_demo.parse_args(c[2:]) for c in trainings]
@@ -292,18 +293,28 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     finetune = load_script("passkey_finetune")
     recall = [finetune.parse_args(c[2:]) for c in recall]
     vist2_recall, text_only_recall = [r for r in recall if not r.text_only], [r for r in recall if r.text_only]
-    assert [r.init for r in vist2_recall] == [readers[-1].out] + [r.out for r in vist2_recall[:-1]]
+    # a new font before the last step: its tower distilled from the old one, then Latin-1 read back by the whole model
+    font, latin1 = [load_script("font_distill").parse_args(c[2:]) for c in distills]
+    assert font.init == vist2_recall[-5].out and latin1.init == font.out and font.byte_aligned and latin1.byte_aligned
+    assert (font.latin1_rows, font.train_lm, bool(latin1.latin1_rows), latin1.train_lm) == (0, "none", True, "all")
+    assert [r.init for r in vist2_recall] == ([readers[-1].out] + [r.out for r in vist2_recall[:-5]] + [latin1.out] +
+                                              [r.out for r in vist2_recall[-4:-1]])
     assert [r.init for r in text_only_recall] == [text_only[-1].out] + [r.out for r in text_only_recall[:-1]]
-    assert [r.max_k for r in vist2_recall] == [1, 8, 64, 64, 64, 64, 64, 64, 96, 96, 96, 96, 96, 96]
+    assert [r.max_k for r in vist2_recall] == [1, 8, 64, 64, 64, 64, 64, 64] + [96] * 10
     assert vist2_recall[-1].answer_across_chunks
-    assert [bool(r.readback_rows) for r in vist2_recall] == [False] + [True] * 13  # kept once windows come
+    assert [bool(r.readback_rows) for r in vist2_recall] == [False] + [True] * 17  # kept once windows come
     # the last eight steps sharpen reading (random-character rows, the tower trained), then make 80 % of the prompts'
     # answers close the open chunk, the case recall missed most, then draw k past the longest window, then read back
-    # the chunks those answers close, four times, then draw more prompts at the distances still short of the target
-    assert [(bool(r.chars_rows), r.train_encoder) for r in vist2_recall[-9:]] == [(False, False)] + [(True, True)] * 8
-    assert [r.closing_share for r in vist2_recall[-9:]] == [0.5, 0.5, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]
-    assert [r.closing_readback_rows for r in vist2_recall] == [0] * 9 + [4] * 5
-    assert [(r.focus_k, r.focus_share) for r in vist2_recall if r.focus_k] == [([(1, 2), (48, 80)], 0.4)]
+    # the chunks those answers close, four times, then draw more prompts at the distances still short of the target;
+    # the last four, after the new font, also read back rows of Latin-1 characters, the last two drawing their prompts
+    # where the steps before them still missed
+    assert [(bool(r.chars_rows), r.train_encoder) for r in vist2_recall[-13:]] == [(False, False)] + [(True, True)] * 12
+    assert [r.closing_share for r in vist2_recall[-13:]] == [0.5, 0.5] + [0.8] * 11
+    assert [r.closing_readback_rows for r in vist2_recall] == [0] * 9 + [4] * 9
+    assert [(r.focus_k, r.focus_share) for r in vist2_recall if r.focus_k] == ([([(1, 2), (48, 80)], 0.4)] * 3 +
+                                                                                [([(1, 4), (24, 80)], 0.4),
+                                                                                 ([(1, 2)], 0.4)])
+    assert [r.wide_share > 0 for r in vist2_recall] == [False] * 14 + [True] * 4
     for reader, control in zip(vist2_recall, text_only_recall, strict=True):  # the same prompts and windows per stage
         same = ("steps", "batch_size", "min_k", "max_k", "seed", "lr", "warmup", "answer_suffix", "answer_across_chunks",
                 "window_rows", "window_chunks", "closing_share", "focus_k", "focus_share")
@@ -311,16 +322,19 @@ def test_reproduce_script_commands_parse_with_the_current_scripts():
     for build in evaluations[-1], passkeys[-1]:
         assert build[build.index("--model") + 1] == vist2_recall[-1].out
         assert build[build.index("--text-only") + 1] == text_only_recall[-1].out
-    logs = {Path(r.log).name for r in runs + recall}
+    logs = {Path(r.log).name for r in runs + recall + [font, latin1]}
     assert logs == {p.name for p in (RESEARCH / "logs").glob("training_log.*.jsonl")}  # the committed logs, no other
 
 
 def test_committed_checkpoint_has_the_sketch_settings_of_the_recipes_last_stage():
     runs = [load_script("train_demo").parse_args(c[2:]) for c in recipe() if c[1] == "research/train_demo.py"]
+    font = [load_script("font_distill").parse_args(c[2:]) for c in recipe() if c[1] == "research/font_distill.py"][-1]
     last = [r for r in runs if not r.text_only][-1]
     config = json.loads((DEMO / "config.json").read_text())
-    assert config["newline_glyph"] == last.newline_glyph
-    assert config["special_token_glyphs"] == {"<|endoftext|>": last.separator_glyph}
+    assert config["newline_glyph"] == font.newline_glyph
+    assert config["special_token_glyphs"] == {"<|endoftext|>": font.separator_glyph}
+    assert (config["font_path"], config["byte_aligned"]) == (Path(font.font_path).name, font.byte_aligned)
+    assert (DEMO / font.font_path).is_file() and (DEMO / "DejaVuSansMono-LICENSE.txt").is_file()  # with its licence
     assert config["read_back_positions"] == last.read_back_positions
 
 
@@ -787,17 +801,7 @@ def test_random_character_rows_without_a_wide_share_are_single_characters_over_a
 
 
 def test_latin1_read_back_rows_keep_c2_and_the_layout_and_draw_characters_beyond_ascii(evaluate_demo, demo_model):
-    import copy
-
-    from transformers import AutoTokenizer
-
-    from vist2 import VIST2Processor
-
-    model, _ = demo_model
-    config = copy.deepcopy(model.config)
-    config.font_path, config.newline_glyph = str(RESEARCH / "fonts" / "DejaVuSansMono.ttf"), "↵"
-    config.special_token_glyphs = {"<|endoftext|>": "■"}
-    processor = VIST2Processor.from_config(config, AutoTokenizer.from_pretrained(DEMO))
+    _, processor = demo_model  # its font draws Latin-1
     L = processor.chunk_size
     samples = evaluate_demo.heldout_samples(processor, None, processor.tokenizer, 8)
     rows = evaluate_demo.latin1_samples(processor, samples, L)
@@ -810,6 +814,16 @@ def test_latin1_read_back_rows_keep_c2_and_the_layout_and_draw_characters_beyond
 
 
 def test_latin1_read_back_rows_are_none_with_a_font_that_draws_ascii_only(evaluate_demo, demo_model):
-    _, processor = demo_model
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from vist2 import VIST2Processor
+
+    model, _ = demo_model
+    config = copy.deepcopy(model.config)
+    config.font_path, config.newline_glyph, config.byte_aligned = None, "«", False  # Pillow's built-in font
+    config.special_token_glyphs = {"<|endoftext|>": "©"}
+    processor = VIST2Processor.from_config(config, AutoTokenizer.from_pretrained(DEMO))
     samples = evaluate_demo.heldout_samples(processor, None, processor.tokenizer, 8)
     assert evaluate_demo.latin1_samples(processor, samples, processor.chunk_size) == []

@@ -233,3 +233,11 @@ def test_an_accelerator_prefills_the_qwen3_preset_in_one_pass_of_each_model_and_
     assert block >= entries and sketches >= 32768 // 256
     assert model.prefill_passes("auto", entries, "cpu")[0] < entries
     assert model.prefill_passes(None, entries, "cpu") == (entries, None)
+
+
+def test_geometry_counts_the_rows_and_cells_a_chunk_wraps_into():
+    from benchmarks import geometry
+
+    assert geometry.fits("a" * 64, 16, 128, 4, 8)  # 2 rows of 32 cells hold 64 characters, not 65
+    assert not geometry.fits("a" * 65, 16, 128, 4, 8)
+    assert geometry.cells_needed("ab\ncd", 32) == 64 and geometry.cells_needed("ab\ncd", 32, "«") == 32

@@ -96,6 +96,7 @@ def test_a_ratio_without_a_geometry_is_refused_with_a_fix_that_works():
         ({"newline_glyph": "<<"}, "newline_glyph", "one visible character"),
         ({"special_token_glyphs": {"<|endoftext|>": "EOT"}}, "special_token_glyphs", "one visible character"),
         ({"special_token_glyphs": ["©"]}, "special_token_glyphs", "map token strings"),
+        ({"byte_aligned": 1}, "byte_aligned", "byte-level tokenizer"),
         ({"special_token_glyphs": {"<|endoftext|>": "«"}, "newline_glyph": "«"}, "special_token_glyphs",
          "its own character"),
     ],

@@ -204,6 +204,7 @@ def test_from_backbones_refuses_a_sketch_too_small_for_the_tokenizer():
 def test_demo_checkpoint_keeps_its_own_geometry():
     saved = json.loads((REPO / "config.json").read_text())
     config = VIST2Config.from_pretrained(REPO)
+    saved["font_path"] = saved["font_path"] and str(REPO / saved["font_path"])  # found in the model's folder
     assert {key: getattr(config, key) for key in SKETCH_SETTING_KEYS} == {key: saved[key]
                                                                           for key in SKETCH_SETTING_KEYS}
     assert config.merge_size == saved["merge_size"]

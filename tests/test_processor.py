@@ -139,6 +139,17 @@ def test_processor_round_trips_through_save_and_load(processor, tmp_path):
     assert all(torch.equal(v, second[k]) if isinstance(v, torch.Tensor) else v == second[k] for k, v in first.items())
 
 
+def test_a_processor_saved_without_byte_aligned_draws_one_cell_per_character(processor, tmp_path):
+    import json
+
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    del saved["sketch_settings"]["byte_aligned"]
+    (tmp_path / "processor_config.json").write_text(json.dumps(saved))
+    assert VIST2Processor.from_pretrained(tmp_path).sketch_settings == processor.sketch_settings
+    assert processor.sketch_settings["byte_aligned"] is False
+
+
 def test_processor_settings_that_disagree_with_the_model_config_are_detected(processor, tokenizer):
     other = tiny_config(tokenizer, font_size=11)
     assert processor.settings_mismatch(other) == {"font_size": (12, 11)}

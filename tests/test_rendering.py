@@ -94,6 +94,17 @@ def test_newline_glyph_keeps_the_text_on_one_line_with_the_glyph_in_the_newlines
     assert np.array_equal(joined[:cell_h, 3 * cell_w : 5 * cell_w], broken[cell_h : 2 * cell_h, : 2 * cell_w])
 
 
+def test_byte_aligned_sketch_gives_a_character_one_cell_per_utf8_byte():
+    aligned = {**SETTINGS, "byte_aligned": True}  # "©" is two bytes: its glyph, then a blank cell
+    assert digest("©x", aligned) == digest("© x") != digest("©x")
+    assert digest("abc", aligned) == digest("abc")
+
+
+def test_byte_aligned_special_token_glyph_takes_one_cell_as_its_token_does():
+    glyphs = {"<|endoftext|>": "©"}
+    assert digest("©x", {**SETTINGS, "byte_aligned": True, "special_token_glyphs": glyphs}) == digest("©x")
+
+
 def test_a_newline_glyph_the_font_cannot_draw_is_reported():
     image, report = render_with_policy("a\nb", {**SETTINGS, "newline_glyph": "\u21b5"})
     assert image is None and report.undrawable == {"\u21b5"}
@@ -162,6 +173,11 @@ def read_sketch(image, settings, chars):
     rows lose their trailing blanks; a row that is not full ends with a newline, unless it is the last one."""
     from vist2.processing_vist2 import BYTE_MARKED, SHOWN_NEWLINE, SHOWN_SPACE, glyph_atlas
 
+    one_cell = {settings["newline_glyph"], *(settings["special_token_glyphs"] or {}).values(), *BYTE_MARKED}
+
+    def cells_taken(char):  # byte_aligned: a character's bytes; a glyph drawn for one token or byte takes one
+        return 1 if char in one_cell or not settings["byte_aligned"] else len(char.encode("utf-8"))
+
     atlas = glyph_atlas(settings["font_path"], settings["font_size"], settings["char_width"], settings["line_height"],
                         settings["foreground"], settings["background"])
     table = {}
@@ -171,27 +187,38 @@ def read_sketch(image, settings, chars):
     h, w, margin = settings["line_height"], settings["char_width"], settings["margin"]
     rows, columns = (settings["image_height"] - 2 * margin) // h, (settings["image_width"] - 2 * margin) // w
     cells = image[margin : margin + rows * h, margin : margin + columns * w].reshape(rows, h, columns, w)
-    lines = []
+    lines, continued = [], 0
     for row in range(rows):
         found = [table.get(cells[row, :, column].tobytes(), set()) for column in range(columns)]
         if any(len(chars) != 1 for chars in found):
             return None  # a cell no character draws, or one that two characters draw alike
-        lines.append("".join(next(iter(chars)) for chars in found).rstrip(" "))
+        line = ""
+        for (char,) in found:  # the cells after a wide character are blank, and stand for its other bytes ("\0")
+            if continued:
+                assert char == " ", "a wide character's other cells are blank"
+                char, continued = "\0", continued - 1
+            else:
+                continued = cells_taken(char) - 1
+            line += char
+        lines.append(line.rstrip(" "))
     while lines and not lines[-1]:
         lines.pop()
     text = "".join(line + "\n" * (i + 1 < len(lines) and len(line) < columns) for i, line in enumerate(lines))
     text = text.replace(SHOWN_SPACE, " ").replace(SHOWN_NEWLINE, "\n")  # a space that ends a line, a newline mark
+    text = text.replace("\0", "")
     return text.replace(settings["newline_glyph"], "\n") if settings["newline_glyph"] else text
 
 
-@pytest.fixture(scope="module", params=["page", "demo glyphs", "newline mark"])
+@pytest.fixture(scope="module", params=["page", "demo glyphs", "newline mark", "byte aligned"])
 def any_processor(request, tokenizer):
     from conftest import tiny_config
 
     from vist2 import VIST2Processor
 
     settings_ = {"page": {}, "demo glyphs": dict(newline_glyph="«", special_token_glyphs={"<|endoftext|>": "©"}),
-                 "newline mark": dict(newline_glyph="\n")}[request.param]
+                 "newline mark": dict(newline_glyph="\n"),
+                 "byte aligned": dict(newline_glyph="«", special_token_glyphs={"<|endoftext|>": "©"}, byte_aligned=True),
+                 }[request.param]
     config = tiny_config(tokenizer, **settings_)
     return VIST2Processor.from_config(config, tokenizer)
 
