@@ -306,9 +306,10 @@ python research/passkey_finetune.py --text-only --init "$BUILD/text-only-recall-
 #     character of n bytes keeps every later cell at its token). First the tower and aligner learn to give the new
 #     sketches of ASCII chunks the visual tokens the old tower gives the old ones (the LM untouched); then the whole
 #     model reads back rows of random characters in which 30 % of the places try a Latin-1 character (which wipes
-#     recall); then stage 20's last step, four times, with such rows, brings recall back; the control gets the same
+#     recall); then stage 20's last step, five times, with such rows, brings recall back; the control gets the same
 #     recall steps as text (research/README.md, "A font that draws Latin-1"). Wall times on 2 cores: 5 and 8 min, then
-#     25, 15, 53 and 28 min with 4, 5, 27 and 9 min for the control beside them.
+#     25, 15, 53, 28 and 38 min with 4, 5, 27, 9 and 12 min for the control beside them (the last VIST2 step beside
+#     the test suite, the last control beside a passkey evaluation).
 F="--font-path DejaVuSansMono.ttf --newline-glyph ↵ --separator-glyph ■ --byte-aligned"
 python research/font_distill.py --init "$BUILD/recall-focus" --out "$BUILD/font-bytes-distill" $F --steps 1000 \
     --lr 1e-3 --eval-every 250 --seed 33 --threads 1 --log "$LOGS/training_log.font-bytes-distill.jsonl"
@@ -351,19 +352,28 @@ python research/passkey_finetune.py --text-only --init "$BUILD/text-only-recall-
     --out "$BUILD/text-only-recall-latin1-4" --log "$LOGS/training_log.text-only-recall-latin1-4.jsonl" --steps 150 \
     --batch-size 8 --max-k 96 --seed 23 --lr 1.5e-4 --answer-across-chunks --closing-share 0.8 \
     --focus-k 1-2 --focus-share 0.4 $COMMON --eval-every 150
+python research/passkey_finetune.py --init "$BUILD/recall-latin1-4" --out "$BUILD/recall-latin1-5" \
+    --log "$LOGS/training_log.recall-latin1-5.jsonl" --steps 150 --batch-size 8 --max-k 96 --seed 24 \
+    --lr 1e-4 --answer-across-chunks --closing-share 0.8 --readback-rows 4 --chars-rows 8 --wide-share 0.3 \
+    --closing-readback-rows 4 --train-encoder --focus-k 1-2 --focus-share 0.4 $COMMON --eval-keys 32 \
+    --eval-every 150 --threads 2
+python research/passkey_finetune.py --text-only --init "$BUILD/text-only-recall-latin1-4" \
+    --out "$BUILD/text-only-recall-latin1-5" --log "$LOGS/training_log.text-only-recall-latin1-5.jsonl" --steps 150 \
+    --batch-size 8 --max-k 96 --seed 24 --lr 1e-4 --answer-across-chunks --closing-share 0.8 \
+    --focus-k 1-2 --focus-share 0.4 $COMMON --eval-every 150
 
 if [ "$OUT" = demo ]; then  # the checkpoint is the repository root: its files, not the code save_pretrained copies
-    for file in "$BUILD"/recall-latin1-4/*; do case "$file" in *.py|*.jsonl) ;; *) cp "$file" . ;; esac; done
-    rm -rf research/text-only-baseline && cp -r "$BUILD/text-only-recall-latin1-4" research/text-only-baseline
+    for file in "$BUILD"/recall-latin1-5/*; do case "$file" in *.py|*.jsonl) ;; *) cp "$file" . ;; esac; done
+    rm -rf research/text-only-baseline && cp -r "$BUILD/text-only-recall-latin1-5" research/text-only-baseline
     rm -f research/text-only-baseline/*.jsonl
     python research/evaluate_demo.py --model . --text-only research/text-only-baseline --window-chunks 64 \
         --threads 2 --json research/eval_results.json
     python examples/passkey.py --model . --text-only research/text-only-baseline --keys 100 --threads 2 \
         --json benchmarks/results/passkey-demo.json --markdown benchmarks/results/passkey-demo.md
 else
-    python research/evaluate_demo.py --model "$BUILD/recall-latin1-4" \
-        --text-only "$BUILD/text-only-recall-latin1-4" \
+    python research/evaluate_demo.py --model "$BUILD/recall-latin1-5" \
+        --text-only "$BUILD/text-only-recall-latin1-5" \
         --window-chunks 64 --threads 2 --json "$BUILD/eval_results.json"
-    python examples/passkey.py --model "$BUILD/recall-latin1-4" \
-        --text-only "$BUILD/text-only-recall-latin1-4" --keys 100 --threads 2 --json "$BUILD/passkey-demo.json"
+    python examples/passkey.py --model "$BUILD/recall-latin1-5" \
+        --text-only "$BUILD/text-only-recall-latin1-5" --keys 100 --threads 2 --json "$BUILD/passkey-demo.json"
 fi
