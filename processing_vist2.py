@@ -185,6 +185,12 @@ def wrap_into_lines(text: str, columns: int, newline_glyph: str | None = None, b
     return lines, hidden
 
 
+def sketch_lines(text: str, settings: dict, columns: int) -> tuple[list[str], bool]:
+    """`wrap_into_lines` under a sketch's settings (`VIST2Config.sketch_settings`): the layout of every sketch."""
+    return wrap_into_lines(text, columns, settings["newline_glyph"], settings["byte_aligned"],
+                           (settings["special_token_glyphs"] or {}).values())
+
+
 def render_chunk(text: str, settings: dict, font_size: int | None = None) -> tuple[np.ndarray, SketchReport]:
     """One chunk's sketch as a `(image_height, image_width)` uint8 grey array, and what could not be drawn.
     `settings`: `VIST2Config.sketch_settings`; a smaller `font_size` shrinks the cell too (the shrink policy)."""
@@ -194,8 +200,7 @@ def render_chunk(text: str, settings: dict, font_size: int | None = None) -> tup
     height, width, margin = settings["image_height"], settings["image_width"], settings["margin"]
     columns, rows = (width - 2 * margin) // cell_w, (height - 2 * margin) // cell_h
     atlas = glyph_atlas(settings["font_path"], font_size, cell_w, cell_h, settings["foreground"], settings["background"])
-    lines, hidden = wrap_into_lines(text, columns, settings["newline_glyph"], settings["byte_aligned"],
-                                    (settings["special_token_glyphs"] or {}).values())
+    lines, hidden = sketch_lines(text, settings, columns)
     report = SketchReport(font_size=font_size, hidden=hidden)
     index = {char: atlas.lookup(char) for char in set("".join(lines))}
     if len(lines) > rows:

@@ -12,9 +12,9 @@ corpus's, random characters over a corpus chunk's layout, and uniform random cha
 either side cannot draw is skipped. Characters only the new font draws have no teacher: a later step teaches them by
 read-back with the language model trained too (`passkey_finetune.py --chars-rows --wide-share`); `--latin1-rows` tries
 it here, read back through the language model, frozen (a loss on the tower alone) or trained too (`--train-lm`).
-`--byte-aligned` draws a character of n bytes
-in n cells (`VIST2Config.byte_aligned`). Logs the held-out distance, and teacher-forced read-back of held-out chunks,
-random characters (and Latin-1 rows) with the student's sketches (and with wrong ones, the control).
+`--byte-aligned` draws a character of n bytes in n cells (`VIST2Config.byte_aligned`). Logs the held-out distance, and
+teacher-forced read-back of held-out chunks, random characters (and Latin-1 rows) with the student's sketches (and with
+wrong ones, the control).
 """
 
 from __future__ import annotations
@@ -104,10 +104,12 @@ def main(argv=None):
         high = torch.tensor([i for token, i in old.tokenizer.get_vocab().items()
                              if len(token) == 1 and old.byte_of.get(token, 0) >= 0x80])
         keep = torch.zeros(embeddings.shape[0], 1).index_fill_(0, high, 1.0)
-        embeddings.requires_grad_(True).register_hook(lambda grad: grad * keep)  # every other row stays as it was (no weight decay either)
+        # every other row stays as it was (and gets no weight decay either)
+        embeddings.requires_grad_(True).register_hook(lambda grad: grad * keep)
     groups = [{"params": params}] + ([{"params": [embeddings], "weight_decay": 0.0}] if args.train_lm == "high-bytes"
                                      else [])
-    for p in [p for group in groups for p in group["params"]]:
+    trained = [p for group in groups for p in group["params"]]
+    for p in trained:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
@@ -171,7 +173,7 @@ def main(argv=None):
                 new, latin1_items(args.latin1_rows, rng))).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for group in groups for p in group["params"]], 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         if step % 25 == 0:
             print(f"step {step} mse {loss.item():.5f} {time.time() - start:.0f}s", flush=True)

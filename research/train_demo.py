@@ -74,7 +74,7 @@ if str(REPO) not in sys.path:
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config  # noqa: E402
 
 from vist2 import VIST2Config, VIST2ForCausalLM, VIST2Processor  # noqa: E402
-from vist2.processing_vist2 import CONTINUATION, wrap_into_lines  # noqa: E402
+from vist2.processing_vist2 import CONTINUATION, sketch_lines  # noqa: E402
 CHUNK = 32
 NUM_CLASSES = 96  # 0 = blank (a space), 1..94 = printable ASCII 33..126, 95 = any other drawn cell (glyph or byte mark)
 
@@ -149,8 +149,7 @@ def cell_targets(text: str, settings: dict) -> np.ndarray:
     columns = (settings["image_width"] - 2 * margin) // settings["char_width"]
     rows = (settings["image_height"] - 2 * margin) // settings["line_height"]
     grid = np.zeros((rows, columns), dtype=np.int64)
-    lines, _ = wrap_into_lines(text, columns, settings["newline_glyph"], settings["byte_aligned"],
-                               (settings["special_token_glyphs"] or {}).values())
+    lines, _ = sketch_lines(text, settings, columns)
     for r, line in enumerate(lines[:rows]):
         grid[r, : len(line)] = [0 if c == CONTINUATION else char_class(c) for c in line]
     return grid
