@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationMixin,
                           LogitsProcessor, LogitsProcessorList, PreTrainedModel)
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging as hf_logging
@@ -141,9 +142,11 @@ class VIST2Cache(DynamicCache):
     without padding), how many (`entries`), the open chunk's index, length and last L token ids (`open_chunk`,
     `open_length`, `recent`), `next_position`. Counts live on the host (no synchronisation), token ids on the device."""
 
-    def __init__(self, config=None, processor=None, prefill_chunk_size: int | str | None = "auto"):
+    def __init__(self, config=None, processor=None, prefill_chunk_size: int | str | None = "auto",
+                 cuda_graphs: bool | None = None):
         super().__init__(config=config)
         self.processor, self.prefill_chunk_size = processor, prefill_chunk_size  # see VIST2Model.prefill_passes
+        self.cuda_graphs, self.decode_graph = cuda_graphs, None  # see VIST2ForCausalLM.uses_decode_graph
         self.live = self.recent = self.next_position = self.open_chunk = None
         self.entries, self.open_length, self.prefix_length = [], [], []  # per row; prefix_length: the prompt's chunk 0
         self.reports = []  # how each chunk closed while writing was rendered (for generate's summary warning)
@@ -177,10 +180,24 @@ class VIST2Cache(DynamicCache):
             if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
                 continue
             index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+            if isinstance(layer, FixedLayer):
+                layer.keep(index)
+            else:
+                layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+
+    def reserve(self, entries: int, spare: int):
+        """Room for `entries` more in every layer, as `FixedLayer`s: a full buffer grows by `spare` more (so rarely), and
+        a captured step, which reads the old buffers, is dropped."""
+        length, capacity = self.get_seq_length(), self.layers[0].keys.shape[2]
+        if not isinstance(self.layers[0], FixedLayer) or length + entries > capacity:
+            capacity = -(-(length + entries + spare) // 64) * 64
+            for index, layer in enumerate(self.layers):  # one at a time: the peak is the cache and one layer's copy
+                self.layers[index] = FixedLayer(layer, capacity)
+            self.decode_graph = None
 
     def select_rows(self, rows: torch.Tensor):
         """Keep, repeat or reorder rows (beam search, `num_return_sequences`): every per-row state follows its row."""
+        self.decode_graph = None  # it reads the old rows' buffers
         if self.is_prefilled:
             rows = rows.to(self.recent.device)
             self.recent, self.open_chunk = self.recent[rows], self.open_chunk[rows]
@@ -201,6 +218,119 @@ class VIST2Cache(DynamicCache):
     def batch_select_indices(self, indices):
         super().batch_select_indices(indices)
         self.select_rows(indices)
+
+
+class FixedLayer(DynamicLayer):
+    """A cache layer in buffers of fixed capacity, written in place, so that a captured decode step (`DecodeGraph`) finds
+    them where it left them. It holds `length` entries; while `write_at` (an index on the device) is set, an update
+    writes there and returns the whole buffers, whose entries past `length` the step's mask rules out."""
+
+    def __init__(self, layer: DynamicLayer, capacity: int):
+        super().__init__()
+        self.length, self.write_at, self.is_initialized = layer.get_seq_length(), None, True
+        self.dtype, self.device = layer.keys.dtype, layer.keys.device
+        # Zeros, not garbage, in unused slots: a masked-out NaN value would still poison the attention's sum.
+        self.keys, self.values = (t.new_zeros(*t.shape[:2], capacity, t.shape[3]) for t in (layer.keys, layer.values))
+        self.keys[:, :, : self.length] = layer.keys[:, :, : self.length]
+        self.values[:, :, : self.length] = layer.values[:, :, : self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.write_at is not None:
+            self.keys.index_copy_(2, self.write_at, key_states)
+            self.values.index_copy_(2, self.write_at, value_states)
+            return self.keys, self.values
+        start, self.length = self.length, self.length + key_states.shape[2]
+        self.keys[:, :, start : self.length], self.values[:, :, start : self.length] = key_states, value_states
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def keep(self, index):
+        """Compaction in place: entry `index[..., j, :]` moves to slot j."""
+        self.keys[:, :, : index.shape[2]] = self.keys[:, :, : self.length].gather(2, index)
+        self.values[:, :, : index.shape[2]] = self.values[:, :, : self.length].gather(2, index)
+        self.length = index.shape[2]
+
+
+class DecodeGraph:
+    """The decode step that closes no chunk, in fixed shapes, captured once as a CUDA graph and replayed: one launch
+    instead of the decoder's hundreds, which bound a step at small batches on a GPU. The token, its position and where
+    it is written are copied into fixed buffers; `visible` (which buffer slots each row sees) is the step's mask. Off
+    a GPU the same step runs as it is (so that tests check what a GPU captures). It keeps no reference to the cache
+    that keeps it (a cycle would hold GPU memory until Python's collector ran)."""
+
+    def __init__(self, model, cache: VIST2Cache):
+        implementation = model.config.text_config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(f"a captured decode step needs a mask tensor, which attn_implementation={implementation!r} "
+                             "does not take. Fix: load the model with attn_implementation='sdpa', or cuda_graphs=False")
+        batch, capacity, device = cache.layers[0].keys.shape[0], cache.layers[0].keys.shape[2], cache.layers[0].device
+        self.model, self.graph, self.logits, self.stale = model, None, None, True
+        self.token, self.position = (torch.zeros(batch, 1, dtype=torch.long, device=device) for _ in range(2))
+        self.write_at = torch.zeros(1, dtype=torch.long, device=device)
+        self.visible = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+
+    def step(self, cache: VIST2Cache):
+        self.visible.index_fill_(1, self.write_at, True)
+        embeds = self.model.get_input_embeddings()(self.token)
+        mask = self.model.build_attention_mask(embeds, lambda batch, head, query, key: self.visible[batch, key],
+                                               kv_length=self.visible.shape[1])
+        for layer in cache.layers:
+            layer.write_at = self.write_at
+        try:
+            hidden = self.model.run_language_model(embeds, self.position, mask, cache)
+        finally:
+            for layer in cache.layers:
+                layer.write_at = None
+        return self.model.next_token_logits(hidden, 1)
+
+    def capture(self, cache: VIST2Cache):
+        """Warm up on a side stream, capture, and replay once against the warm-up's logits (the step is idempotent: it
+        writes the same entry again); a mismatch leaves the step uncaptured, with a warning."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                expected = self.step(cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        try:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # a streamer's thread may use the GPU
+                self.logits = self.step(cache)
+            self.graph.replay()
+            finite = expected.float().clamp(-1e4, 1e4)  # the ruled-out `<|sketch|>` logit is the dtype's minimum
+            error = (self.logits.float().clamp(-1e4, 1e4) - finite).abs().max().item()
+            problem = f"its logits differ from the step's own by {error:.3g}" if (
+                error > 1e-2 * finite.abs().max().item() + 1e-3) else None
+        except RuntimeError as failure:  # an operator that a graph cannot hold, in some release of transformers
+            problem = f"the capture failed ({failure})"
+        if problem:
+            hf_logging.get_logger(__name__).warning(f"VIST2: decoding without CUDA graphs: {problem}. "
+                                                    "generate(..., cuda_graphs=False) skips the capture.")
+            cache.cuda_graphs, self.graph = False, None
+        return expected
+
+    def __call__(self, token, cache: VIST2Cache):
+        length = cache.get_seq_length()
+        if self.stale:  # a step outside the graph changed which entries are held
+            self.visible[:, length:] = False
+            self.visible[:, :length] = True if cache.live is None else cache.live
+            self.stale = False
+        self.token.copy_(token)
+        self.position.copy_(cache.next_position)
+        self.write_at.fill_(length)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits.clone()
+        elif self.visible.is_cuda and not torch.is_grad_enabled():  # generate's steps: inference only
+            logits = self.capture(cache)
+        else:
+            logits = self.step(cache)
+        for layer in cache.layers:
+            layer.length += 1
+        cache.live = None if cache.live is None else self.visible[:, : length + 1]
+        return logits
 
 
 # -- Model -------------------------------------------------------------------------------------------------------------
@@ -402,15 +532,17 @@ class VIST2Model(VIST2PreTrainedModel):
         return embeds
 
     # -- the language model --------------------------------------------------------------------------------------------
-    def build_attention_mask(self, embeds, mask_function, cache=None):
+    def build_attention_mask(self, embeds, mask_function, cache=None, kv_length=None):
         """A mask function over flat indices as the attention implementation takes it (sdpa: boolean, eager: additive,
-        flex: a BlockMask that skips fully masked blocks), for the last `embeds.shape[1]` entries, after `cache`'s."""
+        flex: a BlockMask that skips fully masked blocks), for the last `embeds.shape[1]` entries, after `cache`'s (or
+        over `kv_length` keys: a `DecodeGraph`'s whole buffers)."""
         implementation = self.config.text_config._attn_implementation
         if implementation in ("sdpa", "eager"):
             # The rules are elementwise, so one broadcast call builds the whole (batch, 1, q, kv) mask; transformers'
             # generic path would vmap it pair by pair.
             batch, q_length = embeds.shape[:2]
-            kv_length = q_length + (cache.get_seq_length() if cache is not None else 0)
+            if kv_length is None:
+                kv_length = q_length + (cache.get_seq_length() if cache is not None else 0)
             rows = torch.arange(batch, device=embeds.device)[:, None, None, None]
             keys = torch.arange(kv_length, device=embeds.device)
             queries = keys[kv_length - q_length :][None, None, :, None]
@@ -521,10 +653,13 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         logits = self.next_token_logits(out.last_hidden_state, logits_to_keep)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
 
-    def generate(self, inputs=None, processor=None, prefill_chunk_size: int | str | None = "auto", **kwargs):
+    def generate(self, inputs=None, processor=None, prefill_chunk_size: int | str | None = "auto",
+                 cuda_graphs: bool | None = None, **kwargs):
         """`GenerationMixin.generate` with a compressing cache, on the processor's batch or plain token ids (laid out
         here); `processor` renders closed chunks (default: `own_processor()`). `prefill_chunk_size`: entries per prefill
-        pass, "auto" as many as memory allows (`prefill_passes`), `None` all in one; the logits are the same."""
+        pass, "auto" as many as memory allows (`prefill_passes`), `None` all in one; the logits are the same.
+        `cuda_graphs`: decode steps replayed as a CUDA graph, by default on a GPU without beam search
+        (`uses_decode_graph`)."""
         self.check_generation_mode(kwargs)
         generation_config = kwargs.get("generation_config")
         if getattr(generation_config, "prefill_chunk_size", None) is not None:
@@ -544,6 +679,10 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             cache = VIST2Cache(config=self.config.text_config, processor=processor, prefill_chunk_size=prefill_chunk_size)
         elif processor is not None:
             cache.processor = processor
+        beams = (kwargs.get("num_beams") or getattr(kwargs.get("generation_config") or self.generation_config,
+                                                    "num_beams", 1) or 1) > 1
+        if cuda_graphs is not None or beams:  # beam search reorders the rows every step: a graph would not last
+            cache.cuda_graphs = cuda_graphs if cuda_graphs is not None else False
         kwargs[CACHE_KWARG] = cache
         input_ids = kwargs.get("input_ids", inputs)
         placeholders = input_ids is not None and (input_ids == self.config.sketch_token_id).any()
@@ -698,23 +837,44 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                 "pixel_values": pixel_values, CACHE_KWARG: cache, "use_cache": True,
                 "logits_to_keep": kwargs.get("logits_to_keep") or 0}
 
+    def uses_decode_graph(self, cache: VIST2Cache) -> bool:
+        """`cache.cuda_graphs`: None (the default) captures the decode step on a GPU where the attention takes a mask
+        tensor (sdpa, eager) over full-attention layers; True runs the fixed-shape step anywhere (uncaptured off a GPU);
+        False never. generate makes it False for beam search, whose rows change every step."""
+        if cache.cuda_graphs is None:
+            plain = all(type(layer) in (DynamicLayer, FixedLayer) for layer in cache.layers)
+            masks = self.config.text_config._attn_implementation in ("sdpa", "eager")
+            cache.cuda_graphs = plain and masks and cache.recent.is_cuda
+        return cache.cuda_graphs
+
     def decode_step(self, input_ids, cache: VIST2Cache, logits_to_keep=0):
         """Feed one new token per row. Where no open chunk is full, the step is the backbone's own (no host-device
-        synchronisation, and without padding no mask); otherwise `close_chunks` runs in the same pass."""
-        token = input_ids[:, -1:]
-        if self.config.chunk_size in cache.open_length:
-            hidden = self.close_chunks(cache, token)
+        synchronisation, and without padding no mask), on a GPU captured once and replayed (`DecodeGraph`); otherwise
+        `close_chunks` runs in the same pass."""
+        token, graph = input_ids[:, -1:], self.uses_decode_graph(cache)
+        L, m = self.config.chunk_size, self.config.visual_tokens_per_chunk
+        if graph or isinstance(cache.layers[0], FixedLayer):  # room for the step: a closing one adds m + 1, then cuts L
+            cache.reserve(m + 1 if L in cache.open_length else 1, spare=L + 4 * m)
+        if L in cache.open_length:
+            logits = self.next_token_logits(self.close_chunks(cache, token), logits_to_keep or 1)
+            if cache.decode_graph is not None:
+                cache.decode_graph.stale = True
         else:
-            embeds, mask = self.get_input_embeddings()(token), None
-            if cache.live is not None:  # padding: the token sees the live entries (and itself)
-                live = cache.live = torch.cat([cache.live, torch.ones_like(token, dtype=torch.bool)], 1)
-                mask = self.build_attention_mask(embeds, lambda batch, head, query, key: live[batch, key], cache)
-            hidden = self.run_language_model(embeds, cache.next_position, mask, cache)
+            if graph:
+                cache.decode_graph = cache.decode_graph or DecodeGraph(self, cache)
+                logits = cache.decode_graph(token, cache)
+            else:
+                embeds, mask = self.get_input_embeddings()(token), None
+                if cache.live is not None:  # padding: the token sees the live entries (and itself)
+                    live = cache.live = torch.cat([cache.live, torch.ones_like(token, dtype=torch.bool)], 1)
+                    mask = self.build_attention_mask(embeds, lambda batch, head, query, key: live[batch, key], cache)
+                hidden = self.run_language_model(embeds, cache.next_position, mask, cache)
+                logits = self.next_token_logits(hidden, logits_to_keep or 1)
             cache.next_position = cache.next_position + 1
             cache.entries = [n + 1 for n in cache.entries]
             cache.open_length = [n + 1 for n in cache.open_length]
         cache.recent = torch.cat([cache.recent[:, 1:], token], 1)
-        return CausalLMOutputWithPast(logits=self.next_token_logits(hidden, logits_to_keep or 1), **{CACHE_KWARG: cache})
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
 
     def close_chunks(self, cache: VIST2Cache, token):
         """Some rows' open chunks hold L tokens: one tower pass over their sketches, one language-model pass over the

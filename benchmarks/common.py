@@ -198,7 +198,8 @@ class ForceTokens:
 
 
 def kv_cache_bytes(cache) -> int:
-    """Bytes of every key and value tensor the cache holds (all layers)."""
+    """Bytes of the keys and values the cache holds (all layers). A layer of fixed capacity (VIST2's `FixedLayer`, for
+    CUDA graphs) counts the entries it holds, not its spare slots: those are in the peak memory, measured apart."""
     total = 0
     layers = getattr(cache, "layers", None)
     if layers is None:  # legacy tuple-of-tuples cache
@@ -207,13 +208,17 @@ def kv_cache_bytes(cache) -> int:
         for name in ("keys", "values"):
             tensor = getattr(layer, name, None)
             if isinstance(tensor, torch.Tensor):
+                if tensor.dim() == 4 and hasattr(layer, "get_seq_length"):
+                    tensor = tensor[:, :, : layer.get_seq_length()]
                 total += tensor.numel() * tensor.element_size()
     return total
 
 
 def kv_cache_entries(cache) -> int:
-    """Sequence entries per row in the first layer (rows are left-aligned and equal in a batch of one)."""
+    """Sequence entries per row the first layer holds (rows are left-aligned and equal in a batch of one)."""
     layers = getattr(cache, "layers", None)
+    if layers is not None and hasattr(layers[0], "get_seq_length"):
+        return int(layers[0].get_seq_length())
     keys = layers[0].keys if layers is not None else cache[0][0]
     return int(keys.shape[-2])
 

@@ -11,7 +11,11 @@ counts (28 decoder layers, 12 vision layers) at tiny widths and counts, with a `
   (inputs built beforehand: the processor's work is host work), its passes sized as on an accelerator for the
   full-width preset (`prefill_passes`), which is what a GPU runs;
 - a decode step that closes no chunk, and one that closes a chunk: differences of resumed `generate` calls (one
-  generate call's own fixed work cancels out).
+  generate call's own fixed work cancels out);
+- VIST2's decode step that closes no chunk as a GPU runs it, replayed as a CUDA graph (`cuda_graphs`, the default
+  there): the operators dispatched around the replay (`DecodeGraph.__call__`, generate's loop), plus the one graph
+  launch. A CPU cannot capture, so the fixed-shape step runs as it is and its own operators (which the graph holds)
+  are counted apart and subtracted.
 
 Attention kernels are counted but not computed (their output is left uninitialised), so 32k contexts run on a laptop;
 their values never decide the control flow here (the continuation is forced).
@@ -109,14 +113,14 @@ def build(ratio: int):
     return model, VIST2Processor.from_config(config, tokenizer), tokenizer
 
 
-def forced_generation(model, processor, ids, context, is_vist2, cache_kwarg):
+def forced_generation(model, processor, ids, context, is_vist2, cache_kwarg, **generate_kwargs):
     """`generate(n)`: `generate` writing the benchmark text's next `n` tokens, the first call from the prompt
     `ids[:context]` (its inputs built here, outside what is measured), each later call resumed from the last one's
     sequences and cache, so that VIST2 and the backbone feed the very same tokens."""
     from transformers import LogitsProcessorList
 
     lm = model if is_vist2 else model.language_model
-    extra = {"processor": processor} if is_vist2 else {}
+    extra = {"processor": processor, **generate_kwargs} if is_vist2 else {}
     prompt = ids[:context]
     state = {"fed": context, "out": None,  # tokens fed so far, including the one generate is about to feed
              "prompt": common.vist2_inputs(processor, prompt) if is_vist2 else common.baseline_inputs(prompt)}
@@ -149,6 +153,32 @@ def measure(model, processor, tokenizer, ids, context, is_vist2, cache_kwarg) ->
     return {"context": context, "model": "vist2" if is_vist2 else "baseline", "prefill_first_token": prefill,
             "decode_step": plain, "decode_step_closing": closing_call - overhead, "generate_call_overhead": overhead,
             "top_ops_prefill": dict(names.most_common(12)), "generated_ok": out.sequences.shape[1] > 0}
+
+
+def captured_decode_step(model, processor, ids, context, cache_kwarg) -> dict:
+    """Host launches of VIST2's decode step that closes no chunk, replayed as a CUDA graph: what `generate` dispatches
+    for the step outside `DecodeGraph.step` (counted around it), plus one for the graph's launch."""
+    from vist2.modeling_vist2 import DecodeGraph
+
+    generate = forced_generation(model, processor, ids, context, True, cache_kwarg, cuda_graphs=True)
+    generate(1)
+    generate(1)  # the step that closes the prompt's full last chunk
+    step, inside = DecodeGraph.step, []
+
+    def counted_step(graph, cache):
+        with OpCounter() as counter:  # nested: the outer count sees these operators too
+            logits = step(graph, cache)
+        inside.append(counter.total)
+        return logits
+
+    DecodeGraph.step = counted_step
+    try:
+        one, _, _ = count_ops(lambda: generate(1))
+        two, _, _ = count_ops(lambda: generate(2))
+    finally:
+        DecodeGraph.step = step
+    per_step, in_graph = two - one, inside[-1]
+    return {"decode_step_captured": per_step - in_graph + 1, "fixed_shape_step": in_graph}
 
 
 def count_python_calls(fn) -> tuple[int, object]:
@@ -203,6 +233,8 @@ def main(argv=None):
     for context in args.contexts:
         for is_vist2 in (False, True):
             row = measure(model, processor, tokenizer, ids, context, is_vist2, CACHE_KWARG)
+            if is_vist2:
+                row.update(captured_decode_step(model, processor, ids, context, CACHE_KWARG))
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top_ops_prefill"}), flush=True)
     host = {"baseline": [], "vist2": []}
@@ -225,8 +257,9 @@ def write(rows, host, args):
              f"{results['date']}; torch {results['machine']['torch']}, transformers "
              f"{results['machine']['transformers']}. The `qwen3-0.6b` preset's layer counts (28 decoder, 12 vision "
              "layers) at tiny widths; counts do not depend on widths or on the machine.", "",
-             "| context | model | prefill + first token | decode step, no chunk closes | decode step closing a chunk |",
-             "|---|---|---|---|---|"]
+             "| context | model | prefill + first token | decode step, no chunk closes | decode step closing a chunk | "
+             "decode step, no chunk closes, as a CUDA graph (host launches) |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
         base = next(r for r in rows if r["context"] == row["context"] and r["model"] == "baseline")
 
@@ -234,8 +267,10 @@ def write(rows, host, args):
             ratio = "" if row is base else f" ({row[key] / base[key]:.2f}x)"
             return f"{row[key]}{ratio}"
 
+        captured = f"{row['decode_step_captured']} (the graph holds {row['fixed_shape_step']})" \
+            if "decode_step_captured" in row else "- (not captured)"
         lines.append(f"| {row['context']} | {row['model']} | {cell('prefill_first_token')} | {cell('decode_step')} | "
-                     f"{cell('decode_step_closing')} |")
+                     f"{cell('decode_step_closing')} | {captured} |")
     calls = {model: min(run["python_calls"] for run in host[model]) for model in host}
     runs = {model: [round(run["ms"], 2) for run in host[model]] for model in host}
     base, vist2, base_ms, vist2_ms = calls["baseline"], calls["vist2"], min(runs["baseline"]), min(runs["vist2"])

@@ -98,7 +98,8 @@ def run_case(case: dict) -> dict:
     params = sum(p.numel() for p in model.parameters())
 
     def sync():
-        if device.type == "cuda":
+        # Not while a decode step is being captured as a CUDA graph (a synchronisation would end the capture).
+        if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             torch.cuda.synchronize()
 
     def make_inputs(prompt):
@@ -121,6 +122,7 @@ def run_case(case: dict) -> dict:
                       logits_processor=LogitsProcessorList([common.ForceTokens(forced, inputs["input_ids"].shape[1])]))
         if is_vist2:
             kwargs["processor"] = processor
+            kwargs["cuda_graphs"] = {"auto": None, "on": True, "off": False}[case.get("cuda_graphs", "auto")]
         with torch.inference_mode():
             return model.generate(**inputs, **kwargs)
 
@@ -161,6 +163,8 @@ def run_case(case: dict) -> dict:
         else:
             phases.wrap(modeling, "create_causal_mask", "mask")
         phases.wrap(VIST2Cache, "compact", "compact")
+        if hasattr(modeling, "DecodeGraph"):  # a replayed step runs no Python inside: the language model's time
+            phases.wrap(modeling.DecodeGraph, "__call__", "lm")
 
     gc.collect()
     rss_loaded = common.rss_bytes()
@@ -240,6 +244,7 @@ def run_case(case: dict) -> dict:
                 "kv_entries": common.kv_cache_entries(cache),
                 "chunks_kept_as_text": {"prompt": kept["prefill"], "decode": kept["decode"]},
                 "chunks_rendered": dict(rendered),
+                "cuda_graphs": decode_graph_state(cache),
             }
         last, last_entries = out, entries + sizes.values
         del out, cache, inputs, first
@@ -317,6 +322,15 @@ def run_case(case: dict) -> dict:
     return result
 
 
+def decode_graph_state(cache) -> str:
+    """How VIST2's decode steps that closed no chunk ran: "captured" (a CUDA graph), "uncaptured" (the fixed-shape step
+    as it is: `cuda_graphs=True` off a GPU), "no" (the dynamic step)."""
+    graph = getattr(cache, "decode_graph", None)
+    if not getattr(cache, "cuda_graphs", False) or graph is None:
+        return "no"
+    return "captured" if graph.graph is not None else "uncaptured"
+
+
 def profile_run(run, sync) -> dict:
     """`run()` under torch.profiler: wall time, and on a GPU the kernels it ran, how long they kept the GPU busy, how
     many launch calls the host made (the launch-bound share is wall minus busy) and the GPU peak above the start."""
@@ -376,7 +390,8 @@ def run_all(args, path: Path) -> dict:
                 case = dict(preset=args.preset, context=context, new_tokens=args.new_tokens, ratio=ratio,
                             variant=variant, repeats=args.repeats, flops=not args.no_flops, threads=args.threads,
                             device=args.device, dtype=args.dtype, chunk_size=args.chunk_size,
-                            read_group=args.read_group, clock=args.clock, profile=args.profile, data=str(data))
+                            read_group=args.read_group, clock=args.clock, profile=args.profile, data=str(data),
+                            cuda_graphs=args.cuda_graphs)
                 case_file, out_file = Path(tmp, "case.json"), Path(tmp, "out.json")
                 case_file.write_text(json.dumps(case))
                 load_before = os.getloadavg()
@@ -642,12 +657,14 @@ def write_markdown(results, path: Path):
                                  f"{_fmt(peak and peak / MiB, '.0f')} |")
         lines.append("")
     lines += ["## Sanity", "", "| context | model | prompt layout tokens | KV entries | pixel_values MiB | "
-              "generated == forced | chunks rendered (prefill / decode) | wall s |", "|---|---|---|---|---|---|---|---|"]
+              "generated == forced | chunks rendered (prefill / decode) | decode as a CUDA graph | wall s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for context, model, case, _, _ in rows:
         rendered = case["chunks_rendered"]
+        graphs = case.get("cuda_graphs", "-") if model != "baseline" else "-"
         lines.append(f"| {context} | {model} | {case['prompt_layout_tokens']} | {case['kv_entries']} | "
                      f"{case['pixel_values_bytes'] / MiB:.1f} | {case['generated_matches_forced']} | "
-                     f"{rendered['prefill']} / {rendered['decode']} | {case.get('wall_s', 0):.0f} |")
+                     f"{rendered['prefill']} / {rendered['decode']} | {graphs} | {case.get('wall_s', 0):.0f} |")
     errors = [c for c in r["cases"] if "error" in c]
     if errors:
         lines += ["", "## Failed cases", ""]
@@ -743,6 +760,9 @@ def main(argv=None):
                         help="trim: peak RSS is live memory (slower allocations); default: the usual glibc allocator")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one prefill + first token (kernels, GPU busy time, launch calls)")
+    parser.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                        help="VIST2's decode steps as a CUDA graph: auto (generate's default: on a GPU), on (on a CPU: "
+                             "the fixed-shape step, uncaptured), off")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: the preset's")
     parser.add_argument("--name", default=None, help="results/<name>.{json,md,png} (default: the preset)")

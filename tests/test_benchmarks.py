@@ -40,6 +40,15 @@ def test_kv_cache_bytes_counts_every_key_and_value():
     assert common.kv_cache_entries(cache) == 5
 
 
+def test_a_fixed_capacity_cache_counts_the_entries_it_holds_not_its_spare_slots():
+    from vist2.modeling_vist2 import FixedLayer
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8), 0)
+    cache.layers[0] = FixedLayer(cache.layers[0], capacity=64)
+    assert common.kv_cache_entries(cache) == 5 and common.kv_cache_bytes(cache) == 2 * 2 * 5 * 8 * 4
+
+
 def test_kv_bytes_match_entries_for_both_models(model, processor, ids):
     cfg = model.config.text_config
     per_entry = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
