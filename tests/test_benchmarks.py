@@ -250,3 +250,12 @@ def test_geometry_counts_the_rows_and_cells_a_chunk_wraps_into():
     assert geometry.fits("a" * 64, 16, 128, 4, 8)  # 2 rows of 32 cells hold 64 characters, not 65
     assert not geometry.fits("a" * 65, 16, 128, 4, 8)
     assert geometry.cells_needed("ab\ncd", 32) == 64 and geometry.cells_needed("ab\ncd", 32, "«") == 32
+
+
+def test_the_decode_graph_check_compares_both_steps_over_chunk_closes(model, processor, ids):
+    from benchmarks.decode_graph_check import generate_both_ways
+
+    L = model.config.chunk_size
+    result = generate_both_ways(model, processor, ids, context=4 * L, new_tokens=3 * L)
+    assert result["chunk_closes"] == 3 and result["graph"] == "uncaptured"  # a CPU runs the fixed-shape step as is
+    assert result["relative_difference"] < 1e-5 and result["top_token_agreement"] == 1.0
