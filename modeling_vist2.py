@@ -266,7 +266,7 @@ class DecodeGraph:
             raise ValueError(f"a captured decode step needs a mask tensor, which attn_implementation={implementation!r} "
                              "does not take. Fix: load the model with attn_implementation='sdpa', or cuda_graphs=False")
         batch, capacity, device = cache.layers[0].keys.shape[0], cache.layers[0].keys.shape[2], cache.layers[0].device
-        self.model, self.graph, self.logits, self.stale = model, None, None, True
+        self.model, self.graph, self.logits, self.stale, self.steps = model, None, None, True, 0
         self.token, self.position = (torch.zeros(batch, 1, dtype=torch.long, device=device) for _ in range(2))
         self.write_at = torch.zeros(1, dtype=torch.long, device=device)
         self.visible = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
@@ -323,10 +323,11 @@ class DecodeGraph:
         if self.graph is not None:
             self.graph.replay()
             logits = self.logits.clone()
-        elif self.visible.is_cuda and not torch.is_grad_enabled():  # generate's steps: inference only
-            logits = self.capture(cache)
+        elif self.visible.is_cuda and not torch.is_grad_enabled() and self.steps:  # inference, and not a first token
+            logits = self.capture(cache)  # (after `read`, generate's first token comes from a decode step)
         else:
             logits = self.step(cache)
+        self.steps += 1
         for layer in cache.layers:
             layer.length += 1
         cache.live = None if cache.live is None else self.visible[:, : length + 1]
