@@ -186,14 +186,19 @@ class VIST2Cache(DynamicCache):
                 layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
 
     def reserve(self, entries: int, spare: int):
-        """Room for `entries` more in every layer, as `FixedLayer`s: a full buffer grows by `spare` more (so rarely), and
-        a captured step, which reads the old buffers, is dropped."""
-        length, capacity = self.get_seq_length(), self.layers[0].keys.shape[2]
-        if not isinstance(self.layers[0], FixedLayer) or length + entries > capacity:
-            capacity = -(-(length + entries + spare) // 64) * 64
+        """Room for `entries` more in every layer, as `FixedLayer`s: a full buffer grows by `spare` and an eighth more
+        (so rarely), and a captured step, which reads the old buffers, is dropped. Buffers made under
+        `torch.inference_mode` are made again outside it (they could not be written there)."""
+        length, keys = self.get_seq_length(), self.layers[0].keys
+        frozen = keys.is_inference() and not torch.is_inference_mode_enabled()
+        if not isinstance(self.layers[0], FixedLayer) or length + entries > keys.shape[2] or frozen:
+            capacity = -(-(length + entries + spare + length // 8) // 64) * 64
             for index, layer in enumerate(self.layers):  # one at a time: the peak is the cache and one layer's copy
                 self.layers[index] = FixedLayer(layer, capacity)
             self.decode_graph = None
+
+    def __getstate__(self):  # a copy (copy.deepcopy to reuse a prompt) captures its own step, on its own buffers
+        return {**self.__dict__, "decode_graph": None}
 
     def select_rows(self, rows: torch.Tensor):
         """Keep, repeat or reorder rows (beam search, `num_return_sequences`): every per-row state follows its row."""
@@ -266,7 +271,7 @@ class DecodeGraph:
             raise ValueError(f"a captured decode step needs a mask tensor, which attn_implementation={implementation!r} "
                              "does not take. Fix: load the model with attn_implementation='sdpa', or cuda_graphs=False")
         batch, capacity, device = cache.layers[0].keys.shape[0], cache.layers[0].keys.shape[2], cache.layers[0].device
-        self.model, self.graph, self.logits, self.stale, self.steps = model, None, None, True, 0
+        self.model, self.graph, self.logits, self.stale, self.steps, self.captured_at = model, None, None, True, 0, 0
         self.token, self.position = (torch.zeros(batch, 1, dtype=torch.long, device=device) for _ in range(2))
         self.write_at = torch.zeros(1, dtype=torch.long, device=device)
         self.visible = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
@@ -287,29 +292,37 @@ class DecodeGraph:
 
     def capture(self, cache: VIST2Cache):
         """Warm up on a side stream, capture, and replay once against the warm-up's logits (the step is idempotent: it
-        writes the same entry again); a mismatch leaves the step uncaptured, with a warning."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                expected = self.step(cache)
-        torch.cuda.current_stream().wait_stream(stream)
-        try:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # a streamer's thread may use the GPU
-                self.logits = self.step(cache)
-            self.graph.replay()
-            finite = expected.float().clamp(-1e4, 1e4)  # the ruled-out `<|sketch|>` logit is the dtype's minimum
-            error = (self.logits.float().clamp(-1e4, 1e4) - finite).abs().max().item()
-            problem = f"its logits differ from the step's own by {error:.3g}" if (
-                error > 1e-2 * finite.abs().max().item() + 1e-3) else None
-        except RuntimeError as failure:  # an operator that a graph cannot hold, in some release of transformers
-            problem = f"the capture failed ({failure})"
-        if problem:
-            hf_logging.get_logger(__name__).warning(f"VIST2: decoding without CUDA graphs: {problem}. "
-                                                    "generate(..., cuda_graphs=False) skips the capture.")
-            cache.cuda_graphs, self.graph = False, None
+        writes the same entry again). Everything on the buffers' device: a graph captured on another is empty."""
+        device = self.visible.device
+        with torch.cuda.device(device):
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    expected = self.step(cache)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            expected.record_stream(torch.cuda.current_stream(device))
+            try:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+                    self.logits = self.step(cache)  # (thread_local: a streamer's thread may use the GPU meanwhile)
+                self.graph.replay()
+                self.check(self.logits, expected, cache, "at its capture")
+            except RuntimeError as failure:  # an operator that a graph cannot hold, in some release of transformers
+                self.give_up(cache, f"the capture failed ({failure})")
         return expected
+
+    def check(self, logits, expected, cache: VIST2Cache, when: str):
+        """The replayed logits against the step's own (the ruled-out `<|sketch|>` logit, the dtype's minimum, aside)."""
+        finite = expected.float().clamp(-1e4, 1e4)
+        error = (logits.float().clamp(-1e4, 1e4) - finite).abs().max().item()
+        if error > 1e-2 * finite.abs().max().item() + 1e-3:
+            self.give_up(cache, f"{when}, its logits differ from the step's own by {error:.3g}")
+
+    def give_up(self, cache: VIST2Cache, problem: str):
+        hf_logging.get_logger(__name__).warning(f"VIST2: decoding without CUDA graphs: {problem}. "
+                                                "generate(..., cuda_graphs=False) skips the capture.")
+        cache.cuda_graphs, self.graph = False, None
 
     def __call__(self, token, cache: VIST2Cache):
         length = cache.get_seq_length()
@@ -320,11 +333,17 @@ class DecodeGraph:
         self.token.copy_(token)
         self.position.copy_(cache.next_position)
         self.write_at.fill_(length)
+        capturable = self.visible.is_cuda and not torch.is_autocast_enabled("cuda")  # autocast's weight casts are freed
         if self.graph is not None:
-            self.graph.replay()
-            logits = self.logits.clone()
-        elif self.visible.is_cuda and not torch.is_grad_enabled() and self.steps:  # inference, and not a first token
-            logits = self.capture(cache)  # (after `read`, generate's first token comes from a decode step)
+            with torch.cuda.device(self.visible.device):
+                self.graph.replay()
+                logits = self.logits.clone()
+            if self.steps == self.captured_at + 1:  # once, at another length than the capture's: the step's own again
+                expected = self.step(cache)
+                self.check(logits, expected, cache, "one step after its capture")
+                logits = expected
+        elif capturable and cache.cuda_graphs and self.steps:  # not a first token: after `read` that is a decode step
+            logits, self.captured_at = self.capture(cache), self.steps
         else:
             logits = self.step(cache)
         self.steps += 1
@@ -840,13 +859,16 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
 
     def uses_decode_graph(self, cache: VIST2Cache) -> bool:
         """`cache.cuda_graphs`: None (the default) captures the decode step on a GPU where the attention takes a mask
-        tensor (sdpa, eager) over full-attention layers; True runs the fixed-shape step anywhere (uncaptured off a GPU);
-        False never. generate makes it False for beam search, whose rows change every step."""
+        tensor (sdpa, eager) over full-attention layers and the model sits whole on it (not spread or offloaded by
+        accelerate); True runs the fixed-shape step anywhere (uncaptured off a GPU); False never. generate makes it
+        False for beam search, whose rows change every step. Never with gradients: its writes are in place."""
         if cache.cuda_graphs is None:
             plain = all(type(layer) in (DynamicLayer, FixedLayer) for layer in cache.layers)
             masks = self.config.text_config._attn_implementation in ("sdpa", "eager")
-            cache.cuda_graphs = plain and masks and cache.recent.is_cuda
-        return cache.cuda_graphs
+            placed = set(map(str, getattr(self, "hf_device_map", {}).values()))
+            whole = len(placed) <= 1 and not placed & {"cpu", "disk", "meta"}
+            cache.cuda_graphs = plain and masks and whole and cache.recent.is_cuda
+        return cache.cuda_graphs and not torch.is_grad_enabled()
 
     def decode_step(self, input_ids, cache: VIST2Cache, logits_to_keep=0):
         """Feed one new token per row. Where no open chunk is full, the step is the backbone's own (no host-device

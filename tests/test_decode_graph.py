@@ -113,3 +113,41 @@ def test_the_captured_step_never_waits_for_the_device_and_keeps_its_buffers_in_p
             token = model(input_ids=token, **{CACHE_KWARG: cache}).logits[:, -1].argmax(-1, keepdim=True)
     assert cache.decode_graph is graph
     assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == buffers
+
+
+def test_a_decode_step_with_gradients_keeps_the_dynamic_cache_and_backpropagates(model, processor):
+    inputs = processor(text=SAMPLE_TEXT[:100])
+    first = model(**inputs, use_cache=True, logits_to_keep=1)
+    cache = first[CACHE_KWARG]
+    cache.cuda_graphs = True  # as on a GPU; its in-place writes would break backward
+    step = model(input_ids=first.logits[:, -1].argmax(-1, keepdim=True), **{CACHE_KWARG: cache})
+    assert not any(isinstance(layer, FixedLayer) for layer in cache.layers) and cache.decode_graph is None
+    (first.logits.sum() + step.logits.sum()).backward()
+
+
+def test_a_cache_made_under_inference_mode_decodes_on_outside_it(model, processor, ascii_only):
+    kwargs = dict(processor=processor, do_sample=False, suppress_tokens=ascii_only, return_dict_in_generate=True,
+                  output_logits=True)
+    outs = []
+    for graphs in (False, True):
+        with torch.inference_mode():
+            first = model.generate(**processor(text=SAMPLE_TEXT[:100]), cuda_graphs=graphs, max_new_tokens=20,
+                                   **kwargs)
+        sequences = first.sequences
+        outs.append(model.generate(input_ids=sequences, attention_mask=torch.ones_like(sequences),
+                                   **{CACHE_KWARG: first[CACHE_KWARG]}, max_new_tokens=30, **kwargs))
+    assert_same(*outs)
+
+
+def test_a_copied_cache_captures_its_own_step_and_continues_like_the_original(model, processor, ascii_only):
+    import copy
+
+    kwargs = dict(processor=processor, cuda_graphs=True, do_sample=False, suppress_tokens=ascii_only,
+                  return_dict_in_generate=True, output_logits=True)
+    first = model.generate(**processor(text=SAMPLE_TEXT[:100]), max_new_tokens=10, **kwargs)
+    assert first[CACHE_KWARG].decode_graph is not None
+    copied = copy.deepcopy(first[CACHE_KWARG])
+    assert copied.decode_graph is None  # it would hold the model and the original's buffers
+    resumed = dict(input_ids=first.sequences, attention_mask=torch.ones_like(first.sequences), max_new_tokens=30)
+    assert_same(model.generate(**resumed, **{CACHE_KWARG: first[CACHE_KWARG]}, **kwargs),
+                model.generate(**resumed, **{CACHE_KWARG: copied}, **kwargs))
