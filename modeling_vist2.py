@@ -140,14 +140,15 @@ class VIST2Cache(DynamicCache):
     """A `DynamicCache` that knows where each row's open chunk is, so a closed chunk's text can be cut out of it.
     Generation appends to the layout `P V_1 ... V_{i-1} c_i`, rows left-padded. Per row: which entries are `live` (None
     without padding), how many (`entries`), the open chunk's index, length and last L token ids (`open_chunk`,
-    `open_length`, `recent`), `next_position`. Counts live on the host (no synchronisation), token ids on the device."""
+    `open_length`, `recent`), `next_position`, and after `read` the logits of the prompt's last token (`next_logits`).
+    Counts live on the host (no synchronisation), token ids on the device."""
 
     def __init__(self, config=None, processor=None, prefill_chunk_size: int | str | None = "auto",
                  cuda_graphs: bool | None = None):
         super().__init__(config=config)
         self.processor, self.prefill_chunk_size = processor, prefill_chunk_size  # see VIST2Model.prefill_passes
         self.cuda_graphs, self.decode_graph = cuda_graphs, None  # see VIST2ForCausalLM.uses_decode_graph
-        self.live = self.recent = self.next_position = self.open_chunk = None
+        self.live = self.recent = self.next_position = self.open_chunk = self.next_logits = None
         self.entries, self.open_length, self.prefix_length = [], [], []  # per row; prefix_length: the prompt's chunk 0
         self.reports = []  # how each chunk closed while writing was rendered (for generate's summary warning)
 
@@ -207,6 +208,7 @@ class VIST2Cache(DynamicCache):
             rows = rows.to(self.recent.device)
             self.recent, self.open_chunk = self.recent[rows], self.open_chunk[rows]
             self.next_position = self.next_position[rows]
+            self.next_logits = None if self.next_logits is None else self.next_logits[rows]
             self.live = None if self.live is None else self.live[rows]
             listed = rows.tolist()
             self.entries, self.open_length, self.prefix_length = (
@@ -761,13 +763,13 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             if len(group) >= size:
                 self.extend_cache(cache, processor, group)
                 group, size = [], group_size()
-        # The open chunk but its last token (generate feeds that one) goes in the last group's pass: one pass fewer.
-        group += [(open_index, open_ids[:-1], None)] if len(open_ids) > 1 else []
-        if group:
-            self.extend_cache(cache, processor, group)
+        # The open chunk goes in the last group's pass, whose last logits are generate's first step (`next_logits`):
+        # generate feeds the prompt's last token, which this pass has run already.
+        cache.next_logits = self.next_token_logits(self.extend_cache(cache, processor, group + [(open_index, open_ids,
+                                                                                                None)]), 1)
         cache.open_chunk = torch.tensor([open_index], device=device)
-        cache.open_length = [len(open_ids) - 1]
-        cache.recent = F.pad(torch.tensor([open_ids[:-1]], dtype=torch.long, device=device), (L - len(open_ids) + 1, 0))
+        cache.open_length = [len(open_ids)]
+        cache.recent = F.pad(torch.tensor([open_ids], dtype=torch.long, device=device), (L - len(open_ids), 0))
         chunks.close()
         kept, undrawable = processor.kept_as_text(reports, stacklevel=3)  # 3: the caller, above torch.no_grad's wrapper
         return {"input_ids": torch.tensor([[open_ids[-1]]], device=device), "cache": cache,
@@ -874,6 +876,9 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         """Feed one new token per row. Where no open chunk is full, the step is the backbone's own (no host-device
         synchronisation, and without padding no mask), on a GPU captured once and replayed (`DecodeGraph`); otherwise
         `close_chunks` runs in the same pass."""
+        if cache.next_logits is not None:  # the token was run already (by `read`): these are its logits
+            logits, cache.next_logits = cache.next_logits, None
+            return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
         token, graph = input_ids[:, -1:], self.uses_decode_graph(cache)
         L, m = self.config.chunk_size, self.config.visual_tokens_per_chunk
         if graph or isinstance(cache.layers[0], FixedLayer):  # room for the step: a closing one adds m + 1, then cuts L
@@ -967,8 +972,9 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         positions = layout_position_ids(kinds, chunk_ids, memory_flags(kinds, chunk_ids)) + cache.next_position
         _, sketches_per_pass = self.prefill_passes(cache.prefill_chunk_size, keys, input_ids.device)
         embeds = self.embed(input_ids, kinds, pixel_values, sketches_per_pass)
-        self.run_after_cache(cache, embeds, kinds, chunk_ids, positions)
+        hidden = self.run_after_cache(cache, embeds, kinds, chunk_ids, positions)
         cache.entries = [cache.entries[0] + length]
+        return hidden
 
     # -- transformers plumbing ----------------------------------------------------------------------------------------
     def get_output_embeddings(self):

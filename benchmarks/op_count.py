@@ -12,6 +12,8 @@ counts (28 decoder layers, 12 vision layers) at tiny widths and counts, with a `
   full-width preset (`prefill_passes`), which is what a GPU runs;
 - a decode step that closes no chunk, and one that closes a chunk: differences of resumed `generate` calls (one
   generate call's own fixed work cancels out);
+- VIST2's `model.read` of the same prompt (its token ids) + first token (`generate(**read, max_new_tokens=1)`), its
+  groups sized as on an accelerator;
 - VIST2's decode step that closes no chunk as a GPU runs it, replayed as a CUDA graph (`cuda_graphs`, the default
   there): the operators dispatched around the replay (`DecodeGraph.__call__`, generate's loop), plus the one graph
   launch. A CPU cannot capture, so the fixed-shape step runs as it is and its own operators (which the graph holds)
@@ -181,6 +183,16 @@ def captured_decode_step(model, processor, ids, context, cache_kwarg) -> dict:
     return {"decode_step_captured": per_step - in_graph + 1, "fixed_shape_step": in_graph}
 
 
+def read_first_token(model, processor, ids, context) -> dict:
+    """Operators of `model.read(processor, ids[:context])` and generate's first token from it."""
+    def run():
+        with torch.inference_mode():
+            inputs = model.read(processor, ids[:context])
+            return model.generate(**inputs, processor=processor, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    total, _, _ = count_ops(run)
+    return {"read_first_token": total}
+
+
 def count_python_calls(fn) -> tuple[int, object]:
     """(Python function calls, as cProfile counts them, fn's result) of running `fn()`: deterministic host work."""
     profiler = cProfile.Profile()
@@ -235,6 +247,7 @@ def main(argv=None):
             row = measure(model, processor, tokenizer, ids, context, is_vist2, CACHE_KWARG)
             if is_vist2:
                 row.update(captured_decode_step(model, processor, ids, context, CACHE_KWARG))
+                row.update(read_first_token(model, processor, ids, context))
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top_ops_prefill"}), flush=True)
     host = {"baseline": [], "vist2": []}
@@ -257,9 +270,9 @@ def write(rows, host, args):
              f"{results['date']}; torch {results['machine']['torch']}, transformers "
              f"{results['machine']['transformers']}. The `qwen3-0.6b` preset's layer counts (28 decoder, 12 vision "
              "layers) at tiny widths; counts do not depend on widths or on the machine.", "",
-             "| context | model | prefill + first token | decode step, no chunk closes | decode step closing a chunk | "
-             "decode step, no chunk closes, as a CUDA graph (host launches) |",
-             "|---|---|---|---|---|---|"]
+             "| context | model | prefill + first token | `read` + first token | decode step, no chunk closes | "
+             "decode step closing a chunk | decode step, no chunk closes, as a CUDA graph (host launches) |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         base = next(r for r in rows if r["context"] == row["context"] and r["model"] == "baseline")
 
@@ -269,8 +282,10 @@ def write(rows, host, args):
 
         captured = f"{row['decode_step_captured']} (the graph holds {row['fixed_shape_step']})" \
             if "decode_step_captured" in row else "- (not captured)"
-        lines.append(f"| {row['context']} | {row['model']} | {cell('prefill_first_token')} | {cell('decode_step')} | "
-                     f"{cell('decode_step_closing')} | {captured} |")
+        read = f"{row['read_first_token']} ({row['read_first_token'] / base['prefill_first_token']:.2f}x)" \
+            if "read_first_token" in row else "-"
+        lines.append(f"| {row['context']} | {row['model']} | {cell('prefill_first_token')} | {read} | "
+                     f"{cell('decode_step')} | {cell('decode_step_closing')} | {captured} |")
     calls = {model: min(run["python_calls"] for run in host[model]) for model in host}
     runs = {model: [round(run["ms"], 2) for run in host[model]] for model in host}
     base, vist2, base_ms, vist2_ms = calls["baseline"], calls["vist2"], min(runs["baseline"]), min(runs["vist2"])

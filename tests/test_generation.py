@@ -276,6 +276,31 @@ def test_reading_a_text_in_a_stream_equals_processing_it_at_once(model, processo
         torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("chars", [134, 135])  # the open chunk is full (the first new token closes it); one token
+def test_reading_a_text_whose_open_chunk_is_full_or_one_token_equals_processing_it_at_once(model, processor, ascii_only,
+                                                                                          chars):
+    inputs, whole = generate(model, processor, SAMPLE_TEXT[:chars], max_new_tokens=20, suppress_tokens=ascii_only)
+    streamed = model.generate(**model.read(processor, SAMPLE_TEXT[:chars]), processor=processor, max_new_tokens=20,
+                              do_sample=False, return_dict_in_generate=True, output_logits=True,
+                              suppress_tokens=ascii_only)
+    assert streamed.sequences[0, 1:].tolist() == whole.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    for a, b in zip(streamed.logits, whole.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("chars", [100, 134, 135])  # the open chunk holds 8 tokens; 16 (full); 1
+def test_a_read_texts_first_token_costs_no_language_model_pass(model, processor, monkeypatch, chars):
+    """`read`'s last pass runs the prompt's last token too, and keeps its logits for generate's first step."""
+    inputs = model.read(processor, SAMPLE_TEXT[:chars])
+    assert inputs["cache"].next_logits is not None
+    passes = []
+    run_language_model = model.run_language_model
+    monkeypatch.setattr(model, "run_language_model", lambda *args, **kwargs: passes.append(1) or
+                        run_language_model(*args, **kwargs))
+    model.generate(**inputs, processor=processor, max_new_tokens=1, do_sample=False)
+    assert passes == [] and inputs["cache"].next_logits is None
+
+
 def test_a_conversation_with_special_tokens_drawn_as_glyphs_equals_the_training_forward(model, tokenizer, ascii_only):
     from conftest import tiny_config
     from vist2 import VIST2ForCausalLM, VIST2Processor
