@@ -607,8 +607,9 @@ class VIST2Model(VIST2PreTrainedModel):
                              "call the processor without keep_closed_text=True (and the model without read_back).")
         length = kinds.shape[1]
         block, sketches_per_pass = self.prefill_passes(cache.prefill_chunk_size, length, input_ids.device)
-        embeds = self.embed(input_ids, kinds, pixel_values, sketches_per_pass)
+        # begin() reads counts back to the host: before the tower's kernels are queued, not after (it would wait for them)
         cache.begin(input_ids, kinds, chunk_ids, positions[:, -1:] + 1, self.config.chunk_size)
+        embeds = self.embed(input_ids, kinds, pixel_values, sketches_per_pass)
         mask_function = generation_mask_function(sketch_reach(kinds, chunk_ids), cache.live)
         hidden, start = [], 0
         for end in prefill_block_ends(kinds, chunk_ids, block) if block < length else [length]:

@@ -458,6 +458,29 @@ def test_a_decode_step_that_closes_no_chunk_never_waits_for_the_device(model, pr
     assert not read_backs, read_backs
 
 
+def test_a_prefill_reads_nothing_back_from_the_device_once_the_vision_tower_is_queued(model, processor, monkeypatch):
+    """On a GPU the host queues the tower's and then the language model's kernels while the device runs them; a
+    read-back after the first of them would make the host wait for every kernel queued so far (one pass each, as a
+    GPU's prefill runs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Trace(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            events.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    events, encode_sketches, tolist = [], model.encode_sketches, torch.Tensor.tolist
+    monkeypatch.setattr(model, "encode_sketches", lambda pixels: events.append("tower") or encode_sketches(pixels))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: events.append("tolist") or tolist(self))  # not an operator
+    inputs = processor(text=[SAMPLE_TEXT[:400], SAMPLE_TEXT[:90]])  # sketches, padding
+    cache = VIST2Cache(config=model.config.text_config, processor=processor, prefill_chunk_size=None)
+    with Trace(), torch.no_grad():
+        model(**inputs, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
+    queued = events[events.index("tower"):]
+    read_backs = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "tolist"} & set(queued)
+    assert not read_backs, read_backs
+
+
 def test_a_decode_step_dispatches_about_the_operators_of_the_backbones_step(model, processor):
     """Dispatched operators are kernel launches on a GPU, where a model this size is launch-bound."""
     from benchmarks.op_count import count_ops
