@@ -344,7 +344,7 @@ class DecodeGraph:
                 expected = self.step(cache)
                 self.check(logits, expected, cache, "one step after its capture")
                 logits = expected
-        elif capturable and cache.cuda_graphs and self.steps:  # not a first token: after `read` that is a decode step
+        elif capturable:
             logits, self.captured_at = self.capture(cache), self.steps
         else:
             logits = self.step(cache)
