@@ -138,11 +138,9 @@ def main(argv=None):
     print(f"\n--- continuation, from the last {args.write_context} closed chunks ---\n"
           f"{processor.decode(new, skip_special_tokens=True)}")
 
-    # 7. What reading the whole text cost in KV cache.
-    # read() streams the text into the cache; one generated token feeds it the text's last token too.
+    # 7. What reading the whole text cost in KV cache (read() streams it into the cache, a group of chunks at a time).
     state = model.read(processor, text)
-    model.generate(**state, processor=processor, max_new_tokens=1, do_sample=False)
-    total, cache = len(stream) + 1, state["cache"]
+    total, cache = len(stream), state["cache"]
     vist2, text_only = cache_bytes(cache), text_only_cache_bytes(model, total)
     print(f"\n--- KV cache after reading {total} tokens ---\nVIST2: {cache.get_seq_length()} entries, "
           f"{vist2 / 1024:.0f} KiB; text-only backbone: {total} entries, {text_only / 1024:.0f} KiB "
