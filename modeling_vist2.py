@@ -310,7 +310,7 @@ class DecodeGraph:
                     self.logits = self.step(cache)  # (thread_local: a streamer's thread may use the GPU meanwhile)
                 self.graph.replay()
                 self.check(self.logits, expected, cache, "at its capture")
-            except RuntimeError as failure:  # an operator that a graph cannot hold, in some release of transformers
+            except Exception as failure:  # noqa: BLE001 - the warm-up ran the same step: what fails is the capture
                 self.give_up(cache, f"the capture failed ({failure})")
         return expected
 
