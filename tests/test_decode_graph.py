@@ -151,3 +151,20 @@ def test_a_copied_cache_captures_its_own_step_and_continues_like_the_original(mo
     resumed = dict(input_ids=first.sequences, attention_mask=torch.ones_like(first.sequences), max_new_tokens=30)
     assert_same(model.generate(**resumed, **{CACHE_KWARG: first[CACHE_KWARG]}, **kwargs),
                 model.generate(**resumed, **{CACHE_KWARG: copied}, **kwargs))
+
+
+def test_a_replay_that_disagrees_with_the_step_warns_and_decoding_goes_on_exactly_without_it(model, processor,
+                                                                                           ascii_only, caplog):
+    kwargs = dict(processor=processor, do_sample=False, suppress_tokens=ascii_only, return_dict_in_generate=True,
+                  output_logits=True)
+    outs = []
+    for graphs in (False, True):
+        first = model.generate(**processor(text=SAMPLE_TEXT[:100]), cuda_graphs=graphs, max_new_tokens=10, **kwargs)
+        cache = first[CACHE_KWARG]
+        if graphs:  # as when a GPU's replay gives other logits than the step run as it is
+            logits = torch.zeros(1, 1, model.config.text_config.vocab_size)
+            cache.decode_graph.check(logits + 1, logits, cache, "in this test")
+            assert cache.cuda_graphs is False and "decoding without CUDA graphs" in caplog.text
+        resumed = dict(input_ids=first.sequences, attention_mask=torch.ones_like(first.sequences))
+        outs.append(model.generate(**resumed, **{CACHE_KWARG: cache}, max_new_tokens=40, **kwargs))
+    assert_same(*outs)
