@@ -766,8 +766,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                 group, size = [], group_size()
         # The open chunk goes in the last group's pass, whose last logits are generate's first step (`next_logits`):
         # generate feeds the prompt's last token, which this pass has run already.
-        cache.next_logits = self.next_token_logits(self.extend_cache(cache, processor, group + [(open_index, open_ids,
-                                                                                                None)]), 1)
+        hidden = self.extend_cache(cache, processor, group + [(open_index, open_ids, None)])
+        cache.next_logits = self.next_token_logits(hidden, 1)
         cache.open_chunk = torch.tensor([open_index], device=device)
         cache.open_length = [len(open_ids)]
         cache.recent = F.pad(torch.tensor([open_ids], dtype=torch.long, device=device), (L - len(open_ids), 0))
