@@ -110,7 +110,7 @@ def main(argv=None):
              f"{result['date']}; {', '.join(machine['gpu']) or 'no GPU'}; torch {machine['torch']}, transformers "
              f"{machine['transformers']}. Prompt {args.context} tokens, {args.new_tokens} forced tokens "
              f"({result['chunk_closes']} chunk closes). The step with `cuda_graphs=True`: {result['graph']}.", "",
-             "| | dynamic step | graph | ratio |", "|---|---|---|---|",
+             "| | `cuda_graphs=False` (dynamic step) | `cuda_graphs=True` | ratio |", "|---|---|---|---|",
              f"| decode tokens/s | {result['decode_tok_s']['dynamic']:.1f} | {result['decode_tok_s']['graph']:.1f} | "
              f"{result['speedup']:.2f}x |", "",
              f"Largest logit difference at any step: {result['max_logit_difference']:.3g} (logits up to "
