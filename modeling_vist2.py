@@ -27,6 +27,7 @@ from .processing_vist2 import VIST2Processor
 PAD, TEXT, SKETCH = 0, 1, 2  # token kinds
 REPORT_KEYS = ("chunks_kept_as_text", "undrawable_characters")  # what a processor call reports, not a model input
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+MASK_TENSOR_ATTENTION = ("sdpa", "eager")  # attention implementations that take the mask as a tensor
 
 
 # -- Layout: token kinds, memory, positions and the attention rule -- pure functions of the layout tensors -------------
@@ -269,11 +270,11 @@ class DecodeGraph:
 
     def __init__(self, model, cache: VIST2Cache):
         implementation = model.config.text_config._attn_implementation
-        if implementation not in ("sdpa", "eager"):
+        if implementation not in MASK_TENSOR_ATTENTION:
             raise ValueError(f"a captured decode step needs a mask tensor, which attn_implementation={implementation!r} "
                              "does not take. Fix: load the model with attn_implementation='sdpa', or cuda_graphs=False")
         batch, capacity, device = cache.layers[0].keys.shape[0], cache.layers[0].keys.shape[2], cache.layers[0].device
-        self.model, self.graph, self.logits, self.stale, self.steps, self.captured_at = model, None, None, True, 0, 0
+        self.model, self.graph, self.logits, self.stale, self.checked = model, None, None, True, False
         self.token, self.position = (torch.zeros(batch, 1, dtype=torch.long, device=device) for _ in range(2))
         self.write_at = torch.zeros(1, dtype=torch.long, device=device)
         self.visible = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
@@ -340,15 +341,14 @@ class DecodeGraph:
             with torch.cuda.device(self.visible.device):
                 self.graph.replay()
                 logits = self.logits.clone()
-            if self.steps == self.captured_at + 1:  # once, at another length than the capture's: the step's own again
-                expected = self.step(cache)
+            if not self.checked:  # once, at another length than the capture's: the step's own again
+                expected, self.checked = self.step(cache), True
                 self.check(logits, expected, cache, "one step after its capture")
                 logits = expected
         elif capturable:
-            logits, self.captured_at = self.capture(cache), self.steps
+            logits = self.capture(cache)
         else:
             logits = self.step(cache)
-        self.steps += 1
         for layer in cache.layers:
             layer.length += 1
         cache.live = None if cache.live is None else self.visible[:, : length + 1]
@@ -559,7 +559,7 @@ class VIST2Model(VIST2PreTrainedModel):
         flex: a BlockMask that skips fully masked blocks), for the last `embeds.shape[1]` entries, after `cache`'s (or
         over `kv_length` keys: a `DecodeGraph`'s whole buffers)."""
         implementation = self.config.text_config._attn_implementation
-        if implementation in ("sdpa", "eager"):
+        if implementation in MASK_TENSOR_ATTENTION:
             # The rules are elementwise, so one broadcast call builds the whole (batch, 1, q, kv) mask; transformers'
             # generic path would vmap it pair by pair.
             batch, q_length = embeds.shape[:2]
@@ -867,7 +867,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         False for beam search, whose rows change every step. Never with gradients: its writes are in place."""
         if cache.cuda_graphs is None:
             plain = all(type(layer) in (DynamicLayer, FixedLayer) for layer in cache.layers)
-            masks = self.config.text_config._attn_implementation in ("sdpa", "eager")
+            masks = self.config.text_config._attn_implementation in MASK_TENSOR_ATTENTION
             placed = set(map(str, getattr(self, "hf_device_map", {}).values()))
             whole = len(placed) <= 1 and not placed & {"cpu", "disk", "meta"}
             cache.cuda_graphs = plain and masks and whole and cache.recent.is_cuda

@@ -214,6 +214,15 @@ def kv_cache_bytes(cache) -> int:
     return total
 
 
+def decode_graph_state(cache) -> str:
+    """How VIST2's decode steps that closed no chunk ran: "captured" (a CUDA graph), "uncaptured" (the fixed-shape step
+    as it is: `cuda_graphs=True` off a GPU), "no" (the dynamic step)."""
+    graph = getattr(cache, "decode_graph", None)
+    if not getattr(cache, "cuda_graphs", False) or graph is None:
+        return "no"
+    return "captured" if graph.graph is not None else "uncaptured"
+
+
 def kv_cache_entries(cache) -> int:
     """Sequence entries per row the first layer holds (rows are left-aligned and equal in a batch of one)."""
     layers = getattr(cache, "layers", None)

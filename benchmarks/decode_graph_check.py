@@ -57,11 +57,7 @@ def generate_both_ways(model, processor, ids, context: int, new_tokens: int) -> 
             out = model.generate(**resumed, max_new_tokens=n - 1, min_new_tokens=n - 1, output_logits=True,
                                  logits_processor=LogitsProcessorList([force]), **kwargs)
             sync()
-        cache = out[CACHE_KWARG]
-        graph = getattr(cache, "decode_graph", None)
-        state = "no" if not cache.cuda_graphs or graph is None else "captured" if graph.graph is not None \
-            else "uncaptured"
-        return out, (n - 1) / (time.perf_counter() - start), state
+        return out, (n - 1) / (time.perf_counter() - start), common.decode_graph_state(out[CACHE_KWARG])
 
     runs = {}
     for graphs in (False, True):

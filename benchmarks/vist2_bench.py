@@ -244,7 +244,7 @@ def run_case(case: dict) -> dict:
                 "kv_entries": common.kv_cache_entries(cache),
                 "chunks_kept_as_text": {"prompt": kept["prefill"], "decode": kept["decode"]},
                 "chunks_rendered": dict(rendered),
-                "cuda_graphs": decode_graph_state(cache),
+                "cuda_graphs": common.decode_graph_state(cache),
             }
         last, last_entries = out, entries + sizes.values
         del out, cache, inputs, first
@@ -320,15 +320,6 @@ def run_case(case: dict) -> dict:
             "seconds": time.perf_counter() - started,
         }
     return result
-
-
-def decode_graph_state(cache) -> str:
-    """How VIST2's decode steps that closed no chunk ran: "captured" (a CUDA graph), "uncaptured" (the fixed-shape step
-    as it is: `cuda_graphs=True` off a GPU), "no" (the dynamic step)."""
-    graph = getattr(cache, "decode_graph", None)
-    if not getattr(cache, "cuda_graphs", False) or graph is None:
-        return "no"
-    return "captured" if graph.graph is not None else "uncaptured"
 
 
 def profile_run(run, sync) -> dict:
