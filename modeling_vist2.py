@@ -519,13 +519,11 @@ class VIST2Model(VIST2PreTrainedModel):
         if cfg.vision_config.model_type == "siglip2_vision_model":
             p, n = cfg.patch_size, pixel_values.shape[0]
             patches = pixel_values.reshape(n, cfg.num_channels, h, p, w, p).permute(0, 2, 4, 3, 5, 1)
-            spatial_shapes = torch.full((n, 2), h, device=pixel_values.device)  # filled on the device: no host copy
-            spatial_shapes[:, 1] = w
-            outputs = self.vision_tower(
-                pixel_values=patches.reshape(n, h * w, p * p * cfg.num_channels),
-                pixel_attention_mask=torch.ones(n, h * w, dtype=torch.long, device=pixel_values.device),
-                spatial_shapes=spatial_shapes,
-            )
+            # Every sketch has one grid: its position embeddings are resized once, from host ints (one row of
+            # spatial_shapes, broadcast over the sketches), and no patch is padding (no mask). Per-sketch shapes on
+            # the device would be read back, sketch by sketch in some transformers releases.
+            outputs = self.vision_tower(pixel_values=patches.reshape(n, h * w, p * p * cfg.num_channels),
+                                        pixel_attention_mask=None, spatial_shapes=torch.tensor([[h, w]]))
         else:
             native = getattr(cfg.vision_config, "image_size", None)
             resized = native not in (None, cfg.image_height) or cfg.image_height != cfg.image_width

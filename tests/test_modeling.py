@@ -125,6 +125,50 @@ def test_siglip2_vision_tower_works(tokenizer, processor):
     assert torch.isfinite(model(**batch).loss)
 
 
+SIGLIP2_TOWER = {"model_type": "siglip2_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                 "num_hidden_layers": 1, "num_attention_heads": 2, "patch_size": 16, "num_patches": 9,
+                 "num_channels": 3, "vision_use_head": False}  # a 3x3 position grid, resized to the 4x4 of a sketch
+
+
+def test_a_siglip2_tower_gives_the_visual_tokens_of_its_documented_call(tokenizer, processor):
+    """`encode_sketches` passes one row of spatial shapes and no patch mask (every sketch has one grid, no patch is
+    padding): what the tower gives must equal its documented call, per-sketch shapes and an all-ones mask."""
+    torch.manual_seed(0)
+    model = VIST2ForCausalLM(tiny_config(tokenizer, vision_config=SIGLIP2_TOWER)).eval()
+    pixels = processor(text=SAMPLE_TEXT[:200])["pixel_values"]
+    n, (h, w), p = pixels.shape[0], model.aligner.grid, model.config.patch_size
+    grey = ((pixels.float() / 255 - model.config.image_mean) / model.config.image_std)[:, None].expand(-1, 3, -1, -1)
+    patches = grey.reshape(n, 3, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(n, h * w, p * p * 3)
+    with torch.no_grad():
+        documented = model.vision_tower(pixel_values=patches, pixel_attention_mask=torch.ones(n, h * w, dtype=torch.long),
+                                        spatial_shapes=torch.tensor([[h, w]] * n)).last_hidden_state
+        assert n > 1 and torch.allclose(model.encode_sketches(pixels), model.aligner(documented), atol=1e-6)
+
+
+@pytest.mark.parametrize("vision", [None, SIGLIP2_TOWER], ids=["siglip", "siglip2"])
+def test_a_tower_pass_dispatches_as_many_operators_for_many_sketches_as_for_one(tokenizer, processor, vision):
+    """Dispatched operators are kernel launches on a GPU: a prompt's sketches cost one pass, whatever their number."""
+    from benchmarks.op_count import count_ops
+
+    model = VIST2ForCausalLM(tiny_config(tokenizer, **({"vision_config": vision} if vision else {}))).eval()
+    many = processor(text=SAMPLE_TEXT[:400])["pixel_values"]
+    one = many[:1]
+    with torch.no_grad():
+        assert many.shape[0] > 4 and count_ops(lambda: model.encode_sketches(many))[0] == count_ops(
+            lambda: model.encode_sketches(one))[0]
+
+
+@pytest.mark.parametrize("vision", [None, SIGLIP2_TOWER], ids=["siglip", "siglip2"])
+def test_a_tower_pass_reads_nothing_back_from_the_device(tokenizer, processor, vision):
+    """A read-back stalls the host until the device has run every kernel queued so far. On the `meta` device a tensor
+    has no values, so reading one back raises; what the host builds from its own ints may still be read."""
+    model = VIST2ForCausalLM(tiny_config(tokenizer, **({"vision_config": vision} if vision else {}))).eval()
+    pixels = processor(text=SAMPLE_TEXT[:400])["pixel_values"]
+    with torch.no_grad():
+        visual = model.to("meta").encode_sketches(pixels.to("meta"))
+    assert visual.shape == (pixels.shape[0], model.config.visual_tokens_per_chunk, model.config.text_config.hidden_size)
+
+
 @pytest.fixture(scope="module")
 def backbone_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("backbones")
