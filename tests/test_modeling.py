@@ -115,19 +115,15 @@ def test_other_causal_lm_families_work_as_backbone(tokenizer, text_model_type):
     assert out.shape[1] > 20
 
 
-def test_siglip2_vision_tower_works(tokenizer, processor):
-    vision = {"model_type": "siglip2_vision_model", "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 1, "num_attention_heads": 2, "patch_size": 16, "num_patches": 16,
-              "num_channels": 3, "vision_use_head": False}
-    config = tiny_config(tokenizer, vision_config=vision)
-    model = VIST2ForCausalLM(config).eval()
-    batch = processor(text=SAMPLE_TEXT[:200], keep_closed_text=True, return_labels=True)
-    assert torch.isfinite(model(**batch).loss)
-
-
 SIGLIP2_TOWER = {"model_type": "siglip2_vision_model", "hidden_size": 32, "intermediate_size": 64,
                  "num_hidden_layers": 1, "num_attention_heads": 2, "patch_size": 16, "num_patches": 9,
                  "num_channels": 3, "vision_use_head": False}  # a 3x3 position grid, resized to the 4x4 of a sketch
+
+
+def test_siglip2_vision_tower_works(tokenizer, processor):
+    model = VIST2ForCausalLM(tiny_config(tokenizer, vision_config=SIGLIP2_TOWER)).eval()
+    batch = processor(text=SAMPLE_TEXT[:200], keep_closed_text=True, return_labels=True)
+    assert torch.isfinite(model(**batch).loss)
 
 
 def test_a_siglip2_tower_gives_the_visual_tokens_of_its_documented_call(tokenizer, processor):
@@ -145,12 +141,17 @@ def test_a_siglip2_tower_gives_the_visual_tokens_of_its_documented_call(tokenize
         assert n > 1 and torch.allclose(model.encode_sketches(pixels), model.aligner(documented), atol=1e-6)
 
 
-@pytest.mark.parametrize("vision", [None, SIGLIP2_TOWER], ids=["siglip", "siglip2"])
-def test_a_tower_pass_dispatches_as_many_operators_for_many_sketches_as_for_one(tokenizer, processor, vision):
+@pytest.fixture(params=[None, SIGLIP2_TOWER], ids=["siglip", "siglip2"])
+def model_with_each_tower(request, tokenizer):
+    """A model with each vision tower VIST2 supports."""
+    return VIST2ForCausalLM(tiny_config(tokenizer, **({"vision_config": request.param} if request.param else {}))).eval()
+
+
+def test_a_tower_pass_dispatches_as_many_operators_for_many_sketches_as_for_one(model_with_each_tower, processor):
     """Dispatched operators are kernel launches on a GPU: a prompt's sketches cost one pass, whatever their number."""
     from benchmarks.op_count import count_ops
 
-    model = VIST2ForCausalLM(tiny_config(tokenizer, **({"vision_config": vision} if vision else {}))).eval()
+    model = model_with_each_tower
     many = processor(text=SAMPLE_TEXT[:400])["pixel_values"]
     one = many[:1]
     with torch.no_grad():
@@ -158,11 +159,10 @@ def test_a_tower_pass_dispatches_as_many_operators_for_many_sketches_as_for_one(
             lambda: model.encode_sketches(one))[0]
 
 
-@pytest.mark.parametrize("vision", [None, SIGLIP2_TOWER], ids=["siglip", "siglip2"])
-def test_a_tower_pass_reads_nothing_back_from_the_device(tokenizer, processor, vision):
+def test_a_tower_pass_reads_nothing_back_from_the_device(model_with_each_tower, processor):
     """A read-back stalls the host until the device has run every kernel queued so far. On the `meta` device a tensor
     has no values, so reading one back raises; what the host builds from its own ints may still be read."""
-    model = VIST2ForCausalLM(tiny_config(tokenizer, **({"vision_config": vision} if vision else {}))).eval()
+    model = model_with_each_tower
     pixels = processor(text=SAMPLE_TEXT[:400])["pixel_values"]
     with torch.no_grad():
         visual = model.to("meta").encode_sketches(pixels.to("meta"))
