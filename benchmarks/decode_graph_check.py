@@ -2,13 +2,14 @@
 
     python benchmarks/decode_graph_check.py --device cuda --name decode-graph-h200
 
-Builds a preset's model (default `qwen3-0.6b`: random weights, bf16) and, after a `context`-token prompt of the
-benchmark text, generates its continuation (forced, as in vist2_bench.py, so both runs feed the same tokens) twice in
-the same process: `cuda_graphs=False` (the dynamic step) and `cuda_graphs=True` (on a GPU captured once and replayed; on
-a CPU the same fixed-shape step, uncaptured). The continuation crosses chunk closes (the prompt's last chunk is full,
-so the first step closes it, and every L-th after). Reports, per run: decode tokens/s (a warm-up generation first),
-whether the step was captured; and between the runs: the largest logit difference at any step against the logits'
-scale, and how often the two agree on the top token (the forced continuation is the same either way). Writes `benchmarks/results/<name>.{json,md}`.
+Builds a preset's model (default `qwen3-0.6b`: random weights, bf16; `--dtype` to change it) and, after a
+`context`-token prompt of the benchmark text, generates its continuation (forced, as in vist2_bench.py, so both runs
+feed the same tokens) twice in the same process: `cuda_graphs=False` (the dynamic step) and `cuda_graphs=True` (on a GPU
+captured once and replayed; on a CPU the same fixed-shape step, uncaptured). The continuation crosses chunk closes (the
+prompt's last chunk is full, so the first step closes it, and every L-th after). Reports, per run: decode tokens/s (a
+warm-up generation first), whether the step was captured; and between the runs: the largest logit difference at any step
+against the logits' scale, and how often the two agree on the top token (the forced continuation is the same either
+way). Writes `benchmarks/results/<name>.{json,md}`.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--context", type=int, default=4096, help="a multiple of the chunk size")
     parser.add_argument("--new-tokens", type=int, default=300)
+    parser.add_argument("--dtype", default=None, help="the weights' dtype (default: the preset's)")
     parser.add_argument("--name", default="decode-graph-check")
     args = parser.parse_args(argv)
 
@@ -91,7 +93,7 @@ def main(argv=None):
     config = common.build_config(args.preset, 4, tokenizer)
     torch.manual_seed(0)
     with torch.device(args.device):
-        model = VIST2ForCausalLM(config).to(getattr(torch, common.PRESETS[args.preset]["dtype"])).eval()
+        model = VIST2ForCausalLM(config).to(getattr(torch, args.dtype or common.PRESETS[args.preset]["dtype"])).eval()
     processor = VIST2Processor.from_config(config, tokenizer)
     ids, _ = common.benchmark_token_ids(tokenizer, args.context + args.new_tokens)
     result = generate_both_ways(model, processor, ids, args.context, args.new_tokens)
@@ -104,7 +106,7 @@ def main(argv=None):
     machine = result["machine"]
     lines = [f"# Decode steps as a CUDA graph against the dynamic step: `{args.preset}`", "", "```", command, "```", "",
              f"{result['date']}; {', '.join(machine['gpu']) or 'no GPU'}; torch {machine['torch']}, transformers "
-             f"{machine['transformers']}. Prompt {args.context} tokens, {args.new_tokens} forced tokens "
+             f"{machine['transformers']}; {model.dtype}. Prompt {args.context} tokens, {args.new_tokens} forced tokens "
              f"({result['chunk_closes']} chunk closes). The step with `cuda_graphs=True`: {result['graph']}.", "",
              "| | `cuda_graphs=False` (dynamic step) | `cuda_graphs=True` | ratio |", "|---|---|---|---|",
              f"| decode tokens/s | {result['decode_tok_s']['dynamic']:.1f} | {result['decode_tok_s']['graph']:.1f} | "
