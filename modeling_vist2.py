@@ -523,7 +523,7 @@ class VIST2Model(VIST2PreTrainedModel):
             # spatial_shapes, broadcast over the sketches), and no patch is padding (no mask). Per-sketch shapes on
             # the device would be read back, sketch by sketch in some transformers releases.
             outputs = self.vision_tower(pixel_values=patches.reshape(n, h * w, p * p * cfg.num_channels),
-                                        pixel_attention_mask=None, spatial_shapes=torch.tensor([[h, w]]))
+                                        pixel_attention_mask=None, spatial_shapes=torch.tensor([[h, w]], device="cpu"))
         else:
             native = getattr(cfg.vision_config, "image_size", None)
             resized = native not in (None, cfg.image_height) or cfg.image_height != cfg.image_width

@@ -161,10 +161,11 @@ def test_a_tower_pass_dispatches_as_many_operators_for_many_sketches_as_for_one(
 
 def test_a_tower_pass_reads_nothing_back_from_the_device(model_with_each_tower, processor):
     """A read-back stalls the host until the device has run every kernel queued so far. On the `meta` device a tensor
-    has no values, so reading one back raises; what the host builds from its own ints may still be read."""
+    has no values, so reading one back raises; what the host builds from its own ints may still be read, even where a
+    `torch.device` context sends every tensor built without a device to the device."""
     model = model_with_each_tower
     pixels = processor(text=SAMPLE_TEXT[:400])["pixel_values"]
-    with torch.no_grad():
+    with torch.no_grad(), torch.device("meta"):
         visual = model.to("meta").encode_sketches(pixels.to("meta"))
     assert visual.shape == (pixels.shape[0], model.config.visual_tokens_per_chunk, model.config.text_config.hidden_size)
 
