@@ -247,7 +247,7 @@ def run_case(case: dict) -> dict:
                 "cuda_graphs": common.decode_graph_state(cache),
             }
         last, last_entries = out, entries + sizes.values
-        del out, cache, inputs, first
+        del out, cache, inputs, first, sizes  # (the recorder holds the cache: the next run must not find it alive)
     peak = common.peak_rss_bytes()
     sampled_peak = max((p.get("peak_rss", 0) for run in runs for stage in run["phases"].values() for p in stage.values()),
                        default=0)

@@ -259,3 +259,29 @@ def test_the_decode_graph_check_compares_both_steps_over_chunk_closes(model, pro
     result = generate_both_ways(model, processor, ids, context=4 * L, new_tokens=3 * L)
     assert result["chunk_closes"] == 3 and result["graph"] == "uncaptured"  # a CPU runs the fixed-shape step as is
     assert result["relative_difference"] < 1e-5 and result["top_token_agreement"] == 1.0
+
+
+def test_every_prefill_of_a_repeated_case_starts_with_no_other_cache_alive(tmp_path, monkeypatch):
+    """The peak memory of a case with repeats is that of one run: the last run's cache (the largest thing a run holds)
+    is gone before the next one prefills."""
+    import gc
+    import json
+    import weakref
+
+    from benchmarks import vist2_bench
+    from vist2.modeling_vist2 import VIST2Cache, VIST2Model
+
+    ids, _ = common.benchmark_token_ids(common.load_tokenizer(), 1100)
+    (tmp_path / "ids.json").write_text(json.dumps({"ids": ids}))
+    caches, others = weakref.WeakSet(), []
+    init, prefill = VIST2Cache.__init__, VIST2Model.prefill
+
+    def spy(self, cache, *args, **kwargs):
+        gc.collect()
+        others.append(max([other.get_seq_length() for other in caches if other is not cache] or [0]))
+        return prefill(self, cache, *args, **kwargs)
+    monkeypatch.setattr(VIST2Cache, "__init__", lambda self, *a, **k: caches.add(self) or init(self, *a, **k))
+    monkeypatch.setattr(VIST2Model, "prefill", spy)
+    vist2_bench.run_case(dict(preset="cpu-small", context=1024, new_tokens=4, ratio=4, repeats=2, flops=False,
+                              data=str(tmp_path / "ids.json")))
+    assert others == [0, 0, 0]  # the warm-up's prefill, then each run's: the entries other caches hold
