@@ -553,8 +553,8 @@ class VIST2Model(VIST2PreTrainedModel):
 
     # -- the language model --------------------------------------------------------------------------------------------
     def build_attention_mask(self, embeds, mask_function, cache=None, kv_length=None):
-        """A mask function over flat indices as the attention implementation takes it (sdpa: boolean, eager: additive,
-        flex: a BlockMask that skips fully masked blocks), for the last `embeds.shape[1]` entries, after `cache`'s (or
+        """A mask function over flat indices as the attention implementation takes it (sdpa, eager: additive; flex: a
+        BlockMask that skips fully masked blocks), for the last `embeds.shape[1]` entries, after `cache`'s (or
         over `kv_length` keys: a `DecodeGraph`'s whole buffers)."""
         implementation = self.config.text_config._attn_implementation
         if implementation in MASK_TENSOR_ATTENTION:
@@ -567,10 +567,9 @@ class VIST2Model(VIST2PreTrainedModel):
             keys = torch.arange(kv_length, device=embeds.device)
             queries = keys[kv_length - q_length :][None, None, :, None]
             allowed = mask_function(rows, None, queries, keys[None, None, None, :])
-            if implementation == "sdpa":
-                return allowed
-            return torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
-                ~allowed, torch.finfo(embeds.dtype).min)
+            # Additive, for sdpa too: given a boolean mask, SDPA would convert it in every layer (launches and a copy).
+            minimum = torch.finfo(embeds.dtype).min
+            return torch.full(allowed.shape, minimum, dtype=embeds.dtype, device=embeds.device).masked_fill_(allowed, 0)
         # The VIST2 rule replaces causality: OR-ing it admits the bidirectional sketch blocks and read-back, AND-ing it
         # removes what causality alone would allow (the text of earlier chunks).
         return create_causal_mask(config=self.config.text_config, inputs_embeds=embeds, attention_mask=None,

@@ -114,13 +114,26 @@ def test_model_mask_and_positions_equal_the_brute_force_rule(models, config, see
     sdpa = models["sdpa"].build_attention_mask(embeds, vist2_mask_function(*layout))
     for b, row in enumerate(rows):
         expected = torch.tensor(brute_force_allowed(row, bool(read_back[b])))
-        assert torch.equal(sdpa[b, 0], expected)
-        assert torch.equal(eager[b, 0] == 0, expected)
+        assert torch.equal(sdpa[b, 0] == 0, expected) and torch.equal(eager[b, 0] == 0, expected)  # both additive
         real = attention_mask[b].bool()
         assert positions[b][real].tolist() == [p for p, t in zip(brute_force_positions(row, bool(read_back[b])), row)
                                                if t[0] != "pad"]
         assert before_next_chunk[b][real].tolist() == [
             p for p, t in zip(brute_force_positions(row, bool(read_back[b]), L), row) if t[0] != "pad"]
+
+
+def test_sdpa_is_given_an_additive_mask_it_need_not_convert_in_every_layer(models, processor, monkeypatch):
+    """Given a boolean mask, SDPA converts it to an additive one in every call: a launch or more per layer on a GPU,
+    in the prefill and in each decode step, and a copy of the mask."""
+    sdpa, masks = torch.nn.functional.scaled_dot_product_attention, []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, attn_mask=None, **kwargs: masks.append(attn_mask) or sdpa(*args, attn_mask=attn_mask,
+                                                                                               **kwargs))
+    inputs = processor(text=[SAMPLE_TEXT[:200], SAMPLE_TEXT[:60]])  # sketches, padding
+    with torch.no_grad():
+        models["sdpa"].generate(**inputs, processor=processor, max_new_tokens=3, do_sample=False)
+    given = [mask for mask in masks if mask is not None]  # (the vision tower's passes take none)
+    assert given and all(mask.is_floating_point() for mask in given)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -140,7 +153,7 @@ def test_mask_of_the_last_queries_over_a_cache_equals_the_brute_force_rows(model
                                                vist2_mask_function(*layout), cache)
     for b, row in enumerate(rows):
         expected = torch.tensor(brute_force_allowed(row, False))[width - q_length :]
-        assert torch.equal(mask[b, 0], expected)
+        assert torch.equal(mask[b, 0] == 0, expected)
 
 
 @pytest.mark.parametrize("seed", range(12))
