@@ -51,6 +51,11 @@ from benchmarks import common  # noqa: E402
 
 ATTENTION_OPS = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"}
+# Under torch.inference_mode (the default, as the benchmarks generate) the dispatcher sees composite operators whole
+# (`linear`, `scaled_dot_product_attention`); under torch.no_grad it sees the operators they are made of, closer to the
+# kernels a GPU launches (`--grad-mode no_grad`).
+GRAD_MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
+GRAD_MODE = [torch.inference_mode]
 TINY_WIDTHS = {  # layer counts stay the preset's; only the widths shrink
     "text": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32),
     "vision": dict(hidden_size=32, intermediate_size=64, num_attention_heads=2),
@@ -132,7 +137,7 @@ def forced_generation(model, processor, ids, context, is_vist2, cache_kwarg, **g
         inputs = state["prompt"] if out is None else {
             "input_ids": out.sequences, "attention_mask": torch.ones_like(out.sequences), cache_kwarg: out[cache_kwarg]}
         force = LogitsProcessorList([common.ForceTokens(ids[fed : fed + n], inputs["input_ids"].shape[1])])
-        with torch.inference_mode():
+        with GRAD_MODE[0]():
             out = lm.generate(**inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                               logits_processor=force, return_dict_in_generate=True, pad_token_id=0)
         state.update(out=out, fed=fed + n)
@@ -186,7 +191,7 @@ def captured_decode_step(model, processor, ids, context, cache_kwarg) -> dict:
 def read_first_token(model, processor, ids, context) -> dict:
     """Operators of `model.read(processor, ids[:context])` and generate's first token from it."""
     def run():
-        with torch.inference_mode():
+        with GRAD_MODE[0]():
             inputs = model.read(processor, ids[:context])
             return model.generate(**inputs, processor=processor, max_new_tokens=1, do_sample=False, pad_token_id=0)
     total, _, _ = count_ops(run)
@@ -234,7 +239,9 @@ def main(argv=None):
     parser.add_argument("--ratio", type=int, default=4, choices=sorted(common.GEOMETRY))
     parser.add_argument("--name", default="op-count")
     parser.add_argument("--host-context", type=int, default=256, help="context of the host-time measurement")
+    parser.add_argument("--grad-mode", choices=sorted(GRAD_MODES), default="inference_mode")
     args = parser.parse_args(argv)
+    GRAD_MODE[0] = GRAD_MODES[args.grad_mode]
 
     from vist2.modeling_vist2 import CACHE_KWARG
 
@@ -263,13 +270,13 @@ def write(rows, host, args):
     command = "python benchmarks/op_count.py " + " ".join(sys.argv[1:])
     results = {"command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
                "machine": common.machine_description(), "ratio": args.ratio, "widths": TINY_WIDTHS, "rows": rows,
-               "host_context": args.host_context, "decode_step_host": host}
+               "host_context": args.host_context, "decode_step_host": host, "grad_mode": args.grad_mode}
     out = HERE / "results" / f"{args.name}.json"
     out.write_text(json.dumps(results, indent=1))
     lines = [f"# Dispatched aten operators: VIST2 r = {args.ratio} against its backbone", "", "```", command, "```", "",
              f"{results['date']}; torch {results['machine']['torch']}, transformers "
-             f"{results['machine']['transformers']}. The `qwen3-0.6b` preset's layer counts (28 decoder, 12 vision "
-             "layers) at tiny widths; counts do not depend on widths or on the machine.", "",
+             f"{results['machine']['transformers']}, under torch.{args.grad_mode}. The `qwen3-0.6b` preset's layer "
+             "counts (28 decoder, 12 vision layers) at tiny widths; counts do not depend on widths or on the machine.", "",
              "| context | model | prefill + first token | `read` + first token | decode step, no chunk closes | "
              "decode step closing a chunk | decode step, no chunk closes, as a CUDA graph (host launches) |",
              "|---|---|---|---|---|---|---|"]
