@@ -591,7 +591,7 @@ class VIST2Model(VIST2PreTrainedModel):
             return setting, max(1, setting // patches)
         budget, size = (8 << 20 if torch.device(device).type == "cpu" else 4 << 30), self.dtype.itemsize
         text, vision = self.config.text_config, self.config.vision_config
-        # One entry of a pass: its mask row and the attention kernel's additive copy, and its MLP activations.
+        # One entry of a pass: its mask row (the boolean rule and the additive mask built from it), its MLP activations.
         per_entry = keys * (1 + size) + 4 * getattr(text, "intermediate_size", 4 * text.hidden_size) * size
         per_sketch = patches * 4 * getattr(vision, "intermediate_size", 4 * vision.hidden_size) * size
         return max(1, budget // per_entry), max(1, budget // per_sketch)
