@@ -226,10 +226,9 @@ def decode_graph_state(cache) -> str:
 def kv_cache_entries(cache) -> int:
     """Sequence entries per row the first layer holds (rows are left-aligned and equal in a batch of one)."""
     layers = getattr(cache, "layers", None)
-    if layers is not None and hasattr(layers[0], "get_seq_length"):
-        return int(layers[0].get_seq_length())
-    keys = layers[0].keys if layers is not None else cache[0][0]
-    return int(keys.shape[-2])
+    if layers is None:  # legacy tuple-of-tuples cache
+        return int(cache[0][0].shape[-2])
+    return int(layers[0].get_seq_length())  # (a fixed-capacity layer: what it holds, not its buffer's length)
 
 
 def sdpa_flops(query_shape, key_shape, value_shape, dropout_p=0.0, is_causal=False, *args, out_shape=None,
