@@ -17,6 +17,9 @@ SAMPLE_TEXT = (
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", SKETCH_TOKEN]
 
+# Operators that copy a value from the device to the host: on a GPU each waits for every kernel queued before it.
+READ_BACK_OPERATORS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero"}
+
 
 def build_tokenizer(vocab_size=384, special_tokens=SPECIAL_TOKENS):
     bpe = Tokenizer(models.BPE())
