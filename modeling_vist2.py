@@ -681,20 +681,31 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         `cuda_graphs`: decode steps replayed as a CUDA graph, by default on a GPU without beam search
         (`uses_decode_graph`)."""
         self.check_generation_mode(kwargs)
-        generation_config = kwargs.get("generation_config")
-        if getattr(generation_config, "prefill_chunk_size", None) is not None:
-            # transformers' own chunked prefill cannot split sketches: VIST2 takes the setting and blocks it itself.
-            prefill_chunk_size = generation_config.prefill_chunk_size
-            kwargs["generation_config"] = generation_config.from_dict(generation_config.to_dict(), prefill_chunk_size=None)
+        # transformers' own chunked prefill cannot split sketches: VIST2 takes the setting (of the caller's
+        # generation_config; of the model's own unless prefill_chunk_size is given) and blocks the prefill itself.
+        passed = getattr(kwargs.get("generation_config"), "prefill_chunk_size", None)
+        saved = getattr(self.generation_config, "prefill_chunk_size", None)
+        if passed is not None or saved is not None:
+            kwargs["prefill_chunk_size"] = None
+            if passed is not None or prefill_chunk_size == "auto":
+                prefill_chunk_size = passed if passed is not None else saved
         if processor is not None:
             self.check_processor(processor)
-            if len(processor.tokenizer) < self.get_output_embeddings().out_features:  # padded embedding rows
-                kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []),
-                                                                  TokenizerIdsOnly(len(processor.tokenizer))])
+        try:  # the tokenizer that reads what is written (a model without one still writes within its open chunk)
+            tokenizer = (self.own_processor() if processor is None else processor).tokenizer
+        except ValueError:
+            tokenizer = None
+        if tokenizer is not None and len(tokenizer) < self.get_output_embeddings().out_features:  # padded embeddings
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []),
+                                                              TokenizerIdsOnly(len(tokenizer))])
         if kwargs.get("stop_strings") is not None and kwargs.get("tokenizer") is None:
-            kwargs["tokenizer"] = (self.own_processor() if processor is None else processor).tokenizer
+            kwargs["tokenizer"] = tokenizer or self.own_processor().tokenizer  # (raises, naming the fix, if none)
         cache, legacy_cache = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
         cache = legacy_cache if cache is None else cache
+        if cache is not None and not isinstance(cache, VIST2Cache):
+            raise ValueError(f"VIST2 generate: a {type(cache).__name__} keeps every token, which a VIST2 model never "
+                             "does. Fix: pass no cache (generate makes a VIST2Cache), or the cache of an earlier "
+                             "generate or of model.read")
         if cache is None:
             cache = VIST2Cache(config=self.config.text_config, processor=processor, prefill_chunk_size=prefill_chunk_size)
         elif processor is not None:
@@ -824,6 +835,11 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         config.update(**kwargs)
         mode = str(getattr(config.get_generation_mode(kwargs.get("assistant_model")), "value", ""))
         mode = "custom_generate" if kwargs.get("custom_generate") else mode
+        for option in ("output_attentions", "output_hidden_states"):
+            if getattr(config, option, False):
+                raise ValueError(f"VIST2 generate: {option}=True is not supported: the decoder's attentions and hidden "
+                                 "states are over the compressed sequence, not the tokens, and are not returned. Fix: "
+                                 "drop it (output_logits and output_scores are supported)")
         if mode not in ("greedy_search", "sample", "beam_search", "beam_sample"):
             why = ("it feeds guessed tokens and crops the cache back, which cannot undo a chunk that closed (its text "
                    "is a sketch by then)" if mode == "assisted_generation" else "transformers runs it from custom "

@@ -4,7 +4,8 @@ import threading
 
 import pytest
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer, TextStreamer
+from transformers import (DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer,
+                          TextStreamer)
 
 from conftest import READ_BACK_OPERATORS, SAMPLE_TEXT
 from vist2 import VIST2Cache
@@ -125,6 +126,27 @@ def test_a_generation_config_prefill_chunk_size_sets_the_prefill_blocks(model, p
     one_pass = model.generate(**inputs, processor=processor, max_new_tokens=10, do_sample=False,
                               prefill_chunk_size=None, suppress_tokens=ascii_only)
     assert out.tolist() == one_pass.tolist() and blocks == [5, None]
+
+
+@pytest.mark.parametrize("plain_ids", [False, True])
+def test_the_models_own_generation_config_prefill_chunk_size_sets_the_prefill_blocks(model, processor, ascii_only,
+                                                                                     monkeypatch, plain_ids):
+    """A saved generation_config.json may hold it: VIST2 blocks the prefill itself, never transformers' chunked prefill
+    (which cannot split sketches, and on plain ids would run the layout in pieces); an explicit argument wins."""
+    blocks = []
+    prefill_passes = model.prefill_passes
+    monkeypatch.setattr(model, "prefill_passes", lambda *args: blocks.append(args[0]) or prefill_passes(*args))
+    monkeypatch.setattr(model.generation_config, "prefill_chunk_size", 5)
+    inputs = processor(text=SAMPLE_TEXT[:400])
+    if plain_ids:
+        inputs = {"input_ids": torch.tensor([processor.encode(SAMPLE_TEXT[:400])])}
+    kwargs = dict(processor=processor, max_new_tokens=10, do_sample=False, suppress_tokens=ascii_only,
+                  return_dict_in_generate=True, output_logits=True)
+    saved = model.generate(**inputs, **kwargs)
+    one_pass = model.generate(**inputs, prefill_chunk_size=None, **kwargs)
+    assert blocks == [5, None] and saved.sequences.tolist() == one_pass.sequences.tolist()
+    for saved_logits, one_pass_logits in zip(saved.logits, one_pass.logits):
+        torch.testing.assert_close(saved_logits, one_pass_logits, atol=TOLERANCE, rtol=0)
 
 
 class CacheProbe(LogitsProcessor):
@@ -391,6 +413,21 @@ def test_generation_modes_that_cannot_be_exact_are_refused_before_any_work(model
     assert not cache.is_prefilled
 
 
+@pytest.mark.parametrize("option", ["output_attentions", "output_hidden_states"])
+def test_outputs_over_the_compressed_sequence_are_refused_before_any_work(model, processor, config, option):
+    cache = VIST2Cache(config=config.text_config)
+    with pytest.raises(ValueError, match=rf"{option}=True is not supported: .*Fix: drop it"):
+        model.generate(**processor(text=SAMPLE_TEXT[:100]), processor=processor, cache=cache, max_new_tokens=5,
+                       return_dict_in_generate=True, **{option: True})
+    assert not cache.is_prefilled
+
+
+def test_a_cache_that_keeps_every_token_is_refused_naming_what_to_pass(model, processor, config):
+    with pytest.raises(ValueError, match=r"a DynamicCache keeps every token.*Fix: pass no cache"):
+        model.generate(**processor(text=SAMPLE_TEXT[:100]), processor=processor, max_new_tokens=5,
+                       past_key_values=DynamicCache(config=config.text_config))
+
+
 def test_generation_never_writes_a_sketch_placeholder(model, processor, config):
     # However much the head favours '<|sketch|>', no step may pick it: a placeholder without a sketch breaks the layout.
     def favour_sketch(module, args, logits):
@@ -420,7 +457,8 @@ def test_chunks_kept_as_text_while_writing_are_summed_up_in_one_warning_at_the_c
     assert f"{kept} of {len(out[CACHE_KWARG].reports)} closed chunks are kept as text" in str(caught[0].message)
 
 
-def test_generation_never_writes_an_id_the_tokenizer_cannot_decode(tokenizer, processor):
+@pytest.mark.parametrize("given", ["processor", "model.tokenizer", "plain ids"])
+def test_generation_never_writes_an_id_the_tokenizer_cannot_decode(tokenizer, processor, given):
     from vist2 import VIST2ForCausalLM
     from vist2.training import tiny_config
 
@@ -429,10 +467,16 @@ def test_generation_never_writes_an_id_the_tokenizer_cannot_decode(tokenizer, pr
     def favour_padding(module, args, logits):
         logits[..., len(tokenizer):] += 1e4
 
+    inputs = processor(text=SAMPLE_TEXT[:100])
+    if given == "processor":
+        inputs["processor"] = processor
+    else:  # the processor it makes itself (pipelines, clients that tokenize for themselves)
+        padded.tokenizer = tokenizer
+    if given == "plain ids":
+        inputs = {"input_ids": torch.tensor([processor.encode(SAMPLE_TEXT[:100])])}
     handle = padded.get_output_embeddings().register_forward_hook(favour_padding)
     try:
-        out = padded.generate(**processor(text=SAMPLE_TEXT[:100]), processor=processor, max_new_tokens=20,
-                              do_sample=False)
+        out = padded.generate(**inputs, max_new_tokens=20, do_sample=False)
     finally:
         handle.remove()
     assert int(out.max()) < len(tokenizer)
