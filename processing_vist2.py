@@ -173,8 +173,9 @@ def byte_cells(text: str, token_glyphs=()) -> str:
 def wrap_into_lines(text: str, columns: int, newline_glyph: str | None = None, byte_aligned: bool = False,
                     token_glyphs=()) -> tuple[list[str], bool]:
     """Hard-wrap at `columns` characters, one cell each (`byte_cells` first if `byte_aligned`); newlines end a line (or
-    are drawn as `newline_glyph`), a line's last space is `SHOWN_SPACE`. Also: whether a line break would be hidden (at
-    the end, or after a full line)."""
+    are drawn as `newline_glyph`). A space that ends the text, or (newlines ending lines) any line, is `SHOWN_SPACE`:
+    blank paper there would look like the end, or a line break. Also: whether a line break would be hidden (at the end,
+    or after a full line)."""
     if byte_aligned:
         text = byte_cells(text, token_glyphs)
     if newline_glyph:
@@ -182,6 +183,8 @@ def wrap_into_lines(text: str, columns: int, newline_glyph: str | None = None, b
     paragraphs = [p[:-1] + SHOWN_SPACE if p.endswith(" ") else p for p in text.split("\n")]
     hidden = text.endswith("\n") or any(p and len(p) % columns == 0 for p in paragraphs[:-1])
     lines = [p[i : i + columns] for p in paragraphs for i in range(0, len(p), columns) or [0]]
+    if not newline_glyph:
+        lines = [line[:-1] + SHOWN_SPACE if line.endswith(" ") else line for line in lines]
     return lines, hidden
 
 

@@ -69,7 +69,8 @@ def test_empty_text_renders_blank_and_a_line_break_no_pixel_shows_is_reported():
     assert not render_chunk("mid space\nand\n\nbreaks", SETTINGS)[1].hidden
 
 
-@pytest.mark.parametrize("text, alike", [("end ", "end"), ("   ", ""), ("line \nnext", "line\nnext")])
+@pytest.mark.parametrize("text, alike", [("end ", "end"), ("   ", ""), ("line \nnext", "line\nnext"),
+                                         ("a" * 15 + " wrapped", "a" * 15 + "\nwrapped")])  # 16 columns
 def test_a_space_that_ends_a_line_is_drawn_as_a_mark(text, alike):
     image, report = render_chunk(text, SETTINGS)
     assert report.ok and not np.array_equal(image, render_chunk(alike, SETTINGS)[0])
@@ -241,7 +242,7 @@ def test_a_sketch_drawn_reads_back_to_exactly_its_chunk_text(any_processor, text
 @pytest.mark.parametrize("text, other", [
     ("a\r\nb", "a\nb"), ("a\rb", "a\nb"), ("a\u2028b", "a b"), ("a\u2029b", "a b"), ("a\u00a0b", "a b"),
     ("a\u3000b", "a b"), ("a\tb", "a   b"), ("ab ", "ab"), ("ab  ", "ab "), ("ab\n", "ab"), ("a \nb", "a\nb"),
-    ("a" * 16 + "\nb", "a" * 16 + "b"),
+    ("a" * 16 + "\nb", "a" * 16 + "b"), ("a" * 15 + " b", "a" * 15 + "\nb"),
 ])
 def test_texts_that_would_draw_alike_are_not_both_drawn(text, other):
     first, second = render_with_policy(text, SETTINGS), render_with_policy(other, SETTINGS)
