@@ -142,7 +142,8 @@ class VIST2Cache(DynamicCache):
     Generation appends to the layout `P V_1 ... V_{i-1} c_i`, rows left-padded. Per row: which entries are `live` (None
     without padding), how many (`entries`), the open chunk's index, length and last L token ids (`open_chunk`,
     `open_length`, `recent`), `next_position`, and after `read` the logits of the prompt's last token (`next_logits`).
-    Counts live on the host (no synchronisation), token ids on the device."""
+    Counts live on the host (no synchronisation), token ids on the device. `seen`: how many columns of the caller's
+    sequence (its `input_ids`, then generate's `sequences`) it has taken in."""
 
     def __init__(self, config=None, processor=None, prefill_chunk_size: int | str | None = "auto",
                  cuda_graphs: bool | None = None):
@@ -151,6 +152,7 @@ class VIST2Cache(DynamicCache):
         self.cuda_graphs, self.decode_graph = cuda_graphs, None  # see VIST2ForCausalLM.uses_decode_graph
         self.live = self.recent = self.next_position = self.open_chunk = self.next_logits = None
         self.entries, self.open_length, self.prefix_length = [], [], []  # per row; prefix_length: the prompt's chunk 0
+        self.seen = 0
         self.reports = []  # how each chunk closed while writing was rendered (for generate's summary warning)
 
     @property
@@ -606,6 +608,7 @@ class VIST2Model(VIST2PreTrainedModel):
         block, sketches_per_pass = self.prefill_passes(cache.prefill_chunk_size, length, input_ids.device)
         # begin() reads counts back to the host: before the tower's kernels are queued, not after (it would wait for them)
         cache.begin(input_ids, kinds, chunk_ids, positions[:, -1:] + 1, self.config.chunk_size)
+        cache.seen = length
         embeds = self.embed(input_ids, kinds, pixel_values, sketches_per_pass)
         mask_function = generation_mask_function(sketch_reach(kinds, chunk_ids), cache.live)
         hidden, start = [], 0
@@ -716,6 +719,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             cache.cuda_graphs = cuda_graphs if cuda_graphs is not None else False
         kwargs[CACHE_KWARG] = cache
         input_ids = kwargs.get("input_ids", inputs)
+        if cache.is_prefilled and input_ids is not None:
+            self.take_in(cache, input_ids, kwargs.get("attention_mask"))
         placeholders = input_ids is not None and (input_ids == self.config.sketch_token_id).any()
         if kwargs.get("chunk_ids") is None and placeholders and not cache.is_prefilled:
             raise ValueError("chunk_ids is required when input_ids hold '<|sketch|>' placeholders: pass the whole "
@@ -781,6 +786,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         cache.recent = F.pad(torch.tensor([open_ids], dtype=torch.long, device=device), (L - len(open_ids), 0))
         chunks.close()
         kept, undrawable = processor.kept_as_text(reports, stacklevel=3)  # 3: the caller, above torch.no_grad's wrapper
+        cache.seen = 1  # the returned input_ids' one token, already run: its logits wait in next_logits
         return {"input_ids": torch.tensor([[open_ids[-1]]], device=device), "cache": cache,
                 "chunks_kept_as_text": torch.tensor([kept], device=device),
                 "undrawable_characters": ["".join(undrawable)]}
@@ -794,7 +800,9 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         processor = getattr(cache, "processor", None)
         if use_cache or isinstance(cache, VIST2Cache):
             layout, _ = self.lay_out(input_ids, attention_mask, processor)
-            return self(**layout, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
+            out = self(**layout, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
+            getattr(out, CACHE_KWARG).seen = input_ids.shape[1]  # the caller's columns, not the layout's
+            return out
         layout, real = self.lay_out(input_ids, attention_mask, processor, keep_closed_text=True)
         text = token_kinds(layout["input_ids"], layout["attention_mask"], self.config.sketch_token_id) == TEXT
         if labels is not None:
@@ -873,6 +881,27 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                 "pixel_values": pixel_values, CACHE_KWARG: cache, "use_cache": True,
                 "logits_to_keep": kwargs.get("logits_to_keep") or 0}
 
+    @torch.no_grad()
+    def take_in(self, cache: VIST2Cache, input_ids, attention_mask=None):
+        """A prefilled cache continued with its sequence and new tokens after it (a reply appended to an earlier
+        generate's `sequences`, a question after `read`'s `input_ids`): all new tokens but the last, which generate
+        feeds, go in as decode steps, one at a time, closing chunks as writing does."""
+        seen, pending = cache.seen, cache.next_logits is not None
+        new = input_ids.shape[1] - seen
+        if input_ids.shape[0] != len(cache.entries) or new < (0 if pending else 1) or not torch.equal(
+                input_ids[:, seen - 1].to(cache.recent.device), cache.recent[:, -1]):
+            raise ValueError(f"input_ids ({tuple(input_ids.shape)}) do not continue the sequence this cache has taken "
+                             f"in ({len(cache.entries)} rows, {seen} columns, the last {cache.recent[:, -1].tolist()}). "
+                             "Fix: pass the whole sequence (the earlier output's sequences, or read's input_ids) with "
+                             "the new tokens after it")
+        if attention_mask is not None and not attention_mask[:, seen:].all():
+            raise ValueError("attention_mask: the tokens after those the cache has taken in hold padding. Fix: append "
+                             "the same number of new tokens to every row")
+        if new > (0 if pending else 1):
+            cache.next_logits = None  # they were the last seen token's: the new tokens come first
+            for column in range(seen, input_ids.shape[1] - 1):
+                self.decode_step(input_ids[:, column : column + 1].to(cache.recent.device), cache)
+
     def uses_decode_graph(self, cache: VIST2Cache) -> bool:
         """`cache.cuda_graphs`: None (the default) captures the decode step on a GPU where the attention takes a mask
         tensor (sdpa, eager) over full-attention layers and the model sits whole on it (not spread or offloaded by
@@ -894,6 +923,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             logits, cache.next_logits = cache.next_logits, None
             return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
         token, graph = input_ids[:, -1:], self.uses_decode_graph(cache)
+        cache.seen += 1
         L, m = self.config.chunk_size, self.config.visual_tokens_per_chunk
         if graph or isinstance(cache.layers[0], FixedLayer):  # room for the step: a closing one adds m + 1, then cuts L
             cache.reserve(m + 1 if L in cache.open_length else 1, spare=L + 4 * m)

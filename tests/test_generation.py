@@ -4,6 +4,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer,
                           TextStreamer)
 
@@ -308,6 +309,43 @@ def test_reading_a_text_whose_open_chunk_is_full_or_one_token_equals_processing_
     assert streamed.sequences[0, 1:].tolist() == whole.sequences[0, inputs["input_ids"].shape[1]:].tolist()
     for a, b in zip(streamed.logits, whole.logits, strict=True):
         torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=0)
+
+
+QUESTION = " What does the vision encoder read, and how far back can the model still see?"  # closes a chunk or two
+
+
+@pytest.mark.parametrize("start", ["generate", "generate, two rows", "read"])
+def test_a_cache_continued_with_new_tokens_takes_them_all_in(model, processor, ascii_only, start):
+    """transformers' way to go on with a conversation: the earlier sequence (generate's `sequences`, read's
+    `input_ids`) with the new tokens after it, and its cache. Every new token is taken in, those that fill a chunk
+    close it, so the logits are those of the whole token sequence given at once."""
+    kwargs = dict(processor=processor, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True, suppress_tokens=ascii_only)
+    prompt, question = processor.encode(SAMPLE_TEXT[:200]), torch.tensor([processor.encode(QUESTION)])
+    if start == "read":
+        read = model.read(processor, SAMPLE_TEXT[:200])
+        sequence, cache, whole, mask = read["input_ids"], read["cache"], torch.tensor([prompt]), None
+    else:  # two rows: the shorter one left-padded
+        rows = [prompt, prompt[30:]] if start == "generate, two rows" else [prompt]
+        ids = torch.tensor([[0] * (len(prompt) - len(row)) + row for row in rows])
+        mask = torch.tensor([[0] * (len(prompt) - len(row)) + [1] * len(row) for row in rows])
+        earlier = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        sequence, cache, whole = earlier.sequences, earlier[CACHE_KWARG], earlier.sequences
+        mask = F.pad(mask, (0, sequence.shape[1] - mask.shape[1] + question.shape[1]), value=1)
+    question = question.expand(sequence.shape[0], -1)
+    continued = model.generate(input_ids=torch.cat([sequence, question], 1), cache=cache, attention_mask=mask, **kwargs)
+    at_once = model.generate(input_ids=torch.cat([whole, question], 1), attention_mask=mask, **kwargs)
+    assert continued.sequences[:, -8:].tolist() == at_once.sequences[:, -8:].tolist()
+    for a, b in zip(continued.logits, at_once.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=0)
+
+
+def test_a_cache_given_tokens_that_do_not_continue_its_sequence_is_refused(model, processor, ascii_only):
+    earlier = model.generate(input_ids=torch.tensor([processor.encode(SAMPLE_TEXT[:200])]), processor=processor,
+                             max_new_tokens=5, do_sample=False, return_dict_in_generate=True, suppress_tokens=ascii_only)
+    question = torch.tensor([processor.encode(QUESTION)])  # the new tokens alone, without the sequence before them
+    with pytest.raises(ValueError, match="do not continue the sequence this cache has taken in.*Fix: pass the whole"):
+        model.generate(input_ids=question, cache=earlier[CACHE_KWARG], processor=processor, max_new_tokens=5)
 
 
 @pytest.mark.parametrize("chars", [100, 134, 135])  # the open chunk holds 8 tokens; 16 (full); 1
