@@ -460,7 +460,8 @@ class VIST2Processor(ProcessorMixin):
     def iter_chunks(self, text, piece_chars: int = 1 << 16):
         """Stream `text` (a string, or token ids): `(token_ids, sketch or None, report)` per closed chunk, then
         `(token_ids, None, None)` for the open one. A piece ends where its last pre-token starts (the only one more
-        text can change), so the tokens equal those of the whole text at once."""
+        text can change) unless normalising would join it to what precedes it (a combining mark: then one before), so
+        the tokens equal those of the whole text at once."""
         pending = []
         for piece in self.token_pieces(text, piece_chars) if isinstance(text, str) else [list(map(int, text))]:
             pending += piece
@@ -471,14 +472,21 @@ class VIST2Processor(ProcessorMixin):
         yield pending, None, None
 
     def token_pieces(self, text: str, piece_chars: int):
-        pre_tokenizer = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        pre_tokenizer, normalizer = getattr(backend, "pre_tokenizer", None), getattr(backend, "normalizer", None)
+        normalize = normalizer.normalize_str if normalizer else lambda piece: piece
+
+        def separable(at):  # the normaliser (NFC, say) joins nothing across `at`: no mark, no composition follows
+            before, after = text[at - 1], text[at]
+            return not unicodedata.combining(after) and normalize(before + after) == normalize(before) + normalize(after)
         start = 0
         while start < len(text):
             end = min(len(text), start + piece_chars)
             while end < len(text):
                 check_characters(text[start:end], offset=start)
-                cut = pre_tokenizer.pre_tokenize_str(text[start:end])[-1][1][0] if pre_tokenizer else 0
-                if cut > 0:  # end the piece where its last pre-token starts
+                starts = [span[0] for _, span in pre_tokenizer.pre_tokenize_str(text[start:end])] if pre_tokenizer else []
+                cut = next((cut for cut in reversed(starts) if cut > 0 and separable(start + cut)), 0)
+                if cut > 0:  # end the piece where its last pre-token starts (that normalising leaves apart)
                     end = start + cut
                     break
                 end = min(len(text), end + piece_chars)  # one pre-token fills the piece: take more text

@@ -447,6 +447,21 @@ def test_streamed_tokens_equal_the_whole_text_with_the_demo_tokenizer(demo_proce
     assert streamed == demo_processor.encode(text)
 
 
+@pytest.mark.parametrize("piece_chars", range(2, 40))
+def test_streamed_tokens_equal_the_whole_text_under_a_normalizer_that_composes_marks(piece_chars):
+    """Qwen3's tokenizer normalises to NFC: a piece that ended between a letter and its combining mark (decomposed text)
+    would be normalised apart from it."""
+    from conftest import build_tokenizer
+    from tokenizers import normalizers
+
+    tokenizer = build_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = normalizers.NFC()
+    processor = VIST2Processor.from_config(tiny_config(tokenizer), tokenizer)
+    text = "Cafe\u0301 au lait, cre\u0300me bru\u0302le\u0301e. " * 8  # decomposed accents
+    streamed = [t for ids, _, _ in processor.iter_chunks(text, piece_chars=piece_chars) for t in ids]
+    assert streamed == processor.encode(text)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Part 4: bad settings and inputs are named at the earliest point, with the fix
 # ---------------------------------------------------------------------------------------------------------------------
