@@ -268,6 +268,11 @@ class VIST2Processor(ProcessorMixin):
         self.marks = set(glyphs.values()) | {self.sketch_settings["newline_glyph"]} - {None, "\n"}
         decoder = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "decoder", None)
         self.byte_of = byte_level_alphabet() if "ByteLevel" in repr(decoder) else None
+        # Other decoders (SentencePiece's Metaspace, WordPiece) drop the space that a text's first word starts with, so
+        # a chunk that starts a word would draw like one that goes on with the word before it: such text is decoded
+        # after an anchor (one letter's token), whose own text is then cut off.
+        letters = [] if self.byte_of else [self.encode(letter) for letter in "xqzjkvw"]
+        self.anchor = next((ids for ids in letters if len(ids) == 1), None)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -336,7 +341,11 @@ class VIST2Processor(ProcessorMixin):
         glyphs, bytes of a character the chunk's edges cut as lone surrogates ("surrogateescape", drawn as byte
         marks). `literal_marks`, if given, collects the glyph characters the text itself holds."""
         def decode(ids):
-            text = self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            ids, settings = list(ids), dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            text = self.tokenizer.decode(ids, **settings)
+            if self.anchor and ids:  # (see __init__)
+                anchored, lead = (self.tokenizer.decode(self.anchor + tail, **settings) for tail in (ids, []))
+                text = anchored[len(lead):] if anchored.startswith(lead) else text
             if "\ufffd" in text and self.byte_of:  # maybe a character cut by the chunk's edge: read the bytes
                 spelled = "".join(self.tokenizer.convert_ids_to_tokens(list(ids)))
                 if all(char in self.byte_of for char in spelled):

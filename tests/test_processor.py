@@ -195,3 +195,36 @@ def test_read_shows_a_progress_bar_unless_turned_off(model, processor, capsys):
     model.read(processor, SAMPLE_TEXT[:400], progress=False)
     model.read(processor, SAMPLE_TEXT[:400])  # short texts show none by default
     assert "VIST2 read" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("decoder", ["Metaspace", "WordPiece"])
+def test_a_chunk_that_starts_a_word_draws_unlike_one_that_goes_on_with_the_word_before(decoder):
+    """SentencePiece (Llama, Mistral, Gemma) and WordPiece decoders drop the space a text's first word starts with;
+    a chunk's first word keeps it in its sketch, so the two chunks below, which differ by that space, draw apart."""
+    import numpy as np
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|sketch|>"]
+    if decoder == "Metaspace":
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=specials, show_progress=False)
+    else:
+        backend = Tokenizer(models.WordPiece(unk_token="<|endoftext|>"))
+        backend.pre_tokenizer, backend.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=384, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator([SAMPLE_TEXT], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=specials[1:])
+    processor = VIST2Processor.from_config(tiny_config(tokenizer), tokenizer)
+    vocab, rest = tokenizer.get_vocab(), processor.encode(" of text")
+    if decoder == "Metaspace":  # "▁word" starts a word, "word" goes on with one
+        pairs = ((vocab[token], vocab[token[1:]]) for token in sorted(vocab) if token[:1] == "▁" and token[1:] in vocab)
+    else:  # "word" starts a word, "##word" goes on with one
+        pairs = ((vocab[token], vocab["##" + token]) for token in sorted(vocab) if "##" + token in vocab)
+    starts, goes_on = next(pair for pair in pairs if len(tokenizer.decode([pair[0]]).strip()) > 1)
+    (starting, continuing), reports = processor.sketch_chunks([[starts] + rest, [goes_on] + rest])
+    assert all(report.ok for report in reports) and not np.array_equal(starting, continuing)
+    assert processor.sketch_text([starts] + rest).startswith(" ")
