@@ -453,7 +453,14 @@ class VIST2Processor(ProcessorMixin):
     def __call__(self, text=None, prefix=None, keep_closed_text=False, return_labels=False, return_tensors="pt",
                  **kwargs):
         """Encode `text` (compressed chunk by chunk) after an optional `prefix` (kept as text): strings or lists of
-        strings of equal length."""
+        strings of equal length. Batches are left-padded, as tensors."""
+        honoured = {("return_tensors", "pt"), ("padding", True), ("padding", "longest")}  # what a batch always is
+        unsupported = {key: value for key, value in {**kwargs, "return_tensors": return_tensors}.items()
+                       if (key, value) not in honoured}
+        if unsupported:
+            raise ValueError(f"VIST2Processor: {unsupported} would not be applied: a VIST2 model compresses long text "
+                             "instead of cutting it, and takes left-padded torch tensors. Fix: drop them (cut the text "
+                             "yourself if you must)")
         texts = [text] if isinstance(text, str) or text is None else list(text)
         prefixes = [prefix] * len(texts) if isinstance(prefix, str) or prefix is None else list(prefix)
         if len(prefixes) != len(texts):
