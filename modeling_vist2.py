@@ -711,8 +711,9 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                              "generate or of model.read")
         if cache is None:
             cache = VIST2Cache(config=self.config.text_config, processor=processor, prefill_chunk_size=prefill_chunk_size)
-        elif processor is not None:
-            cache.processor = processor
+        else:  # the caller's cache: what this call sets, it takes
+            cache.processor = cache.processor if processor is None else processor
+            cache.prefill_chunk_size = cache.prefill_chunk_size if prefill_chunk_size == "auto" else prefill_chunk_size
         beams = (kwargs.get("num_beams") or getattr(kwargs.get("generation_config") or self.generation_config,
                                                     "num_beams", 1) or 1) > 1
         if cuda_graphs is not None or beams:  # beam search reorders the rows every step: a graph would not last

@@ -129,6 +129,16 @@ def test_a_generation_config_prefill_chunk_size_sets_the_prefill_blocks(model, p
     assert out.tolist() == one_pass.tolist() and blocks == [5, None]
 
 
+def test_a_prefill_chunk_size_given_with_a_cache_sets_its_prefill_blocks(model, processor, config, monkeypatch):
+    blocks = []
+    prefill_passes = model.prefill_passes
+    monkeypatch.setattr(model, "prefill_passes", lambda *args: blocks.append(args[0]) or prefill_passes(*args))
+    for setting in (5, "auto"):  # "auto" (the default) leaves the cache's own setting
+        model.generate(**processor(text=SAMPLE_TEXT[:400]), processor=processor, max_new_tokens=2, do_sample=False,
+                       cache=VIST2Cache(config=config.text_config, prefill_chunk_size=7), prefill_chunk_size=setting)
+    assert blocks == [5, 7]
+
+
 @pytest.mark.parametrize("plain_ids", [False, True])
 def test_the_models_own_generation_config_prefill_chunk_size_sets_the_prefill_blocks(model, processor, ascii_only,
                                                                                      monkeypatch, plain_ids):
