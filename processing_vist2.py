@@ -27,9 +27,17 @@ IGNORE_INDEX = -100
 SHOWN_SPACE, SHOWN_NEWLINE = "\udc20", "\udc0a"
 BYTE_MARKED = {"\t": 0x09, "\r": 0x0D, SHOWN_NEWLINE: 0x0A, SHOWN_SPACE: 0x20,
                **{chr(0xDC00 + b): b for b in range(0x80, 0x100)}}
-# Scripts whose letters look alike (Latin a, Cyrillic а, Greek ο...): where a font draws two of them as the same cell,
-# the first in this order keeps the cell and the other is reported instead of drawn, so no two texts draw alike.
-LOOKALIKE_REPERTOIRE = "".join(map(chr, [*range(0x21, 0x7F), *range(0xA1, 0x250), *range(0x370, 0x530)]))
+# Characters that may look alike (Latin a, Cyrillic а, Greek ο; ’ and ʼ; the dashes): where a font draws two of them as
+# the same cell, the first in this order keeps the cell and the other is reported instead of drawn, so no two texts
+# draw alike. ASCII, then the punctuation of prose, then the letters of Latin, Greek and Cyrillic, then the blocks of
+# the Basic Multilingual Plane that a text font holds beside them (other scripts, punctuation, symbols, presentation
+# forms). `benchmarks/lookalikes.py` lists what a font draws alike despite it.
+LOOKALIKE_REPERTOIRE = "".join(dict.fromkeys(map(chr, [
+    *range(0x21, 0x7F), *map(ord, "’‘“”—–…•′″€"), *range(0xA1, 0x250), *range(0x370, 0x530), *range(0x250, 0x370),
+    *range(0x530, 0x800), *range(0x1D00, 0x1DC0), *range(0x1E00, 0x2000), *range(0x2000, 0x2C00),
+    *range(0x2C60, 0x2C80), *range(0x2E00, 0x2E80), *range(0xA640, 0xA800), *range(0xFB00, 0xFE00),
+    *range(0xFE20, 0xFF00)])))
+LOOKALIKE_POSITION = {char: position for position, char in enumerate(LOOKALIKE_REPERTOIRE)}
 # With `byte_aligned`, the cells after a character of several UTF-8 bytes, one per byte beyond the first: drawn blank.
 CONTINUATION = "\ud800"
 
@@ -96,7 +104,8 @@ class GlyphAtlas:
         self.glyphs = np.full((1, *self.cell), background, dtype=np.uint8)  # (atlas index, cell_h, cell_w)
         self.marks = {char: self._byte_mark(value) for char, value in BYTE_MARKED.items()}
         self.reserved = {cell.tobytes() for cell in [self.glyphs[0], *self.marks.values()] if cell is not None}
-        self._lookalikes = None  # cell bytes -> the first character of LOOKALIKE_REPERTOIRE drawn as that cell
+        # cell bytes -> the first character of LOOKALIKE_REPERTOIRE drawn as that cell, among its first `_compared`
+        self._lookalikes, self._compared = {}, 0
 
     def _coverage(self, char: str) -> np.ndarray | None:
         """The glyph's ink on the `canvas` box, widened to hold ink that falls outside it (a comma's left bearing):
@@ -135,14 +144,15 @@ class GlyphAtlas:
         return None if cell.tobytes() in self.reserved else cell
 
     def looks_like_another(self, char: str, cell: np.ndarray) -> bool:
-        """Whether a character before `char` in `LOOKALIKE_REPERTOIRE` (any of it, for others) draws the same cell;
-        decided over the whole repertoire at once, so rendering stays a pure function of the text."""
-        if self._lookalikes is None:
-            self._lookalikes = {}
-            for other in LOOKALIKE_REPERTOIRE:
-                drawn = self._draw(other)
-                if drawn is not None:
-                    self._lookalikes.setdefault(drawn.tobytes(), other)
+        """Whether a character before `char` in `LOOKALIKE_REPERTOIRE` (any of it, for others) draws the same cell.
+        The repertoire is drawn in its order as far as a character needs, so rendering stays a pure function of the
+        text, and a text of early characters never draws the whole repertoire."""
+        position = LOOKALIKE_POSITION.get(char, len(LOOKALIKE_REPERTOIRE))
+        for other in LOOKALIKE_REPERTOIRE[self._compared : position]:
+            drawn = self._draw(other)
+            if drawn is not None:
+                self._lookalikes.setdefault(drawn.tobytes(), other)
+        self._compared = max(self._compared, position)
         return self._lookalikes.get(cell.tobytes(), char) != char
 
     def lookup(self, char: str) -> int | None:

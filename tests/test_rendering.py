@@ -299,3 +299,16 @@ def test_a_font_that_draws_two_letters_alike_draws_only_the_first_and_reports_th
         assert drawn[1].ok and drawn[0] is not None, "the first of the repertoire keeps its glyph"
         assert reported[0] is None and reported[1].undrawable == {lookalike}
     assert render_with_policy("x\u00e9y", settings)[1].ok, "a letter no other draws alike is drawn"
+
+
+@pytest.mark.parametrize("size, cell", [(16, (8, 16)), (12, (4, 8))])
+def test_the_shipped_font_draws_the_punctuation_of_prose_and_reports_its_lookalikes(size, cell):
+    """DejaVu Sans Mono squeezes the em dash into the en dash's cell, and draws ’ as ʼ and ” as ˮ
+    (`benchmarks/results/lookalikes-dejavu.md`): the character of prose keeps the cell, the other is reported."""
+    font = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "DejaVuSansMono.ttf")
+    settings = {**SETTINGS, "font_path": font, "font_size": size, "min_font_size": size, "char_width": cell[0],
+                "line_height": cell[1]}
+    for prose, lookalike in (("\u2019", "\u02bc"), ("\u201d", "\u02ee"), ("\u2014", "\u2013"), ("\u2022", "\u2219")):
+        drawn, reported = render_with_policy(f"x{prose}y", settings), render_with_policy(f"x{lookalike}y", settings)
+        assert drawn[1].ok and drawn[0] is not None
+        assert reported[0] is None and reported[1].undrawable == {lookalike}
