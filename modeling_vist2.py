@@ -702,7 +702,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []),
                                                               TokenizerIdsOnly(len(tokenizer))])
         if kwargs.get("stop_strings") is not None and kwargs.get("tokenizer") is None:
-            kwargs["tokenizer"] = tokenizer or self.own_processor().tokenizer  # (raises, naming the fix, if none)
+            kwargs["tokenizer"] = self.own_processor().tokenizer if tokenizer is None else tokenizer  # (or names the fix)
         cache, legacy_cache = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
         cache = legacy_cache if cache is None else cache
         if cache is not None and not isinstance(cache, VIST2Cache):
