@@ -152,7 +152,7 @@ class VIST2Cache(DynamicCache):
         self.cuda_graphs, self.decode_graph = cuda_graphs, None  # see VIST2ForCausalLM.uses_decode_graph
         self.live = self.recent = self.next_position = self.open_chunk = self.next_logits = None
         self.entries, self.open_length, self.prefix_length = [], [], []  # per row; prefix_length: the prompt's chunk 0
-        self.seen = 0
+        self.seen, self.continuable = 0, True
         self.reports = []  # how each chunk closed while writing was rendered (for generate's summary warning)
 
     @property
@@ -663,8 +663,11 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         for key in REPORT_KEYS:
             kwargs.pop(key, None)
         cache = past_key_values if cache is None else cache
-        if isinstance(cache, VIST2Cache) and cache.is_prefilled:
-            return self.decode_step(input_ids, cache, logits_to_keep)
+        if isinstance(cache, VIST2Cache) and cache.is_prefilled:  # several new tokens: a decode step each
+            steps = [self.decode_step(input_ids[:, i : i + 1], cache).logits for i in range(input_ids.shape[1])]
+            logits = torch.cat(steps, 1) if len(steps) > 1 else steps[0]
+            logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
+            return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
         if chunk_ids is None and not (input_ids == self.config.sketch_token_id).any():
             return self.forward_text(input_ids, attention_mask, labels, cache, use_cache, logits_to_keep, **kwargs)
         out = super().forward(input_ids, attention_mask, chunk_ids, pixel_values, cache=cache, use_cache=use_cache,
@@ -686,12 +689,13 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         self.check_generation_mode(kwargs)
         # transformers' own chunked prefill cannot split sketches: VIST2 takes the setting (of the caller's
         # generation_config; of the model's own unless prefill_chunk_size is given) and blocks the prefill itself.
-        passed = getattr(kwargs.get("generation_config"), "prefill_chunk_size", None)
-        saved = getattr(self.generation_config, "prefill_chunk_size", None)
-        if passed is not None or saved is not None:
-            kwargs["prefill_chunk_size"] = None
-            if passed is not None or prefill_chunk_size == "auto":
-                prefill_chunk_size = passed if passed is not None else saved
+        passed_config = kwargs.get("generation_config")
+        passed, saved = (getattr(config, "prefill_chunk_size", None) for config in (passed_config, self.generation_config))
+        if passed is not None:
+            prefill_chunk_size = passed
+            kwargs["generation_config"] = passed_config.from_dict(passed_config.to_dict(), prefill_chunk_size=None)
+        elif saved is not None and prefill_chunk_size == "auto":
+            prefill_chunk_size = saved
         if processor is not None:
             self.check_processor(processor)
         try:  # the tokenizer that reads what is written (a model without one still writes within its open chunk)
@@ -701,7 +705,9 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if tokenizer is not None and len(tokenizer) < self.get_output_embeddings().out_features:  # padded embeddings
             kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []),
                                                               TokenizerIdsOnly(len(tokenizer))])
-        if kwargs.get("stop_strings") is not None and kwargs.get("tokenizer") is None:
+        stop_strings = [kwargs.get("stop_strings")] + [getattr(c, "stop_strings", None) for c in (passed_config,
+                                                                                                 self.generation_config)]
+        if stop_strings != [None] * 3 and kwargs.get("tokenizer") is None:  # (given, or in either config)
             kwargs["tokenizer"] = self.own_processor().tokenizer if tokenizer is None else tokenizer  # (or names the fix)
         cache, legacy_cache = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
         cache = legacy_cache if cache is None else cache
@@ -737,7 +743,14 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         for key in REPORT_KEYS:
             kwargs.pop(key, None)
         closed_before = len(cache.reports)
-        output = super().generate(inputs, **kwargs)
+        try:  # (the model's own setting would be merged into any generation_config transformers is given)
+            if saved is not None:
+                self.generation_config.prefill_chunk_size = None
+            output = super().generate(inputs, **kwargs)
+        finally:
+            if saved is not None:
+                self.generation_config.prefill_chunk_size = saved
+        cache.continuable = not beams  # beam search returns its finished beams, not the rows its cache holds
         if cache.processor is not None:
             cache.processor.kept_as_text(cache.reports[closed_before:], stacklevel=2)
         return output
@@ -887,13 +900,16 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         """A prefilled cache continued with its sequence and new tokens after it (a reply appended to an earlier
         generate's `sequences`, a question after `read`'s `input_ids`): all new tokens but the last, which generate
         feeds, go in as decode steps, one at a time, closing chunks as writing does."""
-        seen, pending = cache.seen, cache.next_logits is not None
-        new = input_ids.shape[1] - seen
+        if not cache.continuable:
+            raise ValueError("this cache ended a beam search, whose sequences are its finished beams, not the rows the "
+                             "cache holds. Fix: pass the sequence without the cache")
+        seen, pending, last = cache.seen, cache.next_logits is not None, min(cache.open_length + [cache.seen])
+        new = input_ids.shape[1] - seen  # `last`: the open chunk's tokens, the caller's last columns in every row
         if input_ids.shape[0] != len(cache.entries) or new < (0 if pending else 1) or not torch.equal(
-                input_ids[:, seen - 1].to(cache.recent.device), cache.recent[:, -1]):
+                input_ids[:, seen - last : seen].to(cache.recent.device), cache.recent[:, -last:]):
             raise ValueError(f"input_ids ({tuple(input_ids.shape)}) do not continue the sequence this cache has taken "
-                             f"in ({len(cache.entries)} rows, {seen} columns, the last {cache.recent[:, -1].tolist()}). "
-                             "Fix: pass the whole sequence (the earlier output's sequences, or read's input_ids) with "
+                             f"in ({len(cache.entries)} rows, {seen} columns, ending {cache.recent[:, -last:].tolist()})"
+                             ". Fix: pass the whole sequence (the earlier output's sequences, or read's input_ids) with "
                              "the new tokens after it")
         if attention_mask is not None and not attention_mask[:, seen:].all():
             raise ValueError("attention_mask: the tokens after those the cache has taken in hold padding. Fix: append "

@@ -464,13 +464,13 @@ class VIST2Processor(ProcessorMixin):
                  **kwargs):
         """Encode `text` (compressed chunk by chunk) after an optional `prefix` (kept as text): strings or lists of
         strings of equal length. Batches are left-padded, as tensors."""
-        honoured = {("return_tensors", "pt"), ("padding", True), ("padding", "longest")}  # what a batch always is
+        honoured = {"return_tensors": ("pt",), "padding": (True, "longest")}  # what a batch always is
         unsupported = {key: value for key, value in {**kwargs, "return_tensors": return_tensors}.items()
-                       if (key, value) not in honoured}
+                       if value is not None and not any(value is v or value == v for v in honoured.get(key, ()))}
         if unsupported:
-            raise ValueError(f"VIST2Processor: {unsupported} would not be applied: a VIST2 model compresses long text "
-                             "instead of cutting it, and takes left-padded torch tensors. Fix: drop them (cut the text "
-                             "yourself if you must)")
+            raise ValueError(f"VIST2Processor: {unsupported} would not be applied: it takes text (and a prefix), "
+                             "compresses long text instead of cutting it and returns left-padded torch tensors. Fix: "
+                             "drop them (cut the text yourself if you must)")
         texts = [text] if isinstance(text, str) or text is None else list(text)
         prefixes = [prefix] * len(texts) if isinstance(prefix, str) or prefix is None else list(prefix)
         if len(prefixes) != len(texts):
@@ -485,9 +485,9 @@ class VIST2Processor(ProcessorMixin):
 
     def iter_chunks(self, text, piece_chars: int = 1 << 16):
         """Stream `text` (a string, or token ids): `(token_ids, sketch or None, report)` per closed chunk, then
-        `(token_ids, None, None)` for the open one. A piece ends where its last pre-token starts (the only one more
-        text can change) unless normalising would join it to what precedes it (a combining mark: then one before), so
-        the tokens equal those of the whole text at once."""
+        `(token_ids, None, None)` for the open one. A piece ends where its second-to-last pre-token starts (more text
+        changes only the last two) unless normalising would join it to what precedes it (a combining mark: then one
+        before), so the tokens equal those of the whole text at once."""
         pending = []
         for piece in self.token_pieces(text, piece_chars) if isinstance(text, str) else [list(map(int, text))]:
             pending += piece
@@ -511,8 +511,9 @@ class VIST2Processor(ProcessorMixin):
             while end < len(text):
                 check_characters(text[start:end], offset=start)
                 starts = [span[0] for _, span in pre_tokenizer.pre_tokenize_str(text[start:end])] if pre_tokenizer else []
-                cut = next((cut for cut in reversed(starts) if cut > 0 and separable(start + cut)), 0)
-                if cut > 0:  # end the piece where its last pre-token starts (that normalising leaves apart)
+                # More text can change the last two pre-tokens ("they'r" + "e": "they", "'", "r" become "they", "'re").
+                cut = next((cut for cut in reversed(starts[:-1]) if cut > 0 and separable(start + cut)), 0)
+                if cut > 0:  # end the piece where its last pre-tokens start (that normalising leaves apart)
                     end = start + cut
                     break
                 end = min(len(text), end + piece_chars)  # one pre-token fills the piece: take more text

@@ -122,6 +122,15 @@ def load_conversations(args, chunk_size):
     return [{"messages": messages} for messages in conversations]
 
 
+def stop_at_reply_end(model, tokenizer):
+    """Replies are trained to end with `<|im_end|>` (`encode_conversation`): generation stops there too, not only at
+    the eos token, or a chat model would write on past its turn."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.eos_token_id = [end] + [i for i in ids if i != end]
+
+
 def main(argv=None):
     args = parse_args(argv)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch, one log suffices
@@ -133,6 +142,7 @@ def main(argv=None):
     if tokenizer is None and not (args.base or args.text_model):
         tokenizer = str(REPO / "tokenization" / "demo_tokenizer")
     model, processor = load_or_build_model(args.base, args.text_model, args.vision_model, args.config, tokenizer)
+    stop_at_reply_end(model, processor.tokenizer)
     if not args.base:
         if not args.text_model:
             logger.warning("training LoRA on a randomly initialised base: with a frozen random LM head the loss can "
@@ -168,6 +178,7 @@ def main(argv=None):
             # Merge a reloaded copy (merge_and_unload rewrites the model it is called on): base + saved adapter.
             base = VIST2ForCausalLM.from_pretrained(model.peft_config["default"].base_model_name_or_path)
             merged = PeftModel.from_pretrained(base, output_dir).merge_and_unload()
+            stop_at_reply_end(merged, processor.tokenizer)
             merged.save_pretrained(output_dir / "merged")
             processor.save_pretrained(output_dir / "merged")
             logger.info(f"saved the merged model to {output_dir / 'merged'}")

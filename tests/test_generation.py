@@ -1,5 +1,6 @@
 """Compressed-context generation equals the training forward, step by step, and keeps the cache bounded."""
 
+import logging
 import threading
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import (DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer,
                           TextStreamer)
+from transformers.utils import logging as hf_logging
 
 from conftest import READ_BACK_OPERATORS, SAMPLE_TEXT
 from vist2 import VIST2Cache
@@ -121,12 +123,33 @@ def test_a_generation_config_prefill_chunk_size_sets_the_prefill_blocks(model, p
     prefill_passes = model.prefill_passes
     monkeypatch.setattr(model, "prefill_passes", lambda *args: blocks.append(args[0]) or prefill_passes(*args))
     inputs = processor(text=SAMPLE_TEXT[:400])
-    config = GenerationConfig(max_new_tokens=10, do_sample=False, prefill_chunk_size=5)
-    out = model.generate(**inputs, processor=processor, generation_config=config, suppress_tokens=ascii_only)
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, prefill_chunk_size=5, suppress_tokens=ascii_only)
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:  # (a generation_config and nothing else, as a pipeline passes it)
+        out = model.generate(**inputs, processor=processor, generation_config=config)
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
     assert blocks == [5] and config.prefill_chunk_size == 5  # the caller's config is not changed
+    assert not [message for message in records if "deprecated" in message]
     one_pass = model.generate(**inputs, processor=processor, max_new_tokens=10, do_sample=False,
                               prefill_chunk_size=None, suppress_tokens=ascii_only)
     assert out.tolist() == one_pass.tolist() and blocks == [5, None]
+
+
+@pytest.mark.parametrize("where", ["generation_config", "the model's generation_config"])
+def test_stop_strings_in_a_generation_config_stop_generation(model, processor, monkeypatch, where):
+    inputs = processor(text=SAMPLE_TEXT[:100])
+    free = model.generate(**inputs, processor=processor, max_new_tokens=12, do_sample=False)
+    stop = processor.decode(free[0, inputs["input_ids"].shape[1] + 3 :][:1])  # the text of the 4th new token
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, stop_strings=[stop])
+    if where != "generation_config":
+        monkeypatch.setattr(model.generation_config, "stop_strings", [stop])
+        config.stop_strings = None
+    out = model.generate(**inputs, processor=processor, generation_config=config)
+    assert out.shape[1] <= inputs["input_ids"].shape[1] + 4 < free.shape[1]
 
 
 def test_a_prefill_chunk_size_given_with_a_cache_sets_its_prefill_blocks(model, processor, config, monkeypatch):
@@ -348,6 +371,29 @@ def test_a_cache_continued_with_new_tokens_takes_them_all_in(model, processor, a
     assert continued.sequences[:, -8:].tolist() == at_once.sequences[:, -8:].tolist()
     for a, b in zip(continued.logits, at_once.logits, strict=True):
         torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=0)
+
+
+def test_a_forward_of_several_new_tokens_on_a_filled_cache_takes_them_all_in(model, processor, ascii_only):
+    """A decoding loop of one's own may feed a filled cache several tokens in one call: each goes in, in order."""
+    kwargs = dict(processor=processor, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                  suppress_tokens=ascii_only)
+    earlier = model.generate(input_ids=torch.tensor([processor.encode(SAMPLE_TEXT[:200])]), max_new_tokens=3, **kwargs)
+    question = torch.tensor([processor.encode(QUESTION)])
+    with torch.no_grad():  # the last written token, not yet fed, then the question
+        fed = model(input_ids=torch.cat([earlier.sequences[:, -1:], question], 1), cache=earlier[CACHE_KWARG])
+    at_once = model.generate(input_ids=torch.cat([earlier.sequences, question], 1), max_new_tokens=1, **kwargs)
+    assert fed.logits.shape[1] == 1 + question.shape[1]
+    torch.testing.assert_close(fed.logits[:, -1], at_once.logits[0], atol=TOLERANCE, rtol=0)
+
+
+def test_a_cache_that_ended_a_beam_search_is_refused_when_continued(model, processor, ascii_only):
+    # Beam search returns its finished beams, which need not be the rows its cache holds.
+    earlier = model.generate(input_ids=torch.tensor([processor.encode(SAMPLE_TEXT[:200])]), processor=processor,
+                             max_new_tokens=4, num_beams=2, return_dict_in_generate=True, suppress_tokens=ascii_only)
+    question = torch.tensor([processor.encode(QUESTION)])
+    with pytest.raises(ValueError, match="ended a beam search.*Fix: pass the sequence without the cache"):
+        model.generate(input_ids=torch.cat([earlier.sequences, question], 1), cache=earlier[CACHE_KWARG],
+                       processor=processor, max_new_tokens=2)
 
 
 def test_a_cache_given_tokens_that_do_not_continue_its_sequence_is_refused(model, processor, ascii_only):

@@ -440,6 +440,7 @@ def test_streaming_encodes_one_piece_at_a_time(processor, monkeypatch):
 @pytest.mark.parametrize("text, piece_chars", [
     (DOCSTRING_TEXT, 16), (DOCSTRING_TEXT, 40), (DOCSTRING_TEXT, 97),  # cuts inside newline + indentation runs
     ("".join(SAMPLE_TEXT.split())[:600], 97),  # no whitespace in a piece: a hard cut inside a word
+    *((("They're sure we'll see you've been there. " * 6), size) for size in range(5, 60, 3)),  # a cut in "'re"
 ])
 def test_streamed_tokens_equal_the_whole_text_with_the_demo_tokenizer(demo_processor, text, piece_chars):
     streamed = [t for ids, _, _ in demo_processor.iter_chunks(text, piece_chars=piece_chars) for t in ids]

@@ -231,7 +231,7 @@ def test_a_chunk_that_starts_a_word_draws_unlike_one_that_goes_on_with_the_word_
 
 
 @pytest.mark.parametrize("option", [dict(truncation=True, max_length=8), dict(return_tensors="np"),
-                                    dict(padding="max_length", max_length=64)])
+                                    dict(padding="max_length", max_length=64), dict(images=[])])
 def test_an_option_a_processor_call_would_not_apply_is_refused(processor, option):
     with pytest.raises(ValueError, match=r"would not be applied: .*Fix: drop them"):
         processor(text=SAMPLE_TEXT[:400], **option)
@@ -239,5 +239,5 @@ def test_an_option_a_processor_call_would_not_apply_is_refused(processor, option
 
 def test_the_options_a_processor_call_always_applies_are_accepted(processor):
     plain = processor(text=[SAMPLE_TEXT[:400], SAMPLE_TEXT[:50]])
-    said = processor(text=[SAMPLE_TEXT[:400], SAMPLE_TEXT[:50]], padding=True, return_tensors="pt")
+    said = processor(text=[SAMPLE_TEXT[:400], SAMPLE_TEXT[:50]], padding=True, return_tensors="pt", images=None)
     assert torch.equal(plain["input_ids"], said["input_ids"]) and torch.equal(plain["chunk_ids"], said["chunk_ids"])

@@ -372,6 +372,15 @@ def test_instruct_script_loss_falls_on_assistant_text(instructed):
     assert last < first - 0.2, (first, last)
 
 
+def test_an_instructed_model_stops_writing_at_the_end_of_its_reply(instructed):
+    _, out, result = instructed
+    end = result["processor"].tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = result["processor"].tokenizer.eos_token_id
+    assert result["model"].generation_config.eos_token_id == [end, eos]
+    saved = json.loads((out / "merged" / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [end, eos]
+
+
 def test_conversation_labels_cover_assistant_replies_only(processor):
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": SAMPLE_TEXT[:300] + "\nSummarise."},
