@@ -663,9 +663,12 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         for key in REPORT_KEYS:
             kwargs.pop(key, None)
         cache = past_key_values if cache is None else cache
-        if isinstance(cache, VIST2Cache) and cache.is_prefilled:  # several new tokens: a decode step each
-            steps = [self.decode_step(input_ids[:, i : i + 1], cache).logits for i in range(input_ids.shape[1])]
-            logits = torch.cat(steps, 1) if len(steps) > 1 else steps[0]
+        if isinstance(cache, VIST2Cache) and cache.is_prefilled:
+            if input_ids.shape[1] == 1:
+                return self.decode_step(input_ids, cache, logits_to_keep)
+            # Several new tokens (a decoding loop of one's own): a decode step each, closing chunks as writing does.
+            logits = torch.cat([self.decode_step(input_ids[:, i : i + 1], cache).logits
+                                for i in range(input_ids.shape[1])], 1)
             logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
             return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
         if chunk_ids is None and not (input_ids == self.config.sketch_token_id).any():
