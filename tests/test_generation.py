@@ -655,6 +655,9 @@ def test_a_decode_step_makes_about_the_python_calls_of_the_backbones_step(model,
 
     vist2 = calls_per_step(model, **inputs, processor=processor)
     backbone = calls_per_step(model.language_model, input_ids=ids, attention_mask=torch.ones_like(ids))
-    # A handful more is allowed: the accessors through which VIST2 reaches the decoder, embeddings and head, whose cost
-    # depends on the transformers release (none under 5.25, where the step makes fewer calls; about 60 under 5.6).
-    assert vist2 <= backbone + 100, (vist2, backbone)
+    # A handful more is allowed, and the accessors through which VIST2 reaches the decoder, embeddings and head, whose
+    # cost depends on the transformers release (none under 5.25, where the step makes 6 fewer calls; 64 under 5.6).
+    from packaging.version import Version
+    from transformers import __version__
+
+    assert vist2 <= backbone + (10 if Version(__version__) >= Version("5.25") else 80), (vist2, backbone)
