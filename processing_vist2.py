@@ -283,6 +283,7 @@ class VIST2Processor(ProcessorMixin):
         # after an anchor (one letter's token), whose own text is then cut off.
         letters = [] if self.byte_of else [self.encode(letter) for letter in "xqzjkvw"]
         self.anchor = next((ids for ids in letters if len(ids) == 1), None)
+        self.anchor_text = self.anchor and self.tokenizer.decode(self.anchor, clean_up_tokenization_spaces=False)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -352,10 +353,11 @@ class VIST2Processor(ProcessorMixin):
         marks). `literal_marks`, if given, collects the glyph characters the text itself holds."""
         def decode(ids):
             ids, settings = list(ids), dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            text = self.tokenizer.decode(ids, **settings)
-            if self.anchor and ids:  # (see __init__)
-                anchored, lead = (self.tokenizer.decode(self.anchor + tail, **settings) for tail in (ids, []))
-                text = anchored[len(lead):] if anchored.startswith(lead) else text
+            anchored = self.tokenizer.decode(self.anchor + ids, **settings) if self.anchor and ids else None
+            if anchored is not None and anchored.startswith(self.anchor_text):  # (see __init__)
+                text = anchored[len(self.anchor_text):]
+            else:
+                text = self.tokenizer.decode(ids, **settings)
             if "\ufffd" in text and self.byte_of:  # maybe a character cut by the chunk's edge: read the bytes
                 spelled = "".join(self.tokenizer.convert_ids_to_tokens(list(ids)))
                 if all(char in self.byte_of for char in spelled):
