@@ -40,8 +40,8 @@ def main():
     lines = [f"# Characters drawn alike: {Path(args.font).name}", "", "```", f"python benchmarks/lookalikes.py --font "
              f"{Path(args.font).name} --cells {' '.join(args.cells)} --name {args.name}", "```", "",
              f"{datetime.datetime.now().isoformat(timespec='seconds')}. Code points U+0020-U+FFFF; the lookalike check "
-             f"covers the {len(LOOKALIKE_REPERTOIRE)} characters of `LOOKALIKE_REPERTOIRE` (ASCII, Latin-1 and Latin "
-             "Extended, Greek, Cyrillic); a group below is drawn alike although it should not be.", ""]
+             f"compares a character with those before it among the {len(LOOKALIKE_REPERTOIRE)} of `LOOKALIKE_REPERTOIRE` "
+             "(processing_vist2.py); a group below is drawn alike although it should not be.", ""]
     for cell in args.cells:
         size, shape = cell.split(":")
         width, height = map(int, shape.split("x"))
