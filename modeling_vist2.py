@@ -666,9 +666,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if isinstance(cache, VIST2Cache) and cache.is_prefilled:
             if input_ids.shape[1] == 1:
                 return self.decode_step(input_ids, cache, logits_to_keep)
-            # Several new tokens (a decoding loop of one's own): a decode step each, closing chunks as writing does.
-            logits = torch.cat([self.decode_step(input_ids[:, i : i + 1], cache).logits
-                                for i in range(input_ids.shape[1])], 1)
+            logits = self.feed_tokens(cache, input_ids)  # several new tokens (a decoding loop of one's own)
             logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
             return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
         if chunk_ids is None and not (input_ids == self.config.sketch_token_id).any():
@@ -919,8 +917,11 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                              "the same number of new tokens to every row")
         if new > (0 if pending else 1):
             cache.next_logits = None  # they were the last seen token's: the new tokens come first
-            for column in range(seen, input_ids.shape[1] - 1):
-                self.decode_step(input_ids[:, column : column + 1].to(cache.recent.device), cache)
+            self.feed_tokens(cache, input_ids[:, seen:-1].to(cache.recent.device))
+
+    def feed_tokens(self, cache: VIST2Cache, input_ids):
+        """New tokens into a prefilled cache, a decode step each, closing chunks as writing does: their logits."""
+        return torch.cat([self.decode_step(input_ids[:, i : i + 1], cache).logits for i in range(input_ids.shape[1])], 1)
 
     def uses_decode_graph(self, cache: VIST2Cache) -> bool:
         """`cache.cuda_graphs`: None (the default) captures the decode step on a GPU where the attention takes a mask
