@@ -494,12 +494,19 @@ class VIST2Model(VIST2PreTrainedModel):
                              "so the row has nothing to start from. Fix: drop that row, or encode it with the "
                              "processor (an empty text gets its bos token)")
 
-    def lay_out(self, input_ids, attention_mask=None, processor=None, keep_closed_text=False):
-        """Plain token ids -> the processor's batch for them, and which input positions are real (not padding)."""
+    def lay_out(self, input_ids, attention_mask=None, processor=None, keep_closed_text=False, reports=None):
+        """Plain token ids -> the processor's batch for them, and which input positions are real (not padding). How
+        the closed chunks were drawn goes to `reports` (a cache's, summed up by generate), or into a warning now."""
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         rows = [row[keep].tolist() for row, keep in zip(input_ids, real)]
         processor = self.own_processor() if processor is None else processor
-        return processor.layout_token_ids(rows, keep_closed_text).to(input_ids.device), real
+        batch = processor.layout_token_ids(rows, keep_closed_text).to(input_ids.device)
+        closed = [report for sample in processor.last_report for report in sample]
+        if reports is None:
+            processor.kept_as_text(closed, stacklevel=4)  # (kept_as_text, lay_out, forward: the caller's line)
+        else:
+            reports += closed
+        return batch, real
 
     # -- sketches -----------------------------------------------------------------------------------------------------
     def check_pixel_values(self, pixel_values):
@@ -726,7 +733,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if cuda_graphs is not None or beams:  # beam search reorders the rows every step: a graph would not last
             cache.cuda_graphs = cuda_graphs if cuda_graphs is not None else False
         kwargs[CACHE_KWARG] = cache
-        input_ids = kwargs.get("input_ids", inputs)
+        input_ids, closed_before = kwargs.get("input_ids", inputs), len(cache.reports)
         if cache.is_prefilled and input_ids is not None:
             self.take_in(cache, input_ids, kwargs.get("attention_mask"))
         placeholders = input_ids is not None and (input_ids == self.config.sketch_token_id).any()
@@ -743,7 +750,6 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                 kwargs["pixel_values"] = list(pixel_values.split(per_row))
         for key in REPORT_KEYS:
             kwargs.pop(key, None)
-        closed_before = len(cache.reports)
         try:  # (the model's own setting would be merged into any generation_config transformers is given)
             if saved is not None:
                 self.generation_config.prefill_chunk_size = None
@@ -814,7 +820,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         token positions: at each token, the logits generation would give there."""
         processor = getattr(cache, "processor", None)
         if use_cache or isinstance(cache, VIST2Cache):
-            layout, _ = self.lay_out(input_ids, attention_mask, processor)
+            layout, _ = self.lay_out(input_ids, attention_mask, processor, reports=getattr(cache, "reports", None))
             out = self(**layout, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
             getattr(out, CACHE_KWARG).seen = input_ids.shape[1]  # the caller's columns, not the layout's
             return out
@@ -915,6 +921,12 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if attention_mask is not None and not attention_mask[:, seen:].all():
             raise ValueError("attention_mask: the tokens after those the cache has taken in hold padding. Fix: append "
                              "the same number of new tokens to every row")
+        taken = None if attention_mask is None else attention_mask[:, :seen].bool()
+        if taken is not None and (~taken & (taken.cumsum(1) > 0)).any():  # masked after a row's first token
+            row = int((~taken & (taken.cumsum(1) > 0)).any(1).nonzero()[0])
+            raise ValueError(f"attention_mask: row {row} masks tokens after its start that the cache has taken in (the "
+                             "padding after a row finished, say), which it cannot unsee: they may be sketches by now. "
+                             "Fix: pass attention_mask 1 there (as generate fed them), or the sequence without the cache")
         if new > (0 if pending else 1):
             cache.next_logits = None  # they were the last seen token's: the new tokens come first
             self.feed_tokens(cache, input_ids[:, seen:-1].to(cache.recent.device))

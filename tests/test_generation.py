@@ -551,6 +551,58 @@ def test_chunks_kept_as_text_while_writing_are_summed_up_in_one_warning_at_the_c
     assert f"{kept} of {len(out[CACHE_KWARG].reports)} closed chunks are kept as text" in str(caught[0].message)
 
 
+CJK = " 漢字漢字漢字漢字漢字漢字漢字漢字 "  # the tests' built-in font draws none of it: a chunk holding it stays text
+
+
+def kept_as_text_warnings(run):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return [str(w.message) for w in caught if "kept as text" in str(w.message)]
+
+
+def test_chunks_kept_as_text_in_a_prompt_of_plain_ids_are_summed_up_by_generate(model, processor, ascii_only):
+    ids = torch.tensor([processor.encode(SAMPLE_TEXT[:60] + CJK + SAMPLE_TEXT[60:200])])
+    expected = kept_as_text_warnings(lambda: processor.layout_token_ids(ids[0].tolist()) and processor.kept_as_text(
+        [report for sample in processor.last_report for report in sample], stacklevel=1))
+    caught = kept_as_text_warnings(lambda: model.generate(input_ids=ids, processor=processor, max_new_tokens=1,
+                                                          suppress_tokens=ascii_only))
+    assert len(expected) == len(caught) == 1 and expected[0].split(":")[1] == caught[0].split(":")[1]
+
+
+def test_chunks_kept_as_text_in_the_training_layout_of_plain_ids_are_reported(model, processor, monkeypatch):
+    monkeypatch.setattr(model, "_own_processor", processor, raising=False)  # the processor a loaded model builds
+    ids = torch.tensor([processor.encode(SAMPLE_TEXT[:60] + CJK + SAMPLE_TEXT[60:200])])
+    assert len(kept_as_text_warnings(lambda: model(input_ids=ids))) == 1
+
+
+def test_chunks_kept_as_text_while_a_continued_cache_takes_new_tokens_in_are_reported(model, processor, ascii_only):
+    earlier = model.generate(input_ids=torch.tensor([processor.encode(SAMPLE_TEXT[:100])]), processor=processor,
+                             max_new_tokens=3, do_sample=False, return_dict_in_generate=True, suppress_tokens=ascii_only)
+    question = torch.tensor([processor.encode(CJK + SAMPLE_TEXT[:40])])
+    cache, before = earlier[CACHE_KWARG], len(earlier[CACHE_KWARG].reports)
+    caught = kept_as_text_warnings(lambda: model.generate(input_ids=torch.cat([earlier.sequences, question], 1),
+                                                          cache=cache, processor=processor, max_new_tokens=1,
+                                                          suppress_tokens=ascii_only))
+    kept = sum(not report.ok for report in cache.reports[before:])
+    assert kept >= 1 and len(caught) == 1 and f"{kept} of {len(cache.reports) - before} closed" in caught[0]
+
+
+def test_a_continued_cache_refuses_a_mask_over_tokens_it_has_taken_in(model, processor, ascii_only):
+    """Padding written after a row finished went into the cache (maybe into a sketch): masking it later cannot undo
+    that, so it is refused rather than silently seen."""
+    earlier = model.generate(input_ids=torch.tensor([processor.encode(SAMPLE_TEXT[:100])]), processor=processor,
+                             max_new_tokens=6, do_sample=False, return_dict_in_generate=True, suppress_tokens=ascii_only)
+    sequence = torch.cat([earlier.sequences, torch.tensor([processor.encode(QUESTION)])], 1)
+    mask = torch.ones_like(sequence)
+    mask[0, earlier.sequences.shape[1] - 3] = 0  # a token already taken in
+    with pytest.raises(ValueError, match="row 0 masks tokens after its start that the cache has taken in.*Fix"):
+        model.generate(input_ids=sequence, attention_mask=mask, cache=earlier[CACHE_KWARG], processor=processor,
+                       max_new_tokens=1)
+
+
 @pytest.mark.parametrize("given", ["processor", "model.tokenizer", "plain ids"])
 def test_generation_never_writes_an_id_the_tokenizer_cannot_decode(tokenizer, processor, given):
     from vist2 import VIST2ForCausalLM
