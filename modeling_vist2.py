@@ -683,7 +683,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         loss = None
         if labels is not None:
             kinds = token_kinds(input_ids, attention_mask, self.config.sketch_token_id)
-            loss = self.text_stream_loss(out.last_hidden_state, labels, kinds, kwargs.get("num_items_in_batch"))
+            loss = self.text_stream_loss(out.last_hidden_state, labels, kinds, chunk_ids,
+                                         kwargs.get("num_items_in_batch"))
         logits = self.next_token_logits(out.last_hidden_state, logits_to_keep)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
 
@@ -842,13 +843,15 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         logits[..., self.config.sketch_token_id] = torch.finfo(logits.dtype).min
         return logits
 
-    def text_stream_loss(self, hidden, labels, kinds, num_items_in_batch=None):
-        """Next-token loss along the text stream: sketches are skipped, not predicted."""
+    def text_stream_loss(self, hidden, labels, kinds, chunk_ids, num_items_in_batch=None):
+        """Next-token loss along the text stream: sketches are skipped, not predicted. Where the stream skips a chunk
+        (the generation layout holds no text of sketched chunks), the token after the gap is not the next one: no loss."""
         is_text = kinds == TEXT
         order = torch.sort((~is_text).int(), dim=1, stable=True).indices  # text positions first, in flat order
         stream_labels = labels.gather(1, order).masked_fill(~is_text.gather(1, order), -100)
+        stream_chunks = chunk_ids.gather(1, order)
         targets = torch.full_like(stream_labels, -100)
-        targets[:, :-1] = stream_labels[:, 1:]
+        targets[:, :-1] = stream_labels[:, 1:].masked_fill(stream_chunks[:, 1:] > stream_chunks[:, :-1] + 1, -100)
         picked = targets != -100
         rows, cols = picked.nonzero(as_tuple=True)
         logits = self.next_token_logits(hidden[rows, order[rows, cols]]).float()

@@ -425,12 +425,16 @@ class VIST2Processor(ProcessorMixin):
         chunks = split_into_chunks(stream_ids, self.chunk_size)
         label_chunks = split_into_chunks(trainable, self.chunk_size)
         images, reports = self.sketch_chunks(chunks[:-1])
+        last_text = 0  # the last chunk whose text the layout holds (the prefix: 0)
         for index, (chunk, keep) in enumerate(zip(chunks, label_chunks), start=1):
             sketched = index < len(chunks) and images[index - 1] is not None  # the last chunk is open
             ids, ids_chunks, text_length = self.chunk_layout(index, chunk, sketched, keep_closed_text)
             input_ids += ids
             chunk_ids += ids_chunks
             labels += [t if k else IGNORE_INDEX for t, k in zip(chunk[:text_length], keep)]
+            if text_length and last_text < index - 1:  # text before it is missing: its first token has no predictor
+                labels[len(input_ids) - len(ids)] = IGNORE_INDEX
+            last_text = index if text_length else last_text
             labels += [IGNORE_INDEX] * (len(ids) - text_length)
         labels[0] = IGNORE_INDEX  # nothing predicts the first token: keeps Trainer's num_items_in_batch exact
         return {"input_ids": input_ids, "chunk_ids": chunk_ids, "labels": labels, "report": reports,

@@ -48,6 +48,23 @@ def test_sketch_positions_carry_no_label(model, training_batch, config):
     torch.testing.assert_close(model(**dict(training_batch, labels=labels)).loss, model(**training_batch).loss)
 
 
+def test_the_generation_layout_trains_no_token_on_the_text_before_a_sketched_chunk(model, processor, config):
+    """`P V_1 ... V_{K-1} c_K` holds no text of the sketched chunks: the prefix's last token is not followed by c_K's
+    first, so that pair carries no loss, whether the labels come from the processor or are the input ids."""
+    batch = processor(text=SAMPLE_TEXT[:300], prefix="Sys.", return_labels=True)
+    kinds = token_kinds(batch["input_ids"], batch["attention_mask"], config.sketch_token_id)[0]
+    text = (kinds == TEXT).nonzero()[:, 0]
+    prefix = int(((batch["chunk_ids"][0] == 0) & (kinds == TEXT)).sum())
+    assert (batch["chunk_ids"][0, text] > 1).any(), "closed chunks were sketched"
+    assert batch["labels"][0, text[prefix]] == IGNORE_INDEX  # the open chunk's first token
+    stream = (kinds[None] == TEXT) & (batch["chunk_ids"] > 0)  # the processor labels no prefix token
+    as_ids = dict(batch, labels=batch["input_ids"].masked_fill(~stream, IGNORE_INDEX))
+    logits = model(**batch).logits[0]
+    expected = F.cross_entropy(logits[text[prefix:-1]], batch["input_ids"][0, text[prefix + 1 :]])  # after the gap
+    torch.testing.assert_close(model(**batch).loss, expected)
+    torch.testing.assert_close(model(**as_ids).loss, expected)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, training_batch):
     grads = []
     for checkpointing in (False, True):
