@@ -81,6 +81,9 @@ def validate_sketch_settings(settings: dict, name: str):
     for field in ("foreground", "background"):
         if not isinstance(settings[field], int) or not 0 <= settings[field] <= 255:
             fail(field, f"grey level {settings[field]!r} out of range", "use an integer in 0..255")
+    if settings["foreground"] == settings["background"]:
+        fail("foreground", f"equals background ({settings['background']}): ink on paper of its own grey shows nothing",
+             "use two grey levels, e.g. foreground=0, background=255")
     for field, low in (("image_mean", -math.inf), ("image_std", 0)):
         value = settings[field]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < math.inf:
@@ -190,7 +193,9 @@ class VIST2Config(PretrainedConfig):
             near = difflib.get_close_matches(key, VIST2_KEYS, n=1, cutoff=0.8)
             if near:
                 raise ValueError(f"VIST2Config.{key}: not a VIST2 setting. Fix: did you mean {near[0]!r}?")
-        kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
+        if "tie_word_embeddings" in kwargs:  # the decoder ties its head by its own config: a flag given here goes there
+            self.text_config.tie_word_embeddings = kwargs["tie_word_embeddings"]
+        kwargs["tie_word_embeddings"] = getattr(self.text_config, "tie_word_embeddings", False)
         super().__init__(**kwargs)
         self.validate_vist2()
 

@@ -92,6 +92,7 @@ def test_a_ratio_without_a_geometry_is_refused_with_a_fix_that_works():
         ({"read_back_positions": "before_sketch"}, "read_back_positions", "before_next_chunk"),
         ({"num_channels": 1}, "num_channels", "vision_config.num_channels"),
         ({"foreground": 300}, "foreground", "grey level"),
+        ({"foreground": 255}, "foreground", "equals background"),
         ({"newline_glyph": " "}, "newline_glyph", "one visible character"),
         ({"newline_glyph": "<<"}, "newline_glyph", "one visible character"),
         ({"special_token_glyphs": {"<|endoftext|>": "EOT"}}, "special_token_glyphs", "one visible character"),

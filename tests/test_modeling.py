@@ -65,6 +65,17 @@ def test_the_generation_layout_trains_no_token_on_the_text_before_a_sketched_chu
     torch.testing.assert_close(model(**as_ids).loss, expected)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_tie_word_embeddings_given_to_the_config_ties_the_head_and_is_saved_as_it_is(tokenizer, tmp_path, tie):
+    config = tiny_config(tokenizer, text_config=dict(tiny_config(tokenizer).text_config.to_dict(),
+                                                     tie_word_embeddings=not tie), tie_word_embeddings=tie)
+    model = VIST2ForCausalLM(config)
+    tied = model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert tied == tie == saved["tie_word_embeddings"] == saved["text_config"]["tie_word_embeddings"]
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, training_batch):
     grads = []
     for checkpointing in (False, True):
