@@ -660,6 +660,12 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
     def build_language_model(self, text_config):
         return AutoModelForCausalLM.from_config(text_config)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers records the saved class's auto class only; the checkpoint also loads as VIST2Model (AutoModel).
+        module = type(self).__module__.split(".")[-1]
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{module}.VIST2Model"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def forward(self, input_ids=None, attention_mask=None, chunk_ids=None, pixel_values=None, labels=None, cache=None,
                 use_cache=None, read_back=None, logits_to_keep=0, past_key_values=None, **kwargs):
         r"""

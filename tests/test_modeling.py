@@ -295,7 +295,7 @@ def test_save_pretrained_writes_safetensors_remote_code_and_auto_map(model, proc
             "processing_vist2.py", "processor_config.json"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert auto_map == {"AutoConfig": "configuration_vist2.VIST2Config",
+    assert auto_map == {"AutoConfig": "configuration_vist2.VIST2Config", "AutoModel": "modeling_vist2.VIST2Model",
                         "AutoModelForCausalLM": "modeling_vist2.VIST2ForCausalLM"}
 
 
@@ -315,6 +315,8 @@ REMOTE_CODE_SCRIPT = textwrap.dedent("""
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    from transformers import AutoModel
+    assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "VIST2Model"
     batch = processor(text=text, keep_closed_text=True)
     with torch.no_grad():
         logits = model(**batch).logits
