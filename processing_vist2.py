@@ -340,8 +340,12 @@ class VIST2Processor(ProcessorMixin):
 
     # -- rendering ----------------------------------------------------------------------------------------------------
     def render(self, text: str) -> Image.Image:
-        """One chunk's sketch at the configured size (overflowing text is cut; see `render_with_policy`)."""
-        return Image.fromarray(render_chunk(text, self.sketch_settings)[0], mode="L")
+        """One chunk's sketch at the configured size (overflowing text is cut; see `render_with_policy`). Warns, as a
+        processor call does, where the model would keep the text as text rather than draw this."""
+        image, report = render_chunk(text, self.sketch_settings)
+        report.undrawable |= self.marks.intersection(text)
+        self.kept_as_text([report], stacklevel=2)
+        return Image.fromarray(image, mode="L")
 
     def chunk_text(self, token_ids) -> str:
         """A chunk's text to read or print: `sketch_text`, with bytes of a character its edges cut as U+FFFD."""

@@ -114,6 +114,12 @@ def test_render_returns_one_chunk_sketch_as_image(processor, config):
     assert image.size == (config.image_width, config.image_height) and image.mode == "L"
 
 
+@pytest.mark.parametrize("text", ["a\u200bb", "漢x", "x" * 2000])  # a character with no glyph, one the font lacks, overflow
+def test_render_warns_where_the_model_would_keep_the_text_as_text(processor, text):
+    with pytest.warns(UserWarning, match="1 of 1 closed chunks are kept as text"):
+        processor.render(text)
+
+
 def test_conversation_prefix_is_system_and_labels_cover_assistant_replies_only(processor):
     messages = [
         {"role": "system", "content": "Be brief."},
