@@ -91,6 +91,12 @@ def check_layout(kinds, chunk_ids, visual_tokens_per_chunk):
                              "pixel_values from one VIST2Processor call.")
 
 
+def holds_placeholders(input_ids, sketch_token_id, m: int) -> bool:
+    """Whether ids without `chunk_ids` hold a processor batch's placeholders, m `<|sketch|>` in a row; a tokenizer
+    reads the name typed in text as one, which plain ids spell out as text (`VIST2Processor.layout_token_ids`)."""
+    return input_ids.shape[1] >= m and bool((input_ids == sketch_token_id).unfold(1, m, 1).all(-1).any())
+
+
 def prefill_block_ends(kinds, chunk_ids, block: int) -> list[int]:
     """Where to end a prefill's blocks of about `block` entries: never inside a sketch (its tokens see each other)."""
     inside_sketch = (kinds[:, 1:] == SKETCH) & (kinds[:, :-1] == SKETCH) & (chunk_ids[:, 1:] == chunk_ids[:, :-1])
@@ -143,7 +149,8 @@ class VIST2Cache(DynamicCache):
     without padding), how many (`entries`), the open chunk's index, length and last L token ids (`open_chunk`,
     `open_length`, `recent`), `next_position`, and after `read` the logits of the prompt's last token (`next_logits`).
     Counts live on the host (no synchronisation), token ids on the device. `seen`: how many columns of the caller's
-    sequence (its `input_ids`, then generate's `sequences`) it has taken in."""
+    sequence (its `input_ids`, then generate's `sequences`) it has taken in. A row that ended (eos) goes on being fed
+    padding while others write: the chunks it fills are cut, not drawn (`VIST2ForCausalLM.close_chunks`)."""
 
     def __init__(self, config=None, processor=None, prefill_chunk_size: int | str | None = "auto",
                  cuda_graphs: bool | None = None):
@@ -152,7 +159,8 @@ class VIST2Cache(DynamicCache):
         self.cuda_graphs, self.decode_graph = cuda_graphs, None  # see VIST2ForCausalLM.uses_decode_graph
         self.live = self.recent = self.next_position = self.open_chunk = self.next_logits = None
         self.entries, self.open_length, self.prefix_length = [], [], []  # per row; prefix_length: the prompt's chunk 0
-        self.seen, self.continuable = 0, True
+        self.seen, self.not_continuable = 0, None  # why a caller's sequence may not go on from it
+        self.stop = self.sequences = None  # while generate writes: (its eos ids, its first new column), its sequences
         self.reports = []  # how each chunk closed while writing was rendered (for generate's summary warning)
 
     @property
@@ -455,7 +463,8 @@ class VIST2Model(VIST2PreTrainedModel):
         """
         cache = past_key_values if cache is None else cache
         if chunk_ids is None:
-            if (input_ids == self.config.sketch_token_id).any():
+            if pixel_values is not None or holds_placeholders(input_ids, self.config.sketch_token_id,
+                                                              self.config.visual_tokens_per_chunk):
                 raise ValueError("chunk_ids is required: pass the batch VIST2Processor returns")
             laid_out, _ = self.lay_out(input_ids, attention_mask)
             return self(**laid_out, cache=cache, use_cache=use_cache, read_back=read_back)
@@ -682,7 +691,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             logits = self.feed_tokens(cache, input_ids)  # several new tokens (a decoding loop of one's own)
             logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
             return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
-        if chunk_ids is None and not (input_ids == self.config.sketch_token_id).any():
+        if chunk_ids is None and pixel_values is None and not holds_placeholders(
+                input_ids, self.config.sketch_token_id, self.config.visual_tokens_per_chunk):
             return self.forward_text(input_ids, attention_mask, labels, cache, use_cache, logits_to_keep, **kwargs)
         out = super().forward(input_ids, attention_mask, chunk_ids, pixel_values, cache=cache, use_cache=use_cache,
                               read_back=read_back)
@@ -741,9 +751,12 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             cache.cuda_graphs = cuda_graphs if cuda_graphs is not None else False
         kwargs[CACHE_KWARG] = cache
         input_ids, closed_before = kwargs.get("input_ids", inputs), len(cache.reports)
+        eos = kwargs.get("eos_token_id", getattr(kwargs.get("generation_config") or self.generation_config,
+                                                 "eos_token_id", None))
         if cache.is_prefilled and input_ids is not None:
             self.take_in(cache, input_ids, kwargs.get("attention_mask"))
-        placeholders = input_ids is not None and (input_ids == self.config.sketch_token_id).any()
+        placeholders = input_ids is not None and (kwargs.get("pixel_values") is not None or holds_placeholders(
+            input_ids, self.config.sketch_token_id, self.config.visual_tokens_per_chunk))
         if kwargs.get("chunk_ids") is None and placeholders and not cache.is_prefilled:
             raise ValueError("chunk_ids is required when input_ids hold '<|sketch|>' placeholders: pass the whole "
                              "processor batch, model.generate(**processor(text=...), processor=processor)")
@@ -760,11 +773,16 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         try:  # (the model's own setting would be merged into any generation_config transformers is given)
             if saved is not None:
                 self.generation_config.prefill_chunk_size = None
+            if eos is not None and input_ids is not None and not beams:
+                cache.stop = torch.tensor(eos).flatten(), input_ids.shape[1]
             output = super().generate(inputs, **kwargs)
         finally:
+            cache.stop = cache.sequences = None
             if saved is not None:
                 self.generation_config.prefill_chunk_size = saved
-        cache.continuable = not beams  # beam search returns its finished beams, not the rows its cache holds
+        if beams:  # beam search returns its finished beams, not the rows its cache holds
+            cache.not_continuable = ("this cache ended a beam search, whose sequences are its finished beams, not the "
+                                     "rows the cache holds")
         if cache.processor is not None:
             cache.processor.kept_as_text(cache.reports[closed_before:], stacklevel=2)
         return output
@@ -780,7 +798,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         device, L, m = self.device, self.config.chunk_size, self.config.visual_tokens_per_chunk
         if isinstance(text, torch.Tensor):
             text = text.reshape(-1).tolist()
-        if not isinstance(text, str) and not prefix:
+        if not prefix:  # the text's leading system turns, as a processor call keeps them
             cut = processor.prefix_length(text)
             prefix, text = text[:cut], text[cut:]
         prefix_ids = processor.encode(prefix) if isinstance(prefix, str) else list(prefix)
@@ -831,6 +849,10 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             out = self(**layout, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
             getattr(out, CACHE_KWARG).seen = input_ids.shape[1]  # the caller's columns, not the layout's
             return out
+        if (input_ids == self.config.sketch_token_id).any():
+            raise ValueError("input_ids hold the '<|sketch|>' id, which VIST2 reads in plain ids as its name spelled as "
+                             "text (several tokens), so the training layout's logits would not line up with them. Fix: "
+                             "tokenize with the processor (processor.encode spells it), or drop it")
         layout, real = self.lay_out(input_ids, attention_mask, processor, keep_closed_text=True)
         text = token_kinds(layout["input_ids"], layout["attention_mask"], self.config.sketch_token_id) == TEXT
         if labels is not None:
@@ -903,6 +925,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if isinstance(cache, VIST2Cache) and cache.is_prefilled:
             if len(cache.entries) != input_ids.shape[0]:  # a cache from `read`, for several beams or sequences
                 cache.batch_repeat_interleave(input_ids.shape[0] // len(cache.entries))
+            cache.sequences = input_ids  # (which rows have ended, should a chunk close)
             return {"input_ids": input_ids[:, -1:], CACHE_KWARG: cache, "use_cache": True}
         if isinstance(pixel_values, (list, tuple)):  # per prompt row (see `generate`): each copy of a row gets its own
             copies = input_ids.shape[0] // len(pixel_values)
@@ -916,9 +939,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         """A prefilled cache continued with its sequence and new tokens after it (a reply appended to an earlier
         generate's `sequences`, a question after `read`'s `input_ids`): all new tokens but the last, which generate
         feeds, go in as decode steps, one at a time, closing chunks as writing does."""
-        if not cache.continuable:
-            raise ValueError("this cache ended a beam search, whose sequences are its finished beams, not the rows the "
-                             "cache holds. Fix: pass the sequence without the cache")
+        if cache.not_continuable:
+            raise ValueError(f"{cache.not_continuable}. Fix: pass the sequence without the cache")
         seen, pending, last = cache.seen, cache.next_logits is not None, min(cache.open_length + [cache.seen])
         new = input_ids.shape[1] - seen  # `last`: the open chunk's tokens, the caller's last columns in every row
         if input_ids.shape[0] != len(cache.entries) or new < (0 if pending else 1) or not torch.equal(
@@ -997,13 +1019,20 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         batch, device = token.shape[0], token.device
         if cache.processor is None:
             cache.processor = self.own_processor()
-        closing = [length == L for length in cache.open_length]
-        rows = [b for b in range(batch) if closing[b]]
+        closing, ended = [length == L for length in cache.open_length], [False] * batch
+        if cache.stop is not None and cache.sequences is not None:  # rows that wrote eos: they are fed padding since
+            eos, start = cache.stop
+            ended = torch.isin(cache.sequences[:, start:-1], eos.to(device)).any(1).tolist()
+        rows = [b for b in range(batch) if closing[b] and not ended[b]]
         images, reports = cache.processor.sketch_chunks(cache.recent[rows].tolist())
         cache.reports += reports
         drawn = dict(zip(rows, images))
         sketched = [drawn.get(b) is not None for b in range(batch)]
-        is_sketched = torch.tensor(sketched, device=device)
+        cut = [s or (c and e) for s, c, e in zip(sketched, closing, ended)]  # an ended row's chunk: cut, not drawn
+        if any(c and e for c, e in zip(closing, ended)):
+            cache.not_continuable = ("rows of this cache ended (eos) before others, and the chunks they went on filling "
+                                     "with padding were cut from it, so it does not hold their sequences")
+        is_sketched, is_cut = torch.tensor(sketched, device=device), torch.tensor(cut, device=device)
         slots = m if any(sketched) else 0
         # The step's entries: what `VIST2Processor.chunk_layout` adds for a closing chunk whose text is already cached
         # (its m placeholders if sketched; unused slots in other rows), then the token, which opens the next chunk in
@@ -1019,15 +1048,15 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         # A sketched chunk's text, the row's last L entries, is dead from this step on.
         cached = cache.get_seq_length()
         old = cache.live if cache.live is not None else torch.ones(batch, cached, dtype=torch.bool, device=device)
-        cache.live = torch.cat([old[:, : cached - L], old[:, cached - L :] & ~is_sketched[:, None], live], 1)
+        cache.live = torch.cat([old[:, : cached - L], old[:, cached - L :] & ~is_cut[:, None], live], 1)
         sketches = [image for image in images if image is not None]
         pixels = cache.processor.pixel_values(sketches).to(device) if slots else None
         embeds = self.embed(ids, kinds, pixels)
         hidden = self.run_after_cache(cache, embeds, kinds, chunk_ids, positions, cache.live)
-        cache.entries = [n + 1 + (m - L) * s for n, s in zip(cache.entries, sketched)]
+        cache.entries = [n + 1 + m * s - L * c for n, s, c in zip(cache.entries, sketched, cut)]
         cache.open_length = [1 if c else n + 1 for n, c in zip(cache.open_length, closing)]
         cache.open_chunk = next_chunk
-        if slots:
+        if any(cut):
             cache.compact()
         elif min(cache.entries) == max(cache.entries) == cache.live.shape[1]:
             cache.live = None

@@ -6,6 +6,7 @@ chunk but the last (open: the model keeps writing into it) is *closed*: rendered
 sketch is the atlas indexed by a grid of character ids): a pure function of (text, settings), fast enough for decoding.
 """
 import functools
+import re
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -268,6 +269,11 @@ class VIST2Processor(ProcessorMixin):
                              f"sketch_token_id {sketch_token_id}. Fix: use the tokenizer saved with the model, or add "
                              "'<|sketch|>' to yours (tokenization/add_special_tokens.py) and set sketch_token_id to it")
         self.sketch_token_id = vocab[SKETCH_TOKEN]
+        # Text spells "<|sketch|>" as characters (no text forges a visual position); other added tokens' names are read
+        # as their tokens, as the tokenizer (a pipeline, a chat template's text) reads them.
+        self.sketch_spelled = self.tokenizer(SKETCH_TOKEN, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        names = {token.content for token in self.tokenizer.added_tokens_decoder.values()} | {SKETCH_TOKEN}
+        self.added_names = re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True))))
         glyphs = self.sketch_settings["special_token_glyphs"] or {}
         unknown = sorted(set(glyphs) - set(vocab))
         if unknown:
@@ -472,8 +478,9 @@ class VIST2Processor(ProcessorMixin):
 
     def __call__(self, text=None, prefix=None, keep_closed_text=False, return_labels=False, return_tensors="pt",
                  **kwargs):
-        """Encode `text` (compressed chunk by chunk) after an optional `prefix` (kept as text): strings or lists of
-        strings of equal length. Batches are left-padded, as tensors."""
+        """Encode `text` (compressed chunk by chunk) after an optional `prefix` (kept as text; without one, the
+        text's leading system turns, see `prefix_length`): strings or lists of strings of equal length. Batches are
+        left-padded, as tensors."""
         honoured = {"return_tensors": ("pt",), "padding": (True, "longest")}  # what a batch always is
         unsupported = {key: value for key, value in {**kwargs, "return_tensors": return_tensors}.items()
                        if value is not None and not any(value is v or value == v for v in honoured.get(key, ()))}
@@ -485,8 +492,12 @@ class VIST2Processor(ProcessorMixin):
         prefixes = [prefix] * len(texts) if isinstance(prefix, str) or prefix is None else list(prefix)
         if len(prefixes) != len(texts):
             raise ValueError(f"VIST2Processor: got {len(texts)} texts but {len(prefixes)} prefixes; pass one per text")
-        samples = [self.encode_sample(self.encode(p), self.encode(t), keep_closed_text=keep_closed_text)
-                   for t, p in zip(texts, prefixes)]
+        samples = []
+        for t, p in zip(texts, prefixes):
+            ids = self.encode(t)
+            cut = 0 if p is not None else self.prefix_length(ids)  # a chat's system turns, as for token ids
+            samples.append(self.encode_sample(self.encode(p) if p is not None else ids[:cut], ids[cut:],
+                                              keep_closed_text=keep_closed_text))
         self.last_report = [s["report"] for s in samples]
         self.kept_as_text([report for s in samples for report in s["report"]], stacklevel=2)
         batch = self.collate(samples, return_labels=return_labels)
@@ -512,9 +523,12 @@ class VIST2Processor(ProcessorMixin):
         pre_tokenizer, normalizer = getattr(backend, "pre_tokenizer", None), getattr(backend, "normalizer", None)
         normalize = normalizer.normalize_str if normalizer else lambda piece: piece
 
-        def separable(at):  # the normaliser (NFC, say) joins nothing across `at`: no mark, no composition follows
-            before, after = text[at - 1], text[at]
-            return not unicodedata.combining(after) and normalize(before + after) == normalize(before) + normalize(after)
+        inside_names = {i for name in self.added_names.finditer(text) for i in range(name.start() + 1, name.end())}
+
+        def separable(at):  # the normaliser (NFC, say) joins nothing across `at`: no mark, no composition follows;
+            before, after = text[at - 1], text[at]  # and `at` is not inside an added token's name (matched first)
+            return (at not in inside_names and not unicodedata.combining(after)
+                    and normalize(before + after) == normalize(before) + normalize(after))
         start = 0
         while start < len(text):
             end = min(len(text), start + piece_chars)
@@ -531,20 +545,25 @@ class VIST2Processor(ProcessorMixin):
             yield self.encode(text[start:end])
             start = end
 
-    def encode(self, text, allow_special_tokens=False) -> list[int]:
-        """Token ids of `text`. User text never produces special tokens: a literal "<|sketch|>" in a document must not
-        become a visual placeholder, so special-token strings are split like any other text."""
+    def encode(self, text) -> list[int]:
+        """Token ids of `text`, as the tokenizer reads it (the names of special tokens are those tokens: a chat
+        template's text is a chat), except "<|sketch|>": text spells it as characters, so no text forges a visual
+        position (the tokenizer would also cut the text around it: so is the text here)."""
         if not text:
             return []
         check_characters(text)
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not allow_special_tokens)["input_ids"]
+        pieces = [self.tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+                  for piece in text.split(SKETCH_TOKEN)]
+        return pieces[0] + [token for piece in pieces[1:] for token in self.sketch_spelled + piece]
 
     # -- chat ---------------------------------------------------------------------------------------------------------
     def prefix_length(self, token_ids) -> int:
         """How many leading tokens are system turns (`<|im_start|>system\n ... <|im_end|>\n`), the uncompressed prefix;
-        found in token ids, so a conversation tokenized elsewhere (a pipeline, a harness) keeps it."""
-        header = self.encode("<|im_start|>system\n", allow_special_tokens=True)
-        end = self.encode("<|im_end|>\n", allow_special_tokens=True)
+        found in token ids, so a conversation tokenized elsewhere (a pipeline, a harness) keeps it. (Given a string:
+        how many leading characters.)"""
+        if isinstance(token_ids, str):
+            return re.match(r"(<\|im_start\|>system\n.*?<\|im_end\|>\n)*", token_ids, re.DOTALL).end()
+        header, end = self.encode("<|im_start|>system\n"), self.encode("<|im_end|>\n")
         ids, cut = list(token_ids), 0
         while ids[cut : cut + len(header)] == header:
             turn_end = next((i + len(end) for i in range(cut + len(header), len(ids)) if ids[i : i + len(end)] == end), 0)
@@ -555,9 +574,11 @@ class VIST2Processor(ProcessorMixin):
 
     def layout_token_ids(self, token_ids, keep_closed_text=False) -> BatchFeature:
         """Plain token ids (one list per sample, as any tokenizer returns them) -> the model's inputs, as `__call__`
-        lays out text: leading system turns stay as the prefix, every closed chunk after them becomes a sketch."""
+        lays out text: leading system turns stay as the prefix, every closed chunk after them becomes a sketch, and a
+        `<|sketch|>` id (a tokenizer reads the name as it) is the name spelled as text, as `encode` spells it."""
         samples = []
         for ids in [token_ids] if token_ids and isinstance(token_ids[0], int) else token_ids:
+            ids = [t for token in ids for t in (self.sketch_spelled if token == self.sketch_token_id else [token])]
             cut = self.prefix_length(ids)
             samples.append(self.encode_sample(ids[:cut], ids[cut:], keep_closed_text))
         self.last_report = [s["report"] for s in samples]
@@ -570,7 +591,7 @@ class VIST2Processor(ProcessorMixin):
         prompt = super().apply_chat_template(conversation, chat_template=chat_template, tokenize=False, **kwargs)
         if not tokenize:
             return prompt
-        rows = [self.encode(text, allow_special_tokens=True) for text in ([prompt] if isinstance(prompt, str) else prompt)]
+        rows = [self.encode(text) for text in ([prompt] if isinstance(prompt, str) else prompt)]
         if return_dict:
             return self.layout_token_ids(rows)
         if return_tensors is None:

@@ -78,6 +78,21 @@ def loaded(model, tokenizer, tmp_path_factory):
     return VIST2ForCausalLM.from_pretrained(folder).eval()
 
 
+def test_a_sketch_tokens_name_in_text_tokenized_elsewhere_is_read_as_the_processor_reads_it(model, processor,
+                                                                                             tokenizer, ascii_only):
+    """A tokenizer reads "<|sketch|>" typed in a document as the token; plain ids spell it as text, as `encode` does,
+    so a pipeline given this README generates what the processor's batch generates."""
+    text = (SAMPLE_TEXT[:150] + " <|sketch|> marks a visual position. ") * 2
+    ids = plain(tokenizer, [text])
+    assert processor.sketch_token_id in ids["input_ids"][0].tolist()
+    inputs = processor(text=text)
+    settings = dict(processor=processor, max_new_tokens=20, suppress_tokens=ascii_only)
+    assert_same_generation(run(model, ids, **settings), ids["input_ids"].shape[1],
+                           run(model, inputs, **settings), inputs["input_ids"].shape[1])
+    with pytest.raises(ValueError, match="hold the '<\\|sketch\\|>' id.*Fix: tokenize with the processor"):
+        model(**ids)  # the training layout could not line its logits up with the caller's tokens
+
+
 def test_without_a_processor_the_model_uses_the_tokenizer_saved_with_it(loaded, model, processor, tokenizer,
                                                                        ascii_only):
     ids = plain(tokenizer, [SAMPLE_TEXT[:300], SAMPLE_TEXT[:100]])
@@ -144,6 +159,24 @@ def test_apply_chat_template_renders_and_tokenizes_with_special_tokens_as_ids(ch
     assert {"input_ids", "attention_mask", "chunk_ids", "pixel_values"} <= set(inputs)
     assert inputs["input_ids"].tolist() == chat_processor.layout_token_ids(ids)["input_ids"].tolist()
     assert inputs["pixel_values"].shape[0] >= 1
+
+
+def test_the_chat_templates_text_given_to_the_processor_is_the_tokenized_template(chat_processor):
+    """transformers' idiom, `processor(text=processor.apply_chat_template(messages))`: the text is read as the
+    tokenizer reads it (special-token names as their tokens), and its system turns stay the prefix."""
+    text = chat_processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    by_text = chat_processor(text=text)
+    by_ids = chat_processor.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True)
+    for key in ("input_ids", "chunk_ids", "pixel_values"):
+        assert torch.equal(by_text[key], by_ids[key]), key
+
+
+def test_reading_a_chat_templates_text_equals_the_processor_call(model, chat_processor, ascii_only):
+    text = chat_processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    settings = dict(processor=chat_processor, max_new_tokens=4, suppress_tokens=ascii_only)
+    read, batch = model.read(chat_processor, text), chat_processor(text=text)
+    assert read["cache"].prefix_length == [int(((batch["chunk_ids"] == 0) & (batch["attention_mask"] == 1)).sum())]
+    assert_same_generation(run(model, read, **settings), 1, run(model, batch, **settings), batch["input_ids"].shape[1])
 
 
 def test_both_chat_template_outputs_generate_the_same_reply(model, chat_processor, ascii_only):
@@ -233,7 +266,7 @@ def test_the_pipeline_answers_chat_messages_with_the_system_turn_as_the_prefix(p
     expected = model.generate(**inputs, processor=chat_processor, max_new_tokens=30, do_sample=False,
                               suppress_tokens=ascii_only)[0, inputs["input_ids"].shape[1] :]
     assert reply["content"] == chat_processor.decode(expected, skip_special_tokens=True)
-    system_turn = chat_processor.encode("<|im_start|>system\nAnswer briefly.<|im_end|>\n", allow_special_tokens=True)
+    system_turn = chat_processor.encode("<|im_start|>system\nAnswer briefly.<|im_end|>\n")
     assert cache.prefix_length[0] == len(system_turn), "the system turn is the uncompressed prefix"
 
 

@@ -603,6 +603,44 @@ def test_a_continued_cache_refuses_a_mask_over_tokens_it_has_taken_in(model, pro
                        max_new_tokens=1)
 
 
+class EndRowZeroAt(LogitsProcessor):
+    """Row 0 writes eos at sequence length `at`; no row writes it otherwise."""
+
+    def __init__(self, eos, at):
+        self.eos, self.at = eos, at
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.eos] = -float("inf")
+        if input_ids.shape[1] == self.at:
+            scores[0], scores[0, self.eos] = -float("inf"), 0
+        return scores
+
+
+def test_a_row_that_ended_has_the_chunks_of_padding_it_is_fed_cut_not_drawn(model, processor, tokenizer, ascii_only):
+    """transformers feeds a row that wrote eos padding while the others write: those chunks are nobody's text, so
+    they are neither drawn (nor reported as kept as text) nor kept; the other rows write as they would alone."""
+    eos, texts = tokenizer.eos_token_id, [SAMPLE_TEXT[:80], SAMPLE_TEXT[100:180]]
+    kwargs = dict(processor=processor, max_new_tokens=60, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True, eos_token_id=eos, pad_token_id=eos, suppress_tokens=[i for i in ascii_only if i != eos])
+    batch = processor(text=texts)
+    width = batch["input_ids"].shape[1]
+    force = LogitsProcessorList([EndRowZeroAt(eos, width + 1)])
+    outputs = []
+    caught = kept_as_text_warnings(lambda: outputs.append(model.generate(**batch, logits_processor=force, **kwargs)))
+    out = outputs[0]
+    cache = out[CACHE_KWARG]
+    assert out.sequences[0, width + 1 :].eq(eos).all() and not caught
+    assert cache.entries[0] <= cache.entries[1]  # held as text, its padding would be more than the other row's all
+    alone = processor(text=texts[1])
+    single = model.generate(**alone, logits_processor=LogitsProcessorList([EndRowZeroAt(eos, -1)]), **kwargs)
+    assert out.sequences[1, width:].tolist() == single.sequences[0, alone["input_ids"].shape[1] :].tolist()
+    for a, b in zip(out.logits, single.logits, strict=True):
+        torch.testing.assert_close(a[1], b[0], atol=TOLERANCE, rtol=0)
+    with pytest.raises(ValueError, match="ended \\(eos\\) before others.*Fix: pass the sequence without the cache"):
+        model.generate(input_ids=torch.cat([out.sequences, out.sequences[:, -2:]], 1), cache=cache,
+                       processor=processor, max_new_tokens=1)
+
+
 @pytest.mark.parametrize("given", ["processor", "model.tokenizer", "plain ids"])
 def test_generation_never_writes_an_id_the_tokenizer_cannot_decode(tokenizer, processor, given):
     from vist2 import VIST2ForCausalLM

@@ -261,9 +261,10 @@ def test_missing_pixel_values_name_the_processor_call(model, batch):
         model(**dict(batch, pixel_values=None))
 
 
-def test_missing_chunk_ids_are_named(model, batch):
+@pytest.mark.parametrize("pixels", [True, False])  # m placeholders in a row are a processor batch's, pixels or not
+def test_missing_chunk_ids_are_named(model, batch, pixels):
     with pytest.raises(ValueError, match="chunk_ids is required: pass the batch VIST2Processor returns"):
-        model(**dict(batch, chunk_ids=None))
+        model(**dict(batch, chunk_ids=None, **({} if pixels else {"pixel_values": None})))
 
 
 def test_an_attention_mask_of_another_shape_is_named(model, batch):
@@ -303,10 +304,11 @@ def test_generate_given_the_training_layout_says_which_call_to_make(model, proce
         model.generate(**training, processor=processor, max_new_tokens=3)
 
 
-def test_generate_with_placeholders_but_without_chunk_ids_names_chunk_ids(model, processor, batch):
+@pytest.mark.parametrize("pixels", [True, False])
+def test_generate_with_placeholders_but_without_chunk_ids_names_chunk_ids(model, processor, batch, pixels):
     with pytest.raises(ValueError, match=r"chunk_ids is required .*model\.generate\(\*\*processor\(text=\.\.\.\)"):
-        model.generate(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], processor=processor,
-                       max_new_tokens=3)
+        model.generate(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"] if pixels else None,
+                       processor=processor, max_new_tokens=3)
 
 
 def test_generate_names_every_setting_the_processor_disagrees_on(model, tokenizer):

@@ -72,9 +72,18 @@ def test_a_special_token_with_a_glyph_is_drawn_in_one_cell(tokenizer):
     assert processor.sketch_chunks([ids])[1][0].ok
 
 
-def test_a_special_token_name_typed_as_text_is_drawn_as_its_characters(tokenizer):
+def test_a_special_token_name_in_text_is_that_token_as_the_tokenizer_reads_it(tokenizer):
     processor = processor_drawing({"<|endoftext|>": "©"}, tokenizer)
-    assert processor.chunk_text(processor.encode("a<|endoftext|>b")) == "a<|endoftext|>b"
+    ids = processor.encode("a<|endoftext|>b")
+    assert ids == tokenizer("a<|endoftext|>b", add_special_tokens=False)["input_ids"]
+    assert tokenizer.eos_token_id in ids and processor.chunk_text(ids) == "a©b"
+
+
+@pytest.mark.parametrize("piece_chars", [3, 7, 64])
+def test_streamed_text_never_cuts_a_special_tokens_name(processor, piece_chars):
+    text = ("Some <|sketch|> text<|endoftext|>and <|im_start|>more<|sketch|><|endoftext|> " * 6)
+    streamed = [token for piece in processor.token_pieces(text, piece_chars) for token in piece]
+    assert streamed == processor.encode(text)
 
 
 def test_a_glyph_for_a_token_the_tokenizer_lacks_is_rejected(tokenizer):

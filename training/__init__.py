@@ -490,12 +490,12 @@ def encode_conversation(processor: VIST2Processor, messages, keep_closed_text=Tr
     turn is compressed as it scrolls out of the open chunk. Only assistant replies carry labels."""
     token_ids, trainable = [], []
     for message in messages:
-        header = processor.encode(f"<|im_start|>{message['role']}\n", allow_special_tokens=True)
-        body = processor.encode(message["content"]) + processor.encode("<|im_end|>\n", allow_special_tokens=True)
+        header = processor.encode(f"<|im_start|>{message['role']}\n")
+        body = processor.encode(message["content"]) + processor.encode("<|im_end|>\n")
         token_ids += header + body
         trainable += [False] * len(header) + [message["role"] == "assistant"] * len(body)
     if add_generation_prompt:
-        prompt = processor.encode("<|im_start|>assistant\n", allow_special_tokens=True)
+        prompt = processor.encode("<|im_start|>assistant\n")
         token_ids += prompt
         trainable += [False] * len(prompt)
     cut = processor.prefix_length(token_ids)
