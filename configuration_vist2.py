@@ -125,10 +125,11 @@ def locate_font(font_path, pretrained_model_name_or_path, hub_kwargs: dict):
 
 def copy_font(font_path, save_directory):
     if font_path is not None:
-        target = Path(save_directory) / Path(font_path).name
+        source = Path(font_path) if Path(font_path).exists() else Path(ImageFont.truetype(font_path).path)  # a system
+        target = Path(save_directory) / source.name  # font found by name: the file drawn with (to_dict: its name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists() or not target.samefile(font_path):
-            target.write_bytes(Path(font_path).read_bytes())
+        if not target.exists() or not target.samefile(source):
+            target.write_bytes(source.read_bytes())
 
 
 def _sub_config(value, default_model_type, defaults):

@@ -94,8 +94,12 @@ class GlyphAtlas:
 
     def __init__(self, font_path, font_size, cell_width, cell_height, foreground, background):
         # One glyph at a time needs no shaping; the basic layout also avoids raqm, which fails on some token strings.
-        self.font = (ImageFont.truetype(font_path, font_size, layout_engine=ImageFont.Layout.BASIC) if font_path
-                     else ImageFont.load_default(size=font_size))
+        try:
+            self.font = (ImageFont.truetype(font_path, font_size, layout_engine=ImageFont.Layout.BASIC) if font_path
+                         else ImageFont.load_default(size=font_size))
+        except OSError as error:  # a bare file name that is neither here nor among the system's fonts
+            raise OSError(f"font_path {font_path!r} does not open ({error}). Fix: pass the path of a .ttf/.otf file "
+                          "that exists on this machine (a model's own font: load the model with from_pretrained)") from None
         self.cell = (cell_height, cell_width)
         self.foreground, self.background = foreground, background
         ascent, descent = self.font.getmetrics()

@@ -1,5 +1,7 @@
 """VIST2Config: derived sizes, validation that names the field and the fix, persistence."""
 
+from pathlib import Path
+
 import pytest
 from transformers import AutoConfig
 
@@ -164,6 +166,18 @@ def test_save_pretrained_copies_the_font_into_the_model_folder_and_records_its_f
     assert (folder / "builtin.ttf").read_bytes() == (tmp_path / "fonts" / "builtin.ttf").read_bytes()
     assert json.loads((folder / "config.json").read_text())["font_path"] == "builtin.ttf"
     assert json.loads((folder / "processor_config.json").read_text())["sketch_settings"]["font_path"] == "builtin.ttf"
+
+
+def test_a_system_font_given_by_name_is_the_file_saved_with_the_model(tokenizer, tmp_path, monkeypatch):
+    from PIL import ImageFont
+
+    monkeypatch.chdir(tmp_path)  # no file of that name here: Pillow finds it among the system's fonts, or not at all
+    try:
+        found = ImageFont.truetype("DejaVuSansMono.ttf").path
+    except OSError:
+        pytest.skip("no system font DejaVuSansMono.ttf on this machine")
+    tiny_config(font_path="DejaVuSansMono.ttf").save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "DejaVuSansMono.ttf").read_bytes() == Path(found).read_bytes()
 
 
 def test_a_loaded_model_draws_with_the_font_in_its_own_folder(tokenizer, tmp_path):

@@ -158,6 +158,11 @@ def test_a_missing_font_file_raises():
         render_chunk("text", dict(SETTINGS, font_path="/nonexistent/font.ttf"))
 
 
+def test_a_font_name_found_nowhere_is_named_with_the_fix():
+    with pytest.raises(OSError, match="font_path 'NoSuchFont.ttf' does not open.*Fix: pass the path"):
+        render_chunk("text", dict(SETTINGS, font_path="NoSuchFont.ttf"))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Injective: a sketch drawn (report ok) reads back to exactly its chunk's text; anything else is reported
 # ---------------------------------------------------------------------------------------------------------------------
