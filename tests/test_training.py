@@ -23,6 +23,7 @@ from vist2.training import (
     StreamingTextDataset,
     VIST2DataCollator,
     VIST2Trainer,
+    iter_texts,
     load_documents,
     render_window,
 )
@@ -142,6 +143,22 @@ def test_streaming_dataset_matches_packed_and_files_load(tmp_path, processor, do
     collator = VIST2DataCollator(processor)
     streamed, in_memory = collator(windows[:2]), collator([packed[0], packed[1]])
     assert all(torch.equal(streamed[k], in_memory[k]) for k in in_memory)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_streaming_dataset_in_two_dataloader_workers_reads_every_document_once(tmp_path, processor, streaming):
+    from torch.utils.data import DataLoader
+
+    for part in range(2):  # two files: a `datasets` stream of two shards, one for each worker
+        (tmp_path / f"part{part}.jsonl").write_text("".join(
+            json.dumps({"text": f"document {10 * part + i}: " + SAMPLE_TEXT[:300]}) + "\n" for i in range(10)))
+    documents = load_documents(sorted(tmp_path.glob("*.jsonl")), streaming=True)
+    documents = documents if streaming else list(iter_texts(documents))
+
+    def windows(workers):
+        dataset = StreamingTextDataset(documents, processor, 2 * processor.chunk_size)
+        return len(list(DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=lambda window: window)))
+    assert windows(2) >= windows(0) - 2  # each worker may leave one window short of full
 
 
 def test_rendering_runs_in_dataloader_workers(processor, documents):

@@ -479,7 +479,10 @@ class StreamingTextDataset(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        texts = itertools.islice(iter_texts(self.documents), worker_id, None, workers)
+        # A `datasets` stream gives each worker its own shards already; any other iterable is split here.
+        texts = iter_texts(self.documents)
+        if not hasattr(self.documents, "n_shards"):
+            texts = itertools.islice(texts, worker_id, None, workers)
         tokens = tokenize_documents(texts, self.processor.tokenizer, show_progress=False)
         while len(window := list(itertools.islice(tokens, self.window_tokens))) == self.window_tokens:
             yield PendingWindow(window, self.geometry)
