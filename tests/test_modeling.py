@@ -238,6 +238,14 @@ def test_from_backbones_keeps_pretrained_weights_and_adds_the_sketch_token(backb
     assert out.shape[0] == 1
 
 
+def test_from_backbones_of_a_bf16_language_model_and_an_fp32_tower_is_one_bf16_model(backbone_folders):
+    text = Qwen3ForCausalLM.from_pretrained(backbone_folders / "text", dtype=torch.bfloat16)  # as Qwen3 is stored
+    model = from_backbones(text, str(backbone_folders / "vision"), tokenizer=build_tokenizer(), **GEOMETRY)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    processor = VIST2Processor.from_config(model.config, model.tokenizer)
+    assert model.generate(**processor(text=SAMPLE_TEXT[:150]), processor=processor, max_new_tokens=2).shape[0] == 1
+
+
 def tiny_backbones(tokenizer):
     torch.manual_seed(0)
     text = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer) + 1, hidden_size=32, intermediate_size=64,

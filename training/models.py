@@ -127,7 +127,8 @@ def from_backbones(text_model, vision_model, tokenizer=None, **config_kwargs) ->
     language_model = text_model
     if not isinstance(text_model, PreTrainedModel):
         language_model = AutoModelForCausalLM.from_pretrained(text_model)
-    vision_tower = headless_vision_tower(vision_model)
+    # One dtype, the language model's: a bf16 checkpoint beside an fp32 tower would meet in the aligner.
+    vision_tower = headless_vision_tower(vision_model).to(device=language_model.device, dtype=language_model.dtype)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(text_model if isinstance(text_model, str) else
                                                   text_model.name_or_path)
