@@ -4,8 +4,9 @@ processor config and a model card; optionally push it.
     python examples/export_to_hub.py --model path/to/checkpoint --out dist/vist2-demo
     python examples/export_to_hub.py --model path/to/checkpoint --out dist/vist2-demo --push --repo-id you/vist2-demo
 
-Numbers in the card come only from measurement files (`--fidelity`: research/eval_results.json by default, `--efficiency`:
-the committed benchmark run benchmarks/results/cpu-small.json); a missing file is said so.
+Numbers in the card come only from measurement files of the checkpoint exported (`--fidelity`, `--efficiency`); for
+the demo model (the repository root, the default `--model`) they default to its committed ones,
+research/eval_results.json and benchmarks/results/cpu-small.json. Without them the card says "Not measured".
 """
 
 import argparse
@@ -14,6 +15,9 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from transformers import AutoModelForCausalLM, AutoProcessor
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_FIDELITY, DEMO_EFFICIENCY = REPO / "research" / "eval_results.json", REPO / "benchmarks/results/cpu-small.json"
 
 USAGE = '''```python
 from transformers import AutoModelForCausalLM, AutoProcessor
@@ -209,10 +213,10 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=".", help="a saved VIST2 checkpoint (default: the demo model at the repository root)")
     parser.add_argument("--out", default="dist/vist2-demo")
     parser.add_argument("--repo-id", default="vist2/vist2-demo")
-    parser.add_argument("--fidelity", type=Path, default=Path("research/eval_results.json"),
-                        help="JSON of fidelity metrics, as research/evaluate_demo.py writes it")
-    parser.add_argument("--efficiency", type=Path, default=Path("benchmarks/results/cpu-small.json"),
-                        help="a benchmarks/vist2_bench.py run's JSON (or a markdown summary) for the efficiency section")
+    parser.add_argument("--fidelity", type=Path, help="JSON of this checkpoint's fidelity metrics, as "
+                        "research/evaluate_demo.py writes it (the demo model: its committed file)")
+    parser.add_argument("--efficiency", type=Path, help="a benchmarks/vist2_bench.py run's JSON (or a markdown summary) "
+                        "of this checkpoint, for the efficiency section (the demo model: its committed run)")
     parser.add_argument("--push", action="store_true", help="upload to --repo-id (needs a Hugging Face token)")
     parser.add_argument("--private", action="store_true")
     return parser.parse_args(argv)
@@ -220,7 +224,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = export(args.model, args.out, args.repo_id, args.fidelity, args.efficiency)
+    demo = Path(args.model).resolve() == REPO  # only the demo model's measurements are committed here
+    fidelity = args.fidelity or (DEMO_FIDELITY if demo else None)
+    efficiency = args.efficiency or (DEMO_EFFICIENCY if demo else None)
+    out = export(args.model, args.out, args.repo_id, fidelity, efficiency)
     print(f"Hub-ready folder: {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     if args.push:
         if get_token() is None:

@@ -77,8 +77,17 @@ def test_efficiency_section_compares_the_checkpoints_ratio_with_its_backbone_and
     assert "Not measured at compression ratio 2" in export_to_hub.efficiency_section(results, ratio=2)
 
 
+def test_export_of_another_checkpoint_claims_no_measurement_of_the_demo_model(saved_model, tmp_path, monkeypatch):
+    exported = []
+    monkeypatch.setattr(export_to_hub, "export", lambda *args: exported.append(args) or Path(tmp_path))
+    export_to_hub.main(["--model", str(saved_model), "--out", str(tmp_path / "hub")])
+    export_to_hub.main(["--out", str(tmp_path / "demo")])  # the demo model, the repository root
+    assert exported[0][3:] == (None, None)
+    assert exported[1][3:] == (export_to_hub.DEMO_FIDELITY, export_to_hub.DEMO_EFFICIENCY)
+
+
 def test_export_fills_the_cards_efficiency_section_from_the_committed_benchmark_run(saved_model, tmp_path):
-    committed = EXAMPLES.parent / export_to_hub.parse_args([]).efficiency  # the default, from the repository root
+    committed = export_to_hub.DEMO_EFFICIENCY  # the demo model's default
     assert committed.exists(), committed
     out = export_to_hub.export(saved_model, tmp_path / "hub", "someone/vist2-tiny", None, committed)
     card = (out / "README.md").read_text()
