@@ -788,7 +788,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         return output
 
     @torch.no_grad()
-    def read(self, processor=None, text="", prefix="", sketches_per_step: int | None = None,
+    def read(self, processor=None, text="", prefix=None, sketches_per_step: int | None = None,
              progress: bool | None = None) -> dict:
         """Stream a long `text` (or token ids) into a `VIST2Cache` a group of chunks at a time (at least 8, as many as
         memory allows, or `sketches_per_step`), and return inputs for `generate`: `out = model.generate(**model.read(
@@ -797,8 +797,11 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         self.check_processor(processor)
         device, L, m = self.device, self.config.chunk_size, self.config.visual_tokens_per_chunk
         if isinstance(text, torch.Tensor):
-            text = text.reshape(-1).tolist()
-        if not prefix:  # the text's leading system turns, as a processor call keeps them
+            text = text.tolist() if text.ndim == 1 or text.shape[0] != 1 else text[0].tolist()
+        if not isinstance(text, str) and len(text) and not isinstance(text[0], int):
+            raise ValueError(f"read takes one text (a string, or the token ids of one), got {len(text)} rows. Fix: read "
+                             "each text into a cache of its own")
+        if prefix is None:  # the text's leading system turns, as a processor call keeps them
             cut = processor.prefix_length(text)
             prefix, text = text[:cut], text[cut:]
         prefix_ids = processor.encode(prefix) if isinstance(prefix, str) else list(prefix)
@@ -943,10 +946,11 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             raise ValueError(f"{cache.not_continuable}. Fix: pass the sequence without the cache")
         seen, pending, last = cache.seen, cache.next_logits is not None, min(cache.open_length + [cache.seen])
         new = input_ids.shape[1] - seen  # `last`: the open chunk's tokens, the caller's last columns in every row
+        recent = cache.recent[:, cache.recent.shape[1] - last :]
         if input_ids.shape[0] != len(cache.entries) or new < (0 if pending else 1) or not torch.equal(
-                input_ids[:, seen - last : seen].to(cache.recent.device), cache.recent[:, -last:]):
+                input_ids[:, seen - last : seen].to(recent.device), recent):
             raise ValueError(f"input_ids ({tuple(input_ids.shape)}) do not continue the sequence this cache has taken "
-                             f"in ({len(cache.entries)} rows, {seen} columns, ending {cache.recent[:, -last:].tolist()})"
+                             f"in ({len(cache.entries)} rows, {seen} columns, ending {recent.tolist()})"
                              ". Fix: pass the whole sequence (the earlier output's sequences, or read's input_ids) with "
                              "the new tokens after it")
         if attention_mask is not None and not attention_mask[:, seen:].all():
@@ -964,7 +968,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
 
     def feed_tokens(self, cache: VIST2Cache, input_ids):
         """New tokens into a prefilled cache, a decode step each, closing chunks as writing does: their logits."""
-        return torch.cat([self.decode_step(input_ids[:, i : i + 1], cache).logits for i in range(input_ids.shape[1])], 1)
+        logits = [self.decode_step(input_ids[:, i : i + 1], cache).logits for i in range(input_ids.shape[1])]
+        return torch.cat(logits, 1) if logits else None
 
     def uses_decode_graph(self, cache: VIST2Cache) -> bool:
         """`cache.cuda_graphs`: None (the default) captures the decode step on a GPU where the attention takes a mask
@@ -984,6 +989,10 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         synchronisation, and without padding no mask), on a GPU captured once and replayed (`DecodeGraph`); otherwise
         `close_chunks` runs in the same pass."""
         if cache.next_logits is not None:  # the token was run already (by `read`): these are its logits
+            if not torch.equal(input_ids[:, -1:].to(cache.recent.device), cache.recent[:, -1:]):
+                raise ValueError("this cache from read has run the token of its input_ids already and holds its "
+                                 "logits: that token goes in first. Fix: feed read's input_ids (model(**inputs)), then "
+                                 "the new tokens, or pass read's input_ids with the new tokens after them")
             logits, cache.next_logits = cache.next_logits, None
             return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
         token, graph = input_ids[:, -1:], self.uses_decode_graph(cache)
@@ -991,10 +1000,10 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         L, m = self.config.chunk_size, self.config.visual_tokens_per_chunk
         if graph or isinstance(cache.layers[0], FixedLayer):  # room for the step: a closing one adds m + 1, then cuts L
             cache.reserve(m + 1 if L in cache.open_length else 1, spare=L + 4 * m)
+        if cache.decode_graph is not None and (L in cache.open_length or not graph):
+            cache.decode_graph.stale = True  # a step outside it changes the entries it holds
         if L in cache.open_length:
             logits = self.next_token_logits(self.close_chunks(cache, token), logits_to_keep or 1)
-            if cache.decode_graph is not None:
-                cache.decode_graph.stale = True
         else:
             if graph:
                 cache.decode_graph = cache.decode_graph or DecodeGraph(self, cache)

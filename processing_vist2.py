@@ -514,7 +514,7 @@ class VIST2Processor(ProcessorMixin):
         changes only the last two) unless normalising would join it to what precedes it (a combining mark: then one
         before), so the tokens equal those of the whole text at once."""
         pending = []
-        for piece in self.token_pieces(text, piece_chars) if isinstance(text, str) else [list(map(int, text))]:
+        for piece in self.token_pieces(text, piece_chars) if isinstance(text, str) else [self.spell_sketch(text)]:
             pending += piece
             while len(pending) > self.chunk_size:  # the last chunk must stay open
                 chunk, pending = pending[: self.chunk_size], pending[self.chunk_size :]
@@ -560,6 +560,12 @@ class VIST2Processor(ProcessorMixin):
                   for piece in text.split(SKETCH_TOKEN)]
         return pieces[0] + [token for piece in pieces[1:] for token in self.sketch_spelled + piece]
 
+    def spell_sketch(self, token_ids) -> list[int]:
+        """Token ids from elsewhere with a `<|sketch|>` id (a tokenizer read the name in text) spelled as `encode` spells
+        it: in token ids as in text, only the processor's layout places visual tokens."""
+        return [t for token in map(int, token_ids) for t in (self.sketch_spelled if token == self.sketch_token_id
+                                                             else [token])]
+
     # -- chat ---------------------------------------------------------------------------------------------------------
     def prefix_length(self, token_ids) -> int:
         """How many leading tokens are system turns (`<|im_start|>system\n ... <|im_end|>\n`), the uncompressed prefix;
@@ -582,7 +588,7 @@ class VIST2Processor(ProcessorMixin):
         `<|sketch|>` id (a tokenizer reads the name as it) is the name spelled as text, as `encode` spells it."""
         samples = []
         for ids in [token_ids] if token_ids and isinstance(token_ids[0], int) else token_ids:
-            ids = [t for token in ids for t in (self.sketch_spelled if token == self.sketch_token_id else [token])]
+            ids = self.spell_sketch(ids)
             cut = self.prefix_length(ids)
             samples.append(self.encode_sample(ids[:cut], ids[cut:], keep_closed_text))
         self.last_report = [s["report"] for s in samples]

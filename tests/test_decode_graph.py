@@ -139,6 +139,30 @@ def test_a_cache_made_under_inference_mode_decodes_on_outside_it(model, processo
     assert_same(*outs)
 
 
+@pytest.mark.parametrize("middle", ["generate without it", "a loop of one's own with gradients"])
+def test_steps_outside_the_fixed_shape_step_are_seen_by_it_afterwards(model, processor, ascii_only, middle):
+    """Entries written by dynamic steps that close no chunk must be visible to the next fixed-shape step."""
+    kwargs = dict(processor=processor, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                  suppress_tokens=ascii_only)
+
+    def continued(first, then, last):
+        out = model.generate(**processor(text=SAMPLE_TEXT[:300]), max_new_tokens=3, cuda_graphs=first, **kwargs)
+        cache, logits, sequence = out[CACHE_KWARG], list(out.logits), torch.cat([out.sequences, out.sequences[:, -1:]], 1)
+        if then == "generate without it":
+            out = model.generate(input_ids=sequence, cache=cache, max_new_tokens=3, cuda_graphs=False, **kwargs)
+            logits, sequence = logits + list(out.logits), out.sequences
+        else:
+            with torch.enable_grad():  # (with gradients the step is never the fixed-shape one)
+                for column in range(cache.seen, sequence.shape[1]):
+                    model(input_ids=sequence[:, column : column + 1], cache=cache)
+        sequence = torch.cat([sequence, sequence[:, -1:]], 1)
+        out = model.generate(input_ids=sequence, cache=cache, max_new_tokens=6, cuda_graphs=last, **kwargs)
+        return logits + list(out.logits)
+
+    for fixed, dynamic in zip(continued(True, middle, True), continued(False, middle, False), strict=True):
+        torch.testing.assert_close(fixed, dynamic, atol=TOLERANCE, rtol=0)
+
+
 def test_a_copied_cache_captures_its_own_step_and_continues_like_the_original(model, processor, ascii_only):
     import copy
 

@@ -404,6 +404,54 @@ def test_a_cache_given_tokens_that_do_not_continue_its_sequence_is_refused(model
         model.generate(input_ids=question, cache=earlier[CACHE_KWARG], processor=processor, max_new_tokens=5)
 
 
+def test_new_tokens_fed_to_a_read_cache_before_its_own_token_are_refused(model, processor):
+    """`read` ran the token of its input_ids already and holds its logits: that token goes in first."""
+    read = model.read(processor, SAMPLE_TEXT[:200])
+    question = torch.tensor([processor.encode(QUESTION)])
+    with pytest.raises(ValueError, match="has run the token of its input_ids already.*Fix: feed read's input_ids"):
+        model(input_ids=question, cache=read["cache"])
+
+
+def test_a_read_cache_continued_with_one_new_token_writes_after_it(model, processor, ascii_only):
+    kwargs = dict(processor=processor, max_new_tokens=4, do_sample=False, suppress_tokens=ascii_only)
+    read = model.read(processor, SAMPLE_TEXT[:200])
+    new = torch.tensor([processor.encode(" The")[-1:]])
+    continued = model.generate(input_ids=torch.cat([read["input_ids"], new], 1), cache=read["cache"], **kwargs)
+    at_once = model.generate(input_ids=torch.tensor([processor.encode(SAMPLE_TEXT[:200]) + new[0].tolist()]), **kwargs)
+    assert continued[0, 2:].tolist() == at_once[0, -4:].tolist()
+
+
+def test_a_cache_of_a_prompt_that_is_all_prefix_is_continued(model, processor, ascii_only):
+    kwargs = dict(processor=processor, do_sample=False, suppress_tokens=ascii_only, return_dict_in_generate=True)
+    earlier = model.generate(**processor(text="", prefix="System."), max_new_tokens=1, **kwargs)
+    sequence = torch.cat([earlier.sequences, torch.tensor([processor.encode(QUESTION)])], 1)
+    continued = model.generate(input_ids=sequence, cache=earlier[CACHE_KWARG], max_new_tokens=3, **kwargs)
+    assert continued.sequences.shape[1] == sequence.shape[1] + 3
+
+
+def test_read_of_token_ids_with_a_sketch_id_equals_generate_on_them(model, processor, tokenizer, ascii_only):
+    ids = tokenizer(SAMPLE_TEXT[:60] + " <|sketch|> " + SAMPLE_TEXT[60:200], add_special_tokens=False)["input_ids"]
+    kwargs = dict(processor=processor, max_new_tokens=4, do_sample=False, suppress_tokens=ascii_only,
+                  return_dict_in_generate=True, output_logits=True)
+    read = model.generate(**model.read(processor, ids), **kwargs)
+    plain = model.generate(input_ids=torch.tensor([ids]), **kwargs)
+    for a, b in zip(read.logits, plain.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=0)
+
+
+def test_read_with_an_empty_prefix_keeps_none_as_the_processor_does(model, processor, ascii_only):
+    text = "<|im_start|>system\nBe brief.<|im_end|>\n" + SAMPLE_TEXT[:200]
+    for prefix in ("", None):
+        read, batch = model.read(processor, text, prefix=prefix), processor(text=text, prefix=prefix)
+        assert read["cache"].prefix_length == [int(((batch["chunk_ids"] == 0) & (batch["attention_mask"] == 1)).sum())]
+    assert model.read(processor, text, prefix="")["cache"].prefix_length == [0]
+
+
+def test_read_refuses_several_rows_of_token_ids(model, processor):
+    with pytest.raises(ValueError, match="read takes one text.*2 rows"):
+        model.read(processor, torch.tensor([processor.encode(SAMPLE_TEXT[:50])] * 2))
+
+
 @pytest.mark.parametrize("chars", [100, 134, 135])  # the open chunk holds 8 tokens; 16 (full); 1
 def test_a_read_texts_first_token_costs_no_language_model_pass(model, processor, monkeypatch, chars):
     """`read`'s last pass runs the prompt's last token too, and keeps its logits for generate's first step."""
