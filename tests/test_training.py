@@ -300,6 +300,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, processor):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_the_trainer_logs_and_warns_when_closed_chunks_are_kept_as_text(tmp_path, tokenizer, processor, caplog):
+    """A phase whose sketches cannot show its chunks trains on their text: that must be seen in the logs."""
+    documents = [SAMPLE_TEXT[:200] + " 漢字漢字漢字漢字漢字漢字 " + SAMPLE_TEXT[200:400]] * 8  # the font draws no CJK
+    dataset = PackedTextDataset.from_documents(documents, processor, 4 * processor.chunk_size, show_progress=False)
+    torch.manual_seed(0)
+    trainer = VIST2Trainer(model=VIST2ForCausalLM(tiny_config(tokenizer)), train_dataset=dataset,
+                           args=tiny_training_args(tmp_path, max_steps=2), data_collator=VIST2DataCollator(processor))
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    shares = [entry["chunks_kept_as_text"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(shares) == 2 and all(0 < share < 1 for share in shares)
+    assert sum("closed chunks of the last logged steps are kept as text" in r.message for r in caplog.records) == 1
+
+
 def test_resume_continues_from_the_saved_step(tmp_path, tokenizer, processor, documents):
     schedule_specs = ["ocr:steps=2,read_back=1,freeze=language_model", "withdraw:steps=2,read_back=1:0",
                       "olm:steps=2,read_back=0"]

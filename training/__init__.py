@@ -357,16 +357,22 @@ class CurriculumCallback(TrainerCallback):
 
 
 class VIST2Trainer(Trainer):
-    """`Trainer` plus the curriculum: read-back flags are drawn here, at the step the batch is trained on."""
+    """`Trainer` plus the curriculum: read-back flags are drawn here, at the step the batch is trained on. Logs the share
+    of closed chunks kept as text (`chunks_kept_as_text`: they overflow their sketch or hold characters it cannot
+    show, so the model trains on their text) and warns the first time a phase has any."""
 
     def __init__(self, *args, curriculum: CurriculumSchedule | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.curriculum = curriculum
         self._draw = (None, 0)  # (step, micro-batches drawn at that step)
+        self._closed, self._kept, self._warned = 0, 0, set()  # closed chunks since the last log, of them kept as text
         if curriculum is not None:
             self.add_callback(CurriculumCallback(curriculum))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and inputs.get("chunks_kept_as_text") is not None:  # (summed on its device: no sync a step)
+            self._kept = self._kept + inputs["chunks_kept_as_text"].sum()
+            self._closed = self._closed + inputs["chunks_kept_as_text"].sum() + inputs["pixel_values"].shape[0]
         if self.curriculum is not None and model.training:
             step = self.state.global_step
             draw = self._draw[1] + 1 if self._draw[0] == step else 0
@@ -377,10 +383,20 @@ class VIST2Trainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def log(self, logs, *args, **kwargs):
+        step = max(self.state.global_step - 1, 0)  # the step these losses were trained at
         if self.curriculum is not None and "loss" in logs:
-            step = max(self.state.global_step - 1, 0)  # the step these losses were trained at
             logs["phase"] = self.curriculum.phase_index(step)
             logs["read_back_p"] = round(self.curriculum.read_back_probability(step), 3)
+        if "loss" in logs and int(self._closed):
+            logs["chunks_kept_as_text"] = round(int(self._kept) / int(self._closed), 4)
+            phase = self.curriculum.phase(step).name if self.curriculum is not None else "training"
+            if int(self._kept) and phase not in self._warned:
+                self._warned.add(phase)
+                logger.warning(f"VIST2 {phase}: {int(self._kept)} of {int(self._closed)} closed chunks of the last "
+                               f"logged steps are kept as text (they overflow their sketch or hold characters it "
+                               f"cannot show), so the model trains on their text, not on sketches. Fix: a sketch "
+                               f"geometry that holds a chunk (vist2.training.sketch_geometry), a font that draws them")
+            self._closed, self._kept = 0, 0
         super().log(logs, *args, **kwargs)
 
 
