@@ -37,6 +37,7 @@ from vist2.training import (
     VIST2DataCollator,
     VIST2Trainer,
     apply_final_geometry,
+    final_phase,
     load_documents,
     load_or_build_model,
     processor_for_phase,
@@ -118,7 +119,7 @@ def build_schedule(args):
                                       tuple(filter(None, args.warmup_freeze.split("+"))))
 
 
-def build_datasets(args, processor, schedule, window_tokens):
+def build_datasets(args, processor, schedule, window_tokens, max_steps=None):
     if args.data:
         train_docs = load_documents(args.data, split=args.split, text_column=args.text_column,
                                     streaming=args.streaming, name=args.dataset_config)
@@ -134,7 +135,7 @@ def build_datasets(args, processor, schedule, window_tokens):
     evaluation = None
     if eval_docs is not None and args.eval_windows:
         # Held-out loss is pure optical LM (no read-back) at the geometry the model ends with.
-        final = schedule.phases[-1]
+        final = final_phase(schedule, max_steps)
         try:
             evaluation = PackedTextDataset.from_documents(eval_docs, processor_for_phase(processor, final),
                                                           final.context_length or window_tokens, show_progress=False)
@@ -165,7 +166,7 @@ def main(argv=None):
     logger.info(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, L={processor.chunk_size}, "
                 f"m={processor.visual_tokens_per_chunk}; window {window_tokens} tokens; curriculum:\n"
                 f"{schedule.describe()}")
-    train_dataset, eval_dataset = build_datasets(args, processor, schedule, window_tokens)
+    train_dataset, eval_dataset = build_datasets(args, processor, schedule, window_tokens, max_steps)
 
     training_args = vist2_training_arguments(
         args, args.output_dir, max_steps,
@@ -194,7 +195,7 @@ def main(argv=None):
     if before is not None:
         logger.info(f"held-out optical LM loss: {before:.4f} before, {after:.4f} after")
 
-    final_processor = apply_final_geometry(model, processor, schedule)
+    final_processor = apply_final_geometry(model, processor, schedule, max_steps)
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         final_processor.save_pretrained(args.output_dir)

@@ -132,6 +132,17 @@ def test_context_length_and_ratio_phases_change_what_is_rendered(processor, docu
                           CurriculumSchedule([CurriculumPhase("bad", 1, context_length=L + 1)]))
 
 
+@pytest.mark.parametrize("steps, ratio", [(2, 4), (3, 8), (None, 8)])  # stopped in phase 1, in phase 2, at the end
+def test_the_model_keeps_the_geometry_of_the_phase_its_training_ended_in(tokenizer, processor, steps, ratio):
+    from vist2.training import apply_final_geometry
+
+    schedule = CurriculumSchedule([CurriculumPhase("ratio4", 2), CurriculumPhase(
+        "ratio8", 2, compression_ratio=8, render_overrides={"char_width": 2, "line_height": 4})])
+    model = VIST2ForCausalLM(tiny_config(tokenizer))
+    final = apply_final_geometry(model, processor, schedule, steps)
+    assert model.config.compression_ratio == final.sketch_settings["compression_ratio"] == ratio
+
+
 def test_streaming_dataset_matches_packed_and_files_load(tmp_path, processor, documents):
     path = tmp_path / "corpus.jsonl"
     path.write_text("".join(json.dumps({"body": d}) + "\n" for d in documents))

@@ -310,14 +310,21 @@ def processor_for_phase(processor: VIST2Processor, phase: CurriculumPhase | None
                           chat_template=processor.chat_template)
 
 
-def apply_final_geometry(model, processor: VIST2Processor, schedule: CurriculumSchedule | None) -> VIST2Processor:
-    """After a ratio schedule: write the last phase's chunk size, ratio and render settings into `model.config`, and
-    return the matching processor (to save next to the model)."""
-    final = processor_for_phase(processor, schedule.phases[-1] if schedule else None)
+def apply_final_geometry(model, processor: VIST2Processor, schedule: CurriculumSchedule | None,
+                         steps: int | None = None) -> VIST2Processor:
+    """After a ratio schedule: write the chunk size, ratio and render settings of the phase training ended in (after
+    `steps` steps; by default the last phase) into `model.config`, and return the matching processor (to save next to
+    the model)."""
+    final = processor_for_phase(processor, final_phase(schedule, steps))
     for key, value in final.sketch_settings.items():
         setattr(model.config, key, value)
     model.config.validate_vist2()
     return final
+
+
+def final_phase(schedule: CurriculumSchedule | None, steps: int | None = None) -> CurriculumPhase | None:
+    """The phase of a schedule's last step, or of step `steps - 1` when training stops after `steps` steps."""
+    return None if schedule is None else schedule.phases[-1] if steps is None else schedule.phase(steps - 1)
 
 
 def set_frozen(model, frozen: Iterable[str]):
@@ -640,7 +647,7 @@ def load_or_build_model(model_path=None, text_model=None, vision_model=None, con
 __all__ = [
     "FREEZABLE_MODULES", "LANGUAGE_MODEL_LORA_TARGETS", "load_dataset_source", "load_documents", "tokenize_documents", "render_window",
     "CurriculumPhase", "CurriculumSchedule", "CurriculumCallback", "VIST2Trainer", "processor_for_phase",
-    "apply_final_geometry", "set_frozen", "PackedTextDataset", "StreamingTextDataset", "PendingWindow", "ConversationDataset",
+    "apply_final_geometry", "final_phase", "set_frozen", "PackedTextDataset", "StreamingTextDataset", "PendingWindow", "ConversationDataset",
     "VIST2DataCollator", "language_model_lora_config", "bf16_supported", "load_or_build_model", "vist2_training_arguments",
     "from_backbones", "sketch_geometry", "tiny_config", "read_back_chunk", "encode_conversation",
 ]
