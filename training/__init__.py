@@ -21,9 +21,10 @@ modules are frozen, and optionally a shorter context or a higher compression rat
   is built over every parameter before the first phase freezes anything, so a module unfrozen later trains; a frozen
   parameter gets no gradient and AdamW skips it. Under DDP set `ddp_find_unused_parameters=True`.
 - context length and compression ratio change what is rendered, so the dataset reads the current phase from a
-  step counter in shared memory that the callback advances. With `dataloader_num_workers=0` this is exact; with
-  workers, batches already prefetched (at most `num_workers * prefetch_factor`) keep the previous geometry for
-  those few steps after a phase change.
+  step counter in shared memory that the callback advances. A batch is rendered when it is fetched, ahead of its
+  step: accelerate's data loader fetches one batch ahead even with `dataloader_num_workers=0`, so the first batch of
+  a new phase keeps the previous geometry (one step late), and with workers the batches already prefetched (at most
+  `num_workers * prefetch_factor`) do too. A phase change reaches the data within that many steps.
 
 Context-length schedule: a phase with `context_length < window_tokens` splits every window into consecutive
 samples of `context_length` tokens, so the number of text tokens per optimizer step stays constant.
