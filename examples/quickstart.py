@@ -108,20 +108,22 @@ def main(argv=None):
     # 5. Recall: pass keys hidden in the text, `--recall-k` chunks before the question, are then in sketches only.
     # The control asks the same prompts with another text's sketches (same layout, another key): it cannot know them.
     rng = random.Random(args.seed)
-    right = control_right = 0
+    right = control_right = controls = 0
     for i in range(args.recall_keys):
         trial = passkey.make_trial(processor, text, args.recall_k, rng)
         answer = passkey.vist2_answer(model, processor, trial.prompt, max_new_tokens=8)
         other = passkey.same_layout_trial(processor, trial, text, rng)
-        control = passkey.vist2_answer(model, processor, trial.prompt, 8, pixel_values=other[1]) if other else ""
+        control = passkey.vist2_answer(model, processor, trial.prompt, 8, pixel_values=other[1]) if other else None
         right += passkey.is_correct(answer, trial.key)
-        control_right += passkey.is_correct(control, trial.key)
+        controls += other is not None  # (no prompt of the same layout found: no control for this key)
+        control_right += other is not None and passkey.is_correct(control, trial.key)
         if i == 0:
             print(f"\n--- recall: {passkey.key_line(trial.key)!r} hidden {trial.k} chunks "
                   f"({len(trial.prompt) - trial.key_end} characters) before {passkey.QUESTION!r} ---\n"
-                  f"VIST2 answers {answer!r}; with another text's sketches: {control!r}")
+                  f"VIST2 answers {answer!r}; with another text's sketches: "
+                  f"{'(none of the same layout)' if control is None else repr(control)}")
     print(f"keys recalled from {args.recall_k} chunks back: {right} of {args.recall_keys}; "
-          f"with another text's sketches: {control_right} of {args.recall_keys}")
+          f"with another text's sketches: {control_right} of {controls}")
 
     # 6. Keep writing: each chunk that fills up is compressed on the fly. The demo model was trained on windows of
     # at most 64 chunks, so it writes from the last 64: the whole text puts positions in front of it that it never
