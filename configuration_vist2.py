@@ -211,8 +211,14 @@ class VIST2Config(PretrainedConfig):
         copy_font(self.font_path, save_directory)
         super().save_pretrained(save_directory, **kwargs)
 
-    def to_dict(self):
-        return {**super().to_dict(), "font_path": font_file_name(self.font_path)}
+    def to_json_string(self, use_diff: bool = True) -> str:
+        # Saved, the font is its file name (save_pretrained copies the file next to config.json, where locate_font finds
+        # it); in memory (to_dict, a config made from it) it stays the file this machine draws with.
+        font, self.font_path = self.font_path, font_file_name(self.font_path)
+        try:
+            return super().to_json_string(use_diff)
+        finally:
+            self.font_path = font
 
     @property
     def visual_tokens_per_chunk(self) -> int:

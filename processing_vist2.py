@@ -317,9 +317,13 @@ class VIST2Processor(ProcessorMixin):
         copy_font(self.sketch_settings["font_path"], save_directory)
         return super().save_pretrained(save_directory, **kwargs)
 
-    def to_dict(self):
-        font = font_file_name(self.sketch_settings["font_path"])
-        return {**super().to_dict(), "sketch_settings": {**self.sketch_settings, "font_path": font}}
+    def to_json_string(self) -> str:  # saved, the font is its file name (see VIST2Config.to_json_string)
+        settings = self.sketch_settings
+        self.sketch_settings = {**settings, "font_path": font_file_name(settings["font_path"])}
+        try:
+            return super().to_json_string()
+        finally:
+            self.sketch_settings = settings
 
     @classmethod
     def from_config(cls, config, tokenizer, **kwargs):

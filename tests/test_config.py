@@ -180,6 +180,13 @@ def test_a_system_font_given_by_name_is_the_file_saved_with_the_model(tokenizer,
     assert (tmp_path / "model" / "DejaVuSansMono.ttf").read_bytes() == Path(found).read_bytes()
 
 
+def test_a_config_made_from_a_loaded_configs_dict_draws_with_the_same_font_anywhere(tokenizer, tmp_path, monkeypatch):
+    _, folder = saved_with_font(tokenizer, tmp_path)
+    loaded = VIST2Config.from_pretrained(folder)
+    monkeypatch.chdir(tmp_path)  # another working directory than the model's folder
+    assert VIST2Config.from_dict(loaded.to_dict()).font_path == loaded.font_path == str(folder.resolve() / "builtin.ttf")
+
+
 def test_a_loaded_model_draws_with_the_font_in_its_own_folder(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM, AutoProcessor
 
