@@ -175,6 +175,9 @@ def main(argv=None):
         weight_decay=args.weight_decay,
         # Batches of an iterable dataset cannot be sliced across processes: pixel_values has one row per sketch.
         accelerator_config={"dispatch_batches": False} if args.streaming else None,
+        # The held-out loss before training, inside train(): a Trainer.evaluate() before it would prepare the model
+        # for evaluation, and train() would then never wrap it for data parallelism (each process its own replica).
+        eval_on_start=eval_dataset is not None and not args.resume,
     )
     trainer = VIST2Trainer(
         model=model,
@@ -188,9 +191,9 @@ def main(argv=None):
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
     logger.info(f"{training_args.world_size} process(es) ({training_args.parallel_mode.value}, backend {backend}) "
                 f"on {training_args.device}, bf16={training_args.bf16}, {max_steps} steps")
-    before = trainer.evaluate()["eval_loss"] if eval_dataset is not None and not args.resume else None
     resume = True if args.resume == "last" else args.resume
     trainer.train(resume_from_checkpoint=resume)
+    before = next((entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry), None)
     after = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
     if before is not None:
         logger.info(f"held-out optical LM loss: {before:.4f} before, {after:.4f} after")

@@ -6,6 +6,7 @@ in-process through their `main(argv)`.
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -389,6 +390,37 @@ def test_pretrain_script_loss_falls_and_saves_a_loadable_model(pretrained):
     processor = VIST2Processor.from_pretrained(out)
     assert not processor.settings_mismatch(model.config)
     assert (out / "modeling_vist2.py").exists() and "auto_map" in json.loads((out / "config.json").read_text())
+
+
+DATA_PARALLEL_SCRIPT = """
+import hashlib, importlib.util, sys
+import torch.distributed as dist
+spec = importlib.util.spec_from_file_location("pretrain", sys.argv[1])
+pretrain = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pretrain)
+result = pretrain.main(["--config", "tiny", "--cpu", "--max-steps", "2", "--output-dir", sys.argv[2], "--num-workers",
+                        "0", "--max-chars", "100000", "--eval-windows", "4", "--batch-size", "4", "--logging-steps", "1"])
+trainer = result["trainer"]
+weights = trainer.accelerator.unwrap_model(trainer.model_wrapped).parameters()
+mine = (type(trainer.model_wrapped).__name__, hashlib.md5(b"".join(p.detach().numpy().tobytes() for p in weights)).hexdigest())
+ranks = [None, None]
+dist.all_gather_object(ranks, mine)
+assert ranks[0] == ranks[1] and ranks[0][0] == "DistributedDataParallel", ranks
+assert result["eval_loss_before"] is not None
+"""
+
+
+def test_pretraining_on_two_processes_trains_one_model_on_both(tmp_path):
+    """The example evaluates held-out loss before training: done before train(), it would leave the model unwrapped
+    and each process would train a replica of its own on half the data."""
+    import subprocess
+    import sys
+
+    (tmp_path / "ddp.py").write_text(DATA_PARALLEL_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "ddp.py"), str(REPO / "examples" / "pretrain.py"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
