@@ -783,8 +783,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if beams:  # beam search returns its finished beams, not the rows its cache holds
             cache.not_continuable = ("this cache ended a beam search, whose sequences are its finished beams, not the "
                                      "rows the cache holds")
-        if cache.processor is not None:
-            cache.processor.kept_as_text(cache.reports[closed_before:], stacklevel=2)
+        if len(cache.reports) > closed_before:  # (drawn by the caller's processor, or the model's own)
+            (cache.processor or self.own_processor()).kept_as_text(cache.reports[closed_before:], stacklevel=2)
         return output
 
     @torch.no_grad()

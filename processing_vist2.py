@@ -607,7 +607,9 @@ class VIST2Processor(ProcessorMixin):
             return prompt
         rows = [self.encode(text) for text in ([prompt] if isinstance(prompt, str) else prompt)]
         if return_dict:
-            return self.layout_token_ids(rows)
+            batch = self.layout_token_ids(rows)
+            self.kept_as_text([report for sample in self.last_report for report in sample], stacklevel=2)
+            return batch
         if return_tensors is None:
             return rows[0] if isinstance(prompt, str) else rows
         return self.tokenizer.pad({"input_ids": rows}, padding_side="left", return_tensors=return_tensors)["input_ids"]

@@ -179,6 +179,13 @@ def test_reading_a_chat_templates_text_equals_the_processor_call(model, chat_pro
     assert_same_generation(run(model, read, **settings), 1, run(model, batch, **settings), batch["input_ids"].shape[1])
 
 
+def test_a_laid_out_chat_template_warns_of_chunks_kept_as_text_as_a_processor_call_does(chat_processor):
+    messages = [MESSAGES[0], {"role": "user", "content": SAMPLE_TEXT[:200] + " 漢字漢字漢字漢字漢字漢字漢字 " + SAMPLE_TEXT[:200]}]
+    with pytest.warns(UserWarning, match="closed chunks are kept as text"):
+        batch = chat_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert int(batch["chunks_kept_as_text"][0]) >= 1
+
+
 def test_both_chat_template_outputs_generate_the_same_reply(model, chat_processor, ascii_only):
     kwargs = dict(add_generation_prompt=True, tokenize=True)
     ids = chat_processor.apply_chat_template(MESSAGES, return_tensors="pt", **kwargs)
