@@ -9,7 +9,7 @@ Each measurement runs in a fresh interpreter (peak RSS, `ru_maxrss`, only grows 
               by default on a shorter text; --read-chars)
 
 The text is the offline demo corpus (CPython docstrings, tokenization/build_corpus.py), repeated until it reaches
---chars characters. The processor has the demo model's settings (demo tokenizer, L=32, r=4, 128x256 sketches).
+--chars characters. The processor: the 4 096-token demo BPE tokenizer, L=32, r=4, 128x256 sketches, Pillow's built-in font.
 RSS is sampled from /proc/self/status every --every chunks, so the output shows memory against progress.
 
     python scripts/measure_streaming.py --out runs/streaming.json          # about 3-6 minutes on 2 busy cores
@@ -95,7 +95,7 @@ def worker(mode: str, chars: int, every: int) -> dict:
         batch = processor(text=text)
         result.update(tokens=len(processor.encode(text)), closed_chunks=len(processor.last_report[0]),
                       kept_as_text=int(batch["chunks_kept_as_text"][0]),
-                      pixel_values_mib=round(batch["pixel_values"].numel() * 4 / 2**20, 1),
+                      pixel_values_mib=round(batch["pixel_values"].numel() * batch["pixel_values"].element_size() / 2**20, 1),
                       input_ids=int(batch["input_ids"].shape[1]))
     elif mode == "read":
         from vist2 import VIST2ForCausalLM
