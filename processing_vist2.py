@@ -5,6 +5,7 @@ chunk but the last (open: the model keeps writing into it) is *closed*: rendered
 `visual_tokens_per_chunk` placeholders. The renderer is a glyph atlas (each character drawn once into a fixed cell, a
 sketch is the atlas indexed by a grid of character ids): a pure function of (text, settings), fast enough for decoding.
 """
+import bisect
 import functools
 import re
 import unicodedata
@@ -531,11 +532,13 @@ class VIST2Processor(ProcessorMixin):
         pre_tokenizer, normalizer = getattr(backend, "pre_tokenizer", None), getattr(backend, "normalizer", None)
         normalize = normalizer.normalize_str if normalizer else lambda piece: piece
 
-        inside_names = {i for name in self.added_names.finditer(text) for i in range(name.start() + 1, name.end())}
+        names = [name.span() for name in self.added_names.finditer(text)]  # the tokenizer cuts the text at these first
+        inside_names = {i for name_start, name_end in names for i in range(name_start + 1, name_end)}
+        name_starts = [name_start for name_start, _ in names]
 
-        def separable(at):  # the normaliser (NFC, say) joins nothing across `at`: no mark, no composition follows;
-            before, after = text[at - 1], text[at]  # and `at` is not inside an added token's name (matched first)
-            return (at not in inside_names and not unicodedata.combining(after)
+        def separable(at):  # the normaliser (NFC, say) joins nothing across `at`: no mark, no composition follows; `at`
+            before, after = text[at - 1], text[at]  # is not inside a name, nor after whitespace (a run's split depends
+            return (at not in inside_names and not before.isspace() and not unicodedata.combining(after)  # on what ends it)
                     and normalize(before + after) == normalize(before) + normalize(after))
         start = 0
         while start < len(text):
@@ -543,6 +546,8 @@ class VIST2Processor(ProcessorMixin):
             while end < len(text):
                 check_characters(text[start:end], offset=start)
                 starts = [span[0] for _, span in pre_tokenizer.pre_tokenize_str(text[start:end])] if pre_tokenizer else []
+                inside = name_starts[bisect.bisect_right(name_starts, start) : bisect.bisect_left(name_starts, end)]
+                starts = sorted(set(starts) | {name_start - start for name_start in inside})
                 # More text can change the last two pre-tokens ("they'r" + "e": "they", "'", "r" become "they", "'re").
                 cut = next((cut for cut in reversed(starts[:-1]) if cut > 0 and separable(start + cut)), 0)
                 if cut > 0:  # end the piece where its last pre-tokens start (that normalising leaves apart)
@@ -562,7 +567,8 @@ class VIST2Processor(ProcessorMixin):
         check_characters(text)
         pieces = [self.tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
                   for piece in text.split(SKETCH_TOKEN)]
-        return pieces[0] + [token for piece in pieces[1:] for token in self.sketch_spelled + piece]
+        # (spelled again: a tokenizer that normalises before matching names finds "<|SKETCH|>" too, say)
+        return self.spell_sketch(pieces[0] + [token for piece in pieces[1:] for token in self.sketch_spelled + piece])
 
     def spell_sketch(self, token_ids) -> list[int]:
         """Token ids from elsewhere with a `<|sketch|>` id (a tokenizer read the name in text) spelled as `encode` spells

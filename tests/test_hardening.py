@@ -9,6 +9,7 @@ Part 2 feeds the model inputs that are wrong in one way each and checks that the
 Part 3 checks that streaming a long text chunk by chunk gives what processing it at once gives.
 """
 
+import copy
 import functools
 import math
 import os
@@ -19,6 +20,7 @@ import torch
 from conftest import SAMPLE_TEXT, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tokenizers import AddedToken
 
 from vist2 import VIST2ForCausalLM, VIST2Processor, split_into_chunks
 from vist2.processing_vist2 import glyph_atlas, render_with_policy
@@ -443,11 +445,32 @@ def test_streaming_encodes_one_piece_at_a_time(processor, monkeypatch):
     (DOCSTRING_TEXT, 16), (DOCSTRING_TEXT, 40), (DOCSTRING_TEXT, 97),  # cuts inside newline + indentation runs
     ("".join(SAMPLE_TEXT.split())[:600], 97),  # no whitespace in a piece: a hard cut inside a word
     *((("They're sure we'll see you've been there. " * 6), size) for size in range(5, 60, 3)),  # a cut in "'re"
+    *(("First.\n\nThe second.\n\n\nThird T|> 4.\n\n" * 4, size) for size in range(2, 30, 3)),  # after a whitespace run
 ])
 def test_streamed_tokens_equal_the_whole_text_with_the_demo_tokenizer(demo_processor, text, piece_chars):
     streamed = [t for ids, _, _ in demo_processor.iter_chunks(text, piece_chars=piece_chars) for t in ids]
     assert demo_processor.chunk_text(streamed) == text
     assert streamed == demo_processor.encode(text)
+
+
+def test_a_text_of_adjacent_special_token_names_streams_in_pieces(processor):
+    """Nothing but names: the pieces end between names (the tokenizer cuts there first), not once at the text's end."""
+    text = "<|im_end|><|im_start|>" * 2000
+    pieces = list(processor.token_pieces(text, 64))
+    assert len(pieces) > 100 and [t for piece in pieces for t in piece] == processor.encode(text)
+
+
+def test_no_spelling_of_the_sketch_tokens_name_gives_its_id(tokenizer):
+    """A tokenizer that normalises before it matches names would read "<|SKETCH|>" as the token: it is spelled."""
+    from tokenizers import normalizers
+
+    from vist2 import VIST2Processor
+
+    lowercasing = copy.deepcopy(tokenizer)
+    lowercasing.backend_tokenizer.normalizer = normalizers.Lowercase()
+    lowercasing.add_tokens([AddedToken("<|sketch|>", special=True, normalized=True)], special_tokens=True)
+    processor = VIST2Processor.from_config(tiny_config(tokenizer), lowercasing)
+    assert processor.sketch_token_id not in processor(text="<|SKETCH|> and <|sketch|>")["input_ids"][0].tolist()
 
 
 @pytest.mark.parametrize("piece_chars", range(2, 40))

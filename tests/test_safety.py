@@ -32,7 +32,7 @@ from vist2.processing_vist2 import glyph_atlas, render_chunk
 
 PACKAGE = Path(__file__).resolve().parent.parent
 REMOTE_CODE = ["configuration_vist2.py", "modeling_vist2.py", "processing_vist2.py"]
-ALLOWED_IMPORTS = {"__future__", "collections", "dataclasses", "difflib", "functools", "itertools", "logging", "math",
+ALLOWED_IMPORTS = {"__future__", "bisect", "collections", "dataclasses", "difflib", "functools", "itertools", "logging", "math",
                    "pathlib", "re", "typing", "unicodedata", "warnings", "numpy", "torch", "PIL", "transformers"}
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "open", "input", "breakpoint", "globals", "vars"}
 FORBIDDEN_ATTRIBUTES = ("torch.load", "torch.jit.load", "torch.hub", "np.load", "numpy.load", "pickle.", "os.system",
