@@ -560,15 +560,12 @@ class VIST2Processor(ProcessorMixin):
 
     def encode(self, text) -> list[int]:
         """Token ids of `text`, as the tokenizer reads it (the names of special tokens are those tokens: a chat
-        template's text is a chat), except "<|sketch|>": text spells it as characters, so no text forges a visual
-        position (the tokenizer would also cut the text around it: so is the text here)."""
+        template's text is a chat), except "<|sketch|>": it is spelled as characters (`spell_sketch`, as plain ids
+        are), so no text forges a visual position, however the tokenizer matches the name."""
         if not text:
             return []
         check_characters(text)
-        pieces = [self.tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
-                  for piece in text.split(SKETCH_TOKEN)]
-        # (spelled again: a tokenizer that normalises before matching names finds "<|SKETCH|>" too, say)
-        return self.spell_sketch(pieces[0] + [token for piece in pieces[1:] for token in self.sketch_spelled + piece])
+        return self.spell_sketch(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def spell_sketch(self, token_ids) -> list[int]:
         """Token ids from elsewhere with a `<|sketch|>` id (a tokenizer read the name in text) spelled as `encode` spells
