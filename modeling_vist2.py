@@ -957,8 +957,9 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             raise ValueError("attention_mask: the tokens after those the cache has taken in hold padding. Fix: append "
                              "the same number of new tokens to every row")
         taken = None if attention_mask is None else attention_mask[:, :seen].bool()
-        if taken is not None and (~taken & (taken.cumsum(1) > 0)).any():  # masked after a row's first token
-            row = int((~taken & (taken.cumsum(1) > 0)).any(1).nonzero()[0])
+        masked_inside = None if taken is None else ~taken & (taken.cumsum(1) > 0)  # after a row's first token
+        if masked_inside is not None and masked_inside.any():
+            row = int(masked_inside.any(1).nonzero()[0])
             raise ValueError(f"attention_mask: row {row} masks tokens after its start that the cache has taken in (the "
                              "padding after a row finished, say), which it cannot unsee: they may be sketches by now. "
                              "Fix: pass attention_mask 1 there (as generate fed them), or the sequence without the cache")
@@ -1037,8 +1038,9 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         cache.reports += reports
         drawn = dict(zip(rows, images))
         sketched = [drawn.get(b) is not None for b in range(batch)]
-        cut = [s or (c and e) for s, c, e in zip(sketched, closing, ended)]  # an ended row's chunk: cut, not drawn
-        if any(c and e for c, e in zip(closing, ended)):
+        dropped = [c and e for c, e in zip(closing, ended)]  # an ended row's chunk: cut, not drawn
+        cut = [s or d for s, d in zip(sketched, dropped)]
+        if any(dropped):
             cache.not_continuable = ("rows of this cache ended (eos) before others, and the chunks they went on filling "
                                      "with padding were cut from it, so it does not hold their sequences")
         is_sketched, is_cut = torch.tensor(sketched, device=device), torch.tensor(cut, device=device)
