@@ -466,7 +466,7 @@ class VIST2Model(VIST2PreTrainedModel):
             if pixel_values is not None or holds_placeholders(input_ids, self.config.sketch_token_id,
                                                               self.config.visual_tokens_per_chunk):
                 raise ValueError("chunk_ids is required: pass the batch VIST2Processor returns")
-            laid_out, _ = self.lay_out(input_ids, attention_mask)
+            laid_out, _ = self.lay_out(input_ids, attention_mask, stacklevel=4)  # (forward, Module.__call__'s two frames)
             return self(**laid_out, cache=cache, use_cache=use_cache, read_back=read_back)
         self.check_inputs(input_ids, attention_mask, chunk_ids)
         kinds = token_kinds(input_ids, attention_mask, self.config.sketch_token_id)
@@ -503,19 +503,18 @@ class VIST2Model(VIST2PreTrainedModel):
                              "so the row has nothing to start from. Fix: drop that row, or encode it with the "
                              "processor (an empty text gets its bos token)")
 
-    def lay_out(self, input_ids, attention_mask=None, processor=None, keep_closed_text=False, reports=None):
+    def lay_out(self, input_ids, attention_mask=None, processor=None, keep_closed_text=False, reports=None,
+                stacklevel=1):
         """Plain token ids -> the processor's batch for them, and which input positions are real (not padding). How
-        the closed chunks were drawn goes to `reports` (a cache's, summed up by generate), or into a warning now."""
+        the closed chunks were drawn goes to `reports` (a cache's, summed up by generate), or into a warning now, at
+        the line `stacklevel` frames up."""
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         rows = [row[keep].tolist() for row, keep in zip(input_ids, real)]
         processor = self.own_processor() if processor is None else processor
-        batch = processor.layout_token_ids(rows, keep_closed_text).to(input_ids.device)
-        closed = [report for sample in processor.last_report for report in sample]
-        if reports is None:
-            processor.kept_as_text(closed, stacklevel=4)  # (kept_as_text, lay_out, forward: the caller's line)
-        else:
-            reports += closed
-        return batch, real
+        batch = processor.layout_token_ids(rows, keep_closed_text, stacklevel=None if reports is not None else stacklevel + 1)
+        if reports is not None:
+            reports += [report for sample in processor.last_report for report in sample]
+        return batch.to(input_ids.device), real
 
     # -- sketches -----------------------------------------------------------------------------------------------------
     def check_pixel_values(self, pixel_values):
@@ -846,9 +845,10 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         """Plain token ids, laid out as the processor lays out text. With a cache, the generation layout is prefilled
         into it; without, the training layout runs and the logits (and loss over `labels`) come back at the caller's
         token positions: at each token, the logits generation would give there."""
-        processor = getattr(cache, "processor", None)
+        processor, callers = getattr(cache, "processor", None), 5  # (forward_text, forward, Module.__call__'s two)
         if use_cache or isinstance(cache, VIST2Cache):
-            layout, _ = self.lay_out(input_ids, attention_mask, processor, reports=getattr(cache, "reports", None))
+            layout, _ = self.lay_out(input_ids, attention_mask, processor, reports=getattr(cache, "reports", None),
+                                     stacklevel=callers)
             out = self(**layout, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
             getattr(out, CACHE_KWARG).seen = input_ids.shape[1]  # the caller's columns, not the layout's
             return out
@@ -856,7 +856,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             raise ValueError("input_ids hold the '<|sketch|>' id, which VIST2 reads in plain ids as its name spelled as "
                              "text (several tokens), so the training layout's logits would not line up with them. Fix: "
                              "tokenize with the processor (processor.encode spells it), or drop it")
-        layout, real = self.lay_out(input_ids, attention_mask, processor, keep_closed_text=True)
+        layout, real = self.lay_out(input_ids, attention_mask, processor, keep_closed_text=True, stacklevel=callers)
         text = token_kinds(layout["input_ids"], layout["attention_mask"], self.config.sketch_token_id) == TEXT
         if labels is not None:
             layout["labels"] = torch.full_like(layout["input_ids"], -100).masked_scatter(text, labels[real])

@@ -507,8 +507,13 @@ class VIST2Processor(ProcessorMixin):
             cut = 0 if p is not None else self.prefix_length(ids)  # a chat's system turns, as for token ids
             samples.append(self.encode_sample(self.encode(p) if p is not None else ids[:cut], ids[cut:],
                                               keep_closed_text=keep_closed_text))
+        return self.batch(samples, return_labels, stacklevel=2)
+
+    def batch(self, samples: list[dict], return_labels=False, stacklevel: int | None = 1) -> BatchFeature:
+        """Encoded samples -> the model's batch and each sample's `undrawable_characters`; their render reports go to
+        `last_report` (per sample) and, with `stacklevel`, into one warning that sums them up (see `kept_as_text`)."""
         self.last_report = [s["report"] for s in samples]
-        self.kept_as_text([report for s in samples for report in s["report"]], stacklevel=2)
+        self.kept_as_text([report for s in samples for report in s["report"]], stacklevel and stacklevel + 1)
         batch = self.collate(samples, return_labels=return_labels)
         batch["undrawable_characters"] = ["".join(s["undrawable_characters"]) for s in samples]
         return batch
@@ -589,7 +594,7 @@ class VIST2Processor(ProcessorMixin):
             cut = turn_end
         return cut
 
-    def layout_token_ids(self, token_ids, keep_closed_text=False) -> BatchFeature:
+    def layout_token_ids(self, token_ids, keep_closed_text=False, stacklevel: int | None = 1) -> BatchFeature:
         """Plain token ids (one list per sample, as any tokenizer returns them) -> the model's inputs, as `__call__`
         lays out text: leading system turns stay as the prefix, every closed chunk after them becomes a sketch, and a
         `<|sketch|>` id (a tokenizer reads the name as it) is the name spelled as text, as `encode` spells it."""
@@ -598,8 +603,7 @@ class VIST2Processor(ProcessorMixin):
             ids = self.spell_sketch(ids)
             cut = self.prefix_length(ids)
             samples.append(self.encode_sample(ids[:cut], ids[cut:], keep_closed_text))
-        self.last_report = [s["report"] for s in samples]
-        return self.collate(samples)
+        return self.batch(samples, stacklevel=stacklevel and stacklevel + 1)
 
     def apply_chat_template(self, conversation, chat_template=None, tokenize=False, return_dict=False,
                             return_tensors=None, **kwargs):
@@ -610,9 +614,7 @@ class VIST2Processor(ProcessorMixin):
             return prompt
         rows = [self.encode(text) for text in ([prompt] if isinstance(prompt, str) else prompt)]
         if return_dict:
-            batch = self.layout_token_ids(rows)
-            self.kept_as_text([report for sample in self.last_report for report in sample], stacklevel=2)
-            return batch
+            return self.layout_token_ids(rows, stacklevel=2)
         if return_tensors is None:
             return rows[0] if isinstance(prompt, str) else rows
         return self.tokenizer.pad({"input_ids": rows}, padding_side="left", return_tensors=return_tensors)["input_ids"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT, tiny_config
-from vist2 import VIST2Processor, split_into_chunks
+from vist2 import VIST2Model, VIST2Processor, split_into_chunks
 from vist2.processing_vist2 import IGNORE_INDEX
 from vist2.training import encode_conversation
 
@@ -194,6 +194,23 @@ def test_a_call_reports_its_chunks_kept_as_text_in_one_warning_at_the_callers_li
     closed = sum(len(report) for report in processor.last_report)
     assert f"{kept[0]} of {closed} closed chunks are kept as text" in str(caught[0].message)
     assert "'中文'" in str(caught[0].message) and "Fix: " in str(caught[0].message)
+
+
+@pytest.mark.parametrize("call", ["processor.layout_token_ids", "model(input_ids=...)", "model(..., use_cache=True)",
+                                  "VIST2Model(input_ids=...)"])
+def test_plain_ids_report_their_chunks_kept_as_text_in_one_warning_at_the_callers_line(model, processor, call,
+                                                                                      monkeypatch):
+    ids = processor.encode(UNDRAWABLE_TEXT)
+    run = {"processor.layout_token_ids": lambda: processor.layout_token_ids(ids),
+           "model(input_ids=...)": lambda: model(input_ids=torch.tensor([ids])),
+           "model(..., use_cache=True)": lambda: model(input_ids=torch.tensor([ids]), use_cache=True),
+           "VIST2Model(input_ids=...)": lambda: base(input_ids=torch.tensor([ids]))}[call]
+    base = VIST2Model(model.config)
+    for built in (model, base):  # the processor a loaded model builds
+        monkeypatch.setattr(built, "_own_processor", processor, raising=False)
+    _, caught = kept_as_text_warnings(run)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    assert "'中文'" in str(caught[0].message)
 
 
 def test_read_returns_the_report_of_a_processor_call_in_one_warning_at_the_callers_line(model, processor):
