@@ -149,8 +149,8 @@ class VIST2Config(PretrainedConfig):
             visual tokens. merge_size (`int`): s; the aligner concatenates s x s neighbouring patches (paper: 1).
         sketch_token_id (`int`): the `<|sketch|>` placeholder id that marks visual positions in `input_ids`.
         font_path (`str`, *optional*): a TrueType font file, saved with the model (`save_pretrained` copies it into
-            the model's folder); `None` uses Pillow's built-in scalable font (ASCII only). font_size,
-            min_font_size (`int`): pixel size glyphs are drawn at, and the floor of the `"shrink_font"` policy.
+            the model's folder); `None` uses Pillow's built-in scalable font (ASCII and a few other characters).
+            font_size, min_font_size (`int`): pixel size glyphs are drawn at, and the `"shrink_font"` policy's floor.
         char_width, line_height, margin (`int`): the glyph cell in pixels (one per character); blank pixels around.
         foreground, background (`int`): grey levels of ink and paper (0-255).
         image_height, image_width (`int`): sketch size, giving exactly m tokens after patching and merging; the

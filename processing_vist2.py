@@ -252,9 +252,9 @@ def render_with_policy(text: str, settings: dict) -> tuple[np.ndarray | None, Sk
 # -- Processor ---------------------------------------------------------------------------------------------------------
 class VIST2Processor(ProcessorMixin):
     r"""Tokenizer + sketch renderer -> VIST2 model inputs. `processor(text=..., prefix=...)` returns, left-padded:
-    `input_ids` (`prefix`, m placeholders per closed chunk, the open chunk's tokens; with `keep_closed_text=True`,
-    training's `P c_1 V_1 c_2 V_2 ... c_K`), `attention_mask`, `chunk_ids` (0 for the prefix, i for chunk i),
-    `pixel_values` (`(closed chunks, H, W)` uint8 sketches, in placeholder order), and per sample `chunks_kept_as_text`
+    `input_ids` (`prefix`, m placeholders per drawn closed chunk (one kept as text: its tokens), the open chunk's
+    tokens; with `keep_closed_text=True`, training's `P c_1 V_1 c_2 V_2 ... c_K`), `attention_mask`, `chunk_ids` (0 for
+    the prefix, i for chunk i), `pixel_values` (`(drawn closed chunks, H, W)` uint8 sketches, in placeholder order), and per sample `chunks_kept_as_text`
     and `undrawable_characters` (chunks that could not be drawn stay as text; one warning per call; `last_report`)."""
 
     tokenizer_class = "AutoTokenizer"
@@ -520,9 +520,10 @@ class VIST2Processor(ProcessorMixin):
 
     def iter_chunks(self, text, piece_chars: int = 1 << 16):
         """Stream `text` (a string, or token ids): `(token_ids, sketch or None, report)` per closed chunk, then
-        `(token_ids, None, None)` for the open one. A piece ends where its second-to-last pre-token starts (more text
-        changes only the last two) unless normalising would join it to what precedes it (a combining mark: then one
-        before), so the tokens equal those of the whole text at once."""
+        `(token_ids, None, None)` for the open one. A piece ends at the last start of a pre-token (or of a special
+        token's name) before its last one (more text changes only the last two) that is not inside a name, not right
+        after whitespace and not where normalising would join the characters on either side, so the tokens equal those
+        of the whole text at once."""
         pending = []
         for piece in self.token_pieces(text, piece_chars) if isinstance(text, str) else [self.spell_sketch(text)]:
             pending += piece
