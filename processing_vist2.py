@@ -277,8 +277,10 @@ class VIST2Processor(ProcessorMixin):
         # Text spells "<|sketch|>" as characters (no text forges a visual position); other added tokens' names are read
         # as their tokens, as the tokenizer (a pipeline, a chat template's text) reads them.
         self.sketch_spelled = self.tokenizer(SKETCH_TOKEN, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        names = {token.content for token in self.tokenizer.added_tokens_decoder.values()} | {SKETCH_TOKEN}
+        added = self.tokenizer.added_tokens_decoder.values()
+        names = {token.content for token in added} | {SKETCH_TOKEN}
         self.added_names = re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True))))
+        self.names_taking_space_after = {token.content for token in added if getattr(token, "rstrip", False)}
         glyphs = self.sketch_settings["special_token_glyphs"] or {}
         unknown = sorted(set(glyphs) - set(vocab))
         if unknown:
@@ -538,13 +540,15 @@ class VIST2Processor(ProcessorMixin):
         pre_tokenizer, normalizer = getattr(backend, "pre_tokenizer", None), getattr(backend, "normalizer", None)
         normalize = normalizer.normalize_str if normalizer else lambda piece: piece
 
-        names = [name.span() for name in self.added_names.finditer(text)]  # the tokenizer cuts the text at these first
-        inside_names = {i for name_start, name_end in names for i in range(name_start + 1, name_end)}
-        name_starts = [name_start for name_start, _ in names]
+        names = list(self.added_names.finditer(text))  # the tokenizer cuts the text at these first
+        # Never inside a name, nor right after one that takes the whitespace after it (rstrip: Phi-3's chat names).
+        unsafe = {i for name in names for i in range(name.start() + 1, name.end())}
+        unsafe |= {name.end() for name in names if name.group() in self.names_taking_space_after}
+        name_starts = [name.start() for name in names]
 
         def separable(at):  # the normaliser (NFC, say) joins nothing across `at`: no mark, no composition follows; `at`
-            before, after = text[at - 1], text[at]  # is not inside a name, nor after whitespace (a run's split depends
-            return (at not in inside_names and not before.isspace() and not unicodedata.combining(after)  # on what ends it)
+            before, after = text[at - 1], text[at]  # is not unsafe, nor after whitespace (a run's split depends on
+            return (at not in unsafe and not before.isspace() and not unicodedata.combining(after)  # what ends it)
                     and normalize(before + after) == normalize(before) + normalize(after))
         start = 0
         while start < len(text):

@@ -460,6 +460,17 @@ def test_a_text_of_adjacent_special_token_names_streams_in_pieces(processor):
     assert len(pieces) > 100 and [t for piece in pieces for t in piece] == processor.encode(text)
 
 
+@pytest.mark.parametrize("piece_chars", range(8, 60, 3))
+def test_streamed_tokens_equal_the_whole_text_next_to_names_that_take_the_whitespace_around_them(tokenizer,
+                                                                                                 piece_chars):
+    """A name with rstrip (Phi-3's chat names, say) takes the whitespace after it: no piece ends right after one."""
+    stripping = copy.deepcopy(tokenizer)
+    stripping.add_tokens([AddedToken("<|user|>", rstrip=True, lstrip=True, normalized=False, special=True)])
+    processor = VIST2Processor.from_config(tiny_config(stripping), stripping)
+    text = "".join(f"word{i} words  <|user|>\n  reply {i}.\n" for i in range(40))
+    assert [t for piece in processor.token_pieces(text, piece_chars) for t in piece] == processor.encode(text)
+
+
 def test_no_spelling_of_the_sketch_tokens_name_gives_its_id(tokenizer):
     """A tokenizer that normalises before it matches names would read "<|SKETCH|>" as the token: it is spelled."""
     from tokenizers import normalizers
