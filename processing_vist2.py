@@ -590,10 +590,11 @@ class VIST2Processor(ProcessorMixin):
         how many leading characters.)"""
         if isinstance(token_ids, str):
             return re.match(r"(<\|im_start\|>system\n.*?<\|im_end\|>\n)*", token_ids, re.DOTALL).end()
-        header, end = self.encode("<|im_start|>system\n"), self.encode("<|im_end|>\n")
-        ids, cut = list(token_ids), 0
-        while ids[cut : cut + len(header)] == header:
-            turn_end = next((i + len(end) for i in range(cut + len(header), len(ids)) if ids[i : i + len(end)] == end), 0)
+        header, end = "<|im_start|>system\n", self.encode("<|im_end|>\n")
+        ids, cut, width = list(token_ids), 0, len(self.encode(header))
+        # A turn's header is read as text: its newline may be one token with the spaces that start the turn's content.
+        while self.tokenizer.decode(ids[cut : cut + width], clean_up_tokenization_spaces=False).startswith(header):
+            turn_end = next((i + len(end) for i in range(cut + 1, len(ids)) if ids[i : i + len(end)] == end), 0)
             if not turn_end:
                 break
             cut = turn_end

@@ -144,6 +144,32 @@ def test_a_conversation_tokenized_elsewhere_keeps_its_system_turns_as_the_prefix
     assert chat_processor.decode(prefix) == "<|im_start|>system\nAnswer briefly.<|im_end|>\n"
 
 
+@pytest.mark.parametrize("content", ["Answer briefly.", "  Answer briefly.", "\nAnswer briefly."])
+def test_system_turns_are_found_in_ids_whose_header_newline_merged_with_the_contents_spaces(processor, content):
+    """A GPT-2-style BPE reads "\n " as one token: the header's newline and the content's first space."""
+    from conftest import SPECIAL_TOKENS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from vist2 import VIST2Processor
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator([SAMPLE_TEXT.replace(". ", ".\n  ")], trainers.BpeTrainer(
+        vocab_size=420, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                        additional_special_tokens=SPECIAL_TOKENS[1:])
+    assert "ĊĠ" in tokenizer.tokenize("system\n  Answer"), "the merge this test is about"
+    chat = VIST2Processor(tokenizer, sketch_settings=processor.sketch_settings,
+                          chat_template=(ROOT / "chat_template.jinja").read_text())
+    messages = [{**MESSAGES[0], "content": content}, MESSAGES[1]]
+    text = chat.apply_chat_template(messages, add_generation_prompt=True)
+    ids = chat.encode(text)
+    cut = chat.prefix_length(ids)
+    assert chat.decode(ids[:cut]) == text[: chat.prefix_length(text)] == f"<|im_start|>system\n{content}<|im_end|>\n"
+
+
 def test_apply_chat_template_renders_and_tokenizes_with_special_tokens_as_ids(chat_processor, chat_tokenizer):
     text = chat_processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
     assert text == chat_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
