@@ -494,7 +494,7 @@ class VIST2Model(VIST2PreTrainedModel):
         if chunk_ids.shape != input_ids.shape or (attention_mask is not None and attention_mask.shape != input_ids.shape):
             raise ValueError(f"input_ids {tuple(input_ids.shape)}, chunk_ids {tuple(chunk_ids.shape)} and attention_mask "
                              f"{None if attention_mask is None else tuple(attention_mask.shape)} must have one shape")
-        vocab_size = self.get_input_embeddings().num_embeddings
+        vocab_size = self.get_input_embeddings().weight.shape[0]  # (PEFT's wrappers of trainable rows: no num_embeddings)
         if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
             raise ValueError(f"input_ids hold ids outside the model's vocabulary (0..{vocab_size - 1}). Fix: use the "
                              "tokenizer saved with the model, or model.resize_token_embeddings(len(tokenizer))")
@@ -634,9 +634,12 @@ class VIST2Model(VIST2PreTrainedModel):
         return torch.cat(hidden, 1) if len(hidden) > 1 else hidden[0]
 
     def own_processor(self):
-        """The processor used when none is passed: the config's settings and `model.tokenizer` or the one saved."""
-        if getattr(self, "_own_processor", None) is None:
-            tokenizer, source = getattr(self, "tokenizer", None), self.config._name_or_path
+        """The processor used when none is passed: the config's settings and `model.tokenizer` or the one saved. Built
+        again when either changes (a curriculum's final geometry, a tokenizer set after a first call)."""
+        own, given = getattr(self, "_own_processor", None), getattr(self, "tokenizer", None)
+        if own is None or given not in (None, own.tokenizer) or own.settings_mismatch(self.config):
+            tokenizer = given if given is not None else getattr(own, "tokenizer", None)
+            source = self.config._name_or_path
             try:
                 # Given the config, AutoTokenizer does not read config.json again as a model type it does not know.
                 if tokenizer is None and source:
@@ -679,7 +682,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         r"""
         As `VIST2Model.forward`; during decoding (a prefilled `VIST2Cache`), `input_ids` are only the new tokens.
         labels (`(batch, seq)`): next-token targets along the text stream `P c_1 c_2 ...`, across chunk boundaries;
-            sketches and -100 carry no label.
+            sketches and -100 carry no label. `label_smoothing` (a float kwarg): see `text_stream_loss`.
         """
         for key in REPORT_KEYS:
             kwargs.pop(key, None)
@@ -699,7 +702,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if labels is not None:
             kinds = token_kinds(input_ids, attention_mask, self.config.sketch_token_id)
             loss = self.text_stream_loss(out.last_hidden_state, labels, kinds, chunk_ids,
-                                         kwargs.get("num_items_in_batch"))
+                                         kwargs.get("num_items_in_batch"), kwargs.get("label_smoothing", 0.0))
         logits = self.next_token_logits(out.last_hidden_state, logits_to_keep)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
 
@@ -874,9 +877,10 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         logits[..., self.config.sketch_token_id] = torch.finfo(logits.dtype).min
         return logits
 
-    def text_stream_loss(self, hidden, labels, kinds, chunk_ids, num_items_in_batch=None):
+    def text_stream_loss(self, hidden, labels, kinds, chunk_ids, num_items_in_batch=None, label_smoothing=0.0):
         """Next-token loss along the text stream: sketches are skipped, not predicted. Where the stream skips a chunk
-        (the generation layout holds no text of sketched chunks), the token after the gap is not the next one: no loss."""
+        (the generation layout holds no text of sketched chunks), the token after the gap is not the next one: no loss.
+        `label_smoothing` spreads its share over the tokens that can be written (not `<|sketch|>`)."""
         is_text = kinds == TEXT
         order = torch.sort((~is_text).int(), dim=1, stable=True).indices  # text positions first, in flat order
         stream_labels = labels.gather(1, order).masked_fill(~is_text.gather(1, order), -100)
@@ -885,8 +889,12 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         targets[:, :-1] = stream_labels[:, 1:].masked_fill(stream_chunks[:, 1:] > stream_chunks[:, :-1] + 1, -100)
         picked = targets != -100
         rows, cols = picked.nonzero(as_tuple=True)
-        logits = self.next_token_logits(hidden[rows, order[rows, cols]]).float()
-        loss = F.cross_entropy(logits, targets[rows, cols], reduction="sum")
+        logits, targets = self.next_token_logits(hidden[rows, order[rows, cols]]).float(), targets[rows, cols]
+        if label_smoothing:  # (the ruled-out `<|sketch|>` has log-probability -inf: it takes no share)
+            sketch = self.config.sketch_token_id
+            logits = torch.cat([logits[:, :sketch], logits[:, sketch + 1 :]], 1)
+            targets = targets - (targets > sketch).long()
+        loss = F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
         denominator = num_items_in_batch if num_items_in_batch is not None else max(int(picked.sum()), 1)
         return loss / denominator
 
@@ -915,10 +923,11 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if mismatch:
             raise ValueError(f"processor and model disagree on {mismatch} (processor, model): build the processor "
                              "with VIST2Processor.from_config(model.config, tokenizer)")
-        if len(processor.tokenizer) > self.get_input_embeddings().num_embeddings:
+        embedded = self.get_input_embeddings().weight.shape[0]
+        if len(processor.tokenizer) > embedded:
             raise ValueError(f"the processor's tokenizer has {len(processor.tokenizer)} tokens but the model embeds "
-                             f"{self.get_input_embeddings().num_embeddings}. Fix: use the tokenizer saved with the "
-                             "model, or model.resize_token_embeddings(len(tokenizer))")
+                             f"{embedded}. Fix: use the tokenizer saved with the model, or "
+                             "model.resize_token_embeddings(len(tokenizer))")
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, chunk_ids=None,
                                       pixel_values=None, past_key_values=None, **kwargs):

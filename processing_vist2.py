@@ -399,12 +399,12 @@ class VIST2Processor(ProcessorMixin):
 
     def sketch_chunks(self, chunks: list[list[int]]) -> tuple[list[np.ndarray | None], list[SketchReport]]:
         """Render closed chunks; `None` marks a chunk the policy keeps as text (see `kept_as_text`)."""
-        images, reports = [], []
+        images, reports, known = [], [], len(self.tokenizer)
         for token_ids in chunks:
-            literal = set()
-            image, report = render_with_policy(self.sketch_text(token_ids, literal), self.sketch_settings)
-            if literal:
-                image, report.undrawable = None, report.undrawable | literal
+            unshown = {f"<id {t}, past the tokenizer>" for t in token_ids if t >= known}  # (decoded: nothing)
+            image, report = render_with_policy(self.sketch_text(token_ids, unshown), self.sketch_settings)
+            if unshown:  # (and glyph characters the text itself holds: they would look like what they mark)
+                image, report.undrawable = None, report.undrawable | unshown
             images.append(image)
             reports.append(report)
         return images, reports

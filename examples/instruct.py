@@ -27,12 +27,13 @@ import random
 from pathlib import Path
 
 from peft import PeftModel, get_peft_model
-from transformers import Trainer, set_seed
+from transformers import set_seed
 
 from vist2 import VIST2ForCausalLM
 from vist2.training import (
     ConversationDataset,
     VIST2DataCollator,
+    VIST2Trainer,
     language_model_lora_config,
     load_dataset_source,
     load_or_build_model,
@@ -161,7 +162,7 @@ def main(argv=None):
     train_dataset = ConversationDataset(conversations, processor, messages_column=args.messages_column)
 
     training_args = vist2_training_arguments(args, output_dir, args.max_steps)
-    trainer = Trainer(
+    trainer = VIST2Trainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,

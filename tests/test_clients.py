@@ -170,6 +170,39 @@ def test_system_turns_are_found_in_ids_whose_header_newline_merged_with_the_cont
     assert chat.decode(ids[:cut]) == text[: chat.prefix_length(text)] == f"<|im_start|>system\n{content}<|im_end|>\n"
 
 
+def test_the_models_own_processor_follows_a_tokenizer_set_after_its_first_use(model, processor, tokenizer):
+    import copy
+
+    from vist2 import VIST2ForCausalLM
+
+    fresh = VIST2ForCausalLM(model.config)
+    fresh.tokenizer = tokenizer
+    assert fresh.own_processor().tokenizer is tokenizer
+    grown = copy.deepcopy(tokenizer)
+    fresh.tokenizer = grown
+    assert fresh.own_processor().tokenizer is grown
+
+
+def test_the_models_own_processor_follows_the_configs_sketch_settings(model, tokenizer):
+    from vist2 import VIST2ForCausalLM
+
+    fresh = VIST2ForCausalLM(copy.deepcopy(model.config))
+    fresh.tokenizer = tokenizer
+    assert fresh.own_processor().sketch_settings["foreground"] == fresh.config.foreground
+    fresh.config.foreground = 40  # (a curriculum's final geometry is written into the config the same way)
+    assert fresh.own_processor().sketch_settings["foreground"] == 40
+
+
+def test_ids_past_the_tokenizer_keep_their_chunk_as_text_with_a_report(processor):
+    """The tokenizer decodes an id it does not have to nothing: drawn, the chunk would lose it."""
+    ids = processor.encode(SAMPLE_TEXT[:400])
+    ids[5] = len(processor.tokenizer) + 2  # a padded embedding row, or a token added to another copy of the tokenizer
+    batch = processor.layout_token_ids(ids)
+    assert batch["undrawable_characters"] == [f"<id {ids[5]}, past the tokenizer>"]
+    assert ids[5] in batch["input_ids"][0].tolist(), "the chunk stays as text"
+    assert not processor.last_report[0][0].ok and all(report.ok for report in processor.last_report[0][1:])
+
+
 def test_apply_chat_template_renders_and_tokenizes_with_special_tokens_as_ids(chat_processor, chat_tokenizer):
     text = chat_processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
     assert text == chat_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)

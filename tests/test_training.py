@@ -326,6 +326,141 @@ def test_the_trainer_logs_and_warns_when_closed_chunks_are_kept_as_text(tmp_path
     assert sum("closed chunks of the last logged steps are kept as text" in r.message for r in caplog.records) == 1
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer options and fine-tuning set-ups that must not change what is trained without a word
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def text_stream_loss_with_smoothing(model, batch, epsilon):
+    """The reference: label smoothing over the writable tokens, along the text stream, computed by hand."""
+    out = model(**batch, output_hidden_states=False)
+    kinds = token_kinds(batch["input_ids"], batch["attention_mask"], model.config.sketch_token_id)
+    losses = []
+    for row in range(len(batch["input_ids"])):
+        text = (kinds[row] == TEXT).nonzero()[:, 0]
+        labels, logits = batch["labels"][row, text], out.logits[row, text]
+        chunks = batch["chunk_ids"][row, text]
+        for i in range(len(text) - 1):
+            if labels[i + 1] != -100 and chunks[i + 1] <= chunks[i] + 1:
+                writable = torch.cat([logits[i, : model.config.sketch_token_id],
+                                      logits[i, model.config.sketch_token_id + 1 :]]).log_softmax(-1)
+                target = int(labels[i + 1]) - int(labels[i + 1] > model.config.sketch_token_id)
+                losses.append((1 - epsilon) * -writable[target] - epsilon * writable.mean())
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_label_smoothing_smooths_the_text_stream_loss(tmp_path, model, processor, epsilon):
+    """Trainer's own smoother would score the interleaved layout (and the ruled-out `<|sketch|>` made it inf)."""
+    batch = dict(VIST2DataCollator(processor)([processor.encode_sample([], processor.encode(SAMPLE_TEXT[:500]),
+                                                                        keep_closed_text=True)]))
+    trainer = VIST2Trainer(model=model, args=tiny_training_args(tmp_path, label_smoothing_factor=epsilon),
+                           data_collator=VIST2DataCollator(processor))
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        torch.testing.assert_close(loss, text_stream_loss_with_smoothing(model, batch, epsilon), rtol=1e-5, atol=1e-5)
+
+
+def test_a_curriculum_never_trains_what_the_caller_froze(tmp_path, tokenizer, processor, documents):
+    """A phase that freezes nothing leaves a LoRA model's base and a tower frozen by hand as they were."""
+    from peft import get_peft_model
+
+    from vist2.training import language_model_lora_config
+
+    torch.manual_seed(0)
+    model = get_peft_model(VIST2ForCausalLM(tiny_config(tokenizer)), language_model_lora_config(r=4, lora_dropout=0.0))
+    model.base_model.model.vision_tower.requires_grad_(False)  # (already frozen by LoRA: stays so)
+    before = {name for name, p in model.named_parameters() if p.requires_grad}
+    schedule = CurriculumSchedule.parse(["ocr:steps=1,read_back=1,freeze=aligner", "olm:steps=1,read_back=0"])
+    dataset = PackedTextDataset.from_documents(documents, processor, 4 * processor.chunk_size, show_progress=False)
+    trainable = []
+    model.register_forward_pre_hook(lambda module, args: trainable.append(
+        {name for name, p in model.named_parameters() if p.requires_grad}))
+    VIST2Trainer(model=model, args=tiny_training_args(tmp_path, max_steps=2), train_dataset=dataset,
+                 data_collator=VIST2DataCollator(processor), curriculum=schedule).train()
+    assert trainable[0] == {name for name in before if ".aligner." not in name} and trainable[1] == before
+
+
+def test_a_checkpoint_saved_mid_schedule_carries_the_geometry_its_weights_were_trained_in(tmp_path, tokenizer,
+                                                                                          processor, documents):
+    torch.manual_seed(0)
+    model = VIST2ForCausalLM(tiny_config(tokenizer))
+    schedule = CurriculumSchedule.parse(["r4:steps=2,read_back=0", "r8:steps=2,read_back=0,ratio=8"])
+    dataset = PackedTextDataset.from_documents(documents, processor, 8 * processor.chunk_size, schedule,
+                                               show_progress=False)
+    VIST2Trainer(model=model, args=tiny_training_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=1),
+                 train_dataset=dataset, data_collator=VIST2DataCollator(processor), processing_class=processor,
+                 curriculum=schedule).train()
+    for step, ratio in ((1, 4), (2, 4), (3, 8), (4, 8)):
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / f"checkpoint-{step}", trust_remote_code=True)
+        saved_processor = VIST2Processor.from_pretrained(tmp_path / f"checkpoint-{step}")
+        assert saved.config.compression_ratio == saved_processor.sketch_settings["compression_ratio"] == ratio
+    assert model.config.compression_ratio == 4, "the model in training keeps the geometry it started with"
+
+
+def test_num_items_in_batch_counts_what_the_loss_scores_for_left_padded_plain_ids(tmp_path, model, processor):
+    """A language-modelling collator labels every token: a left-padded row's first label is not a target."""
+    from transformers import DataCollatorForLanguageModeling
+
+    tokenizer = processor.tokenizer
+    collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    features = [{"input_ids": processor.encode(text)} for text in (SAMPLE_TEXT[:300], SAMPLE_TEXT[50:200])]
+    counts = {}
+    for side in ("left", "right"):
+        tokenizer.padding_side = side
+        try:
+            batch = collate(features)
+        finally:
+            tokenizer.padding_side = "left"
+        trainer = VIST2Trainer(model=model, args=tiny_training_args(tmp_path), data_collator=collate)
+        (batch,), counts[side] = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+        scored = sum(len(processor.encode(text)) - 1 for text in (SAMPLE_TEXT[:300], SAMPLE_TEXT[50:200]))
+        assert int(counts[side]) == scored
+
+
+def test_peft_trainable_token_rows_train_and_generate(model, processor):
+    """PEFT's way to train new tokens' rows wraps the embedding (no `num_embeddings`)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    last = len(processor.tokenizer) - 1
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, target_modules=r"language_model\..*\.(q_proj|v_proj)", trainable_token_indices={"embed_tokens": [last]}))
+    peft_model(**processor(text=SAMPLE_TEXT[:300], keep_closed_text=True, return_labels=True)).loss.backward()
+    out = peft_model.generate(**processor(text=SAMPLE_TEXT[:300]), processor=processor, max_new_tokens=3,
+                              do_sample=False)
+    assert out.shape[1] > 3
+
+
+def test_the_lora_config_takes_the_callers_modules_to_save_and_targets():
+    from vist2.training import language_model_lora_config
+
+    config = language_model_lora_config(modules_to_save=["aligner", "lm_head"], target_modules=["q_proj"])
+    assert config.modules_to_save == ["aligner", "lm_head"] and config.target_modules == {"q_proj"}
+
+
+def test_the_collator_names_the_fix_when_trainer_dropped_the_sketches(processor):
+    sample = {key: value for key, value in processor.encode_sample([], processor.encode(SAMPLE_TEXT[:300])).items()
+              if key in ("input_ids", "labels")}  # what remove_unused_columns=True leaves of a conversation sample
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        VIST2DataCollator(processor)([sample])
+
+
+def test_a_batch_with_nothing_trainable_in_its_loss_trains_nothing_instead_of_failing(tmp_path, tokenizer):
+    """An OCR warm-up phase (language model frozen) meets a batch whose chunks were all kept as text."""
+    torch.manual_seed(0)
+    model = VIST2ForCausalLM(tiny_config(tokenizer))
+    processor = VIST2Processor.from_config(model.config, tokenizer)
+    documents = [" 漢字" * 400] * 4  # the built-in font draws no CJK: every chunk stays text
+    dataset = PackedTextDataset.from_documents(documents, processor, 4 * processor.chunk_size, show_progress=False)
+    schedule = CurriculumSchedule.parse(["ocr:steps=1,read_back=1,freeze=language_model"])
+    tower = [p.detach().clone() for p in model.vision_tower.parameters()]
+    VIST2Trainer(model=model, args=tiny_training_args(tmp_path, max_steps=1), train_dataset=dataset,
+                 data_collator=VIST2DataCollator(processor), curriculum=schedule).train()
+    assert all(torch.equal(a, b) for a, b in zip(tower, model.vision_tower.parameters()))
+
+
 def test_resume_continues_from_the_saved_step(tmp_path, tokenizer, processor, documents):
     schedule_specs = ["ocr:steps=2,read_back=1,freeze=language_model", "withdraw:steps=2,read_back=1:0",
                       "olm:steps=2,read_back=0"]

@@ -328,11 +328,14 @@ def final_phase(schedule: CurriculumSchedule | None, steps: int | None = None) -
     return None if schedule is None else schedule.phases[-1] if steps is None else schedule.phase(steps - 1)
 
 
-def set_frozen(model, frozen: Iterable[str]):
-    """`requires_grad` off for the named top-level modules, on for the other freezable ones."""
+def set_frozen(model, frozen: Iterable[str], trainable: dict | None = None):
+    """`requires_grad` off for the named top-level modules; the other freezable ones' parameters get back the flag
+    `trainable` recorded for them when training began (all on without it), so a phase never trains what the caller
+    froze (a LoRA model's base, a tower frozen by hand)."""
     frozen = set(frozen)
     for name in FREEZABLE_MODULES:
-        getattr(model, name).requires_grad_(name not in frozen)
+        for parameter in getattr(model, name).parameters():
+            parameter.requires_grad_(name not in frozen and (trainable or {}).get(parameter, True))
 
 
 class CurriculumCallback(TrainerCallback):
@@ -340,19 +343,21 @@ class CurriculumCallback(TrainerCallback):
 
     def __init__(self, schedule: CurriculumSchedule):
         self.schedule = schedule
-        self.active_phase = None
+        self.active_phase, self.trainable = None, None
 
     def _enter(self, step, model):
         index = self.schedule.phase_index(step)
         if index != self.active_phase and model is not None:
             phase = self.schedule.phases[index]
-            set_frozen(model, phase.freeze)
+            set_frozen(model, phase.freeze, self.trainable)
             logger.info(f"curriculum: step {step} enters phase {index} {phase.name!r} "
                         f"(frozen: {', '.join(phase.freeze) or 'nothing'})")
             self.active_phase = index
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.active_phase = None
+        if model is not None and self.trainable is None:  # what the caller left trainable, before any phase
+            self.trainable = {parameter: parameter.requires_grad for parameter in model.parameters()}
         self.schedule.current_step = state.global_step  # also right after resuming from a checkpoint
         self._enter(state.global_step, model)
 
@@ -367,11 +372,13 @@ class CurriculumCallback(TrainerCallback):
 class VIST2Trainer(Trainer):
     """`Trainer` plus the curriculum: read-back flags are drawn here, at the step the batch is trained on. Logs the share
     of closed chunks kept as text (`chunks_kept_as_text`: they overflow their sketch or hold characters it cannot
-    show, so the model trains on their text) and warns the first time a phase has any."""
+    show, so the model trains on their text) and warns the first time a phase has any. `label_smoothing_factor` is
+    applied by the model's text-stream loss (Trainer's own smoother would score the interleaved layout), and a
+    checkpoint carries the sketch geometry its weights were trained in."""
 
     def __init__(self, *args, curriculum: CurriculumSchedule | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.curriculum = curriculum
+        self.curriculum, self.label_smoothing, self.label_smoother = curriculum, self.args.label_smoothing_factor, None
         self._draw = (None, 0)  # (step, micro-batches drawn at that step)
         self._closed, self._kept, self._warned = 0, 0, set()  # closed chunks since the last log, of them kept as text
         if curriculum is not None:
@@ -388,7 +395,38 @@ class VIST2Trainer(Trainer):
             flags = self.curriculum.read_back_flags(inputs["input_ids"].shape[0], step, seed=self.args.seed,
                                                     rank=self.args.process_index, draw=draw)
             inputs = {**inputs, "read_back": flags.to(inputs["input_ids"].device)}
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.label_smoothing and "labels" in inputs:
+            inputs = {**inputs, "label_smoothing": self.label_smoothing}
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = out[0] if return_outputs else out
+        if model.training and torch.is_grad_enabled() and not loss.requires_grad:
+            # The phase freezes the language model and no chunk of this batch was drawn (the logged share of chunks
+            # kept as text says so): nothing trainable is in its loss. It trains nothing, instead of failing the run.
+            trainable = next((p for p in model.parameters() if p.requires_grad), None)
+            loss = loss if trainable is None else loss + 0.0 * trainable.sum()
+        return (loss, out[1]) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer normalises the loss by the labels it counts (`num_items_in_batch`): a row's first label, never a
+        target wherever padding puts it, is dropped first, so the count is what the text-stream loss scores (for plain
+        ids from any collator too, in every transformers release)."""
+        return super().get_batch_samples(map(without_first_labels, epoch_iterator), num_batches, device)
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Mid-schedule, the config and processor saved are those of the phase the last step trained in."""
+        steps, processor = self.state.global_step, self.processing_class
+        config = self.accelerator.unwrap_model(self.model).config
+        if self.curriculum is None or not steps or not isinstance(processor, VIST2Processor):
+            return super()._save(output_dir, state_dict)
+        started = {key: getattr(config, key) for key in processor.sketch_settings}
+        try:
+            self.processing_class = apply_final_geometry(self.accelerator.unwrap_model(self.model), processor,
+                                                         self.curriculum, steps)
+            return super()._save(output_dir, state_dict)
+        finally:
+            self.processing_class = processor
+            for key, value in started.items():
+                setattr(config, key, value)
 
     def log(self, logs, *args, **kwargs):
         step = max(self.state.global_step - 1, 0)  # the step these losses were trained at
@@ -553,6 +591,17 @@ class ConversationDataset(Dataset):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def without_first_labels(batch):
+    """Nothing precedes a row's first token, so its label is never a target. Dropping it makes Trainer's count of
+    labels (`num_items_in_batch`, which normalises the loss under gradient accumulation) equal the number of targets
+    the model's text-stream loss has; with left padding it would otherwise count one extra per row."""
+    labels, mask = (batch.get("labels"), batch.get("attention_mask")) if hasattr(batch, "get") else (None, None)
+    if isinstance(labels, torch.Tensor) and labels.ndim == 2 and labels.shape[1]:
+        first = mask.long().argmax(1) if mask is not None else torch.zeros(len(labels), dtype=torch.long)
+        labels[torch.arange(len(labels)), first.to(labels.device)] = -100
+    return batch
+
+
 @dataclass
 class VIST2DataCollator:
     """Samples (or lists of samples, one per packed window, or `PendingWindow`s) -> the batch the model takes.
@@ -567,12 +616,11 @@ class VIST2DataCollator:
     def __call__(self, features):
         features = [f.render() if isinstance(f, PendingWindow) else f for f in features]
         samples = [sample for feature in features for sample in (feature if isinstance(feature, list) else [feature])]
-        batch = self.processor.collate(samples, return_labels=True)
-        # Nothing precedes a row's first token, so its label is never a target. Dropping it makes Trainer's count of
-        # labels (`num_items_in_batch`, which normalises the loss under gradient accumulation) equal the number of
-        # targets the model's text-stream loss has; with left padding it would otherwise count one extra per row.
-        first = batch["attention_mask"].argmax(1)
-        batch["labels"][torch.arange(len(samples)), first] = -100
+        if samples and "sketches" not in samples[0]:
+            raise ValueError(f"VIST2DataCollator: a sample without its sketches (keys: {sorted(samples[0])}): Trainer's "
+                             "remove_unused_columns=True drops the keys forward() does not name. Fix: "
+                             "TrainingArguments(remove_unused_columns=False), as vist2_training_arguments sets it")
+        batch = without_first_labels(self.processor.collate(samples, return_labels=True))
         batch["read_back"] = torch.full((len(samples),), self.read_back, dtype=torch.bool)
         return batch
 
@@ -586,8 +634,8 @@ def language_model_lora_config(r=16, lora_alpha=32, lora_dropout=0.05, **kwargs)
     """LoRA on the language model's linear layers; the aligner is trained in full and saved with the adapter."""
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LANGUAGE_MODEL_LORA_TARGETS,
-                      modules_to_save=["aligner"], task_type="CAUSAL_LM", **kwargs)
+    kwargs = {"target_modules": LANGUAGE_MODEL_LORA_TARGETS, "modules_to_save": ["aligner"], **kwargs}
+    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM", **kwargs)
 
 
 def bf16_supported() -> bool:
@@ -648,7 +696,7 @@ def load_or_build_model(model_path=None, text_model=None, vision_model=None, con
 __all__ = [
     "FREEZABLE_MODULES", "LANGUAGE_MODEL_LORA_TARGETS", "load_dataset_source", "load_documents", "tokenize_documents", "render_window",
     "CurriculumPhase", "CurriculumSchedule", "CurriculumCallback", "VIST2Trainer", "processor_for_phase",
-    "apply_final_geometry", "final_phase", "set_frozen", "PackedTextDataset", "StreamingTextDataset", "PendingWindow", "ConversationDataset",
+    "apply_final_geometry", "final_phase", "set_frozen", "without_first_labels", "PackedTextDataset", "StreamingTextDataset", "PendingWindow", "ConversationDataset",
     "VIST2DataCollator", "language_model_lora_config", "bf16_supported", "load_or_build_model", "vist2_training_arguments",
     "from_backbones", "sketch_geometry", "tiny_config", "read_back_chunk", "encode_conversation",
 ]

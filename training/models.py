@@ -136,7 +136,7 @@ def from_backbones(text_model, vision_model, tokenizer=None, **config_kwargs) ->
         tokenizer.add_tokens([AddedToken(SKETCH_TOKEN, special=True, normalized=False)], special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
+    if language_model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         language_model.resize_token_embeddings(len(tokenizer))
     config_kwargs.setdefault("num_channels", getattr(vision_tower.config, "num_channels", 3))
     config_kwargs.update(text_config=language_model.config, vision_config=vision_tower.config,
