@@ -120,16 +120,20 @@ def locate_font(font_path, pretrained_model_name_or_path, hub_kwargs: dict):
         raise OSError(f"font_path: the model names the font {font_path!r}, which {pretrained_model_name_or_path!r} "
                       "does not hold. Fix: save the model with save_pretrained (it copies the font), or put the font "
                       "file next to its config.json")
-    return str(Path(found).resolve())  # absolute: located once, whatever the working directory is later
+    return str(Path(found).absolute())  # located once, whatever the working directory is later (a Hub cache's file
+    # is a link to a blob named by its hash: the link's own name is the font's)
 
 
 def copy_font(font_path, save_directory):
+    """The font file (a system font found by name: the file drawn with), and its licence (`<name>-LICENSE*` beside it,
+    which a font's licence may require with every copy), into `save_directory`."""
     if font_path is not None:
-        source = Path(font_path) if Path(font_path).exists() else Path(ImageFont.truetype(font_path).path)  # a system
-        target = Path(save_directory) / source.name  # font found by name: the file drawn with (to_dict: its name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists() or not target.samefile(source):
-            target.write_bytes(source.read_bytes())
+        source = Path(font_path) if Path(font_path).exists() else Path(ImageFont.truetype(font_path).path)
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        for file in [source, *source.parent.glob(f"{source.stem}-LICENSE*")]:
+            target = Path(save_directory) / file.name
+            if not target.exists() or not target.samefile(file):
+                target.write_bytes(file.read_bytes())
 
 
 def _sub_config(value, default_model_type, defaults):
@@ -207,7 +211,19 @@ class VIST2Config(PretrainedConfig):
             config_dict["font_path"] = locate_font(config_dict.get("font_path"), pretrained_model_name_or_path, kwargs)
         return config_dict, unused
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # AutoConfig reads config.json with the base class's get_config_dict: the font is located here then. Settings
+        # given as keyword arguments are set after __init__, so the whole is checked again.
+        source = kwargs.get("name_or_path")
+        if source and config_dict.get("font_path"):
+            config_dict = {**config_dict, "font_path": locate_font(config_dict["font_path"], source, {})}
+        loaded = super().from_dict(config_dict, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).validate_vist2()
+        return loaded
+
     def save_pretrained(self, save_directory, **kwargs):
+        self.validate_vist2()  # a setting changed since __init__ would make a checkpoint that does not load
         copy_font(self.font_path, save_directory)
         super().save_pretrained(save_directory, **kwargs)
 

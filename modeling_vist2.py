@@ -11,17 +11,19 @@ Positions follow the cache's layout `P V_1 ... V_{i-1} c_i`, so `generate` cuts 
 it closes: at most `|P| + m * closed_chunks + L` entries. Only public transformers hooks are used (docs/DESIGN.md §4).
 """
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationMixin,
-                          LogitsProcessor, LogitsProcessorList, PreTrainedModel)
+from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig,
+                          GenerationMixin, LogitsProcessor, LogitsProcessorList, PreTrainedModel)
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging as hf_logging
 
-from .configuration_vist2 import VIST2Config, locate_font
+from .configuration_vist2 import HUB_KWARGS, VIST2Config, locate_font
 from .processing_vist2 import VIST2Processor
 
 PAD, TEXT, SKETCH = 0, 1, 2  # token kinds
@@ -163,9 +165,16 @@ class VIST2Cache(DynamicCache):
         self.stop = self.sequences = None  # while generate writes: (its eos ids, its first new column), its sequences
         self.reports = []  # how each chunk closed while writing was rendered (for generate's summary warning)
 
+    is_croppable = False  # what a step closed is a sketch by then: generate must not run a step it would undo
+
     @property
     def is_prefilled(self) -> bool:
         return self.recent is not None
+
+    def crop(self, tokens_to_remove: int):
+        if tokens_to_remove:
+            raise ValueError("VIST2Cache cannot be cropped: a step that closed a chunk cut its text. Fix: generate "
+                             "again from the sequence you want to keep")
 
     def begin(self, input_ids, kinds, chunk_ids, next_position, chunk_size: int):
         """Take over a prompt in the generation layout (rows left-padded, the last chunk open unless it is a sketch)."""
@@ -274,9 +283,9 @@ class FixedLayer(DynamicLayer):
 class DecodeGraph:
     """The decode step that closes no chunk, in fixed shapes, captured once as a CUDA graph and replayed: one launch
     instead of the decoder's (about 2 000 at Qwen3-0.6B's 28 layers), which bound a step at small batches on a GPU.
-    The token, its position and where it is written are copied into fixed buffers; `visible` (which buffer slots each row sees) is the step's mask. Off
-    a GPU the same step runs as it is (so that tests check what a GPU captures). It keeps no reference to the cache
-    that keeps it (a cycle would hold GPU memory until Python's collector ran)."""
+    The token, its position and where it is written are copied into fixed buffers; `visible` (which buffer slots each
+    row sees) is the step's mask. Off a GPU the same step runs as it is (so that tests check what a GPU captures). It
+    keeps no reference to the cache that keeps it (a cycle would hold GPU memory until Python's collector ran)."""
 
     def __init__(self, model, cache: VIST2Cache):
         implementation = model.config.text_config._attn_implementation
@@ -409,10 +418,15 @@ class VIST2PreTrainedModel(PreTrainedModel):
         # Weights travel only as safetensors: a folder with pickled weights alone is refused, never unpickled.
         kwargs.setdefault("use_safetensors", True)
         loaded = super().from_pretrained(*args, **kwargs)
-        config = (loaded[0] if isinstance(loaded, tuple) else loaded).config  # (with output_loading_info: a pair)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (with output_loading_info: a pair)
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        config.font_path = locate_font(config.font_path, source, kwargs)  # the font saved with it: configuration_vist2
-        config.validate_vist2()
+        model.config.font_path = locate_font(model.config.font_path, source, kwargs)  # the font saved with it
+        model.config.validate_vist2()
+        # Where `own_processor` finds the tokenizer: the same folder (whatever the working directory is by then) or
+        # repo, revision and subfolder.
+        local = isinstance(source, (str, Path)) and Path(source).is_dir()
+        model.tokenizer_source = (str(Path(source).absolute()) if local else source,
+                                  {key: kwargs[key] for key in HUB_KWARGS if key in kwargs})
         return loaded
 
 
@@ -564,6 +578,8 @@ class VIST2Model(VIST2PreTrainedModel):
         if num_sketches:
             step = sketches_per_pass or num_sketches
             visual = torch.cat([self.encode_sketches(pixel_values[i : i + step]) for i in range(0, num_sketches, step)])
+            if visual.shape[1] != self.config.visual_tokens_per_chunk:  # (a config changed after the model was built)
+                self.config.validate_vist2()
             visual = visual.to(embeds.dtype)
             embeds = embeds.masked_scatter((kinds == SKETCH)[..., None], visual)
         return embeds
@@ -639,11 +655,12 @@ class VIST2Model(VIST2PreTrainedModel):
         own, given = getattr(self, "_own_processor", None), getattr(self, "tokenizer", None)
         if own is None or given not in (None, own.tokenizer) or own.settings_mismatch(self.config):
             tokenizer = given if given is not None else getattr(own, "tokenizer", None)
-            source = self.config._name_or_path
+            source, hub_kwargs = getattr(self, "tokenizer_source", (self.config._name_or_path, {}))
             try:
                 # Given the config, AutoTokenizer does not read config.json again as a model type it does not know.
                 if tokenizer is None and source:
-                    tokenizer = AutoTokenizer.from_pretrained(source, config=self.config, trust_remote_code=False)
+                    tokenizer = AutoTokenizer.from_pretrained(source, config=self.config, trust_remote_code=False,
+                                                              **hub_kwargs)
             except (OSError, ValueError) as error:
                 source = f"{source} ({type(error).__name__}: {error})"
             if tokenizer is None:
@@ -706,14 +723,17 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         logits = self.next_token_logits(out.last_hidden_state, logits_to_keep)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
 
-    def generate(self, inputs=None, processor=None, prefill_chunk_size: int | str | None = "auto",
-                 cuda_graphs: bool | None = None, **kwargs):
+    def generate(self, inputs=None, generation_config=None, *, processor=None,
+                 prefill_chunk_size: int | str | None = "auto", cuda_graphs: bool | None = None, **kwargs):
         """`GenerationMixin.generate` with a compressing cache, on the processor's batch or plain token ids (laid out
         here); `processor` renders closed chunks (default: `own_processor()`). `prefill_chunk_size`: entries per prefill
         pass, "auto" as many as memory allows (`prefill_passes`), `None` all in one; the logits are the same.
         `cuda_graphs`: decode steps replayed as a CUDA graph, by default on a GPU without beam search
         (`uses_decode_graph`)."""
-        self.check_generation_mode(kwargs)
+        if generation_config is not None:
+            kwargs["generation_config"] = generation_config
+        options = self.generation_options(kwargs)
+        self.check_generation_mode(options, kwargs)
         # transformers' own chunked prefill cannot split sketches: VIST2 takes the setting (of the caller's
         # generation_config; of the model's own unless prefill_chunk_size is given) and blocks the prefill itself.
         passed_config = kwargs.get("generation_config")
@@ -732,9 +752,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if tokenizer is not None and len(tokenizer) < self.get_output_embeddings().out_features:  # padded embeddings
             kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []),
                                                               TokenizerIdsOnly(len(tokenizer))])
-        stop_strings = [kwargs.get("stop_strings")] + [getattr(c, "stop_strings", None) for c in (passed_config,
-                                                                                                 self.generation_config)]
-        if stop_strings != [None] * 3 and kwargs.get("tokenizer") is None:  # (given, or in either config)
+        if options.stop_strings is not None and kwargs.get("tokenizer") is None:
             kwargs["tokenizer"] = self.own_processor().tokenizer if tokenizer is None else tokenizer  # (or names the fix)
         cache, legacy_cache = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
         cache = legacy_cache if cache is None else cache
@@ -747,14 +765,11 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         else:  # the caller's cache: what this call sets, it takes
             cache.processor = cache.processor if processor is None else processor
             cache.prefill_chunk_size = cache.prefill_chunk_size if prefill_chunk_size == "auto" else prefill_chunk_size
-        beams = (kwargs.get("num_beams") or getattr(kwargs.get("generation_config") or self.generation_config,
-                                                    "num_beams", 1) or 1) > 1
+        beams = (options.num_beams or 1) > 1
         if cuda_graphs is not None or beams:  # beam search reorders the rows every step: a graph would not last
             cache.cuda_graphs = cuda_graphs if cuda_graphs is not None else False
         kwargs[CACHE_KWARG] = cache
-        input_ids, closed_before = kwargs.get("input_ids", inputs), len(cache.reports)
-        eos = kwargs.get("eos_token_id", getattr(kwargs.get("generation_config") or self.generation_config,
-                                                 "eos_token_id", None))
+        input_ids, closed_before, eos = kwargs.get("input_ids", inputs), len(cache.reports), options.eos_token_id
         if cache.is_prefilled and input_ids is not None:
             self.take_in(cache, input_ids, kwargs.get("attention_mask"))
         placeholders = input_ids is not None and (kwargs.get("pixel_values") is not None or holds_placeholders(
@@ -762,6 +777,17 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if kwargs.get("chunk_ids") is None and placeholders and not cache.is_prefilled:
             raise ValueError("chunk_ids is required when input_ids hold '<|sketch|>' placeholders: pass the whole "
                              "processor batch, model.generate(**processor(text=...), processor=processor)")
+        if placeholders and options.token_healing:
+            raise ValueError("VIST2 generate: token_healing re-tokenizes the prompt's text, and a processor batch "
+                             "holds its closed chunks as '<|sketch|>' placeholders. Fix: pass the prompt as plain "
+                             "token ids (model.generate(input_ids=...)), which the model lays out itself")
+        penalties = [name for name in ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+                                       "encoder_no_repeat_ngram_size") if getattr(options, name) not in (None, 0, 1.0)]
+        if placeholders and penalties:
+            hf_logging.get_logger(__name__).warning(
+                f"VIST2 generate: {', '.join(penalties)} sees the prompt's closed chunks as '<|sketch|>' placeholders, "
+                "not their text. Fix: pass the prompt as plain token ids (model.generate(input_ids=...)): the penalty "
+                "then sees its text, and the model lays it out as the processor would")
         pixel_values = kwargs.get("pixel_values")
         if isinstance(pixel_values, torch.Tensor) and input_ids is not None and not cache.is_prefilled:
             # generate repeats every tensor row by row for beams and num_return_sequences, but pixel_values holds
@@ -899,11 +925,20 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         return loss / denominator
 
     # -- generation machinery: checks, decode steps, closing chunks, read's prefill ------------------------------------
-    def check_generation_mode(self, kwargs):
-        """Refuse, before any work, decoding strategies that would not be exact with the compressing cache."""
-        base = kwargs.get("generation_config") or self.generation_config
-        config = base.from_dict(base.to_dict())
-        config.update(**kwargs)
+    def generation_options(self, kwargs):
+        """The options generate runs with, merged as transformers merges them: the model's `generation_config`, what a
+        passed one sets apart from the defaults, then keyword arguments."""
+        passed, own = kwargs.get("generation_config"), self.generation_config
+        options = own.from_dict(own.to_dict())
+        if passed is not None:
+            defaults = GenerationConfig().to_dict()
+            options.update(**{key: value for key, value in passed.to_dict().items() if value != defaults.get(key)})
+        options.update(**kwargs)
+        return options
+
+    def check_generation_mode(self, config, kwargs):
+        """Refuse, before any work, decoding strategies and options that would not be exact with the compressing cache
+        (`config`: `generation_options`)."""
         mode = str(getattr(config.get_generation_mode(kwargs.get("assistant_model")), "value", ""))
         mode = "custom_generate" if kwargs.get("custom_generate") else mode
         for option in ("output_attentions", "output_hidden_states"):
@@ -917,6 +952,10 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                    "code written for caches that keep every token, not for one whose closed chunks are sketches")
             raise ValueError(f"VIST2 generate: {mode} is not supported: {why}. Fix: use greedy "
                              "decoding, sampling or beam search (num_beams, num_return_sequences)")
+        if config.cache_implementation is not None:
+            raise ValueError(f"VIST2 generate: cache_implementation={config.cache_implementation!r} would replace the "
+                             "VIST2Cache, the cache that cuts closed chunks' text. Fix: drop it (from the "
+                             "generation_config too)")
 
     def check_processor(self, processor):
         mismatch = processor.settings_mismatch(self.config)

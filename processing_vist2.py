@@ -8,6 +8,7 @@ sketch is the atlas indexed by a grid of character ids): a pure function of (tex
 import bisect
 import functools
 import re
+import threading
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ class GlyphAtlas:
         except OSError as error:  # a bare file name that is neither here nor among the system's fonts
             raise OSError(f"font_path {font_path!r} does not open ({error}). Fix: pass the path of a .ttf/.otf file "
                           "that exists on this machine (a model's own font: load the model with from_pretrained)") from None
-        self.cell = (cell_height, cell_width)
+        self.cell, self.lock = (cell_height, cell_width), threading.Lock()
         self.foreground, self.background = foreground, background
         ascent, descent = self.font.getmetrics()
         self.canvas = (max(1, int(np.ceil(self.font.getlength("M")))), ascent + descent)
@@ -162,17 +163,21 @@ class GlyphAtlas:
         return self._lookalikes.get(cell.tobytes(), char) != char
 
     def lookup(self, char: str) -> int | None:
-        """Atlas index of `char`, drawn on first use; `None` if the font cannot draw it apart from every other one."""
+        """Atlas index of `char`, drawn on first use; `None` if the font cannot draw it apart from every other one.
+        Threads that render at once (a server's requests) share the atlas: a character is drawn under its lock, and its
+        index is published only once its cell is in `glyphs`, which only grows."""
         if char in self.index:
             return self.index[char]
-        cell = self.marks.get(char)
-        if char not in self.marks and not _has_no_glyph(char):
-            cell = self._draw(char)
-            cell = None if cell is None or self.looks_like_another(char, cell) else cell
-        self.index[char] = None if cell is None else len(self.glyphs)
-        if cell is not None:
-            self.glyphs = np.concatenate([self.glyphs, cell[None]])
-        return self.index[char]
+        with self.lock:
+            if char not in self.index:
+                cell = self.marks.get(char)
+                if char not in self.marks and not _has_no_glyph(char):
+                    cell = self._draw(char)
+                    cell = None if cell is None or self.looks_like_another(char, cell) else cell
+                if cell is not None:
+                    self.glyphs = np.concatenate([self.glyphs, cell[None]])
+                self.index[char] = None if cell is None else len(self.glyphs) - 1
+            return self.index[char]
 
 
 glyph_atlas = functools.lru_cache(maxsize=32)(GlyphAtlas)  # one atlas per font, size, cell and colours
@@ -331,6 +336,7 @@ class VIST2Processor(ProcessorMixin):
     @classmethod
     def from_config(cls, config, tokenizer, **kwargs):
         """The processor that matches a model config (same chunking and render settings)."""
+        config.validate_vist2()  # (a setting changed since the config was made: sketches the model could not read)
         vocab_size = getattr(config.text_config, "vocab_size", None)
         if vocab_size and len(tokenizer) > vocab_size:
             raise ValueError(f"VIST2Processor: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "

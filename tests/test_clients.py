@@ -193,6 +193,21 @@ def test_the_models_own_processor_follows_the_configs_sketch_settings(model, tok
     assert fresh.own_processor().sketch_settings["foreground"] == 40
 
 
+@pytest.mark.parametrize("where", ["a relative folder, then another working directory", "a subfolder"])
+def test_the_models_own_processor_finds_the_tokenizer_where_the_model_was_loaded_from(model, tokenizer, tmp_path,
+                                                                                      monkeypatch, where):
+    folder = tmp_path / "repo" / "checkpoint"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.chdir(tmp_path)
+    if where == "a subfolder":
+        loaded = VIST2ForCausalLM.from_pretrained("repo", subfolder="checkpoint")
+    else:
+        loaded = VIST2ForCausalLM.from_pretrained("repo/checkpoint")
+        monkeypatch.chdir(folder)
+    assert loaded.own_processor().tokenizer.get_vocab() == tokenizer.get_vocab()
+
+
 def test_ids_past_the_tokenizer_keep_their_chunk_as_text_with_a_report(processor):
     """The tokenizer decodes an id it does not have to nothing: drawn, the chunk would lose it."""
     ids = processor.encode(SAMPLE_TEXT[:400])

@@ -210,6 +210,63 @@ def test_a_model_loaded_from_a_relative_folder_finds_its_font(tokenizer, tmp_pat
     assert model.config.font_path == str((folder / "builtin.ttf").resolve())
 
 
+def test_a_model_from_a_hub_cache_keeps_its_fonts_name_not_its_blobs(tokenizer, tmp_path):
+    """In a Hub cache a snapshot's file is a link to a blob named by its hash: saved again, the font keeps its name."""
+    from transformers import AutoModelForCausalLM
+
+    from vist2 import VIST2Processor
+
+    processor, folder = saved_with_font(tokenizer, tmp_path)
+    blob = tmp_path / "blobs" / "0f5db4f1"
+    blob.parent.mkdir()
+    (folder / "builtin.ttf").rename(blob)
+    (folder / "builtin.ttf").symlink_to(blob)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert Path(model.config.font_path).name == "builtin.ttf"
+    model.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "builtin.ttf").read_bytes() == blob.read_bytes()
+    assert VIST2Processor.from_pretrained(folder).settings_mismatch(model.config) == {}
+
+
+def test_autoconfig_with_the_package_imported_finds_the_font_in_the_models_folder(tokenizer, tmp_path, monkeypatch):
+    """The package registers VIST2Config with AutoConfig, which reads config.json without VIST2Config.get_config_dict."""
+    _, folder = saved_with_font(tokenizer, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert AutoConfig.from_pretrained(folder).font_path == str(folder / "builtin.ttf")
+
+
+def test_the_fonts_licence_beside_it_travels_with_it(tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    tiny_config(font_path=str(repo / "DejaVuSansMono.ttf")).save_pretrained(tmp_path)
+    assert (tmp_path / "DejaVuSansMono-LICENSE.txt").read_bytes() == (repo / "DejaVuSansMono-LICENSE.txt").read_bytes()
+
+
+def test_a_setting_changed_after_the_config_was_made_is_refused_where_it_would_take_effect(tokenizer, tmp_path):
+    import torch
+
+    from vist2 import VIST2ForCausalLM, VIST2Processor
+    from vist2.modeling_vist2 import token_kinds
+
+    config = model_config(tokenizer)
+    model = VIST2ForCausalLM(config)
+    model.tokenizer = tokenizer
+    pixels = VIST2Processor.from_config(config, tokenizer)(text="Sketches replace old text. " * 12)["pixel_values"]
+    config.compression_ratio = 2 * config.compression_ratio  # m = L / r halves; a sketch still gives the old m
+    ids = torch.tensor([[10, 11] + [config.sketch_token_id] * config.visual_tokens_per_chunk + [12]])
+    for where in (lambda: VIST2Processor.from_config(config, tokenizer), lambda: config.save_pretrained(tmp_path),
+                  lambda: model.generate(input_ids=torch.tensor([[10, 11, 12]]), max_new_tokens=1),
+                  lambda: model.embed(ids, token_kinds(ids, None, config.sketch_token_id), pixels[:1])):
+        with pytest.raises(ValueError, match=r"VIST2Config\.image_height: .* Fix: "):
+            where()
+    with pytest.raises(ValueError, match=r"VIST2Config\.image_height"):
+        AutoConfig.from_pretrained(saved_config(tokenizer, tmp_path), compression_ratio=8)
+
+
+def saved_config(tokenizer, tmp_path):
+    model_config(tokenizer).save_pretrained(tmp_path / "saved")
+    return tmp_path / "saved"
+
+
 def test_a_model_whose_font_file_is_missing_is_refused_naming_the_file_and_the_fix(tokenizer, tmp_path):
     _, folder = saved_with_font(tokenizer, tmp_path)
     (folder / "builtin.ttf").unlink()

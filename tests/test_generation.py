@@ -564,6 +564,70 @@ def test_outputs_over_the_compressed_sequence_are_refused_before_any_work(model,
     assert not cache.is_prefilled
 
 
+@pytest.mark.parametrize("saved, refusal", [(dict(prompt_lookup_num_tokens=3), "assisted_generation is not supported"),
+                                            (dict(output_hidden_states=True), "output_hidden_states=True is not")])
+def test_options_saved_in_the_models_generation_config_are_refused_under_a_passed_config_too(
+        model, processor, config, monkeypatch, saved, refusal):
+    """transformers fills what a passed generation_config leaves at its defaults from the model's own."""
+    for key, value in saved.items():
+        monkeypatch.setattr(model.generation_config, key, value)
+    cache = VIST2Cache(config=config.text_config)
+    with pytest.raises(ValueError, match=refusal):
+        model.generate(**processor(text=SAMPLE_TEXT[:100]), processor=processor, cache=cache,
+                       generation_config=GenerationConfig(max_new_tokens=5), return_dict_in_generate=True)
+    assert not cache.is_prefilled
+
+
+def test_beam_search_saved_in_the_models_generation_config_is_beam_search_under_a_passed_config(
+        model, processor, ascii_only, monkeypatch):
+    monkeypatch.setattr(model.generation_config, "num_beams", 3)
+    out = model.generate(**processor(text=SAMPLE_TEXT[:100]), processor=processor, num_return_sequences=3,
+                         generation_config=GenerationConfig(max_new_tokens=5, suppress_tokens=ascii_only),
+                         return_dict_in_generate=True)
+    assert out.sequences.shape[0] == 3 and out[CACHE_KWARG].not_continuable  # (its rows are not the returned beams)
+
+
+def test_a_generation_config_given_second_is_the_generation_config(model, processor, ascii_only):
+    """As GenerationMixin.generate(inputs, generation_config, ...): VIST2's own arguments are keyword-only."""
+    ids = torch.tensor([processor.encode(SAMPLE_TEXT[:100])])
+    out = model.generate(ids, GenerationConfig(max_new_tokens=3, do_sample=False, suppress_tokens=ascii_only),
+                         processor=processor)
+    assert out.shape == (1, ids.shape[1] + 3)
+
+
+@pytest.mark.parametrize("where", ["keyword", "generation_config"])
+def test_a_cache_implementation_is_refused_naming_what_it_would_replace(model, processor, config, where):
+    options = {"cache_implementation": "static"}
+    passed = options if where == "keyword" else {"generation_config": GenerationConfig(max_new_tokens=5, **options)}
+    with pytest.raises(ValueError, match=r"cache_implementation='static' would replace the VIST2Cache.*Fix: drop it"):
+        model.generate(**processor(text=SAMPLE_TEXT[:100]), processor=processor, max_new_tokens=5, **passed)
+
+
+def test_token_healing_of_a_processor_batch_is_refused_naming_plain_ids(model, processor):
+    with pytest.raises(ValueError, match=r"token_healing .* Fix: pass the prompt as plain token ids"):
+        model.generate(**processor(text=SAMPLE_TEXT[:100]), processor=processor, max_new_tokens=2,
+                       token_healing=True, tokenizer=processor.tokenizer)
+
+
+def test_a_repetition_penalty_over_a_processor_batchs_placeholders_is_said(model, processor, ascii_only, caplog):
+    """The penalty sees the placeholders of the prompt's closed chunks, not their text: plain ids show it the text."""
+    with caplog.at_level(logging.WARNING):
+        model.generate(**processor(text=SAMPLE_TEXT[:100]), processor=processor, max_new_tokens=2,
+                       repetition_penalty=1.3, suppress_tokens=ascii_only)
+    assert any("repetition_penalty sees the prompt's closed chunks" in record.getMessage() for record in caplog.records)
+
+
+def test_generate_never_undoes_a_step_of_its_cache(config):
+    """On MPS transformers checks stopping one step late and crops the step back, where the cache allows it."""
+    cache = VIST2Cache(config=config.text_config)
+    assert cache.is_croppable is False
+    with pytest.raises(ValueError, match="cannot be cropped"):
+        cache.crop(-1)
+    deferred = pytest.importorskip("transformers.generation.utils").__dict__.get("DeferredStopCheck")
+    if deferred is not None:
+        assert not deferred.is_supported(torch.device("mps"), cache, cache_is_returned=True, is_assistant=False)
+
+
 def test_a_cache_that_keeps_every_token_is_refused_naming_what_to_pass(model, processor, config):
     with pytest.raises(ValueError, match=r"a DynamicCache keeps every token.*Fix: pass no cache"):
         model.generate(**processor(text=SAMPLE_TEXT[:100]), processor=processor, max_new_tokens=5,

@@ -50,6 +50,35 @@ def test_rendering_in_another_process_gives_identical_bytes():
     assert other == digest("Across processes.")
 
 
+def test_threads_rendering_at_once_draw_what_one_thread_draws():
+    """A server renders its requests' chunks in threads that share one glyph atlas, each drawing new characters."""
+    import threading
+    from pathlib import Path
+
+    from vist2.processing_vist2 import glyph_atlas
+
+    settings = {**SETTINGS, "font_path": str(Path(__file__).resolve().parent.parent / "DejaVuSansMono.ttf")}
+    characters = [chr(c) for c in range(0xC0, 0x250)]  # many characters each text draws first
+    texts = ["".join(characters[i::8])[:60] for i in range(8)]
+    expected = [render_chunk(text, settings)[0] for text in texts]
+    rendered, failures = {}, []
+
+    def render_all(first):
+        try:
+            for i in [(first + j) % 8 for j in range(8)]:
+                rendered[first, i] = render_chunk(texts[i], settings)[0]
+        except Exception as error:  # noqa: BLE001 - reported below
+            failures.append(error)
+    for _ in range(5):
+        glyph_atlas.cache_clear()  # an atlas drawn from nothing, by all threads at once
+        threads = [threading.Thread(target=render_all, args=(first,)) for first in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not failures and all(np.array_equal(image, expected[i]) for (_, i), image in rendered.items())
+
+
 def test_each_character_occupies_a_fixed_cell():
     cell_w, cell_h = SETTINGS["char_width"], SETTINGS["line_height"]
     alone, _ = render_chunk("a", SETTINGS)

@@ -8,8 +8,8 @@
   generation that closes a chunk.
 - Weights travel only as safetensors: save_pretrained never writes a pickle, a pickle payload in a folder is never
   executed, and a folder holding only pickle weights is refused.
-- The renderer reads a font file only from the configured `font_path` (the default font is in memory); the only file
-  the remote code writes is that font, into the folder `save_pretrained` writes the model to.
+- The renderer reads a font file only from the configured `font_path` (the default font is in memory); the only files
+  the remote code writes are that font and its licence, into the folder `save_pretrained` writes the model to.
 """
 
 import ast
@@ -33,7 +33,7 @@ from vist2.processing_vist2 import glyph_atlas, render_chunk
 PACKAGE = Path(__file__).resolve().parent.parent
 REMOTE_CODE = ["configuration_vist2.py", "modeling_vist2.py", "processing_vist2.py"]
 ALLOWED_IMPORTS = {"__future__", "bisect", "collections", "dataclasses", "difflib", "functools", "itertools", "logging", "math",
-                   "pathlib", "re", "typing", "unicodedata", "warnings", "numpy", "torch", "PIL", "transformers"}
+                   "pathlib", "re", "threading", "typing", "unicodedata", "warnings", "numpy", "torch", "PIL", "transformers"}
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "open", "input", "breakpoint", "globals", "vars"}
 FORBIDDEN_ATTRIBUTES = ("torch.load", "torch.jit.load", "torch.hub", "np.load", "numpy.load", "pickle.", "os.system",
                         "os.popen", "os.exec", "os.spawn", "importlib.", "subprocess.", "socket.", "urllib.", "shutil.")
