@@ -68,12 +68,17 @@ def layout_position_ids(kinds, chunk_ids, memory, read_back=None, read_back_befo
     return positions.masked_fill(kinds == PAD, 0)
 
 
-def check_layout(kinds, chunk_ids, visual_tokens_per_chunk):
+def check_layout(kinds, chunk_ids, visual_tokens_per_chunk, generation=False):
     """Reject layouts the rule is not defined for, naming the row and chunk: chunk ids must not decrease, the prefix
-    (chunk 0) holds no sketch, a chunk holds 0 or m placeholders, after its text."""
+    (chunk 0) holds no sketch, a chunk holds 0 or m placeholders, after its text; no padding inside a row (positions
+    would start again after it), nor after its tokens in the `generation` layout (a cache takes a row's last column as
+    its newest token)."""
     real, chunk, previous = kinds != PAD, chunk_ids[:, 1:], chunk_ids[:, :-1]
     same_chunk = chunk == previous
-    problems = {
+    padding = ("padding after a real token (generate takes rows left-padded)", F.pad(~real[:, 1:] & real[:, :-1], (1, 0)))
+    if not generation:
+        padding = ("padding between real tokens", ~real & (real.cumsum(1) > 0) & (real.flip(1).cumsum(1).flip(1) > 0))
+    problems = {padding[0]: padding[1],
         "a negative chunk id": (chunk_ids < 0) & real,
         "a chunk id lower than the one before it": F.pad((chunk < previous) & real[:, 1:], (1, 0)),
         "a '<|sketch|>' in the prefix (chunk 0)": (kinds == SKETCH) & (chunk_ids == 0),
@@ -88,9 +93,16 @@ def check_layout(kinds, chunk_ids, visual_tokens_per_chunk):
     for problem, where in problems.items():
         if where.any():
             row, column = where.nonzero()[0].tolist()
-            raise ValueError(f"chunk_ids disagree with input_ids: row {row} has {problem} (chunk "
-                             f"{int(chunk_ids[row, column])}, position {column}). Fix: pass input_ids, chunk_ids and "
-                             "pixel_values from one VIST2Processor call.")
+            raise ValueError(f"input_ids, chunk_ids and attention_mask disagree: row {row} has {problem} (chunk "
+                             f"{int(chunk_ids[row, column])}, position {column}). Fix: pass the batch of one "
+                             "VIST2Processor call as it is (left-padded), or plain token ids with their attention_mask")
+
+
+def check_rows_hold_tokens(attention_mask):
+    if attention_mask is not None and not attention_mask.any(1).all():
+        raise ValueError(f"attention_mask: row {int((~attention_mask.any(1)).nonzero()[0])} masks every token, so the "
+                         "row has nothing to start from. Fix: drop that row, or encode it with the processor (an empty "
+                         "text gets its bos token)")
 
 
 def holds_placeholders(input_ids, sketch_token_id, m: int) -> bool:
@@ -486,7 +498,8 @@ class VIST2Model(VIST2PreTrainedModel):
         kinds = token_kinds(input_ids, attention_mask, self.config.sketch_token_id)
         chunk_ids = chunk_ids.masked_fill(kinds == PAD, 0)
         chunk_ids = chunk_ids if chunk_ids.dtype == torch.long else chunk_ids.long()
-        check_layout(kinds, chunk_ids, self.config.visual_tokens_per_chunk)
+        generation = isinstance(cache, VIST2Cache) or bool(use_cache and cache is None)
+        check_layout(kinds, chunk_ids, self.config.visual_tokens_per_chunk, generation)
         memory = memory_flags(kinds, chunk_ids)
         before = self.config.chunk_size if self.config.read_back_positions == "before_next_chunk" else 0
         read_back = None if read_back is None else read_back.bool()
@@ -512,16 +525,14 @@ class VIST2Model(VIST2PreTrainedModel):
         if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
             raise ValueError(f"input_ids hold ids outside the model's vocabulary (0..{vocab_size - 1}). Fix: use the "
                              "tokenizer saved with the model, or model.resize_token_embeddings(len(tokenizer))")
-        if attention_mask is not None and not attention_mask.any(1).all():
-            raise ValueError(f"attention_mask: row {int((~attention_mask.any(1)).nonzero()[0])} masks every token, "
-                             "so the row has nothing to start from. Fix: drop that row, or encode it with the "
-                             "processor (an empty text gets its bos token)")
+        check_rows_hold_tokens(attention_mask)
 
     def lay_out(self, input_ids, attention_mask=None, processor=None, keep_closed_text=False, reports=None,
                 stacklevel=1):
         """Plain token ids -> the processor's batch for them, and which input positions are real (not padding). How
         the closed chunks were drawn goes to `reports` (a cache's, summed up by generate), or into a warning now, at
         the line `stacklevel` frames up."""
+        check_rows_hold_tokens(attention_mask)
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         rows = [row[keep].tolist() for row, keep in zip(input_ids, real)]
         processor = self.own_processor() if processor is None else processor

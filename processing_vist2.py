@@ -607,11 +607,22 @@ class VIST2Processor(ProcessorMixin):
         return cut
 
     def layout_token_ids(self, token_ids, keep_closed_text=False, stacklevel: int | None = 1) -> BatchFeature:
-        """Plain token ids (one list per sample, as any tokenizer returns them) -> the model's inputs, as `__call__`
-        lays out text: leading system turns stay as the prefix, every closed chunk after them becomes a sketch, and a
+        """Plain token ids (a list per sample, a tensor or array, or a tokenizer's output, whose padding is left out) ->
+        the model's inputs, as `__call__` lays out text: leading system turns stay as the prefix, every closed chunk after them becomes a sketch, and a
         `<|sketch|>` id (a tokenizer reads the name as it) is the name spelled as text, as `encode` spells it."""
+        def as_rows(values):  # lists, a tensor or an array; one row or several
+            values = values.tolist() if hasattr(values, "tolist") else list(values)
+            return [values] if values and not hasattr(values[0], "__len__") else values
+        mask = None
+        if hasattr(token_ids, "keys"):  # a tokenizer's output: its padding is left out
+            token_ids, mask = token_ids["input_ids"], token_ids.get("attention_mask")
+        rows = as_rows(token_ids)
+        if mask is not None:
+            rows = [[t for t, keep in zip(row, keeps) if keep] for row, keeps in zip(rows, as_rows(mask))]
+        if not rows:
+            raise ValueError("VIST2Processor.layout_token_ids: no token ids. Fix: pass one list of ids per sample")
         samples = []
-        for ids in [token_ids] if token_ids and isinstance(token_ids[0], int) else token_ids:
+        for ids in rows:
             ids = self.spell_sketch(ids)
             cut = self.prefix_length(ids)
             samples.append(self.encode_sample(ids[:cut], ids[cut:], keep_closed_text))

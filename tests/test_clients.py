@@ -208,6 +208,32 @@ def test_the_models_own_processor_finds_the_tokenizer_where_the_model_was_loaded
     assert loaded.own_processor().tokenizer.get_vocab() == tokenizer.get_vocab()
 
 
+def test_token_ids_are_laid_out_from_lists_tensors_arrays_or_a_tokenizers_output(processor):
+    import numpy as np
+
+    texts = [SAMPLE_TEXT[:300], SAMPLE_TEXT[:90]]
+    expected = processor.layout_token_ids([processor.encode(text) for text in texts])
+    padded = processor.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
+    for given in (padded, {"input_ids": padded["input_ids"].tolist(), "attention_mask": padded["attention_mask"]}):
+        assert torch.equal(processor.layout_token_ids(given)["input_ids"], expected["input_ids"])
+    one = processor.encode(texts[0])
+    for given in (torch.tensor(one), torch.tensor([one]), np.array(one), list(np.array(one))):
+        assert processor.layout_token_ids(given)["input_ids"][0].tolist() == expected["input_ids"][0][
+            expected["attention_mask"][0] == 1].tolist()
+    with pytest.raises(ValueError, match="no token ids"):
+        processor.layout_token_ids([])
+
+
+def test_a_row_of_plain_ids_that_masks_every_token_is_refused(model, processor):
+    ids = torch.tensor([processor.encode(SAMPLE_TEXT[:60])] * 2)
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    for call in (lambda: model(input_ids=ids, attention_mask=mask), lambda: model.generate(
+            input_ids=ids, attention_mask=mask, processor=processor, max_new_tokens=1)):
+        with pytest.raises(ValueError, match="attention_mask: row 1 masks every token"):
+            call()
+
+
 def test_ids_past_the_tokenizer_keep_their_chunk_as_text_with_a_report(processor):
     """The tokenizer decodes an id it does not have to nothing: drawn, the chunk would lose it."""
     ids = processor.encode(SAMPLE_TEXT[:400])

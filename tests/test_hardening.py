@@ -296,8 +296,48 @@ LAYOUT_ERRORS = {
 @pytest.mark.parametrize("case", list(LAYOUT_ERRORS))
 def test_chunk_ids_that_disagree_with_input_ids_are_named(model, processor, case):
     batch = processor(text=SAMPLE_TEXT[:300])
-    with pytest.raises(ValueError, match="chunk_ids disagree with input_ids: row 0 .*Fix: pass input_ids, chunk_ids"):
+    with pytest.raises(ValueError, match="input_ids, chunk_ids and attention_mask disagree: row 0 .*Fix: pass the "
+                                         "batch of one VIST2Processor call as it is"):
         model(**_relabel(batch, LAYOUT_ERRORS[case]))
+
+
+def padded_right(batch):
+    """The processor's left-padded batch with each row's padding moved to its end, as a right-padding collator does."""
+    moved = {key: value.clone() for key, value in batch.items() if key in ("input_ids", "attention_mask", "chunk_ids")}
+    for row, pads in enumerate((batch["attention_mask"] == 0).sum(1).tolist()):
+        for value in moved.values():
+            value[row] = value[row].roll(-pads)
+    return {**batch, **moved}
+
+
+def test_a_right_padded_processor_batch_trains_as_the_left_padded_one(model, processor):
+    batch = processor(text=[SAMPLE_TEXT[:300], SAMPLE_TEXT[:90]], prefix=["", "Sys."], keep_closed_text=True,
+                      return_labels=True)
+    right = padded_right(batch)
+    right["labels"] = torch.stack([row.roll(-int(pads)) for row, pads in zip(batch["labels"],
+                                                                             (batch["attention_mask"] == 0).sum(1))])
+    with torch.no_grad():
+        left_out, right_out = model(**batch), model(**right)
+    torch.testing.assert_close(right_out.loss, left_out.loss)
+    for row in range(2):
+        torch.testing.assert_close(right_out.logits[row][right["attention_mask"][row] == 1],
+                                   left_out.logits[row][batch["attention_mask"][row] == 1], atol=2e-5, rtol=0)
+
+
+def test_a_right_padded_processor_batch_is_refused_by_generate_naming_the_fix(model, processor):
+    """A cache takes each row's last column as its newest token: a right-padded row's would be padding."""
+    batch = padded_right(processor(text=[SAMPLE_TEXT[:300], SAMPLE_TEXT[:90]], prefix=["", "Sys."]))
+    with pytest.raises(ValueError, match=r"row 1 has padding after a real token \(generate takes rows left-padded\)"):
+        model.generate(**batch, processor=processor, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_padding_inside_a_row_of_a_processor_batch_is_refused(model, processor, call):
+    """Positions would start again after it (plain ids with such a mask are laid out without those tokens)."""
+    batch = processor(text=SAMPLE_TEXT[:300])
+    batch["attention_mask"][0, -10:-8] = 0
+    with pytest.raises(ValueError, match="row 0 has padding"):
+        model(**batch) if call == "forward" else model.generate(**batch, processor=processor, max_new_tokens=2)
 
 
 def test_generate_given_the_training_layout_says_which_call_to_make(model, processor):
