@@ -75,9 +75,10 @@ def check_layout(kinds, chunk_ids, visual_tokens_per_chunk, generation=False):
     its newest token)."""
     real, chunk, previous = kinds != PAD, chunk_ids[:, 1:], chunk_ids[:, :-1]
     same_chunk = chunk == previous
-    padding = ("padding after a real token (generate takes rows left-padded)", F.pad(~real[:, 1:] & real[:, :-1], (1, 0)))
+    after_real = real.cummax(1).values != real  # padding after a real token of its row
+    padding = ("padding after a real token (generate takes rows left-padded)", after_real)
     if not generation:
-        padding = ("padding between real tokens", ~real & (real.cumsum(1) > 0) & (real.flip(1).cumsum(1).flip(1) > 0))
+        padding = ("padding between real tokens", after_real & (real.flip(1).cummax(1).values.flip(1) != real))
     problems = {padding[0]: padding[1],
         "a negative chunk id": (chunk_ids < 0) & real,
         "a chunk id lower than the one before it": F.pad((chunk < previous) & real[:, 1:], (1, 0)),
