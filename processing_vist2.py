@@ -286,6 +286,7 @@ class VIST2Processor(ProcessorMixin):
         names = {token.content for token in added} | {SKETCH_TOKEN}
         self.added_names = re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True))))
         self.names_taking_space_after = {token.content for token in added if getattr(token, "rstrip", False)}
+        self.names_of_single_words = {token.content for token in added if getattr(token, "single_word", False)}
         glyphs = self.sketch_settings["special_token_glyphs"] or {}
         unknown = sorted(set(glyphs) - set(vocab))
         if unknown:
@@ -550,12 +551,12 @@ class VIST2Processor(ProcessorMixin):
         # Never inside a name, nor right after one that takes the whitespace after it (rstrip: Phi-3's chat names).
         unsafe = {i for name in names for i in range(name.start() + 1, name.end())}
         unsafe |= {name.end() for name in names if name.group() in self.names_taking_space_after}
-        name_starts = [name.start() for name in names]
+        name_starts = [name.start() for name in names if name.group() not in self.names_of_single_words]
 
-        def separable(at):  # the normaliser (NFC, say) joins nothing across `at`: no mark, no composition follows; `at`
-            before, after = text[at - 1], text[at]  # is not unsafe, nor after whitespace (a run's split depends on
-            return (at not in unsafe and not before.isspace() and not unicodedata.combining(after)  # what ends it)
-                    and normalize(before + after) == normalize(before) + normalize(after))
+        def separable(at):  # the normaliser (NFC, or one that strips a piece's ends) joins or drops nothing at `at`: no
+            before, after = text[at - 1], text[at]  # mark follows; `at` is not unsafe, nor after whitespace (a run's
+            return (at not in unsafe and not before.isspace() and not unicodedata.combining(after)  # split depends on
+                    and normalize(f"x{before}{after}x") == normalize(f"x{before}") + normalize(f"{after}x"))  # its end)
         start = 0
         while start < len(text):
             end = min(len(text), start + piece_chars)
@@ -597,9 +598,13 @@ class VIST2Processor(ProcessorMixin):
         if isinstance(token_ids, str):
             return re.match(r"(<\|im_start\|>system\n.*?<\|im_end\|>\n)*", token_ids, re.DOTALL).end()
         header, end = "<|im_start|>system\n", self.encode("<|im_end|>\n")
-        ids, cut, width = list(token_ids), 0, len(self.encode(header))
-        # A turn's header is read as text: its newline may be one token with the spaces that start the turn's content.
-        while self.tokenizer.decode(ids[cut : cut + width], clean_up_tokenization_spaces=False).startswith(header):
+        ids, cut, header_ids = list(token_ids), 0, self.encode(header)
+
+        def opens_a_system_turn(at):  # its ids, or its text: a byte-level BPE may read the header's newline with the
+            # spaces that start the content as one token (SentencePiece and WordPiece decode a space after the name)
+            return ids[at : at + len(header_ids)] == header_ids or self.tokenizer.decode(
+                ids[at : at + len(header_ids)], clean_up_tokenization_spaces=False).startswith(header)
+        while opens_a_system_turn(cut):
             turn_end = next((i + len(end) for i in range(cut + 1, len(ids)) if ids[i : i + len(end)] == end), 0)
             if not turn_end:
                 break

@@ -229,19 +229,16 @@ def test_read_shows_a_progress_bar_unless_turned_off(model, processor, capsys):
     assert "VIST2 read" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("decoder", ["Metaspace", "WordPiece"])
-def test_a_chunk_that_starts_a_word_draws_unlike_one_that_goes_on_with_the_word_before(decoder):
-    """SentencePiece (Llama, Mistral, Gemma) and WordPiece decoders drop the space a text's first word starts with;
-    a chunk's first word keeps it in its sketch, so the two chunks below, which differ by that space, draw apart."""
-    import numpy as np
+def sentencepiece_or_wordpiece(decoder, prepend_scheme="first"):
+    """A Llama/Mistral/Gemma-style (Metaspace) or BERT-style (WordPiece) tokenizer, trained offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|sketch|>"]
     if decoder == "Metaspace":
         backend = Tokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-        backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme)
+        backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend_scheme)
         trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=specials, show_progress=False)
     else:
         backend = Tokenizer(models.WordPiece(unk_token="<|endoftext|>"))
@@ -250,7 +247,55 @@ def test_a_chunk_that_starts_a_word_draws_unlike_one_that_goes_on_with_the_word_
     backend.train_from_iterator([SAMPLE_TEXT], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                         additional_special_tokens=specials[1:])
-    processor = VIST2Processor.from_config(tiny_config(tokenizer), tokenizer)
+    return VIST2Processor.from_config(tiny_config(tokenizer), tokenizer)
+
+
+@pytest.mark.parametrize("decoder, prepend_scheme", [("Metaspace", "always"), ("Metaspace", "first"),
+                                                     ("WordPiece", None)])
+def test_system_turns_are_found_in_the_ids_of_sentencepiece_and_wordpiece_tokenizers(decoder, prepend_scheme):
+    """Their decoders put a space after a special token's name: the header is also matched by its ids."""
+    processor = sentencepiece_or_wordpiece(decoder, prepend_scheme)
+    turn = "<|im_start|>system\nAnswer briefly.<|im_end|>\n"
+    ids = processor.encode(turn + "<|im_start|>user\n" + SAMPLE_TEXT[:200] + "<|im_end|>\n")
+    assert processor.prefix_length(ids) == len(processor.encode(turn)) > 0
+
+
+def test_streamed_tokens_equal_the_whole_texts_under_a_normalizer_that_strips_a_pieces_ends(tokenizer):
+    """DeBERTa-v2/v3 strip whitespace at both ends of what they read: no piece may start or end with it."""
+    import copy
+
+    from tokenizers import normalizers
+
+    stripping = copy.deepcopy(tokenizer)
+    stripping.backend_tokenizer.normalizer = normalizers.Strip()
+    processor = VIST2Processor.from_config(tiny_config(stripping), stripping)
+    for text in ("one \t two. " * 6, "see ,it. " * 6):
+        for piece_chars in range(2, 12):
+            assert [t for piece in processor.token_pieces(text, piece_chars) for t in piece] == processor.encode(text)
+
+
+def test_no_piece_ends_inside_a_word_where_a_single_word_names_spelling_stands(tokenizer):
+    """A name added with single_word=True is that token only as a whole word: inside 'sketchunks' it is text."""
+    import copy
+
+    from tokenizers import AddedToken
+
+    words = copy.deepcopy(tokenizer)
+    words.add_tokens([AddedToken("chunk", single_word=True, normalized=False)])
+    processor = VIST2Processor.from_config(tiny_config(words), words)
+    text = "the sketchunks and rechunked chunk, xchunk. " * 3
+    for piece_chars in (8, 16, 24):
+        assert [t for piece in processor.token_pieces(text, piece_chars) for t in piece] == processor.encode(text)
+
+
+@pytest.mark.parametrize("decoder", ["Metaspace", "WordPiece"])
+def test_a_chunk_that_starts_a_word_draws_unlike_one_that_goes_on_with_the_word_before(decoder):
+    """SentencePiece (Llama, Mistral, Gemma) and WordPiece decoders drop the space a text's first word starts with;
+    a chunk's first word keeps it in its sketch, so the two chunks below, which differ by that space, draw apart."""
+    import numpy as np
+
+    processor = sentencepiece_or_wordpiece(decoder)
+    tokenizer = processor.tokenizer
     vocab, rest = tokenizer.get_vocab(), processor.encode(" of text")
     if decoder == "Metaspace":  # "▁word" starts a word, "word" goes on with one
         pairs = ((vocab[token], vocab[token[1:]]) for token in sorted(vocab) if token[:1] == "▁" and token[1:] in vocab)
