@@ -7,6 +7,7 @@ sketch is the atlas indexed by a grid of character ids): a pure function of (tex
 """
 import bisect
 import functools
+import itertools
 import re
 import threading
 import unicodedata
@@ -43,6 +44,7 @@ LOOKALIKE_REPERTOIRE = "".join(dict.fromkeys(map(chr, [
 LOOKALIKE_POSITION = {char: position for position, char in enumerate(LOOKALIKE_REPERTOIRE)}
 # With `byte_aligned`, the cells after a character of several UTF-8 bytes, one per byte beyond the first: drawn blank.
 CONTINUATION = "\ud800"
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # a byte-fallback token (SentencePiece): one byte of a character
 
 
 # -- Chunking ----------------------------------------------------------------------------------------------------------
@@ -297,6 +299,8 @@ class VIST2Processor(ProcessorMixin):
         self.marks = set(glyphs.values()) | {self.sketch_settings["newline_glyph"]} - {None, "\n"}
         decoder = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "decoder", None)
         self.byte_of = byte_level_alphabet() if "ByteLevel" in repr(decoder) else None
+        model = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "model", None)
+        self.byte_fallback = bool(getattr(model, "byte_fallback", False))  # (Llama, Mistral, Gemma: <0xNN> tokens)
         # Other decoders (SentencePiece's Metaspace, WordPiece) drop the space that a text's first word starts with, so
         # a chunk that starts a word would draw like one that goes on with the word before it: such text is decoded
         # after an anchor (one letter's token), whose own text is then cut off.
@@ -379,7 +383,7 @@ class VIST2Processor(ProcessorMixin):
         """The exact text a chunk's sketch shows (training and generation both render it): special tokens as their
         glyphs, bytes of a character the chunk's edges cut as lone surrogates ("surrogateescape", drawn as byte
         marks). `literal_marks`, if given, collects the glyph characters the text itself holds."""
-        def decode(ids):
+        def decode(ids, bytes_apart=True):
             ids, settings = list(ids), dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
             anchored = self.tokenizer.decode(self.anchor + ids, **settings) if self.anchor and ids else None
             if anchored is not None and anchored.startswith(self.anchor_text):  # (see __init__)
@@ -390,6 +394,11 @@ class VIST2Processor(ProcessorMixin):
                 spelled = "".join(self.tokenizer.convert_ids_to_tokens(list(ids)))
                 if all(char in self.byte_of for char in spelled):
                     text = bytes(map(self.byte_of.__getitem__, spelled)).decode("utf-8", "surrogateescape")
+            elif "\ufffd" in text and bytes_apart and self.byte_fallback:  # SentencePiece's <0xNN> tokens: runs of
+                runs = itertools.groupby(zip(ids, self.tokenizer.convert_ids_to_tokens(ids)),  # them are read as bytes
+                                         key=lambda pair: BYTE_TOKEN.fullmatch(pair[1]) is not None)
+                text = "".join(bytes(int(token[3:5], 16) for _, token in run).decode("utf-8", "surrogateescape")
+                               if is_byte else decode([i for i, _ in run], bytes_apart=False) for is_byte, run in runs)
             if literal_marks is not None:
                 literal_marks.update(self.marks.intersection(text))
             return text

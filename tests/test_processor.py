@@ -288,6 +288,37 @@ def test_no_piece_ends_inside_a_word_where_a_single_word_names_spelling_stands(t
         assert [t for piece in processor.token_pieces(text, piece_chars) for t in piece] == processor.encode(text)
 
 
+def test_a_character_a_chunk_edge_cuts_is_drawn_as_its_bytes_under_byte_fallback():
+    """Llama, Mistral and Gemma spell a character their vocabulary lacks as <0xNN> tokens, which a chunk edge may cut:
+    the bytes are drawn as marks (as under a byte-level tokenizer), not decoded to U+FFFD and kept as text."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    base = sentencepiece_or_wordpiece("Metaspace").tokenizer
+    data = json.loads(base.backend_tokenizer.to_str())
+    for byte in range(256):
+        data["model"]["vocab"].setdefault(f"<0x{byte:02X}>", len(data["model"]["vocab"]))
+    data["model"]["byte_fallback"] = True
+    backend = Tokenizer.from_str(json.dumps(data))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Metaspace(replacement="▁", prepend_scheme="first")])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<|sketch|>"])
+    font = str(Path(__file__).resolve().parent.parent / "DejaVuSansMono.ttf")
+    processor = VIST2Processor.from_config(tiny_config(tokenizer, font_path=font), tokenizer)
+    text = "Zażółć gęślą jaźń, mówię w Krakowie. " * 6
+    ids = processor.encode(text)
+    assert any(token.startswith("<0x") for token in tokenizer.convert_ids_to_tokens(ids)), "what this test is about"
+    chunks = [ids[i : i + processor.chunk_size] for i in range(0, len(ids) - processor.chunk_size, processor.chunk_size)]
+    _, reports = processor.sketch_chunks(chunks)
+    assert all(report.ok for report in reports)
+    assert "".join(processor.sketch_text(chunk) for chunk in chunks).encode("utf-8", "surrogateescape").decode() == \
+        processor.tokenizer.decode([t for chunk in chunks for t in chunk])
+
+
 @pytest.mark.parametrize("decoder", ["Metaspace", "WordPiece"])
 def test_a_chunk_that_starts_a_word_draws_unlike_one_that_goes_on_with_the_word_before(decoder):
     """SentencePiece (Llama, Mistral, Gemma) and WordPiece decoders drop the space a text's first word starts with;
