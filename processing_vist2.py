@@ -579,7 +579,8 @@ class VIST2Processor(ProcessorMixin):
                 if cut > 0:  # end the piece where its last pre-tokens start (that normalising leaves apart)
                     end = start + cut
                     break
-                end = min(len(text), end + piece_chars)  # one pre-token fills the piece: take more text
+                end = min(len(text), 2 * end - start)  # one pre-token fills the piece: take twice the text (so a
+                # tokenizer that gives no place to cut, Llama-2's or Gemma's, reads a text once, not once per piece)
             check_characters(text[start:end], offset=start)
             yield self.encode(text[start:end])
             start = end

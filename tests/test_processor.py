@@ -288,6 +288,22 @@ def test_no_piece_ends_inside_a_word_where_a_single_word_names_spelling_stands(t
         assert [t for piece in processor.token_pieces(text, piece_chars) for t in piece] == processor.encode(text)
 
 
+def test_a_tokenizer_that_gives_no_place_to_cut_a_text_reads_it_a_bounded_number_of_times(monkeypatch):
+    """Mistral v0.3's Metaspace(split=False) reads a text as one pre-token: a piece grows to the whole text, doubling, so
+    each character is checked and pre-tokenized a few times, not once per `piece_chars` of the text before it."""
+    from tokenizers import pre_tokenizers
+
+    import vist2.processing_vist2 as processing
+
+    processor = sentencepiece_or_wordpiece("Metaspace")
+    processor.tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    text = SAMPLE_TEXT * 100  # about 220 000 characters
+    read, check = [], processing.check_characters
+    monkeypatch.setattr(processing, "check_characters", lambda piece, offset=0: read.append(len(piece)) or check(piece))
+    streamed = [t for piece in processor.token_pieces(text, 256) for t in piece]
+    assert streamed == processor.encode(text) and sum(read) <= 5 * len(text)  # (one piece at a time: about n²/512)
+
+
 def test_a_character_a_chunk_edge_cuts_is_drawn_as_its_bytes_under_byte_fallback():
     """Llama, Mistral and Gemma spell a character their vocabulary lacks as <0xNN> tokens, which a chunk edge may cut:
     the bytes are drawn as marks (as under a byte-level tokenizer), not decoded to U+FFFD and kept as text."""
