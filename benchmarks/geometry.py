@@ -221,7 +221,7 @@ def flops_per_chunk(candidates) -> dict:
                              vision_config=preset["vision"], chunk_size=CHUNK_SIZE, compression_ratio=RATIO,
                              sketch_token_id=7, image_height=height, image_width=width, merge_size=merge)
         model = VIST2ForCausalLM(config).eval()
-        pixels = torch.zeros(1, config.num_channels, height, width)
+        pixels = torch.zeros(1, height, width, dtype=torch.uint8)  # a sketch as the processor gives it (grey, uint8)
         with torch.no_grad(), flop_counter() as counter:
             model.encode_sketches(pixels)
         out["tower"][label] = {"shape": (height, width, merge), "patches": (height // PATCH) * (width // PATCH),

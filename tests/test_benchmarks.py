@@ -244,6 +244,13 @@ def test_an_accelerator_prefills_the_qwen3_preset_in_one_pass_of_each_model_and_
     assert model.prefill_passes(None, entries, "cpu") == (entries, None)
 
 
+def test_geometry_counts_the_flops_of_a_candidates_tower_on_a_sketch_as_the_processor_gives_it():
+    from benchmarks import geometry
+
+    tower = geometry.flops_per_chunk(geometry.CANDIDATES[:1])["tower"]
+    assert len(tower) == 1 and next(iter(tower.values()))["flops"] > 0
+
+
 def test_geometry_counts_the_rows_and_cells_a_chunk_wraps_into():
     from benchmarks import geometry
 
