@@ -114,6 +114,8 @@ def locate_font(font_path, pretrained_model_name_or_path, hub_kwargs: dict):
     """The local file of a saved `font_path`: a file name is looked up in the model's folder or Hub repo."""
     if font_path is None or Path(font_path).is_absolute():
         return font_path
+    if Path(str(pretrained_model_name_or_path)).is_file():  # a config.json given by its path: the folder holding it
+        pretrained_model_name_or_path = str(Path(pretrained_model_name_or_path).parent)
     found = cached_file(pretrained_model_name_or_path, font_path, _raise_exceptions_for_missing_entries=False,
                         **{key: hub_kwargs[key] for key in HUB_KWARGS if key in hub_kwargs})
     if found is None:
@@ -213,11 +215,16 @@ class VIST2Config(PretrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
-        # AutoConfig reads config.json with the base class's get_config_dict: the font is located here then. Settings
-        # given as keyword arguments are set after __init__, so the whole is checked again.
+        # AutoConfig reads config.json with the base class's get_config_dict: the font is located here then (where it
+        # cannot be, with the subfolder or cache_dir AutoConfig used up, the name stays for the model's and processor's
+        # from_pretrained to locate). Settings given as keyword arguments are set after __init__: all is checked again.
         source = kwargs.get("name_or_path")
         if source and config_dict.get("font_path"):
-            config_dict = {**config_dict, "font_path": locate_font(config_dict["font_path"], source, {})}
+            try:
+                font = locate_font(config_dict["font_path"], source, {"revision": config_dict.get("_commit_hash")})
+                config_dict = {**config_dict, "font_path": font}
+            except OSError:
+                pass
         loaded = super().from_dict(config_dict, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).validate_vist2()
         return loaded

@@ -964,7 +964,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                    "code written for caches that keep every token, not for one whose closed chunks are sketches")
             raise ValueError(f"VIST2 generate: {mode} is not supported: {why}. Fix: use greedy "
                              "decoding, sampling or beam search (num_beams, num_return_sequences)")
-        if config.cache_implementation is not None:
+        if config.cache_implementation not in (None, "hybrid"):  # (transformers drops "hybrid", which Gemma's save)
             raise ValueError(f"VIST2 generate: cache_implementation={config.cache_implementation!r} would replace the "
                              "VIST2Cache, the cache that cuts closed chunks' text. Fix: drop it (from the "
                              "generation_config too)")

@@ -235,6 +235,21 @@ def test_autoconfig_with_the_package_imported_finds_the_font_in_the_models_folde
     assert AutoConfig.from_pretrained(folder).font_path == str(folder / "builtin.ttf")
 
 
+@pytest.mark.parametrize("how", ["subfolder", "config.json path"])
+def test_a_model_loaded_through_autoconfig_from_a_subfolder_or_a_config_file_finds_its_font(tokenizer, tmp_path, how):
+    from transformers import AutoModelForCausalLM
+
+    from vist2 import VIST2ForCausalLM
+
+    VIST2ForCausalLM(model_config(tokenizer, font_path=font_file(tmp_path / "fonts"))).save_pretrained(
+        tmp_path / "repo" / "sub")
+    if how == "subfolder":
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "repo", subfolder="sub")
+        assert model.config.font_path == str(tmp_path / "repo" / "sub" / "builtin.ttf")
+    assert VIST2Config.from_pretrained(tmp_path / "repo" / "sub" / "config.json").font_path == str(
+        tmp_path / "repo" / "sub" / "builtin.ttf")
+
+
 def test_the_fonts_licence_beside_it_travels_with_it(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     tiny_config(font_path=str(repo / "DejaVuSansMono.ttf")).save_pretrained(tmp_path)

@@ -587,6 +587,15 @@ def test_beam_search_saved_in_the_models_generation_config_is_beam_search_under_
     assert out.sequences.shape[0] == 3 and out[CACHE_KWARG].not_continuable  # (its rows are not the returned beams)
 
 
+def test_a_saved_hybrid_cache_implementation_is_dropped_as_transformers_drops_it(model, processor, ascii_only,
+                                                                               monkeypatch):
+    """Gemma's generation configs carry cache_implementation="hybrid", which transformers ignores."""
+    monkeypatch.setattr(model.generation_config, "cache_implementation", "hybrid")
+    out = model.generate(**processor(text=SAMPLE_TEXT[:100]), processor=processor, max_new_tokens=3,
+                         suppress_tokens=ascii_only, do_sample=False)
+    assert out.shape[1] == processor(text=SAMPLE_TEXT[:100])["input_ids"].shape[1] + 3
+
+
 def test_a_generation_config_given_second_is_the_generation_config(model, processor, ascii_only):
     """As GenerationMixin.generate(inputs, generation_config, ...): VIST2's own arguments are keyword-only."""
     ids = torch.tensor([processor.encode(SAMPLE_TEXT[:100])])

@@ -418,6 +418,14 @@ def test_num_items_in_batch_counts_what_the_loss_scores_for_left_padded_plain_id
         assert int(counts[side]) == scored
 
 
+def test_counting_the_labels_leaves_a_collators_input_ids_as_they_are(tmp_path, model, processor):
+    """A plain collator may give the input_ids tensor itself as the labels."""
+    ids = torch.tensor([processor.encode(SAMPLE_TEXT[:100])])
+    trainer = VIST2Trainer(model=model, args=tiny_training_args(tmp_path), data_collator=lambda features: features)
+    (batch,), _ = trainer.get_batch_samples(iter([{"input_ids": ids, "labels": ids}]), 1, torch.device("cpu"))
+    assert ids[0, 0] != -100 and batch["labels"][0, 0] == -100 and batch["input_ids"] is ids
+
+
 def test_peft_trainable_token_rows_train_and_generate(model, processor):
     """PEFT's way to train new tokens' rows wraps the embedding (no `num_embeddings`)."""
     import copy

@@ -598,6 +598,7 @@ def without_first_labels(batch):
     labels, mask = (batch.get("labels"), batch.get("attention_mask")) if hasattr(batch, "get") else (None, None)
     if isinstance(labels, torch.Tensor) and labels.ndim == 2 and labels.shape[1]:
         first = mask.long().argmax(1) if mask is not None else torch.zeros(len(labels), dtype=torch.long)
+        batch["labels"] = labels = labels.clone()  # (a collator may have given input_ids themselves as the labels)
         labels[torch.arange(len(labels)), first.to(labels.device)] = -100
     return batch
 
