@@ -94,7 +94,7 @@ def main(argv=None):
         seconds, _ = best_of(args.repeats, lambda: [render_chunk(s, settings) for s in slices])
         rate = args.chunks / seconds
         results["render_chunk"][name] = {"chunks_per_s": rate, "overflow_in_200": overflow}
-        print(f"  {name:40s} {rate:8.0f} chunks/s   ({overflow}/200 chunks overflow and are cut)")
+        print(f"  {name:40s} {rate:8.0f} chunks/s   ({overflow}/{len(slices[:200])} chunks overflow and are cut)")
 
     print(f"\n2. processor(text=...) path, L = {common.CHUNK_SIZE} tokens per chunk")
     for name in ("256x256, 4x8 cells (r=4 benchmark)", "256x512, 4x8 cells (r=2 benchmark)"):
