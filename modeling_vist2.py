@@ -76,10 +76,11 @@ def check_layout(kinds, chunk_ids, visual_tokens_per_chunk, generation=False):
     real, chunk, previous = kinds != PAD, chunk_ids[:, 1:], chunk_ids[:, :-1]
     same_chunk = chunk == previous
     after_real = real.cummax(1).values != real  # padding after a real token of its row
-    padding = ("padding after a real token (generate takes rows left-padded)", after_real)
-    if not generation:
-        padding = ("padding between real tokens", after_real & (real.flip(1).cummax(1).values.flip(1) != real))
-    problems = {padding[0]: padding[1],
+    if generation:
+        problems = {"padding after a real token (generate takes rows left-padded)": after_real}
+    else:
+        problems = {"padding between real tokens": after_real & (real.flip(1).cummax(1).values.flip(1) != real)}
+    problems |= {
         "a negative chunk id": (chunk_ids < 0) & real,
         "a chunk id lower than the one before it": F.pad((chunk < previous) & real[:, 1:], (1, 0)),
         "a '<|sketch|>' in the prefix (chunk 0)": (kinds == SKETCH) & (chunk_ids == 0),
@@ -493,7 +494,8 @@ class VIST2Model(VIST2PreTrainedModel):
             if pixel_values is not None or holds_placeholders(input_ids, self.config.sketch_token_id,
                                                               self.config.visual_tokens_per_chunk):
                 raise ValueError("chunk_ids is required: pass the batch VIST2Processor returns")
-            laid_out, _ = self.lay_out(input_ids, attention_mask, stacklevel=4)  # (forward, Module.__call__'s two frames)
+            # (stacklevel: forward, then Module.__call__'s two frames)
+            laid_out, _ = self.lay_out(input_ids, attention_mask, stacklevel=4)
             return self(**laid_out, cache=cache, use_cache=use_cache, read_back=read_back)
         self.check_inputs(input_ids, attention_mask, chunk_ids)
         kinds = token_kinds(input_ids, attention_mask, self.config.sketch_token_id)
@@ -522,7 +524,7 @@ class VIST2Model(VIST2PreTrainedModel):
         if chunk_ids.shape != input_ids.shape or (attention_mask is not None and attention_mask.shape != input_ids.shape):
             raise ValueError(f"input_ids {tuple(input_ids.shape)}, chunk_ids {tuple(chunk_ids.shape)} and attention_mask "
                              f"{None if attention_mask is None else tuple(attention_mask.shape)} must have one shape")
-        vocab_size = self.get_input_embeddings().weight.shape[0]  # (PEFT's wrappers of trainable rows: no num_embeddings)
+        vocab_size = self.get_input_embeddings().weight.shape[0]  # (PEFT's trainable-row wrapper: no num_embeddings)
         if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
             raise ValueError(f"input_ids hold ids outside the model's vocabulary (0..{vocab_size - 1}). Fix: use the "
                              "tokenizer saved with the model, or model.resize_token_embeddings(len(tokenizer))")
@@ -537,7 +539,8 @@ class VIST2Model(VIST2PreTrainedModel):
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         rows = [row[keep].tolist() for row, keep in zip(input_ids, real)]
         processor = self.own_processor() if processor is None else processor
-        batch = processor.layout_token_ids(rows, keep_closed_text, stacklevel=None if reports is not None else stacklevel + 1)
+        warn_at = None if reports is not None else stacklevel + 1
+        batch = processor.layout_token_ids(rows, keep_closed_text, stacklevel=warn_at)
         if reports is not None:
             reports += [report for sample in processor.last_report for report in sample]
         return batch.to(input_ids.device), real
@@ -839,8 +842,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         if isinstance(text, torch.Tensor):
             text = text.tolist() if text.ndim == 1 or text.shape[0] != 1 else text[0].tolist()
         if not isinstance(text, str) and len(text) and not isinstance(text[0], int):
-            raise ValueError(f"read takes one text (a string, or the token ids of one), got {len(text)} rows. Fix: read "
-                             "each text into a cache of its own")
+            raise ValueError(f"read takes one text (a string, or the token ids of one), got {len(text)} rows. Fix: "
+                             "read each text into a cache of its own")
         if prefix is None:  # the text's leading system turns, as a processor call keeps them
             cut = processor.prefix_length(text)
             prefix, text = text[:cut], text[cut:]

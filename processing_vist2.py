@@ -261,8 +261,9 @@ class VIST2Processor(ProcessorMixin):
     r"""Tokenizer + sketch renderer -> VIST2 model inputs. `processor(text=..., prefix=...)` returns, left-padded:
     `input_ids` (`prefix`, m placeholders per drawn closed chunk (one kept as text: its tokens), the open chunk's
     tokens; with `keep_closed_text=True`, training's `P c_1 V_1 c_2 V_2 ... c_K`), `attention_mask`, `chunk_ids` (0 for
-    the prefix, i for chunk i), `pixel_values` (`(drawn closed chunks, H, W)` uint8 sketches, in placeholder order), and per sample `chunks_kept_as_text`
-    and `undrawable_characters` (chunks that could not be drawn stay as text; one warning per call; `last_report`)."""
+    the prefix, i for chunk i), `pixel_values` (`(drawn closed chunks, H, W)` uint8 sketches, in placeholder order),
+    and per sample `chunks_kept_as_text` and `undrawable_characters` (chunks that could not be drawn stay as text; one
+    warning per call; `last_report`)."""
 
     tokenizer_class = "AutoTokenizer"
 
@@ -595,8 +596,8 @@ class VIST2Processor(ProcessorMixin):
         return self.spell_sketch(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def spell_sketch(self, token_ids) -> list[int]:
-        """Token ids from elsewhere with a `<|sketch|>` id (a tokenizer read the name in text) spelled as `encode` spells
-        it: in token ids as in text, only the processor's layout places visual tokens."""
+        """Token ids from elsewhere with a `<|sketch|>` id (a tokenizer read the name in text) spelled as `encode`
+        spells it: in token ids as in text, only the processor's layout places visual tokens."""
         return [t for token in map(int, token_ids) for t in (self.sketch_spelled if token == self.sketch_token_id
                                                              else [token])]
 
@@ -623,8 +624,9 @@ class VIST2Processor(ProcessorMixin):
 
     def layout_token_ids(self, token_ids, keep_closed_text=False, stacklevel: int | None = 1) -> BatchFeature:
         """Plain token ids (a list per sample, a tensor or array, or a tokenizer's output, whose padding is left out) ->
-        the model's inputs, as `__call__` lays out text: leading system turns stay as the prefix, every closed chunk after them becomes a sketch, and a
-        `<|sketch|>` id (a tokenizer reads the name as it) is the name spelled as text, as `encode` spells it."""
+        the model's inputs, as `__call__` lays out text: leading system turns stay as the prefix, every closed chunk
+        after them becomes a sketch, and a `<|sketch|>` id (a tokenizer reads the name as it) is the name spelled as
+        text, as `encode` spells it."""
         def as_rows(values):  # lists, a tensor or an array; one row or several
             values = values.tolist() if hasattr(values, "tolist") else list(values)
             return [values] if values and not hasattr(values[0], "__len__") else values

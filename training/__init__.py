@@ -370,8 +370,8 @@ class CurriculumCallback(TrainerCallback):
 
 
 class VIST2Trainer(Trainer):
-    """`Trainer` plus the curriculum: read-back flags are drawn here, at the step the batch is trained on. Logs the share
-    of closed chunks kept as text (`chunks_kept_as_text`: they overflow their sketch or hold characters it cannot
+    """`Trainer` plus the curriculum: read-back flags are drawn here, at the step the batch is trained on. Logs the
+    share of closed chunks kept as text (`chunks_kept_as_text`: they overflow their sketch or hold characters it cannot
     show, so the model trains on their text) and warns the first time a phase has any. `label_smoothing_factor` is
     applied by the model's text-stream loss (Trainer's own smoother would score the interleaved layout), and a
     checkpoint carries the sketch geometry its weights were trained in."""
@@ -415,18 +415,17 @@ class VIST2Trainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         """Mid-schedule, the config and processor saved are those of the phase the last step trained in."""
         steps, processor = self.state.global_step, self.processing_class
-        config = self.accelerator.unwrap_model(self.model).config
+        model = self.accelerator.unwrap_model(self.model)
         if self.curriculum is None or not steps or not isinstance(processor, VIST2Processor):
             return super()._save(output_dir, state_dict)
-        started = {key: getattr(config, key) for key in processor.sketch_settings}
+        started = {key: getattr(model.config, key) for key in processor.sketch_settings}
         try:
-            self.processing_class = apply_final_geometry(self.accelerator.unwrap_model(self.model), processor,
-                                                         self.curriculum, steps)
+            self.processing_class = apply_final_geometry(model, processor, self.curriculum, steps)
             return super()._save(output_dir, state_dict)
         finally:
             self.processing_class = processor
             for key, value in started.items():
-                setattr(config, key, value)
+                setattr(model.config, key, value)
 
     def log(self, logs, *args, **kwargs):
         step = max(self.state.global_step - 1, 0)  # the step these losses were trained at
@@ -618,8 +617,8 @@ class VIST2DataCollator:
         features = [f.render() if isinstance(f, PendingWindow) else f for f in features]
         samples = [sample for feature in features for sample in (feature if isinstance(feature, list) else [feature])]
         if samples and "sketches" not in samples[0]:
-            raise ValueError(f"VIST2DataCollator: a sample without its sketches (keys: {sorted(samples[0])}): Trainer's "
-                             "remove_unused_columns=True drops the keys forward() does not name. Fix: "
+            raise ValueError(f"VIST2DataCollator: a sample without its sketches (keys: {sorted(samples[0])}): "
+                             "Trainer's remove_unused_columns=True drops the keys forward() does not name. Fix: "
                              "TrainingArguments(remove_unused_columns=False), as vist2_training_arguments sets it")
         batch = without_first_labels(self.processor.collate(samples, return_labels=True))
         batch["read_back"] = torch.full((len(samples),), self.read_back, dtype=torch.bool)
