@@ -886,28 +886,37 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
     # -- training: plain ids, the head, the loss -----------------------------------------------------------------------
     def forward_text(self, input_ids, attention_mask=None, labels=None, cache=None, use_cache=None, logits_to_keep=0,
                      **kwargs):
-        """Plain token ids, laid out as the processor lays out text. With a cache, the generation layout is prefilled
-        into it; without, the training layout runs and the logits (and loss over `labels`) come back at the caller's
-        token positions: at each token, the logits generation would give there."""
-        processor, callers = getattr(cache, "processor", None), 5  # (forward_text, forward, Module.__call__'s two)
-        if use_cache or isinstance(cache, VIST2Cache):
-            layout, _ = self.lay_out(input_ids, attention_mask, processor, reports=getattr(cache, "reports", None),
-                                     stacklevel=callers)
-            out = self(**layout, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
-            getattr(out, CACHE_KWARG).seen = input_ids.shape[1]  # the caller's columns, not the layout's
-            return out
-        if (input_ids == self.config.sketch_token_id).any():
+        """Plain token ids, laid out as the processor lays out text. The logits (and loss over `labels`) come back at
+        the caller's token positions, from the training layout: at each token, the logits generation would give there.
+        With a cache, the generation layout is prefilled into it; its last logits are the caller's last token's, so
+        `logits_to_keep=1` without labels (generate's prefill) runs that pass alone."""
+        processor, callers, prefilled = getattr(cache, "processor", None), 5, None  # (5: this, forward, Module's two)
+        prefill = bool(use_cache) or isinstance(cache, VIST2Cache)
+        last_only = prefill and labels is None and isinstance(logits_to_keep, int) and logits_to_keep == 1
+        if not last_only and (input_ids == self.config.sketch_token_id).any():
             raise ValueError("input_ids hold the '<|sketch|>' id, which VIST2 reads in plain ids as its name spelled as "
                              "text (several tokens), so the training layout's logits would not line up with them. Fix: "
                              "tokenize with the processor (processor.encode spells it), or drop it")
-        layout, real = self.lay_out(input_ids, attention_mask, processor, keep_closed_text=True, stacklevel=callers)
+        if prefill:
+            layout, _ = self.lay_out(input_ids, attention_mask, processor, reports=getattr(cache, "reports", None),
+                                     stacklevel=callers)
+            out = self(**layout, cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
+            prefilled = getattr(out, CACHE_KWARG)
+            prefilled.seen = input_ids.shape[1]  # the caller's columns, not the layout's
+            if last_only:
+                return out
+            # The prefill's other positions are sketches, not the caller's tokens: theirs take the training layout.
+        layout, real = self.lay_out(input_ids, attention_mask, processor, keep_closed_text=True, stacklevel=callers,
+                                    reports=None if prefilled is None else [])  # (the prefill reported those chunks)
         text = token_kinds(layout["input_ids"], layout["attention_mask"], self.config.sketch_token_id) == TEXT
         if labels is not None:
             layout["labels"] = torch.full_like(layout["input_ids"], -100).masked_scatter(text, labels[real])
         out = self(**layout, **kwargs)
         logits = out.logits.new_zeros(*input_ids.shape, out.logits.shape[-1])
         logits[real] = out.logits[text]
-        return CausalLMOutputWithPast(loss=out.loss, logits=logits)
+        if not isinstance(logits_to_keep, int) or logits_to_keep:
+            logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
+        return CausalLMOutputWithPast(loss=out.loss, logits=logits, **{CACHE_KWARG: prefilled})
 
     def next_token_logits(self, hidden, logits_to_keep=None):
         """The LM head (over the last `logits_to_keep` positions; 0: all), with `<|sketch|>` ruled out: written text

@@ -133,6 +133,25 @@ def test_forward_on_plain_ids_gives_at_every_token_the_logits_and_loss_of_the_tr
         torch.testing.assert_close(out.loss, model(**laid_out).loss, atol=TOLERANCE, rtol=0)
 
 
+def test_forward_on_plain_ids_with_a_cache_gives_every_tokens_logits_and_loss_and_a_cache_that_goes_on(
+        loaded, tokenizer):
+    """A loop of one's own (`model(ids, use_cache=True)`, then a token at a time) sees what the forward without a
+    cache gives, and continues as generate does."""
+    texts = [SAMPLE_TEXT[:300], SAMPLE_TEXT[100:180]]
+    ids = plain(tokenizer, texts)
+    labels = ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        expected = loaded(**ids, labels=labels)
+        out = loaded(**ids, labels=labels, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        step = loaded(input_ids=token, **{CACHE_KWARG: out[CACHE_KWARG]}).logits[:, -1]
+    torch.testing.assert_close(out.logits, expected.logits, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(out.loss, expected.loss, atol=TOLERANCE, rtol=0)
+    generated = run(loaded, ids, max_new_tokens=2)
+    assert generated.sequences[:, -2:-1].tolist() == token.tolist()
+    torch.testing.assert_close(step, generated.logits[1], atol=TOLERANCE, rtol=0)
+
+
 def test_a_conversation_tokenized_elsewhere_keeps_its_system_turns_as_the_prefix(chat_processor, chat_tokenizer):
     ids = chat_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
     ids = ids["input_ids"] if isinstance(ids, dict) else ids
