@@ -751,11 +751,11 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         self.check_generation_mode(options, kwargs)
         # transformers' own chunked prefill cannot split sketches: VIST2 takes the setting (of the caller's
         # generation_config; of the model's own unless prefill_chunk_size is given) and blocks the prefill itself.
-        passed_config = kwargs.get("generation_config")
-        passed, saved = (getattr(config, "prefill_chunk_size", None) for config in (passed_config, self.generation_config))
+        passed = getattr(generation_config, "prefill_chunk_size", None)
+        saved = getattr(self.generation_config, "prefill_chunk_size", None)
         if passed is not None:
-            prefill_chunk_size = passed
-            kwargs["generation_config"] = passed_config.from_dict(passed_config.to_dict(), prefill_chunk_size=None)
+            prefill_chunk_size, settings = passed, generation_config.to_dict()
+            kwargs["generation_config"] = generation_config.from_dict(settings, prefill_chunk_size=None)
         elif saved is not None and prefill_chunk_size == "auto":
             prefill_chunk_size = saved
         if processor is not None:
@@ -851,7 +851,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         cache = VIST2Cache(config=self.config.text_config, processor=processor)
         if not len(text):
             return dict(processor.collate([processor.encode_sample(prefix_ids, [])]).to(device), cache=cache)
-        cache.live, cache.entries, cache.open_length, cache.prefix_length = None, [0], [0], [len(prefix_ids)]
+        cache.entries, cache.prefix_length = [0], [len(prefix_ids)]
         cache.next_position = torch.zeros(1, 1, dtype=torch.long, device=device)
 
         def group_size():  # at least 8: each language-model pass also copies the cache (transformers' cache update)
