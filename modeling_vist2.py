@@ -30,6 +30,8 @@ PAD, TEXT, SKETCH = 0, 1, 2  # token kinds
 REPORT_KEYS = ("chunks_kept_as_text", "undrawable_characters")  # what a processor call reports, not a model input
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 MASK_TENSOR_ATTENTION = ("sdpa", "eager")  # attention implementations that take the mask as a tensor
+IDS_ONLY = ("VIST2 reads input_ids, not inputs_embeds: it draws closed chunks from their text. Fix: pass "
+            "input_ids (a processor batch, or plain token ids)")
 
 
 # -- Layout: token kinds, memory, positions and the attention rule -- pure functions of the layout tensors -------------
@@ -489,6 +491,8 @@ class VIST2Model(VIST2PreTrainedModel):
         pixel_values (`(num_sketches, H, W)` uint8): one sketch per run of placeholders, in order.
         read_back (`(batch,)` bool): OCR warm-up; a chunk's text also sees its own sketch.
         """
+        if input_ids is None:
+            raise ValueError(IDS_ONLY)
         cache = past_key_values if cache is None else cache
         if chunk_ids is None:
             if pixel_values is not None or holds_placeholders(input_ids, self.config.sketch_token_id,
@@ -684,9 +688,19 @@ class VIST2Model(VIST2PreTrainedModel):
                                  "processor=VIST2Processor.from_config(model.config, tokenizer) to generate() / read(), "
                                  "or set model.tokenizer = tokenizer.")
             self._own_processor = VIST2Processor.from_config(self.config, tokenizer)
+        tokens, rows = len(self._own_processor.tokenizer), self.get_input_embeddings().weight.shape[0]
+        if given is None and getattr(self, "resized_embeddings", False) and tokens < rows:
+            raise ValueError(f"the embeddings were resized to {rows} rows, but the tokenizer VIST2 draws closed chunks "
+                             f"with, the one it was loaded with, has {tokens} tokens: a new token could be neither "
+                             "drawn nor written. Fix: set model.tokenizer = tokenizer (the one holding the new tokens), "
+                             "or pass processor=VIST2Processor.from_config(model.config, tokenizer)")
         return self._own_processor
 
     # -- transformers plumbing ----------------------------------------------------------------------------------------
+    def resize_token_embeddings(self, *args, **kwargs):
+        self.resized_embeddings = True  # new tokens need a tokenizer that holds them (`own_processor` asks for it)
+        return super().resize_token_embeddings(*args, **kwargs)
+
     def get_input_embeddings(self):
         return self.get_decoder().get_input_embeddings()
 
@@ -716,6 +730,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         labels (`(batch, seq)`): next-token targets along the text stream `P c_1 c_2 ...`, across chunk boundaries;
             sketches and -100 carry no label. `label_smoothing` (a float kwarg): see `text_stream_loss`.
         """
+        if input_ids is None:
+            raise ValueError(IDS_ONLY)
         for key in REPORT_KEYS:
             kwargs.pop(key, None)
         cache = past_key_values if cache is None else cache
@@ -965,6 +981,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         (`config`: `generation_options`)."""
         mode = str(getattr(config.get_generation_mode(kwargs.get("assistant_model")), "value", ""))
         mode = "custom_generate" if kwargs.get("custom_generate") else mode
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError(f"VIST2 generate: {IDS_ONLY}")
         for option in ("output_attentions", "output_hidden_states"):
             if getattr(config, option, False):
                 raise ValueError(f"VIST2 generate: {option}=True is not supported: the decoder's attentions and hidden "

@@ -152,6 +152,32 @@ def test_forward_on_plain_ids_with_a_cache_gives_every_tokens_logits_and_loss_an
     torch.testing.assert_close(step, generated.logits[1], atol=TOLERANCE, rtol=0)
 
 
+def test_after_a_resize_for_new_tokens_the_model_asks_for_the_tokenizer_that_holds_them(model, tokenizer, tmp_path):
+    """The usual fine-tuning step, tokens added and the embeddings resized: the tokenizer saved with the model would
+    neither draw a new token nor let generate write it."""
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    resized = VIST2ForCausalLM.from_pretrained(tmp_path).eval()
+    grown = copy.deepcopy(tokenizer)
+    grown.add_tokens(["<|tool|>"], special_tokens=True)
+    resized.resize_token_embeddings(len(grown))
+    ids = plain(grown, [SAMPLE_TEXT[:300]])
+    with pytest.raises(ValueError, match=r"model.tokenizer = tokenizer"):
+        resized.generate(**ids, max_new_tokens=1)
+    resized.tokenizer = grown
+    with torch.no_grad():
+        head = resized.get_output_embeddings().weight
+        head[len(grown) - 1] = 3 * head[int(resized(**ids).logits[0, -1].argmax())]  # the new token, written first
+    assert resized.generate(**ids, max_new_tokens=1, do_sample=False)[0, -1] == len(grown) - 1
+
+
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_inputs_embeds_are_refused_naming_input_ids(model, call):
+    embeds = model.get_input_embeddings()(torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ValueError, match="pass input_ids"):
+        model(inputs_embeds=embeds) if call == "forward" else model.generate(inputs_embeds=embeds, max_new_tokens=1)
+
+
 def test_a_conversation_tokenized_elsewhere_keeps_its_system_turns_as_the_prefix(chat_processor, chat_tokenizer):
     ids = chat_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
     ids = ids["input_ids"] if isinstance(ids, dict) else ids
@@ -435,3 +461,18 @@ def test_lm_eval_harness_scores_the_compressed_model_through_its_hf_model_type(t
             logprobs = logits[len(context) - 1 : -1].log_softmax(-1)
             expected = logprobs.gather(1, torch.tensor(whole[len(context) :])[:, None]).sum()
             assert harness_logprob == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_lm_evals_max_length_is_the_raw_tokens_whose_layout_fits_the_backbones_positions(monkeypatch):
+    """lm_eval cuts contexts to `max_length` raw tokens; the harness gives it VIST2's capacity, not the backbone's."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from lm_eval_harness import text_capacity
+
+    processor = AutoProcessor.from_pretrained(ROOT, trust_remote_code=True)
+    config = AutoModelForCausalLM.from_pretrained(ROOT, trust_remote_code=True).config
+    capacity, positions = text_capacity(config), config.text_config.max_position_embeddings
+    assert capacity > positions
+    text = "".join(chr(97 + i % 26) for i in range(capacity + config.chunk_size))  # every chunk drawn (one byte a token)
+    fits, beyond = (processor.layout_token_ids(processor.encode(text[:n]))["input_ids"].shape[1]
+                    for n in (capacity, capacity + config.chunk_size))
+    assert fits <= positions < beyond  # (the open chunk full: the longest layout a sequence of up to n tokens has)
