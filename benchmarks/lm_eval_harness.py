@@ -9,8 +9,12 @@ VIST2 lays them out and renders every closed chunk itself.
 
 The same evaluation from lm_eval's own command line, run at the repository root:
 
-    lm_eval --model hf --model_args pretrained=.,trust_remote_code=True --include_path benchmarks/harness_tasks \
-        --tasks vist2_passkey,vist2_passkey_choice --device cpu --batch_size 4
+    lm_eval --model hf --model_args pretrained=.,trust_remote_code=True,max_length=4000 \
+        --include_path benchmarks/harness_tasks --tasks vist2_passkey,vist2_passkey_choice --device cpu --batch_size 4
+
+`max_length`: lm_eval cuts contexts to the backbone's `max_position_embeddings` raw tokens unless told otherwise, but
+a closed chunk takes m positions, not L: `text_capacity` (4 000 for the demo checkpoint) is how many raw tokens a
+sequence may reach with its compressed layout inside the backbone's positions.
 """
 
 import argparse
@@ -23,6 +27,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "benchmarks" / "harness_tasks"
+
+
+def text_capacity(config) -> int:
+    """Raw tokens a sequence (without a prefix) may reach while its compressed layout, at every step of writing, stays
+    within the backbone's positions: closed chunks take m positions each, the open chunk up to L."""
+    L, m = config.chunk_size, config.visual_tokens_per_chunk
+    return (config.text_config.max_position_embeddings - L) // m * L + L
 
 
 def passkey_docs(count=16, seed=0, filler_chars=900):
@@ -56,11 +67,14 @@ def main(argv=None):
 
     import lm_eval
     from lm_eval.tasks import TaskManager
+    from transformers import AutoConfig
 
+    capacity = text_capacity(AutoConfig.from_pretrained(args.model, trust_remote_code=True))
     os.chdir(ROOT)  # the task files name their data relative to the repository root
     start = time.perf_counter()
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={args.model},trust_remote_code=True", tasks=args.tasks.split(","),
+        model="hf", model_args=f"pretrained={args.model},trust_remote_code=True,max_length={capacity}",
+        tasks=args.tasks.split(","),
         task_manager=TaskManager(include_path=str(TASKS)), device="cpu", batch_size=args.batch_size,
         limit=args.limit)
     seconds = time.perf_counter() - start
