@@ -582,7 +582,7 @@ class VIST2Model(VIST2PreTrainedModel):
         if patches.shape[1] != h * w:
             raise ValueError(f"the vision tower gave {patches.shape[1]} tokens per sketch, expected {h}x{w}: use a "
                              "patch encoder without class token (SigLIP / SigLIP2 vision)")
-        return self.aligner(patches)
+        return self.aligner(patches.to(self.aligner.proj.weight.dtype))  # (a tower cast apart from the rest)
 
     def embed(self, input_ids, kinds, pixel_values, sketches_per_pass=None):
         if pixel_values is not None:
@@ -1025,7 +1025,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             pixel_values = torch.cat([row for row in pixel_values for _ in range(copies)])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "chunk_ids": chunk_ids,
                 "pixel_values": pixel_values, CACHE_KWARG: cache, "use_cache": True,
-                "logits_to_keep": kwargs.get("logits_to_keep") or 0}
+                "logits_to_keep": kwargs.get("logits_to_keep") or 1}  # (generate reads the last)
 
     @torch.no_grad()
     def take_in(self, cache: VIST2Cache, input_ids, attention_mask=None):

@@ -246,6 +246,22 @@ def test_from_backbones_of_a_bf16_language_model_and_an_fp32_tower_is_one_bf16_m
     assert model.generate(**processor(text=SAMPLE_TEXT[:150]), processor=processor, max_new_tokens=2).shape[0] == 1
 
 
+def test_from_backbones_keeps_the_attention_implementations_the_backbones_were_loaded_with(backbone_folders):
+    text = Qwen3ForCausalLM.from_pretrained(backbone_folders / "text", attn_implementation="eager")
+    vision = SiglipVisionModel.from_pretrained(backbone_folders / "vision", attn_implementation="sdpa")
+    model = from_backbones(text, vision, tokenizer=build_tokenizer(), **GEOMETRY)
+    assert model.config.text_config._attn_implementation == "eager"
+    assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_a_vision_tower_cast_to_another_dtype_still_feeds_the_aligner(model, training_batch):
+    reference = model(**training_batch).logits
+    mixed = VIST2ForCausalLM(model.config).eval()
+    mixed.load_state_dict(model.state_dict())
+    mixed.vision_tower.to(torch.bfloat16)
+    torch.testing.assert_close(mixed(**training_batch).logits, reference, atol=0.05, rtol=0.05)
+
+
 def tiny_backbones(tokenizer):
     torch.manual_seed(0)
     text = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer) + 1, hidden_size=32, intermediate_size=64,

@@ -150,11 +150,14 @@ def from_backbones(text_model, vision_model, tokenizer=None, **config_kwargs) ->
         fitted = sketch_geometry(*chunking, vision_tower.config.patch_size, chars_per_token,
                                  merge_size=config_kwargs.get("merge_size"), **cells)
         config_kwargs = fitted | config_kwargs
+    # The config and model built next set the attention implementation of the backbones' configs, which they share.
+    implementations = [module.config._attn_implementation for module in (language_model, vision_tower)]
     config = VIST2Config(**config_kwargs)
     check_fit(config, chars_per_token)
     with torch.device("meta"):
         model = VIST2ForCausalLM(config)
     model.vision_tower, model.language_model = vision_tower, language_model
+    language_model.config._attn_implementation, vision_tower.config._attn_implementation = implementations
     model.aligner = VIST2ModalAligner(config).to(device=language_model.device, dtype=language_model.dtype)
     model.aligner.apply(model._init_weights)
     model.tokenizer = tokenizer
