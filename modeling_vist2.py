@@ -11,6 +11,9 @@ Positions follow the cache's layout `P V_1 ... V_{i-1} c_i`, so `generate` cuts 
 it closes: at most `|P| + m * closed_chunks + L` entries. Only public transformers hooks are used (docs/DESIGN.md §4).
 """
 
+import contextlib
+import copy
+import threading
 from pathlib import Path
 
 import torch
@@ -30,6 +33,7 @@ PAD, TEXT, SKETCH = 0, 1, 2  # token kinds
 REPORT_KEYS = ("chunks_kept_as_text", "undrawable_characters")  # what a processor call reports, not a model input
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 MASK_TENSOR_ATTENTION = ("sdpa", "eager")  # attention implementations that take the mask as a tensor
+SAVED_PREFILL_SETTING = threading.Lock()  # see VIST2ForCausalLM.holding_prefill_setting
 IDS_ONLY = ("VIST2 reads input_ids, not inputs_embeds: it draws closed chunks from their text. Fix: pass "
             "input_ids (a processor batch, or plain token ids)")
 
@@ -234,8 +238,13 @@ class VIST2Cache(DynamicCache):
                 self.layers[index] = FixedLayer(layer, capacity)
             self.decode_graph = None
 
-    def __getstate__(self):  # a copy (copy.deepcopy to reuse a prompt) captures its own step, on its own buffers
-        return {**self.__dict__, "decode_graph": None}
+    def __deepcopy__(self, memo):
+        """A copy (to reuse a prompt) shares the processor, which holds no cache's state (and a large vocabulary is
+        slow to copy), and captures its own decode step, on its own buffers."""
+        memo[id(self.processor)] = self.processor
+        twin = memo[id(self)] = type(self).__new__(type(self))
+        twin.__dict__.update(copy.deepcopy({**self.__dict__, "decode_graph": None}, memo))
+        return twin
 
     def select_rows(self, rows: torch.Tensor):
         """Keep, repeat or reorder rows (beam search, `num_return_sequences`): every per-row state follows its row."""
@@ -429,6 +438,14 @@ class VIST2PreTrainedModel(PreTrainedModel):
     _supports_sdpa = _supports_flex_attn = True
     _supports_flash_attn = _supports_attention_backend = False
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # FSDP2 gives a sharded model a class of torch's making: the folder must name, and hold the file of, VIST2's.
+        sharded, self.__class__ = type(self), next(c for c in type(self).__mro__ if not c.__module__.startswith("torch"))
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = sharded
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         # Weights travel only as safetensors: a folder with pickled weights alone is refused, never unpickled.
@@ -544,9 +561,7 @@ class VIST2Model(VIST2PreTrainedModel):
         rows = [row[keep].tolist() for row, keep in zip(input_ids, real)]
         processor = self.own_processor() if processor is None else processor
         warn_at = None if reports is not None else stacklevel + 1
-        batch = processor.layout_token_ids(rows, keep_closed_text, stacklevel=warn_at)
-        if reports is not None:
-            reports += [report for sample in processor.last_report for report in sample]
+        batch = processor.layout_token_ids(rows, keep_closed_text, stacklevel=warn_at, reports=reports)
         return batch.to(input_ids.device), real
 
     # -- sketches -----------------------------------------------------------------------------------------------------
@@ -719,7 +734,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers records the saved class's auto class only; the checkpoint also loads as VIST2Model (AutoModel).
-        module = type(self).__module__.split(".")[-1]
+        module = __name__.split(".")[-1]
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{module}.VIST2Model"}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -768,7 +783,8 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         # transformers' own chunked prefill cannot split sketches: VIST2 takes the setting (of the caller's
         # generation_config; of the model's own unless prefill_chunk_size is given) and blocks the prefill itself.
         passed = getattr(generation_config, "prefill_chunk_size", None)
-        saved = getattr(self.generation_config, "prefill_chunk_size", None)
+        with SAVED_PREFILL_SETTING:
+            saved = getattr(self, "held_prefill_chunk_size", None) or self.generation_config.prefill_chunk_size
         if passed is not None:
             prefill_chunk_size, settings = passed, generation_config.to_dict()
             kwargs["generation_config"] = generation_config.from_dict(settings, prefill_chunk_size=None)
@@ -829,22 +845,38 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
                 kwargs["pixel_values"] = list(pixel_values.split(per_row))
         for key in REPORT_KEYS:
             kwargs.pop(key, None)
-        try:  # (the model's own setting would be merged into any generation_config transformers is given)
-            if saved is not None:
-                self.generation_config.prefill_chunk_size = None
+        try:
             if eos is not None and input_ids is not None and not beams:
                 cache.stop = torch.tensor(eos).flatten(), input_ids.shape[1]
-            output = super().generate(inputs, **kwargs)
+            with self.holding_prefill_setting():
+                output = super().generate(inputs, **kwargs)
         finally:
             cache.stop = cache.sequences = None
-            if saved is not None:
-                self.generation_config.prefill_chunk_size = saved
         if beams:  # beam search returns its finished beams, not the rows its cache holds
             cache.not_continuable = ("this cache ended a beam search, whose sequences are its finished beams, not the "
                                      "rows the cache holds")
         if len(cache.reports) > closed_before:  # (drawn by the caller's processor, or the model's own)
             (cache.processor or self.own_processor()).kept_as_text(cache.reports[closed_before:], stacklevel=2)
         return output
+
+    @contextlib.contextmanager
+    def holding_prefill_setting(self):
+        """The model's saved `prefill_chunk_size` held out of its generation_config while transformers' generate runs
+        (it would merge it into any config it is given and run its own chunked prefill, which cannot split sketches);
+        put back when the last of the calls running at once (a server's threads) ends."""
+        with SAVED_PREFILL_SETTING:
+            if self.generation_config.prefill_chunk_size is not None:
+                self.held_prefill_chunk_size, self.generation_config.prefill_chunk_size = (
+                    self.generation_config.prefill_chunk_size, None)
+            self.generate_calls = getattr(self, "generate_calls", 0) + 1
+        try:
+            yield
+        finally:
+            with SAVED_PREFILL_SETTING:
+                self.generate_calls -= 1
+                if not self.generate_calls and getattr(self, "held_prefill_chunk_size", None) is not None:
+                    self.generation_config.prefill_chunk_size, self.held_prefill_chunk_size = (
+                        self.held_prefill_chunk_size, None)
 
     @torch.no_grad()
     def read(self, processor=None, text="", prefix=None, sketches_per_step: int | None = None,

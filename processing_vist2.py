@@ -528,11 +528,16 @@ class VIST2Processor(ProcessorMixin):
                                               keep_closed_text=keep_closed_text))
         return self.batch(samples, return_labels, stacklevel=2)
 
-    def batch(self, samples: list[dict], return_labels=False, stacklevel: int | None = 1) -> BatchFeature:
+    def batch(self, samples: list[dict], return_labels=False, stacklevel: int | None = 1,
+              reports: list | None = None) -> BatchFeature:
         """Encoded samples -> the model's batch and each sample's `undrawable_characters`; their render reports go to
-        `last_report` (per sample) and, with `stacklevel`, into one warning that sums them up (see `kept_as_text`)."""
+        `reports` (a caller's list, this call's only), to `last_report` (per sample: the processor's last call, which
+        threads sharing it overwrite) and, with `stacklevel`, into one warning that sums them up (`kept_as_text`)."""
         self.last_report = [s["report"] for s in samples]
-        self.kept_as_text([report for s in samples for report in s["report"]], stacklevel and stacklevel + 1)
+        flat = [report for s in samples for report in s["report"]]
+        if reports is not None:
+            reports += flat
+        self.kept_as_text(flat, stacklevel and stacklevel + 1)
         batch = self.collate(samples, return_labels=return_labels)
         batch["undrawable_characters"] = ["".join(s["undrawable_characters"]) for s in samples]
         return batch
@@ -622,7 +627,8 @@ class VIST2Processor(ProcessorMixin):
             cut = turn_end
         return cut
 
-    def layout_token_ids(self, token_ids, keep_closed_text=False, stacklevel: int | None = 1) -> BatchFeature:
+    def layout_token_ids(self, token_ids, keep_closed_text=False, stacklevel: int | None = 1,
+                         reports: list | None = None) -> BatchFeature:
         """Plain token ids (a list per sample, a tensor or array, or a tokenizer's output, whose padding is left out) ->
         the model's inputs, as `__call__` lays out text: leading system turns stay as the prefix, every closed chunk
         after them becomes a sketch, and a `<|sketch|>` id (a tokenizer reads the name as it) is the name spelled as
@@ -643,7 +649,7 @@ class VIST2Processor(ProcessorMixin):
             ids = self.spell_sketch(ids)
             cut = self.prefix_length(ids)
             samples.append(self.encode_sample(ids[:cut], ids[cut:], keep_closed_text))
-        return self.batch(samples, stacklevel=stacklevel and stacklevel + 1)
+        return self.batch(samples, stacklevel=stacklevel and stacklevel + 1, reports=reports)
 
     def apply_chat_template(self, conversation, chat_template=None, tokenize=False, return_dict=False,
                             return_tensors=None, **kwargs):

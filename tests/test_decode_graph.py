@@ -177,6 +177,16 @@ def test_a_copied_cache_captures_its_own_step_and_continues_like_the_original(mo
                 model.generate(**resumed, **{CACHE_KWARG: copied}, **kwargs))
 
 
+def test_a_copied_cache_shares_its_processor_and_holds_its_own_entries(model, processor):
+    """A copy reuses a prompt: its processor has no state of the cache's (a large tokenizer is slow to copy)."""
+    import copy
+
+    cache = model.read(processor, SAMPLE_TEXT[:300])[CACHE_KWARG]
+    copied = copy.deepcopy(cache)
+    assert copied.processor is cache.processor
+    assert copied.layers[0].keys is not cache.layers[0].keys and torch.equal(copied.layers[0].keys, cache.layers[0].keys)
+
+
 def test_a_replay_that_disagrees_with_the_step_warns_and_decoding_goes_on_exactly_without_it(model, processor,
                                                                                            ascii_only, caplog):
     kwargs = dict(processor=processor, do_sample=False, suppress_tokens=ascii_only, return_dict_in_generate=True,

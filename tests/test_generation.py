@@ -183,6 +183,29 @@ def test_the_models_own_generation_config_prefill_chunk_size_sets_the_prefill_bl
         torch.testing.assert_close(saved_logits, one_pass_logits, atol=TOLERANCE, rtol=0)
 
 
+def test_a_generate_that_runs_while_another_holds_the_models_prefill_chunk_size_sees_it(model, processor, ascii_only,
+                                                                                      monkeypatch):
+    """Threads of a server share the model: while one generate holds the saved setting out of transformers' sight,
+    another still blocks its prefill by it, and the last to end puts it back."""
+    blocks = []
+    prefill_passes = model.prefill_passes
+    monkeypatch.setattr(model, "prefill_passes", lambda *args: blocks.append(args[0]) or prefill_passes(*args))
+    monkeypatch.setattr(model.generation_config, "prefill_chunk_size", 5)
+    inputs = processor(text=SAMPLE_TEXT[:400])
+    kwargs = dict(processor=processor, max_new_tokens=3, do_sample=False, suppress_tokens=ascii_only)
+    alone = model.generate(**inputs, **kwargs)
+
+    class Meanwhile(LogitsProcessor):  # another request, run while the first is inside transformers' generate
+        def __call__(self, input_ids, scores):
+            if not meanwhile:
+                meanwhile.append(model.generate(**inputs, **kwargs))
+            return scores
+    meanwhile = []
+    first = model.generate(**inputs, logits_processor=LogitsProcessorList([Meanwhile()]), **kwargs)
+    assert blocks == [5, 5, 5] and first.tolist() == meanwhile[0].tolist() == alone.tolist()
+    assert model.generation_config.prefill_chunk_size == 5
+
+
 class CacheProbe(LogitsProcessor):
     """Records the cache's live entries and tensor length each time a token is chosen."""
 

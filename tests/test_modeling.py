@@ -457,3 +457,31 @@ def test_automodel_loads_the_demo_checkpoint_with_remote_code_and_no_loading_war
     with torch.no_grad():
         hidden = base.eval()(**inputs).last_hidden_state
         torch.testing.assert_close(causal.next_token_logits(hidden), causal.eval()(**inputs).logits)
+
+
+def test_a_model_sharded_by_fsdp2_saves_a_folder_that_loads_with_remote_code(model, tokenizer, tmp_path):
+    """FSDP2 gives the sharded model a class of torch's making; the saved folder must still name and hold VIST2's."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharded = copy.deepcopy(model)
+        for layer in sharded.language_model.model.layers:
+            fully_shard(layer)
+        fully_shard(sharded)
+        assert type(sharded) is not VIST2ForCausalLM
+        full = {name: tensor.full_tensor() for name, tensor in sharded.state_dict().items()}
+        sharded.save_pretrained(tmp_path / "saved", state_dict=full)
+    finally:
+        dist.destroy_process_group()
+    tokenizer.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "modeling_vist2.py").exists() and not list((tmp_path / "saved").glob("_fsdp*"))
+    auto_map = json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_vist2.VIST2ForCausalLM", auto_map
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    assert type(loaded).__name__ == "VIST2ForCausalLM"
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)

@@ -365,3 +365,19 @@ def test_the_options_a_processor_call_always_applies_are_accepted(processor):
     plain = processor(text=[SAMPLE_TEXT[:400], SAMPLE_TEXT[:50]])
     said = processor(text=[SAMPLE_TEXT[:400], SAMPLE_TEXT[:50]], padding=True, return_tensors="pt", images=None)
     assert torch.equal(plain["input_ids"], said["input_ids"]) and torch.equal(plain["chunk_ids"], said["chunk_ids"])
+
+
+def test_plain_ids_laid_out_by_the_model_get_their_own_calls_reports_while_others_use_the_processor(model, processor,
+                                                                                                     monkeypatch):
+    """A server's threads share one processor, whose `last_report` is the last call's, whoever made it."""
+    ids = processor.encode(UNDRAWABLE_TEXT)
+    layout_token_ids = processor.layout_token_ids
+
+    def another_request_in_between(*args, **kwargs):
+        batch = layout_token_ids(*args, **kwargs)
+        processor(text=SAMPLE_TEXT[:300])  # another thread's call, before this one reads its reports
+        return batch
+    monkeypatch.setattr(processor, "layout_token_ids", another_request_in_between)
+    reports = []
+    model.lay_out(torch.tensor([ids]), processor=processor, reports=reports)
+    assert len(reports) == (len(ids) - 1) // model.config.chunk_size and sum(not r.ok for r in reports) >= 5

@@ -566,6 +566,69 @@ def test_pretraining_on_two_processes_trains_one_model_on_both(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+SHARDED_SCRIPT = """
+import hashlib, importlib.util, json, sys
+import accelerate.state as state
+import torch.distributed as dist
+from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+# accelerate takes FSDP only on accelerators (on a CPU it falls back to DDP): this one decision is taken here.
+setup = state.AcceleratorState.__init__
+def fsdp_on_cpu(self, *args, **kwargs):
+    setup(self, *args, **kwargs)
+    if kwargs.get("fsdp_plugin") is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        self.distributed_type = state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.fsdp_plugin = kwargs["fsdp_plugin"]
+state.AcceleratorState.__init__ = fsdp_on_cpu
+
+spec = importlib.util.spec_from_file_location("pretrain", sys.argv[1])
+pretrain = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pretrain)
+result = pretrain.main(sys.argv[3:] + ["--output-dir", sys.argv[2]])
+trainer = result["trainer"]
+assert trainer.is_fsdp_enabled, trainer.accelerator.distributed_type
+full = get_model_state_dict(trainer.model_wrapped, options=StateDictOptions(full_state_dict=True))
+mine = hashlib.md5(b"".join(full[k].detach().contiguous().numpy().tobytes() for k in sorted(full))).hexdigest()
+ranks = [None, None]
+dist.all_gather_object(ranks, mine)
+assert ranks[0] == ranks[1], ranks
+print("LOSSES", json.dumps(result["train_losses"]))
+"""
+TINY_RUN = ["--config", "tiny", "--cpu", "--max-steps", "4", "--num-workers", "0", "--max-chars", "100000",
+            "--eval-windows", "4", "--logging-steps", "1", "--phase", "ocr:steps=2,read_back=1,freeze=language_model",
+            "--phase", "olm:steps=2,read_back=0"]
+
+
+def test_pretraining_sharded_by_fsdp2_on_two_processes_trains_what_one_process_trains(tmp_path):
+    """examples/accelerate_fsdp.yaml's FSDP2 settings on two CPU processes (gloo): the same weights on both, the
+    losses of one process with their global batch, a phase that unfreezes the language model, and a saved folder that
+    loads with remote code."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    settings = yaml.safe_load((REPO / "examples" / "accelerate_fsdp.yaml").read_text())["fsdp_config"]
+    env = {f"FSDP_{key[len('fsdp_'):].upper()}": str(value).lower() if isinstance(value, bool) else str(value)
+           for key, value in settings.items()}
+    (tmp_path / "sharded.py").write_text(SHARDED_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "sharded.py"), str(REPO / "examples" / "pretrain.py"),
+                             str(tmp_path / "sharded"), *TINY_RUN, "--batch-size", "4"], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, **env, "ACCELERATE_USE_FSDP": "true", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded_losses = json.loads(result.stdout.split("LOSSES")[-1].splitlines()[0])
+    alone = load_example("pretrain").main(TINY_RUN + ["--batch-size", "8", "--output-dir", str(tmp_path / "alone")])
+    assert sharded_losses == pytest.approx(alone["train_losses"], rel=1e-4)
+    saved = json.loads((tmp_path / "sharded" / "config.json").read_text())["auto_map"]
+    assert saved["AutoModelForCausalLM"] == "modeling_vist2.VIST2ForCausalLM", saved  # not the class FSDP2 made
+    assert (tmp_path / "sharded" / "modeling_vist2.py").exists() and not list((tmp_path / "sharded").glob("_fsdp*"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", trust_remote_code=True)
+    for name, tensor in alone["trainer"].model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, atol=1e-4, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def instructed(pretrained, tmp_path_factory):
     base, _ = pretrained
