@@ -181,7 +181,7 @@ def test_a_copied_cache_shares_its_processor_and_holds_its_own_entries(model, pr
     """A copy reuses a prompt: its processor has no state of the cache's (a large tokenizer is slow to copy)."""
     import copy
 
-    cache = model.read(processor, SAMPLE_TEXT[:300])[CACHE_KWARG]
+    cache = model.read(processor, SAMPLE_TEXT[:300])["cache"]
     copied = copy.deepcopy(cache)
     assert copied.processor is cache.processor
     assert copied.layers[0].keys is not cache.layers[0].keys and torch.equal(copied.layers[0].keys, cache.layers[0].keys)
