@@ -597,7 +597,9 @@ class VIST2Model(VIST2PreTrainedModel):
         if patches.shape[1] != h * w:
             raise ValueError(f"the vision tower gave {patches.shape[1]} tokens per sketch, expected {h}x{w}: use a "
                              "patch encoder without class token (SigLIP / SigLIP2 vision)")
-        return self.aligner(patches.to(self.aligner.proj.weight.dtype))  # (a tower cast apart from the rest)
+        if patches.dtype != self.aligner.proj.weight.dtype:  # a tower cast apart from the rest
+            patches = patches.to(self.aligner.proj.weight.dtype)
+        return self.aligner(patches)
 
     def embed(self, input_ids, kinds, pixel_values, sketches_per_pass=None):
         if pixel_values is not None:
