@@ -440,7 +440,8 @@ class VIST2PreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # FSDP2 gives a sharded model a class of torch's making: the folder must name, and hold the file of, VIST2's.
-        sharded, self.__class__ = type(self), next(c for c in type(self).__mro__ if not c.__module__.startswith("torch"))
+        own = next(c for c in type(self).__mro__ if not c.__module__.startswith("torch."))
+        sharded, self.__class__ = type(self), own
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
         finally:
