@@ -116,12 +116,16 @@ def locate_font(font_path, pretrained_model_name_or_path, hub_kwargs: dict):
         return font_path
     if Path(str(pretrained_model_name_or_path)).is_file():  # a config.json given by its path: the folder holding it
         pretrained_model_name_or_path = str(Path(pretrained_model_name_or_path).parent)
+    hub_kwargs = {key: hub_kwargs[key] for key in HUB_KWARGS if key in hub_kwargs}
     found = cached_file(pretrained_model_name_or_path, font_path, _raise_exceptions_for_missing_entries=False,
-                        **{key: hub_kwargs[key] for key in HUB_KWARGS if key in hub_kwargs})
+                        **hub_kwargs)
     if found is None:
         raise OSError(f"font_path: the model names the font {font_path!r}, which {pretrained_model_name_or_path!r} "
                       "does not hold. Fix: save the model with save_pretrained (it copies the font), or put the font "
                       "file next to its config.json")
+    for licence in (f"{Path(font_path).stem}-LICENSE.txt", f"{Path(font_path).stem}-LICENSE"):  # beside it (copy_font)
+        cached_file(pretrained_model_name_or_path, licence, _raise_exceptions_for_missing_entries=False,
+                    _raise_exceptions_for_connection_errors=False, **hub_kwargs)
     return str(Path(found).absolute())  # located once, whatever the working directory is later (a Hub cache's file
     # is a link to a blob named by its hash: the link's own name is the font's)
 

@@ -23,6 +23,7 @@ USAGE = '''```python
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 repo = "{repo_id}"
+long_text = open("my_long_document.txt").read()  # any long text
 model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
 processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
 inputs = processor(text=long_text, return_tensors="pt")      # closed chunks become pixel_values
@@ -79,8 +80,8 @@ For book-length inputs, `inputs = model.read(processor, text)` streams the text 
 
 ## Limitations
 
-- The default font draws ASCII only; a chunk holding characters the font cannot draw, or text that overflows its
-  sketch, is kept as plain text (reported by the processor), so such text is not compressed.
+- A chunk holding characters its font (`{{ font }}`) cannot draw, or text that overflows its sketch, is kept as
+  plain text (reported by the processor), so such text is not compressed.
 - Reading quality depends on training; see the fidelity section and its control (another text's sketches).
 - The sketch layout is a fixed character grid: no shaping, bidirectional text or ligatures.
 """
@@ -107,6 +108,7 @@ def fidelity_section(path: Path | None) -> str:
         return "Not measured for this checkpoint."
     report = json.loads(path.read_text())
     command = report.pop("command", None)
+    report.pop("model", None)  # (the path it was measured at: the card's model is this one)
     text = markdown_table(flatten(report))
     return text + (f"\n\nReproduce with `{command}`." if command else "")
 
@@ -186,7 +188,7 @@ def build_card(model, repo_id: str, fidelity: Path | None, efficiency: Path | No
         image_size=f"{config.image_height}x{config.image_width}",
         merge=config.merge_size,
         cell=f"{config.char_width}x{config.line_height}",
-        font=config.font_path or "Pillow built-in",
+        font=Path(config.font_path).name if config.font_path else "Pillow built-in",
         newlines=drawing_of_newlines_and_special_tokens(config),
         text_model=config.text_config.model_type,
         vision_model=config.vision_config.model_type,
@@ -210,7 +212,8 @@ def export(model_dir, out_dir, repo_id, fidelity=None, efficiency=None):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=".", help="a saved VIST2 checkpoint (default: the demo model at the repository root)")
+    parser.add_argument("--model", default=str(REPO),
+                        help="a saved VIST2 checkpoint (default: the demo model at the repository root)")
     parser.add_argument("--out", default="dist/vist2-demo")
     parser.add_argument("--repo-id", default="vist2/vist2-demo")
     parser.add_argument("--fidelity", type=Path, help="JSON of this checkpoint's fidelity metrics, as "

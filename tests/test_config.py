@@ -256,6 +256,26 @@ def test_the_fonts_licence_beside_it_travels_with_it(tmp_path):
     assert (tmp_path / "DejaVuSansMono-LICENSE.txt").read_bytes() == (repo / "DejaVuSansMono-LICENSE.txt").read_bytes()
 
 
+def test_the_fonts_licence_travels_with_a_model_loaded_from_the_hub(tmp_path, monkeypatch):
+    """A Hub cache holds only the files asked for: the licence is fetched with the font, so a save finds it beside it."""
+    import shutil
+
+    from vist2 import configuration_vist2
+
+    repo, snapshot = Path(__file__).resolve().parent.parent, tmp_path / "snapshot"
+    snapshot.mkdir()
+
+    def download(repo_id, filename, _raise_exceptions_for_missing_entries=True, **kwargs):  # as the Hub's cache does
+        if not (repo / filename).exists():
+            return None
+        return shutil.copy(repo / filename, snapshot / filename)
+    monkeypatch.setattr(configuration_vist2, "cached_file", download)
+    font = configuration_vist2.locate_font("DejaVuSansMono.ttf", "someone/vist2-demo", {})
+    configuration_vist2.copy_font(font, tmp_path / "saved")
+    assert (tmp_path / "saved" / "DejaVuSansMono-LICENSE.txt").read_bytes() == (
+        repo / "DejaVuSansMono-LICENSE.txt").read_bytes()
+
+
 def test_a_setting_changed_after_the_config_was_made_is_refused_where_it_would_take_effect(tokenizer, tmp_path):
     import torch
 

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import SAMPLE_TEXT
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import export_to_hub  # noqa: E402
@@ -103,9 +104,17 @@ card = open(folder + "/README.md").read()
 snippets = "\\n".join(re.findall(r"```python\\n(.*?)```", card, re.S))  # every block, in order, as one script
 snippets = snippets.replace('repo = "someone/vist2-tiny"', f"repo = {folder!r}")
 snippets = snippets.replace("max_new_tokens=512", "max_new_tokens=24")  # the snippets as written, on a smaller budget
-long_text = open(sys.argv[2]).read()
-exec(compile(snippets, "model-card-usage", "exec"), {"long_text": long_text})
+exec(compile(snippets, "model-card-usage", "exec"), {})
 """
+
+
+def test_the_readmes_usage_snippets_run_as_written_on_the_demo_model(monkeypatch, capsys):
+    """The README is the demo model's card: its code runs from the repository root as it stands (fewer new tokens)."""
+    readme = (REPO / "README.md").read_text()
+    snippets = "\n".join(re.findall(r"```python\n(.*?)```", readme, re.S))
+    monkeypatch.chdir(REPO)
+    exec(compile(re.sub(r"max_new_tokens=\d+", "max_new_tokens=8", snippets), "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip(), "the first snippet prints what the model wrote"
 
 
 def test_model_card_says_how_newlines_and_special_tokens_are_drawn():
@@ -120,10 +129,10 @@ def test_model_card_says_how_newlines_and_special_tokens_are_drawn():
 
 def test_exported_folder_runs_the_model_card_usage_snippet_in_a_clean_process(saved_model, tmp_path):
     out = export_to_hub.export(saved_model, tmp_path / "hub", "someone/vist2-tiny", None, None)
-    (tmp_path / "text.txt").write_text(SAMPLE_TEXT * 3)
+    (tmp_path / "my_long_document.txt").write_text(SAMPLE_TEXT * 3)  # the file the card's snippet reads
     (tmp_path / "run.py").write_text(USAGE_RUNNER)
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(out), str(tmp_path / "text.txt")],
+    result = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(out)],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
