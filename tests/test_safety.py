@@ -32,8 +32,9 @@ from vist2.processing_vist2 import glyph_atlas, render_chunk
 
 PACKAGE = Path(__file__).resolve().parent.parent
 REMOTE_CODE = ["configuration_vist2.py", "modeling_vist2.py", "processing_vist2.py"]
-ALLOWED_IMPORTS = {"__future__", "bisect", "collections", "dataclasses", "difflib", "functools", "itertools", "logging", "math",
-                   "pathlib", "re", "threading", "typing", "unicodedata", "warnings", "numpy", "torch", "PIL", "transformers"}
+ALLOWED_IMPORTS = {"__future__", "bisect", "collections", "contextlib", "copy", "dataclasses", "difflib", "functools",
+                   "itertools", "logging", "math", "pathlib", "re", "threading", "typing", "unicodedata", "warnings",
+                   "numpy", "torch", "PIL", "transformers"}  # copy: deepcopy of objects in memory, never of bytes
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "open", "input", "breakpoint", "globals", "vars"}
 FORBIDDEN_ATTRIBUTES = ("torch.load", "torch.jit.load", "torch.hub", "np.load", "numpy.load", "pickle.", "os.system",
                         "os.popen", "os.exec", "os.spawn", "importlib.", "subprocess.", "socket.", "urllib.", "shutil.")
