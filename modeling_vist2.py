@@ -238,12 +238,15 @@ class VIST2Cache(DynamicCache):
                 self.layers[index] = FixedLayer(layer, capacity)
             self.decode_graph = None
 
+    def __getstate__(self):  # a copy captures its own step, on its own buffers (the step holds the model and these)
+        return {**self.__dict__, "decode_graph": None}
+
     def __deepcopy__(self, memo):
         """A copy (to reuse a prompt) shares the processor, which holds no cache's state (and a large vocabulary is
-        slow to copy), and captures its own decode step, on its own buffers."""
-        memo[id(self.processor)] = self.processor
+        slow to copy)."""
         twin = memo[id(self)] = type(self).__new__(type(self))
-        twin.__dict__.update(copy.deepcopy({**self.__dict__, "decode_graph": None}, memo))
+        state = {key: value for key, value in self.__getstate__().items() if key != "processor"}
+        twin.__dict__.update(copy.deepcopy(state, memo), processor=self.processor)
         return twin
 
     def select_rows(self, rows: torch.Tensor):
@@ -598,8 +601,9 @@ class VIST2Model(VIST2PreTrainedModel):
         if patches.shape[1] != h * w:
             raise ValueError(f"the vision tower gave {patches.shape[1]} tokens per sketch, expected {h}x{w}: use a "
                              "patch encoder without class token (SigLIP / SigLIP2 vision)")
-        if patches.dtype != self.aligner.proj.weight.dtype:  # a tower cast apart from the rest
-            patches = patches.to(self.aligner.proj.weight.dtype)
+        weight = self.aligner.proj.weight  # (a tower cast apart from the rest; a quantized aligner casts for itself)
+        if patches.dtype != weight.dtype and weight.dtype.is_floating_point:
+            patches = patches.to(weight.dtype)
         return self.aligner(patches)
 
     def embed(self, input_ids, kinds, pixel_values, sketches_per_pass=None):
@@ -706,18 +710,20 @@ class VIST2Model(VIST2PreTrainedModel):
                                  "processor=VIST2Processor.from_config(model.config, tokenizer) to generate() / read(), "
                                  "or set model.tokenizer = tokenizer.")
             self._own_processor = VIST2Processor.from_config(self.config, tokenizer)
-        tokens, rows = len(self._own_processor.tokenizer), self.get_input_embeddings().weight.shape[0]
-        if given is None and getattr(self, "resized_embeddings", False) and tokens < rows:
-            raise ValueError(f"the embeddings were resized to {rows} rows, but the tokenizer VIST2 draws closed chunks "
-                             f"with, the one it was loaded with, has {tokens} tokens: a new token could be neither "
-                             "drawn nor written. Fix: set model.tokenizer = tokenizer (the one holding the new tokens), "
-                             "or pass processor=VIST2Processor.from_config(model.config, tokenizer)")
+        tokens, resized_for = len(self._own_processor.tokenizer), getattr(self, "resized_for", 0)
+        if tokens < resized_for:
+            raise ValueError(f"the embeddings were resized for {resized_for} tokens, but the tokenizer VIST2 draws "
+                             f"closed chunks with has {tokens}: a new token could be neither drawn nor written. Fix: "
+                             "set model.tokenizer = tokenizer (the one holding the new tokens), or pass "
+                             "processor=VIST2Processor.from_config(model.config, tokenizer)")
         return self._own_processor
 
     # -- transformers plumbing ----------------------------------------------------------------------------------------
-    def resize_token_embeddings(self, *args, **kwargs):
-        self.resized_embeddings = True  # new tokens need a tokenizer that holds them (`own_processor` asks for it)
-        return super().resize_token_embeddings(*args, **kwargs)
+    def resize_token_embeddings(self, new_num_tokens=None, *args, **kwargs):
+        # New tokens need a tokenizer that holds them, to be drawn and written: `own_processor` asks for one, and is
+        # built again (a tokenizer grown in place has new names to find in text).
+        self.resized_for, self._own_processor = max(getattr(self, "resized_for", 0), new_num_tokens or 0), None
+        return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
 
     def get_input_embeddings(self):
         return self.get_decoder().get_input_embeddings()

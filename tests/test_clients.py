@@ -164,11 +164,25 @@ def test_after_a_resize_for_new_tokens_the_model_asks_for_the_tokenizer_that_hol
     ids = plain(grown, [SAMPLE_TEXT[:300]])
     with pytest.raises(ValueError, match=r"model.tokenizer = tokenizer"):
         resized.generate(**ids, max_new_tokens=1)
+    resized.tokenizer = tokenizer  # a tokenizer set before, without the new tokens
+    with pytest.raises(ValueError, match=r"model.tokenizer = tokenizer"):
+        resized.generate(**ids, max_new_tokens=1)
     resized.tokenizer = grown
     with torch.no_grad():
         head = resized.get_output_embeddings().weight
         head[len(grown) - 1] = 3 * head[int(resized(**ids).logits[0, -1].argmax())]  # the new token, written first
     assert resized.generate(**ids, max_new_tokens=1, do_sample=False)[0, -1] == len(grown) - 1
+
+
+@pytest.mark.parametrize("resize", [{}, {"pad_to_multiple_of": 100}])
+def test_a_resize_that_adds_no_token_leaves_generation_as_it_was(model, tokenizer, tmp_path, resize):
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = VIST2ForCausalLM.from_pretrained(tmp_path).eval()
+    ids = plain(tokenizer, [SAMPLE_TEXT[:300]])
+    before = loaded.generate(**ids, max_new_tokens=4, do_sample=False)
+    loaded.resize_token_embeddings(len(tokenizer) if resize else None, **resize)
+    assert loaded.generate(**ids, max_new_tokens=4, do_sample=False).tolist() == before.tolist()
 
 
 @pytest.mark.parametrize("call", ["forward", "generate"])

@@ -177,6 +177,18 @@ def test_a_copied_cache_captures_its_own_step_and_continues_like_the_original(mo
                 model.generate(**resumed, **{CACHE_KWARG: copied}, **kwargs))
 
 
+def test_a_copied_or_pickled_cache_leaves_its_captured_step_behind(model, processor):
+    """The step holds the model and the original's buffers (on a GPU, a CUDA graph)."""
+    import copy
+    import pickle
+
+    out = model.generate(**processor(text=SAMPLE_TEXT[:100]), processor=processor, cuda_graphs=True, max_new_tokens=4,
+                         return_dict_in_generate=True)
+    cache = out[CACHE_KWARG]
+    assert cache.decode_graph is not None
+    assert copy.copy(cache).decode_graph is None and pickle.loads(pickle.dumps(cache)).decode_graph is None
+
+
 def test_a_copied_cache_shares_its_processor_and_holds_its_own_entries(model, processor):
     """A copy reuses a prompt: its processor has no state of the cache's (a large tokenizer is slow to copy)."""
     import copy
@@ -184,6 +196,8 @@ def test_a_copied_cache_shares_its_processor_and_holds_its_own_entries(model, pr
     cache = model.read(processor, SAMPLE_TEXT[:300])["cache"]
     copied = copy.deepcopy(cache)
     assert copied.processor is cache.processor
+    both = copy.deepcopy({"cache": cache, "processor": processor})
+    assert both["cache"].processor is processor and both["processor"] is not processor  # (only the cache shares it)
     assert copied.layers[0].keys is not cache.layers[0].keys and torch.equal(copied.layers[0].keys, cache.layers[0].keys)
 
 

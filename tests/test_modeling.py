@@ -254,6 +254,13 @@ def test_from_backbones_keeps_the_attention_implementations_the_backbones_were_l
     assert model.config.vision_config._attn_implementation == "sdpa"
 
 
+def test_from_backbones_gives_a_language_model_whose_attention_takes_no_mask_sdpa(backbone_folders):
+    text = Qwen3ForCausalLM.from_pretrained(backbone_folders / "text")
+    text.config._attn_implementation = "flash_attention_2"  # (as loaded with it: its kernels take no layout mask)
+    model = from_backbones(text, str(backbone_folders / "vision"), tokenizer=build_tokenizer(), **GEOMETRY)
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
 def test_a_vision_tower_cast_to_another_dtype_still_feeds_the_aligner(model, training_batch):
     reference = model(**training_batch).logits
     mixed = VIST2ForCausalLM(model.config).eval()

@@ -12,10 +12,14 @@ import math
 
 import torch
 from transformers import AddedToken, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging
 
 from ..configuration_vist2 import VIST2Config, grid_cells
 from ..modeling_vist2 import VIST2ForCausalLM, VIST2ModalAligner
 from ..processing_vist2 import SKETCH_TOKEN
+
+logger = logging.get_logger(__name__)
+MASKED_ATTENTION = ("eager", "sdpa", "flex_attention")  # the attention implementations that take VIST2's layout mask
 
 # A sketch holds FIT_MARGIN times a chunk's mean characters: the longest 1 % of chunks of English prose
 # (benchmarks/geometry.py: up to 1.27x the mean); FIT_MARGIN_LINE_BREAKS with newline_glyph=None, where each line break
@@ -157,7 +161,11 @@ def from_backbones(text_model, vision_model, tokenizer=None, **config_kwargs) ->
     with torch.device("meta"):
         model = VIST2ForCausalLM(config)
     model.vision_tower, model.language_model = vision_tower, language_model
-    language_model.config._attn_implementation, vision_tower.config._attn_implementation = implementations
+    for module, implementation in zip((language_model, vision_tower), implementations):
+        if implementation not in MASKED_ATTENTION:  # (flash attention takes no mask: the layout's would be dropped)
+            logger.warning(f"from_backbones: attn_implementation={implementation!r} cannot take VIST2's attention mask; "
+                           "the model uses 'sdpa'")
+        module.config._attn_implementation = implementation if implementation in MASKED_ATTENTION else "sdpa"
     model.aligner = VIST2ModalAligner(config).to(device=language_model.device, dtype=language_model.dtype)
     model.aligner.apply(model._init_weights)
     model.tokenizer = tokenizer
