@@ -692,7 +692,8 @@ class VIST2Model(VIST2PreTrainedModel):
 
     def own_processor(self):
         """The processor used when none is passed: the config's settings and `model.tokenizer` or the one saved. Built
-        again when either changes (a curriculum's final geometry, a tokenizer set after a first call)."""
+        again when either changes (a curriculum's final geometry, a tokenizer set after a first call) and after
+        `resize_token_embeddings`, and refused while its tokenizer holds fewer tokens than a resize was for."""
         own, given = getattr(self, "_own_processor", None), getattr(self, "tokenizer", None)
         if own is None or given not in (None, own.tokenizer) or own.settings_mismatch(self.config):
             tokenizer = given if given is not None else getattr(own, "tokenizer", None)
@@ -721,8 +722,10 @@ class VIST2Model(VIST2PreTrainedModel):
     # -- transformers plumbing ----------------------------------------------------------------------------------------
     def resize_token_embeddings(self, new_num_tokens=None, *args, **kwargs):
         # New tokens need a tokenizer that holds them, to be drawn and written: `own_processor` asks for one, and is
-        # built again (a tokenizer grown in place has new names to find in text).
-        self.resized_for, self._own_processor = max(getattr(self, "resized_for", 0), new_num_tokens or 0), None
+        # built again (a tokenizer grown in place has new names to find in text). A resize that changes nothing asks
+        # for nothing.
+        if new_num_tokens not in (None, self.get_input_embeddings().weight.shape[0]):
+            self.resized_for, self._own_processor = max(getattr(self, "resized_for", 0), new_num_tokens), None
         return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
 
     def get_input_embeddings(self):
@@ -750,7 +753,9 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, chunk_ids=None, pixel_values=None, labels=None, cache=None,
                 use_cache=None, read_back=None, logits_to_keep=0, past_key_values=None, **kwargs):
         r"""
-        As `VIST2Model.forward`; during decoding (a prefilled `VIST2Cache`), `input_ids` are only the new tokens.
+        As `VIST2Model.forward`; during decoding (a prefilled `VIST2Cache`), `input_ids` are only the new tokens. Plain
+        ids (no `chunk_ids`) go to `forward_text`: logits and loss at the caller's positions (with `use_cache=True`,
+        and the prefilled cache).
         labels (`(batch, seq)`): next-token targets along the text stream `P c_1 c_2 ...`, across chunk boundaries;
             sketches and -100 carry no label. `label_smoothing` (a float kwarg): see `text_stream_loss`.
         """

@@ -163,8 +163,8 @@ def from_backbones(text_model, vision_model, tokenizer=None, **config_kwargs) ->
     model.vision_tower, model.language_model = vision_tower, language_model
     for module, implementation in zip((language_model, vision_tower), implementations):
         if implementation not in MASKED_ATTENTION:  # (flash attention takes no mask: the layout's would be dropped)
-            logger.warning(f"from_backbones: attn_implementation={implementation!r} cannot take VIST2's attention mask; "
-                           "the model uses 'sdpa'")
+            logger.warning(f"from_backbones: VIST2 models do not take attn_implementation={implementation!r} (the "
+                           "language model's layout mask is a tensor or a BlockMask); the model uses 'sdpa'")
         module.config._attn_implementation = implementation if implementation in MASKED_ATTENTION else "sdpa"
     model.aligner = VIST2ModalAligner(config).to(device=language_model.device, dtype=language_model.dtype)
     model.aligner.apply(model._init_weights)
