@@ -403,6 +403,11 @@ class DecodeGraph:
 
 
 # -- Model -------------------------------------------------------------------------------------------------------------
+def kept_positions(values, logits_to_keep):
+    """`values[:, positions]` for transformers' `logits_to_keep`: the last n positions (0: all), or a tensor of them."""
+    return values[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else values[:, logits_to_keep]
+
+
 class TokenizerIdsOnly(LogitsProcessor):
     """Ids past the tokenizer (padded embedding rows) decode to nothing, so a chunk would be drawn without them.
     Applied after beam search takes its log-probabilities (scores stay the training forward's)."""
@@ -768,8 +773,7 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
             if input_ids.shape[1] == 1:
                 return self.decode_step(input_ids, cache, logits_to_keep)
             logits = self.feed_tokens(cache, input_ids)  # several new tokens (a decoding loop of one's own)
-            logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
-            return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
+            return CausalLMOutputWithPast(logits=kept_positions(logits, logits_to_keep), **{CACHE_KWARG: cache})
         if chunk_ids is None and pixel_values is None and not holds_placeholders(
                 input_ids, self.config.sketch_token_id, self.config.visual_tokens_per_chunk):
             return self.forward_text(input_ids, attention_mask, labels, cache, use_cache, logits_to_keep, **kwargs)
@@ -976,15 +980,14 @@ class VIST2ForCausalLM(VIST2Model, GenerationMixin):
         out = self(**layout, **kwargs)
         logits = out.logits.new_zeros(*input_ids.shape, out.logits.shape[-1])
         logits[real] = out.logits[text]
-        if not isinstance(logits_to_keep, int) or logits_to_keep:
-            logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
-        return CausalLMOutputWithPast(loss=out.loss, logits=logits, **{CACHE_KWARG: prefilled})
+        return CausalLMOutputWithPast(loss=out.loss, logits=kept_positions(logits, logits_to_keep),
+                                      **{CACHE_KWARG: prefilled})
 
     def next_token_logits(self, hidden, logits_to_keep=None):
         """The LM head (over the last `logits_to_keep` positions; 0: all), with `<|sketch|>` ruled out: written text
         must never hold a placeholder without a sketch, and training and generation rule it out alike."""
         if logits_to_keep is not None:
-            hidden = hidden[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep]
+            hidden = kept_positions(hidden, logits_to_keep)
         logits = self.get_output_embeddings()(hidden)
         logits[..., self.config.sketch_token_id] = torch.finfo(logits.dtype).min
         return logits
